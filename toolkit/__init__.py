@@ -1,0 +1,61 @@
+"""toolkit: the state layer of a workflow orchestrator's coordinator, and its inspection kit.
+
+Importing toolkit connects to nothing. The public names are listed in
+``__all__``; everything else (``toolkit.tiers`` above all) is internal.
+"""
+
+from __future__ import annotations
+
+from toolkit.errors import (
+    ConfigurationError,
+    InvalidTransition,
+    LockNotOwned,
+    NotFound,
+    StorageUnavailable,
+    ToolkitError,
+    ValidationError,
+)
+from toolkit.inspection.inspector import Inspector
+from toolkit.local_stack import LocalStack, local_stack
+from toolkit.lock import Lock
+from toolkit.models import (
+    AssignmentStatus,
+    Job,
+    JobAssignment,
+    JobStatus,
+    Worker,
+    WorkerStatus,
+    Workflow,
+    WorkflowStatus,
+)
+from toolkit.recovery import ConsistencyReport, RebuildReport
+from toolkit.state import StateManager, init_state_manager
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AssignmentStatus",
+    "ConfigurationError",
+    "ConsistencyReport",
+    "Inspector",
+    "InvalidTransition",
+    "Job",
+    "JobAssignment",
+    "JobStatus",
+    "LocalStack",
+    "Lock",
+    "LockNotOwned",
+    "NotFound",
+    "RebuildReport",
+    "StateManager",
+    "StorageUnavailable",
+    "ToolkitError",
+    "ValidationError",
+    "Worker",
+    "WorkerStatus",
+    "Workflow",
+    "WorkflowStatus",
+    "__version__",
+    "init_state_manager",
+    "local_stack",
+]

@@ -1,0 +1,51 @@
+"""A coordinator process for the crash scenarios: ``python -m toolkit._coordinator``.
+
+It connects with ``DATABASE_URL`` and ``REDIS_URL`` from the environment (never
+from the command line, where ``ps`` would show a password), creates a workload,
+runs simulated workers on it, and prints one JSON line per acknowledged write
+until it is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+
+from toolkit import simulator, state
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the coordinator until killed."""
+    p = argparse.ArgumentParser(prog="python -m toolkit._coordinator")
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--schema", required=True)
+    p.add_argument("--workflows", type=int, default=20)
+    p.add_argument("--jobs", type=int, default=25)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--failure-rate", type=float, default=0.1)
+    p.add_argument("--job-seconds", type=float, default=0.01)
+    p.add_argument("--heartbeat-ttl", type=float, default=30.0)
+    args = p.parse_args(argv)
+    out = threading.Lock()
+
+    def emit(record: dict[str, str]) -> None:
+        with out:
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+
+    sm = state.init_state_manager(namespace=args.namespace, schema=args.schema,
+                                  heartbeat_ttl=args.heartbeat_ttl)
+    for wf in simulator.make_workflows(sm, args.workflows, args.jobs, prefix="demo"):
+        emit({"a": "workflow", "id": wf.id})
+    emit({"a": "ready", "id": ""})
+    sim = simulator.Simulator(sm, workers=args.workers, failure_rate=args.failure_rate,
+                              job_seconds=args.job_seconds, prefix="coord-worker",
+                              on_ack=lambda a, j, w: emit({"a": a, "id": j, "w": w}))
+    sim.start()
+    threading.Event().wait()  # until SIGKILL
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Settings: arguments first, then the environment; validation and URL masking.
+
+Nothing here does I/O. Every URL that reaches a log line, a repr or an error
+message goes through :func:`mask_url` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from urllib.parse import urlsplit
+
+from toolkit import errors
+
+DATABASE_URL_VAR = "DATABASE_URL"
+REDIS_URL_VAR = "REDIS_URL"
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_PG_SCHEMES = {
+    "postgresql+psycopg": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+}
+_REDIS_SCHEMES = {"redis", "rediss", "unix"}
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password (if any) replaced by ``***``.
+
+    Host, port, user and path are kept so an operator can still tell which
+    server is meant. The user-info ends at the *last* ``@``, so a password
+    holding an unescaped ``@``, ``:`` or ``/`` is still hidden whole.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<not a url>"
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        rest = f"{user}{':***' if colon else ''}@{rest}"
+    rest = re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+def host_port(url: str) -> str:
+    """Return ``host:port`` of a URL for error messages (never the password)."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname or 'localhost'}:{parts.port or ''}".rstrip(":")
+    except ValueError:
+        return "<unparsable url>"
+
+
+def resolve_database_url(url: str | None) -> str:
+    """Return the PostgreSQL URL to use, as a ``postgresql+psycopg://`` URL.
+
+    Raises
+    ------
+    ConfigurationError
+        Neither the argument nor ``DATABASE_URL`` is set, or the scheme is not
+        PostgreSQL.
+    """
+    url = url or os.environ.get(DATABASE_URL_VAR)
+    if not url:
+        raise errors.ConfigurationError(
+            f"no PostgreSQL URL: pass database_url=... or set {DATABASE_URL_VAR}"
+        )
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in _PG_SCHEMES:
+        raise errors.ConfigurationError(
+            f"invalid database_url={mask_url(url)!r}: the scheme must be postgresql:// "
+            "or postgresql+psycopg://"
+        )
+    return f"{_PG_SCHEMES[scheme]}://{rest}"
+
+
+def resolve_redis_url(url: str | None) -> str:
+    """Return the Redis URL to use (``redis://``, ``rediss://`` or ``unix://``).
+
+    Raises
+    ------
+    ConfigurationError
+        Neither the argument nor ``REDIS_URL`` is set, or the scheme is wrong.
+    """
+    url = url or os.environ.get(REDIS_URL_VAR)
+    if not url:
+        raise errors.ConfigurationError(
+            f"no Redis URL: pass redis_url=... or set {REDIS_URL_VAR}"
+        )
+    scheme = url.partition("://")[0]
+    if scheme not in _REDIS_SCHEMES:
+        raise errors.ConfigurationError(
+            f"invalid redis_url={mask_url(url)!r}: the scheme must be redis://, rediss:// "
+            "or unix://"
+        )
+    return url
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it is 1-64 characters of ``A-Z a-z 0-9 _ . -``."""
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise errors.ConfigurationError(
+            f"invalid namespace={namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
+        )
+    return namespace
+
+
+def validate_schema(schema: str) -> str:
+    """Return ``schema`` if it is a lower-case PostgreSQL identifier of at most 63 bytes."""
+    if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
+        raise errors.ConfigurationError(
+            f"invalid schema={schema!r}: use a lower-case identifier [a-z_][a-z0-9_]*, "
+            "at most 63 characters"
+        )
+    return schema
+
+
+def validate_seconds(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite, positive number of seconds."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise errors.ValidationError(name, value, "must be a finite number of seconds > 0")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Resolved, validated settings of a StateManager or an Inspector."""
+
+    database_url: str
+    redis_url: str
+    namespace: str = "wf"
+    schema: str = "public"
+    heartbeat_ttl: float = 30.0
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(database_url={mask_url(self.database_url)!r}, "
+            f"redis_url={mask_url(self.redis_url)!r}, namespace={self.namespace!r}, "
+            f"schema={self.schema!r}, heartbeat_ttl={self.heartbeat_ttl})"
+        )
+
+    __str__ = __repr__
+
+
+def load_settings(
+    database_url: str | None,
+    redis_url: str | None,
+    *,
+    namespace: str = "wf",
+    schema: str = "public",
+    heartbeat_ttl: float = 30.0,
+) -> Settings:
+    """Resolve URLs from arguments or the environment and validate every setting."""
+    validate_namespace(namespace)
+    validate_schema(schema)
+    try:
+        ttl = validate_seconds("heartbeat_ttl", heartbeat_ttl)
+    except errors.ValidationError as exc:
+        raise errors.ConfigurationError(str(exc)) from None
+    return Settings(
+        database_url=resolve_database_url(database_url),
+        redis_url=resolve_redis_url(redis_url),
+        namespace=namespace,
+        schema=schema,
+        heartbeat_ttl=ttl,
+    )

@@ -1,0 +1,76 @@
+"""The exception tree of toolkit.
+
+Every error a public method raises is one of these::
+
+    ToolkitError
+     +-- ConfigurationError      bad or missing settings (URLs, namespace, schema)
+     +-- NotFound (KeyError)     no entity with that id
+     +-- InvalidTransition       a status change the transition table forbids
+     +-- ValidationError (ValueError)  bad input, refused before any I/O
+     +-- LockNotOwned            release/extend of a lock this caller does not hold
+     +-- StorageUnavailable      PostgreSQL or Redis could not be reached or failed
+
+No redis-py or SQLAlchemy exception leaves a public method: each tier
+translates its driver's errors into ``StorageUnavailable`` at one point.
+Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ToolkitError(Exception):
+    """A toolkit error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+
+class ConfigurationError(ToolkitError):
+    """The toolkit is not configured correctly."""
+
+
+class NotFound(ToolkitError, KeyError):
+    """No entity with that id."""
+
+    __str__ = Exception.__str__
+
+    def __init__(self, entity: str, entity_id: str) -> None:
+        self.entity = entity
+        self.entity_id = entity_id
+        super().__init__(f"{entity} not found: id={entity_id!r}")
+
+
+class InvalidTransition(ToolkitError):
+    """That status change is not allowed."""
+
+    def __init__(self, entity: str, entity_id: str, current: str, requested: str) -> None:
+        self.entity = entity
+        self.entity_id = entity_id
+        self.current = current
+        self.requested = requested
+        super().__init__(
+            f"{entity} {entity_id!r}: cannot go from status {current!r} to {requested!r}"
+        )
+
+
+class ValidationError(ToolkitError, ValueError):
+    """Invalid input."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid {field}={shown}: {reason}")
+
+
+class LockNotOwned(ToolkitError):
+    """The lock is not held by this owner."""
+
+
+class StorageUnavailable(ToolkitError):
+    """A storage tier (PostgreSQL or Redis) is unavailable."""

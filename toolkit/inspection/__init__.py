@@ -1,0 +1,1 @@
+"""Read-only inspection of every tier as pandas DataFrames."""

@@ -1,0 +1,116 @@
+"""The column schema of every Inspector frame, written down once, and the dtype helpers.
+
+Each frame has an index (named after its id) and columns in a fixed order:
+ids first, then status, then the rest, then times. Times are
+``datetime64[us, UTC]``; statuses are ``category`` with every status as a
+category even when absent; counts are nullable ``Int64``; JSON is kept as
+text (``string``) unless asked for. An empty frame has the same columns and
+dtypes. A unit test pins these schemas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from toolkit import models
+
+UTC_TIME = pd.DatetimeTZDtype(unit="us", tz="UTC")
+STRING = pd.StringDtype()
+
+
+def status_dtype(enum: type[Any]) -> pd.CategoricalDtype:
+    """A categorical dtype holding every value of a status enum, in declaration order."""
+    return pd.CategoricalDtype([m.value for m in enum], ordered=False)
+
+
+JOB_STATUS = status_dtype(models.JobStatus)
+WORKFLOW_STATUS = status_dtype(models.WorkflowStatus)
+WORKER_STATUS = status_dtype(models.WorkerStatus)
+ASSIGNMENT_STATUS = status_dtype(models.AssignmentStatus)
+ENTITY = pd.CategoricalDtype(["workflow", "job", "worker", "assignment"])
+
+_JOB_COUNTS = {f"jobs_{s.value}": "Int64" for s in models.JobStatus}
+
+SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
+    "workflows": ("workflow_id", {
+        "name": STRING, "status": WORKFLOW_STATUS, "jobs_total": "Int64", **_JOB_COUNTS,
+        "version": "Int64", "metadata": STRING, "created_at": UTC_TIME, "updated_at": UTC_TIME,
+    }),
+    "jobs": ("job_id", {
+        "workflow_id": STRING, "worker_id": STRING, "name": STRING, "status": JOB_STATUS,
+        "queue": STRING, "priority": "Int64", "attempts": "Int64", "max_attempts": "Int64",
+        "version": "Int64", "error": STRING, "payload": STRING, "result": STRING,
+        "wait_s": "Float64", "duration_s": "Float64", "created_at": UTC_TIME,
+        "updated_at": UTC_TIME, "started_at": UTC_TIME, "finished_at": UTC_TIME,
+    }),
+    "workers": ("worker_id", {
+        "hostname": STRING, "status": WORKER_STATUS, "alive": "boolean", "active_jobs": "Int64",
+        "capacity": "Int64", "queues": STRING, "heartbeat_age_s": "Float64", "version": "Int64",
+        "metadata": STRING, "last_heartbeat": UTC_TIME, "registered_at": UTC_TIME,
+    }),
+    "assignments": ("assignment_id", {
+        "job_id": STRING, "worker_id": STRING, "status": ASSIGNMENT_STATUS, "attempt": "Int64",
+        "duration_s": "Float64", "assigned_at": UTC_TIME, "finished_at": UTC_TIME,
+    }),
+    "queue": ("job_id", {
+        "queue": STRING, "position": "Int64", "priority": "Int64", "enqueue_seq": "Int64",
+        "in_flight": "boolean",
+    }),
+    "locks": ("name", {
+        "held": "boolean", "ttl_s": "Float64", "fencing_token": "Int64",
+    }),
+    "metrics": ("name", {
+        "value": "Int64", "checkpoint": "Int64",
+    }),
+    "tiers": ("id", {
+        "entity": ENTITY, "in_memory": "boolean", "in_redis": "boolean", "in_postgres": "boolean",
+        "memory_version": "Int64", "redis_version": "Int64", "postgres_version": "Int64",
+        "consistent": "boolean", "problem": STRING,
+    }),
+    "summary": ("item", {
+        "value": "Float64",
+    }),
+}
+"""frame name -> (index name, {column: dtype}) in column order."""
+
+CLI_FRAMES = ("workflows", "jobs", "workers", "assignments", "queue", "locks", "metrics", "tiers",
+              "summary")
+"""Frames ``toolkit inspect`` can print."""
+
+
+def empty(name: str) -> pd.DataFrame:
+    """An empty frame with the columns, dtypes and index of ``name``."""
+    index_name, columns = SCHEMAS[name]
+    frame = pd.DataFrame({c: pd.Series([], dtype=d) for c, d in columns.items()})
+    frame.index = pd.Index([], dtype=STRING, name=index_name)
+    return frame
+
+
+def conform(name: str, data: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+    """Return ``data`` with exactly the schema of ``name`` (order, dtypes, index)."""
+    index_name, columns = SCHEMAS[name]
+    frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(dict(data))
+    if len(frame) == 0:
+        return empty(name)
+    out = pd.DataFrame(index=pd.Index(frame[index_name].astype(STRING), name=index_name))
+    for col, dtype in columns.items():
+        values = frame[col].to_numpy() if col in frame else [None] * len(frame)
+        out[col] = _cast(pd.Series(values, index=out.index), dtype)
+    return out
+
+
+def _cast(series: pd.Series, dtype: Any) -> pd.Series:
+    if dtype == UTC_TIME:
+        if pd.api.types.is_integer_dtype(series.dtype) or (series.dtype == object and len(series) and \
+                isinstance(series.dropna().iloc[0] if series.notna().any() else None, int)):
+            return pd.to_datetime(series, unit="us", utc=True).astype(UTC_TIME)
+        return pd.to_datetime(series, utc=True).astype(UTC_TIME)
+    return series.astype(dtype)
+
+
+def epoch_us_to_utc(values: Any) -> pd.Series:
+    """Microseconds since the epoch (nullable) to ``datetime64[us, UTC]``."""
+    return pd.to_datetime(pd.Series(values, dtype="Int64"), unit="us", utc=True).astype(UTC_TIME)

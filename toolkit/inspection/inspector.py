@@ -1,0 +1,339 @@
+"""Inspector: every tier as a typed pandas DataFrame, read-only.
+
+PostgreSQL is read through ``READ ONLY`` transactions (the server refuses a
+write), one bulk ``COPY`` per frame parsed by Arrow. Redis is read with read
+commands only (GET, MGET, HGETALL, ZRANGE, SCAN with a budget, PTTL), never
+KEYS. An Inspector never writes, so it is safe against a live coordinator.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from toolkit import config, errors, models, recovery, validate
+from toolkit.inspection import frames
+from toolkit.tiers.memory import Memory
+from toolkit.tiers.postgres import export
+from toolkit.tiers.postgres.db import Database
+from toolkit.tiers.redis import heartbeats, keys, metrics, queue
+from toolkit.tiers.redis.client import Client
+
+if TYPE_CHECKING:
+    from toolkit.state import StateManager
+
+SCAN_BUDGET = 100_000
+"""At most this many keys are looked at by one SCAN-based frame (``locks()``)."""
+
+_JOB_COLUMNS = {c: c for c in ("id", "workflow_id", "worker_id", "name", "status", "queue",
+                               "priority", "attempts", "max_attempts", "version", "error",
+                               "payload", "result", "created_at", "updated_at", "started_at",
+                               "finished_at")}
+_JOB_COLUMNS["id"] = "job_id"
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    def mapper(t: pa.DataType) -> Any:
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return pd.StringDtype()
+        if pa.types.is_integer(t):
+            return pd.Int64Dtype()
+        if pa.types.is_floating(t):
+            return pd.Float64Dtype()
+        if pa.types.is_boolean(t):
+            return pd.BooleanDtype()
+        return None
+
+    frame: pd.DataFrame = table.to_pandas(types_mapper=mapper)
+    return frame
+
+
+def _seconds(later: pd.Series, earlier: pd.Series) -> pd.Series:
+    return ((later - earlier).dt.total_seconds()).astype("Float64")
+
+
+class Inspector:
+    """Read-only views of the coordinator's state as DataFrames.
+
+    Parameters
+    ----------
+    database_url, redis_url
+        Default to ``DATABASE_URL`` and ``REDIS_URL``.
+    namespace, schema
+        The Redis namespace and PostgreSQL schema to look at.
+
+    Examples
+    --------
+    >>> ins = toolkit.Inspector(namespace="wf")          # doctest: +SKIP
+    >>> ins.jobs(status="queued").groupby("queue").size()  # doctest: +SKIP
+    """
+
+    def __init__(self, database_url: str | None = None, redis_url: str | None = None, *,
+                 namespace: str = "wf", schema: str = "public") -> None:
+        self.settings = config.load_settings(database_url, redis_url, namespace=namespace,
+                                             schema=schema)
+        self.ns = namespace
+        self._db = Database(self.settings.database_url, schema, read_only=True, pool_size=2)
+        self._redis = Client(self.settings.redis_url, read_only=True)
+        self._memory: Memory | None = None
+        self._heartbeat_ttl = self.settings.heartbeat_ttl
+
+    @classmethod
+    def _bound(cls, sm: StateManager) -> Inspector:
+        s = sm.settings
+        ins = cls(s.database_url, s.redis_url, namespace=s.namespace, schema=s.schema)
+        ins._memory = sm.memory
+        ins._heartbeat_ttl = s.heartbeat_ttl
+        return ins
+
+    def __repr__(self) -> str:
+        return (f"Inspector(database={config.mask_url(self.settings.database_url)!r}, "
+                f"redis={config.mask_url(self.settings.redis_url)!r}, namespace={self.ns!r}, "
+                f"schema={self.settings.schema!r}, memory={self._memory is not None})")
+
+    def close(self) -> None:
+        """Close the Inspector's connections."""
+        self._db.dispose()
+        self._redis.close()
+
+    def __enter__(self) -> Inspector:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- PostgreSQL frames ------------------------------------------------------------------
+
+    def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
+        """One row per job (index ``job_id``), with ``wait_s`` and ``duration_s``.
+
+        ``payload``, ``result`` are JSON text; ``json.loads`` a cell, or
+        ``frame.payload.map(json.loads)`` the column, when you want objects.
+
+        Raises
+        ------
+        ValidationError
+            ``status`` is not a job status, or ``workflow_id`` is not an id.
+        """
+        if workflow_id is not None:
+            validate.identifier("workflow_id", workflow_id)
+        if status is not None:
+            status = validate.status("status", status, models.JobStatus).value
+        table = export.select(self._db, "jobs", _JOB_COLUMNS,
+                              where={"workflow_id": workflow_id, "status": status},
+                              order=("created_at", "id"))
+        df = _to_pandas(table)
+        if df.empty:
+            return frames.empty("jobs")
+        for col in ("created_at", "updated_at", "started_at", "finished_at"):
+            df[col] = frames.epoch_us_to_utc(df[col])
+        df["wait_s"] = _seconds(df["started_at"], df["created_at"])
+        df["duration_s"] = _seconds(df["finished_at"], df["started_at"])
+        return frames.conform("jobs", df)
+
+    def workflows(self) -> pd.DataFrame:
+        """One row per workflow (index ``workflow_id``) with its job counts per status."""
+        cols = {"id": "workflow_id", "name": "name", "status": "status", "version": "version",
+                "metadata": "metadata", "created_at": "created_at", "updated_at": "updated_at"}
+        df = _to_pandas(export.select(self._db, "workflows", cols, order=("created_at", "id")))
+        if df.empty:
+            return frames.empty("workflows")
+        for col in ("created_at", "updated_at"):
+            df[col] = frames.epoch_us_to_utc(df[col])
+        counts = _to_pandas(export.job_counts(self._db))
+        table = (counts.pivot(index="workflow_id", columns="status", values="n") if len(counts)
+                 else pd.DataFrame())
+        for s in models.JobStatus:
+            per_status = table[s.value] if s.value in table else pd.Series(dtype="Int64")
+            df[f"jobs_{s.value}"] = df["workflow_id"].map(per_status).fillna(0).astype("Int64")
+        df["jobs_total"] = df[[f"jobs_{s.value}" for s in models.JobStatus]].sum(axis=1)
+        return frames.conform("workflows", df)
+
+    def workers(self) -> pd.DataFrame:
+        """One row per worker (index ``worker_id``) with liveness from Redis heartbeats."""
+        cols = {"id": "worker_id", "hostname": "hostname", "status": "status",
+                "capacity": "capacity", "queues": "queues", "version": "version",
+                "metadata": "metadata", "last_heartbeat": "last_heartbeat",
+                "registered_at": "registered_at"}
+        df = _to_pandas(export.select(self._db, "workers", cols, order=("registered_at", "id")))
+        if df.empty:
+            return frames.empty("workers")
+        for col in ("last_heartbeat", "registered_at"):
+            df[col] = frames.epoch_us_to_utc(df[col])
+        seen = heartbeats.last_seen(self._redis, self.ns)
+        pg_seen = df["last_heartbeat"].map(lambda t: t.timestamp() if pd.notna(t) else 0.0)
+        last = [max(seen.get(w, 0.0), p) for w, p in zip(df["worker_id"], pg_seen, strict=True)]
+        df["last_heartbeat"] = frames.epoch_us_to_utc([int(x * 1e6) if x else None for x in last])
+        now = time.time()
+        df["heartbeat_age_s"] = pd.Series([now - x if x else None for x in last], dtype="Float64")
+        df["alive"] = pd.Series([w in seen and now - seen[w] <= self._heartbeat_ttl
+                                 for w in df["worker_id"]], dtype="boolean")
+        active = _to_pandas(export.select(self._db, "job_assignments", {"worker_id": "worker_id"},
+                                          where={"status": "active"}))
+        per = active["worker_id"].value_counts() if len(active) else pd.Series(dtype="int64")
+        df["active_jobs"] = df["worker_id"].map(per).fillna(0).astype("Int64")
+        return frames.conform("workers", df)
+
+    def assignments(self, job_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
+        """One row per assignment (index ``assignment_id``): every attempt of every job."""
+        for field, value in (("job_id", job_id), ("worker_id", worker_id)):
+            if value is not None:
+                validate.identifier(field, value)
+        cols = {"id": "assignment_id", "job_id": "job_id", "worker_id": "worker_id",
+                "status": "status", "attempt": "attempt", "assigned_at": "assigned_at",
+                "finished_at": "finished_at"}
+        df = _to_pandas(export.select(self._db, "job_assignments", cols,
+                                      where={"job_id": job_id, "worker_id": worker_id},
+                                      order=("assigned_at", "id")))
+        if df.empty:
+            return frames.empty("assignments")
+        for col in ("assigned_at", "finished_at"):
+            df[col] = frames.epoch_us_to_utc(df[col])
+        df["duration_s"] = _seconds(df["finished_at"], df["assigned_at"])
+        return frames.conform("assignments", df)
+
+    # -- Redis frames -----------------------------------------------------------------------
+
+    def queue(self) -> pd.DataFrame:
+        """One row per queued job (index ``job_id``) in pop order within each queue."""
+        rows: list[dict[str, Any]] = []
+        inflight = queue.inflight_ids(self._redis, self.ns)
+        for name in sorted(queue.queue_names(self._redis, self.ns)):
+            for pos, (job_id, score) in enumerate(queue.members(self._redis, self.ns, name)):
+                priority, seq = queue.unscore(score)
+                rows.append({"job_id": job_id, "queue": name, "position": pos, "priority": priority,
+                             "enqueue_seq": seq, "in_flight": False})
+        for job_id in sorted(inflight):
+            rows.append({"job_id": job_id, "queue": None, "position": None, "priority": None,
+                         "enqueue_seq": None, "in_flight": True})
+        return frames.conform("queue", pd.DataFrame(rows)) if rows else frames.empty("queue")
+
+    def locks(self) -> pd.DataFrame:
+        """One row per held lock (index ``name``) with its TTL and fencing token."""
+        prefix = keys.lock(self.ns, "")
+        found: list[str] = []
+        with self._redis.translate("inspect locks"):
+            for i, key in enumerate(self._redis.redis.scan_iter(
+                    match=keys.escape_glob(prefix) + "*", count=1000)):
+                if i >= SCAN_BUDGET:
+                    break
+                found.append(key[len(prefix):])
+            pipe = self._redis.redis.pipeline(transaction=False)
+            for name in found:
+                pipe.pttl(keys.lock(self.ns, name))
+                pipe.get(keys.fence(self.ns, name))
+            replies = pipe.execute() if found else []
+        rows = [{"name": n, "held": True, "ttl_s": (ttl / 1000 if ttl and ttl > 0 else None),
+                 "fencing_token": int(fence) if fence else None}
+                for n, ttl, fence in zip(found, replies[::2], replies[1::2], strict=True)]
+        return frames.conform("locks", pd.DataFrame(rows)).sort_index() if rows else frames.empty("locks")
+
+    def metrics(self) -> pd.DataFrame:
+        """One row per counter (index ``name``): its value in Redis and its PostgreSQL checkpoint."""
+        live = metrics.totals(self._redis, self.ns)
+        table = _to_pandas(export.select(self._db, "metric_checkpoints",
+                                         {"name": "name", "value": "value"}))
+        saved = dict(zip(table["name"], table["value"], strict=True)) if len(table) else {}
+        names = sorted(set(live) | set(saved))
+        if not names:
+            return frames.empty("metrics")
+        return frames.conform("metrics", {"name": names, "value": [live.get(n) for n in names],
+                                          "checkpoint": [saved.get(n) for n in names]})
+
+    def metric_series(self, names: Iterable[str] | None = None, freq: str = "1min") -> pd.DataFrame:
+        """Counters over time: a UTC time index at ``freq``, one column per metric (counts per bin).
+
+        Redis time buckets are merged with the PostgreSQL checkpoints, so the
+        history survives a Redis loss up to the last checkpoint.
+        """
+        wanted = sorted(names) if names is not None else sorted(
+            set(metrics.totals(self._redis, self.ns)) | set(self._checkpointed_names()))
+        for n in wanted:
+            validate.identifier("names", n)
+        try:
+            offset = pd.tseries.frequencies.to_offset(freq)
+        except ValueError as exc:
+            raise errors.ValidationError("freq", freq, str(exc)) from None
+        live = metrics.buckets(self._redis, self.ns, wanted)
+        saved = self._checkpointed_buckets(wanted)
+        columns = {}
+        for n in wanted:
+            merged = {**saved.get(n, {}), **{k: max(v, saved.get(n, {}).get(k, 0))
+                                             for k, v in live.get(n, {}).items()}}
+            s = pd.Series(merged, dtype="int64")
+            s.index = pd.to_datetime(s.index.astype("int64"), unit="s", utc=True)
+            columns[n] = s
+        frame = pd.DataFrame(columns).sort_index()
+        if frame.empty:
+            out = pd.DataFrame({n: pd.Series([], dtype="Int64") for n in wanted})
+            out.index = pd.DatetimeIndex([], tz="UTC", name="time")
+            return out
+        frame = frame.fillna(0).resample(offset).sum().astype("Int64")
+        frame.index.name = "time"
+        return frame
+
+    def _checkpointed_names(self) -> list[str]:
+        t = _to_pandas(export.select(self._db, "metric_checkpoints", {"name": "name"}))
+        return list(t["name"]) if len(t) else []
+
+    def _checkpointed_buckets(self, names: list[str]) -> dict[str, dict[int, int]]:
+        t = _to_pandas(export.select(self._db, "metric_buckets", {
+            "name": "name", "bucket_start": "bucket_start", "value": "value"}))
+        out: dict[str, dict[int, int]] = {}
+        for n, start, v in zip(t.get("name", []), t.get("bucket_start", []), t.get("value", []),
+                               strict=True):
+            if n in names:
+                out.setdefault(n, {})[int(start) // 1_000_000] = int(v)
+        return out
+
+    # -- across tiers ----------------------------------------------------------------------
+
+    def tiers(self) -> pd.DataFrame:
+        """Per entity: present and version in memory (when bound), Redis and PostgreSQL."""
+        memory = self._memory if self._memory is not None else Memory()
+        rows = recovery.compare_all(self._db, self._redis, self.ns, memory,
+                                    with_memory=self._memory is not None)
+        if not rows:
+            return frames.empty("tiers")
+        return frames.conform("tiers", pd.DataFrame(rows))
+
+    def summary(self) -> pd.DataFrame:
+        """A status board as one column of numbers (index ``item``)."""
+        jobs = _to_pandas(export.select(self._db, "jobs", {"status": "status"},
+                                        where=None))
+        counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
+        workers = self.workers()
+        wf = _to_pandas(export.select(self._db, "workflows", {"status": "status"}))
+        wf_counts = wf["status"].value_counts() if len(wf) else pd.Series(dtype="int64")
+        q = self.queue()
+        items: dict[str, float] = {"workflows": float(len(wf))}
+        items.update({f"workflows_{s.value}": float(wf_counts.get(s.value, 0))
+                      for s in models.WorkflowStatus})
+        items["jobs"] = float(len(jobs))
+        items.update({f"jobs_{s.value}": float(counts.get(s.value, 0)) for s in models.JobStatus})
+        items["workers"] = float(len(workers))
+        items["workers_alive"] = float(workers["alive"].sum()) if len(workers) else 0.0
+        items["queue_depth"] = float((~q["in_flight"]).sum()) if len(q) else 0.0
+        items["in_flight"] = float(q["in_flight"].sum()) if len(q) else 0.0
+        return frames.conform("summary", {"item": list(items), "value": list(items.values())})
+
+    def _repr_html_(self) -> str:
+        s = self.summary()["value"]
+        cells = []
+        for label, key in (("workflows", "workflows"), ("running", "workflows_running"),
+                           ("jobs queued", "jobs_queued"), ("jobs running", "jobs_running"),
+                           ("jobs failed", "jobs_failed"), ("jobs completed", "jobs_completed"),
+                           ("workers alive", "workers_alive"), ("queue depth", "queue_depth")):
+            value = s.get(key, np.nan)
+            cells.append(f"<td style='padding:4px 12px;text-align:center'><b style='font-size:1.4em'>"
+                         f"{int(value) if pd.notna(value) else '-'}</b><br>{html.escape(label)}</td>")
+        title = html.escape(repr(self))
+        return f"<table title='{title}'><tr>{''.join(cells)}</tr></table>"

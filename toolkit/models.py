@@ -1,0 +1,286 @@
+"""Entities of the coordinator: frozen dataclasses, status enums, transitions.
+
+Every entity is an immutable snapshot. JSON-like fields (``payload``,
+``result``, ``metadata``) are frozen on construction (dicts become
+:class:`FrozenDict`, lists become :class:`FrozenList`), so the object a get returns can be
+shared with the cache without anyone changing the cache through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+
+def utcnow() -> datetime:
+    """Return the current time as a timezone-aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class WorkflowStatus(enum.StrEnum):
+    """Status of a workflow."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobStatus(enum.StrEnum):
+    """Status of a job."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class WorkerStatus(enum.StrEnum):
+    """Status of a worker."""
+
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+
+
+class AssignmentStatus(enum.StrEnum):
+    """Status of a job assignment (one attempt of one job on one worker)."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RECLAIMED = "reclaimed"
+    CANCELLED = "cancelled"
+
+
+_J = JobStatus
+JOB_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    _J.PENDING: frozenset({_J.QUEUED, _J.CANCELLED}),
+    _J.QUEUED: frozenset({_J.ASSIGNED, _J.CANCELLED}),
+    _J.ASSIGNED: frozenset({_J.RUNNING, _J.QUEUED, _J.FAILED, _J.CANCELLED}),
+    _J.RUNNING: frozenset({_J.COMPLETED, _J.FAILED, _J.QUEUED, _J.CANCELLED}),
+    _J.FAILED: frozenset({_J.QUEUED}),
+    _J.COMPLETED: frozenset(),
+    _J.CANCELLED: frozenset(),
+}
+"""Allowed job status changes: ``JOB_TRANSITIONS[current]`` holds the targets."""
+
+FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.CANCELLED})
+"""Job statuses nothing leaves; every other job is live and kept in memory."""
+
+_W = WorkflowStatus
+WORKFLOW_TRANSITIONS: Mapping[WorkflowStatus, frozenset[WorkflowStatus]] = {
+    _W.PENDING: frozenset({_W.RUNNING, _W.COMPLETED, _W.FAILED, _W.CANCELLED}),
+    _W.RUNNING: frozenset({_W.COMPLETED, _W.FAILED, _W.CANCELLED}),
+    _W.FAILED: frozenset({_W.RUNNING, _W.COMPLETED, _W.CANCELLED}),
+    _W.COMPLETED: frozenset(),
+    _W.CANCELLED: frozenset(),
+}
+"""Allowed workflow status changes (a failed workflow runs again on a retry)."""
+
+
+def job_sources(target: JobStatus) -> frozenset[JobStatus]:
+    """Return the statuses a job may be in to move to ``target``."""
+    return frozenset(s for s, targets in JOB_TRANSITIONS.items() if target in targets)
+
+
+def workflow_sources(target: WorkflowStatus) -> frozenset[WorkflowStatus]:
+    """Return the statuses a workflow may be in to move to ``target``."""
+    return frozenset(s for s, targets in WORKFLOW_TRANSITIONS.items() if target in targets)
+
+
+class FrozenDict(dict[str, Any]):
+    """A ``dict`` that refuses every change; JSON-serialisable as a dict."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("this mapping is a frozen snapshot; copy it with dict(...) to change it")
+
+    __setitem__ = __delitem__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self
+
+
+class FrozenList(list[Any]):
+    """A ``list`` that refuses every change; compares equal to a plain list."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("this list is a frozen snapshot; copy it with list(...) to change it")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenList, (list(self),))
+
+    def __copy__(self) -> FrozenList:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenList:
+        return self
+
+
+def freeze(value: Any) -> Any:
+    """Return ``value`` with every dict and list frozen (JSON values only)."""
+    if isinstance(value, FrozenDict | FrozenList):
+        return value
+    if isinstance(value, dict):
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return FrozenList(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Return a plain, mutable copy of a frozen JSON value."""
+    if isinstance(value, dict):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [thaw(v) for v in value]
+    return value
+
+
+class _Entity:
+    """Shared helpers of the entity dataclasses."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict (JSON values thawed)."""
+        return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Workflow(_Entity):
+    """A named group of jobs with a rolled-up status."""
+
+    id: str
+    name: str
+    status: WorkflowStatus
+    metadata: Mapping[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", WorkflowStatus(self.status))
+        object.__setattr__(self, "metadata", freeze(self.metadata or {}))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job(_Entity):
+    """One unit of work in a workflow."""
+
+    id: str
+    workflow_id: str
+    name: str
+    status: JobStatus
+    priority: int
+    queue: str
+    payload: Any
+    result: Any
+    error: str | None
+    attempts: int
+    max_attempts: int
+    worker_id: str | None
+    depends_on: tuple[str, ...]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    version: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", JobStatus(self.status))
+        object.__setattr__(self, "payload", freeze(self.payload))
+        object.__setattr__(self, "result", freeze(self.result))
+        object.__setattr__(self, "depends_on", tuple(self.depends_on or ()))
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the job can never change again (completed or cancelled)."""
+        return self.status in FINAL_JOB_STATUSES
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Worker(_Entity):
+    """A process that takes jobs from one or more queues."""
+
+    id: str
+    hostname: str
+    status: WorkerStatus
+    queues: tuple[str, ...]
+    capacity: int
+    metadata: Mapping[str, Any]
+    last_heartbeat: datetime | None
+    registered_at: datetime
+    version: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", WorkerStatus(self.status))
+        object.__setattr__(self, "queues", tuple(self.queues))
+        object.__setattr__(self, "metadata", freeze(self.metadata or {}))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobAssignment(_Entity):
+    """One attempt of one job on one worker."""
+
+    id: str
+    job_id: str
+    worker_id: str
+    status: AssignmentStatus
+    attempt: int
+    assigned_at: datetime
+    finished_at: datetime | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", AssignmentStatus(self.status))
+
+
+Entity = Workflow | Job | Worker | JobAssignment
+
+ENTITY_TYPES: Mapping[str, type[Any]] = {
+    "workflow": Workflow,
+    "job": Job,
+    "worker": Worker,
+    "assignment": JobAssignment,
+}
+"""Entity kind name to its model class (the names used in keys and reports)."""
+
+
+def entity_version(entity: Entity) -> int:
+    """Return an entity's version (an assignment's status order stands in for it)."""
+    if isinstance(entity, JobAssignment):
+        return 1 if entity.status is AssignmentStatus.ACTIVE else 2
+    return entity.version
+
+
+def from_dict(kind: str, data: Mapping[str, Any]) -> Entity:
+    """Build an entity of ``kind`` from a mapping of its fields (extra keys ignored)."""
+    cls = ENTITY_TYPES[kind]
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: data.get(n) for n in names})  # type: ignore[no-any-return]
+
+
+def field_names(kind: str) -> Iterable[str]:
+    """Return the field names of an entity kind, in order."""
+    return [f.name for f in dataclasses.fields(ENTITY_TYPES[kind])]

@@ -1,0 +1,439 @@
+"""Rebuild, consistency check and repair: PostgreSQL is the truth, the rest follows it.
+
+``rebuild`` streams the live state out of PostgreSQL in bulk (server-side
+cursors, one query per entity kind), replaces memory, and reconciles Redis:
+versioned cache fills in pipelines, every queued job in its queue exactly
+once, nothing else in any queue, metric totals raised to their checkpoints.
+Its cost grows with the live state, not with the finished history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from toolkit import models
+from toolkit.tiers.memory import KINDS, Memory
+from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres.db import Database
+from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue
+from toolkit.tiers.redis.client import Client
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CHUNK = 5_000
+PROGRESS_THRESHOLD = 50_000
+"""Show a progress bar when the live state has at least this many rows."""
+
+REPORT_COLUMNS = (
+    "entity", "id", "in_memory", "in_redis", "in_postgres",
+    "memory_version", "redis_version", "postgres_version", "consistent", "problem",
+)
+"""Columns of ``ConsistencyReport.to_frame()`` (the same as ``Inspector.tiers()``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RebuildReport:
+    """What a rebuild loaded: counts per entity kind and the time it took."""
+
+    workflows: int
+    jobs: int
+    workers: int
+    assignments: int
+    queued: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.workflows} workflows, {self.jobs} live jobs ({self.queued} queued), "
+                f"{self.workers} workers, {self.assignments} active assignments "
+                f"in {self.seconds:.3f}s")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyReport:
+    """Disagreements between memory, Redis and PostgreSQL (one row each)."""
+
+    rows: tuple[Mapping[str, Any], ...]
+    checked: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when every tier agrees with PostgreSQL."""
+        return not self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"consistent: {self.checked} entities checked in {self.seconds:.3f}s"
+        return f"{len(self.rows)} disagreements among {self.checked} entities"
+
+    def to_frame(self) -> pd.DataFrame:
+        """Return the disagreements as a DataFrame with :data:`REPORT_COLUMNS`."""
+        import pandas as pd
+
+        frame = pd.DataFrame(list(self.rows), columns=list(REPORT_COLUMNS))
+        for col in ("memory_version", "redis_version", "postgres_version"):
+            frame[col] = frame[col].astype("Int64")
+        for col in ("in_memory", "in_redis", "in_postgres", "consistent"):
+            frame[col] = frame[col].astype(bool)
+        frame["entity"] = frame["entity"].astype(pd.CategoricalDtype(list(KINDS)))
+        return frame
+
+
+# -- invalidation ---------------------------------------------------------------------------
+
+class InvalidationListener:
+    """A daemon thread that drops memory entries other processes have overwritten."""
+
+    def __init__(self, client: Client, ns: str, memory: Memory) -> None:
+        self._client = client
+        self._ns = ns
+        self._memory = memory
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start listening (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"toolkit-invalidate-{self._ns}",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=3)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(keys.invalidation_channel(self._ns))
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg and msg.get("type") == "message":
+                        self._handle(str(msg["data"]))
+            except Exception as exc:  # noqa: BLE001 - the thread must survive a Redis outage
+                log.debug("invalidation listener reconnecting: %s", exc,
+                          extra={"action": "invalidate"})
+                self._stop.wait(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+    def _handle(self, message: str) -> None:
+        parsed = cache.parse_invalidation(message)
+        if parsed and parsed[0] in KINDS:
+            kind, version, entity_id = parsed
+            self._memory.drop(kind, entity_id, below_version=version)
+
+
+# -- rebuild --------------------------------------------------------------------------------
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    show = total >= PROGRESS_THRESHOLD if enabled is None else enabled
+    return tqdm(total=total, disable=not show, desc="rebuild", unit="row", leave=False)
+
+
+def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[models.Entity]],
+                                                            dict[str, dict[str, float]],
+                                                            dict[str, int]]:
+    """Read the live state in one REPEATABLE READ snapshot."""
+    entities: dict[str, list[models.Entity]] = {}
+    wanted: dict[str, dict[str, float]] = {}
+    with db.begin("rebuild: read PostgreSQL") as conn:
+        conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        counts = store.count_live(conn)
+        bar = _progress(sum(counts.values()), progress)
+        try:
+            for kind in ("workflow", "worker", "assignment", "job"):
+                out: list[models.Entity] = []
+                from_dict = models.from_dict
+                for row in store.stream_live(conn, kind):
+                    out.append(from_dict(kind, row))
+                    if kind == "job" and row["status"] == "queued":
+                        wanted.setdefault(row["queue"], {})[row["id"]] = queue.score(
+                            row["priority"], row["enqueue_seq"] or 0)
+                    if len(out) % 10_000 == 0:
+                        bar.update(10_000)
+                bar.update(len(out) % 10_000)
+                entities[kind] = out
+        finally:
+            bar.close()
+        checkpoints = store.metric_checkpoints(conn)
+    return entities, wanted, checkpoints
+
+
+def rebuild(db: Database, client: Client, ns: str, memory: Memory, *,
+            progress: bool | None = None) -> RebuildReport:
+    """Reload memory from PostgreSQL and make Redis match it.
+
+    Raises
+    ------
+    StorageUnavailable
+        PostgreSQL or Redis failed; memory is left as it was if PostgreSQL failed.
+    """
+    start = time.perf_counter()
+    entities, wanted, checkpoints = _snapshot(db, progress)
+    for kind in KINDS:
+        memory.replace(kind, entities[kind])
+    for kind in KINDS:
+        _fill(client, ns, entities[kind], force=False)
+    reconcile_queues(db, client, ns, wanted)
+    metrics.raise_to(client, ns, checkpoints)
+    heartbeats.boot_time(client, ns, time.time())
+    return RebuildReport(
+        workflows=len(entities["workflow"]), jobs=len(entities["job"]),
+        workers=len(entities["worker"]), assignments=len(entities["assignment"]),
+        queued=sum(len(v) for v in wanted.values()), seconds=time.perf_counter() - start,
+    )
+
+
+def _chunks(items: list[Any], size: int = PIPELINE_CHUNK) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _fill(client: Client, ns: str, entities: list[models.Entity], *, force: bool) -> None:
+    for chunk in _chunks(entities):
+        def go(chunk: list[models.Entity] = chunk) -> None:
+            pipe = client.redis.pipeline(transaction=False)
+            if force:
+                cache.force_put(ns, chunk, pipe=pipe)
+            else:
+                cache.put(client, ns, chunk, pipe=pipe)
+            pipe.execute()
+
+        client.call("rebuild: fill cache", go)
+
+
+def reconcile_queues(db: Database, client: Client, ns: str,
+                     wanted: Mapping[str, Mapping[str, float]]) -> tuple[int, int]:
+    """Make every queue hold exactly the jobs PostgreSQL calls queued; return (added, removed).
+
+    A job found in a queue that the snapshot did not call queued is checked
+    again in PostgreSQL before it is removed, so a job another coordinator
+    queued after the snapshot is left alone. Jobs in flight are left to the
+    janitor.
+    """
+    inflight = queue.inflight_ids(client, ns)
+    added = removed = 0
+    for name in sorted(set(wanted) | queue.queue_names(client, ns)):
+        current = dict(queue.members(client, ns, name))
+        want = wanted.get(name, {})
+        add = {j: s for j, s in want.items() if current.get(j) != s and j not in inflight}
+        extra = [j for j in current if j not in want]
+        if extra:
+            with db.begin("reconcile queues") as conn:
+                rows = store.get_many(conn, "job", extra)
+            still = {r["id"] for r in rows if r["status"] == "queued" and r["queue"] == name}
+            extra = [j for j in extra if j not in still]
+
+        def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
+            pipe = client.redis.pipeline(transaction=False)
+            for chunk in _chunks(list(add.items())):
+                pipe.zadd(keys.queue(ns, name), dict(chunk))
+            for chunk in _chunks(extra):
+                pipe.zrem(keys.queue(ns, name), *chunk)
+            pipe.sadd(keys.queues(ns), name)
+            pipe.execute()
+
+        if add or extra or name in wanted:
+            client.call("reconcile queues", go)
+        added += len(add)
+        removed += len(extra)
+    return added, removed
+
+
+# -- consistency ----------------------------------------------------------------------------
+
+def _pg_versions(db: Database) -> tuple[dict[str, dict[str, Mapping[str, Any]]],
+                                        dict[str, dict[str, float]]]:
+    rows: dict[str, dict[str, Mapping[str, Any]]] = {}
+    wanted: dict[str, dict[str, float]] = {}
+    with db.begin("check: read PostgreSQL") as conn:
+        conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        for kind in KINDS:
+            rows[kind] = {r["id"]: dict(r) for r in store.stream_live(conn, kind)}
+        for job_id, name, priority, seq in store.queued_jobs(conn):
+            wanted.setdefault(name, {})[job_id] = queue.score(priority, seq or 0)
+    return rows, wanted
+
+
+def _version(kind: str, row: Mapping[str, Any] | None) -> int | None:
+    if row is None:
+        return None
+    return models.entity_version(models.from_dict(kind, row))
+
+
+def _compare(db: Database, client: Client, ns: str, memory: Memory,
+             live: dict[str, dict[str, Mapping[str, Any]]], *,
+             keep_consistent: bool = False) -> tuple[list[dict[str, Any]], int]:
+    problems: list[dict[str, Any]] = []
+    checked = 0
+    for kind in KINDS:
+        pg = dict(live[kind])
+        mem = {e.id: models.entity_version(e) for e in memory.all(kind)}
+        cached_ids = set(cache.scan_ids(client, ns, kind))
+        others = sorted((set(mem) | cached_ids) - set(pg))
+        if others:
+            with db.begin("check: read PostgreSQL") as conn:
+                pg.update({r["id"]: r for r in store.get_many(conn, kind, others)})
+        ids = sorted(set(pg) | set(mem) | cached_ids)
+        raw = cache.get_raw_many(client, ns, kind, ids)
+        for entity_id, value in zip(ids, raw, strict=True):
+            checked += 1
+            pv = _version(kind, pg.get(entity_id))
+            mv = mem.get(entity_id)
+            rv = cache.version_of(value)
+            why = _why(entity_id in live[kind], pv, mv, rv, value is not None)
+            if why or keep_consistent:
+                problems.append({
+                    "entity": kind, "id": entity_id, "in_memory": mv is not None,
+                    "in_redis": value is not None, "in_postgres": pv is not None,
+                    "memory_version": mv, "redis_version": rv, "postgres_version": pv,
+                    "consistent": not why, "problem": why,
+                })
+    return problems, checked
+
+
+def _why(is_live: bool, pv: int | None, mv: int | None, rv: int | None, cached: bool) -> str:
+    if pv is None:
+        if mv is not None:
+            return "in memory but not in PostgreSQL"
+        return "in Redis but not in PostgreSQL"
+    if mv is not None and mv != pv:
+        return f"memory has version {mv}, PostgreSQL {pv}"
+    if cached and rv is None:
+        return "Redis holds a corrupt value"
+    if rv is not None and rv != pv:
+        return f"Redis has version {rv}, PostgreSQL {pv}"
+    if is_live and not cached:
+        return "missing in Redis"
+    return ""
+
+
+def _queue_problems(client: Client, ns: str, wanted: Mapping[str, Mapping[str, float]]
+                    ) -> list[dict[str, Any]]:
+    inflight = queue.inflight_ids(client, ns)
+    problems = []
+    seen: dict[str, str] = {}
+    for name in sorted(set(wanted) | queue.queue_names(client, ns)):
+        current = dict(queue.members(client, ns, name))
+        want = wanted.get(name, {})
+        for job_id in want:
+            if job_id not in current and job_id not in inflight:
+                problems.append(_queue_row(job_id, f"queued in PostgreSQL but not in queue {name!r}"))
+        for job_id in current:
+            if job_id not in want:
+                problems.append(_queue_row(job_id, f"in queue {name!r} but not queued there in PostgreSQL"))
+            elif job_id in seen:
+                problems.append(_queue_row(job_id, f"in queues {seen[job_id]!r} and {name!r}"))
+            seen[job_id] = name
+    return problems
+
+
+def _queue_row(job_id: str, why: str) -> dict[str, Any]:
+    return {"entity": "job", "id": job_id, "in_memory": False, "in_redis": True,
+            "in_postgres": True, "memory_version": None, "redis_version": None,
+            "postgres_version": None, "consistent": False, "problem": why}
+
+
+def compare_all(db: Database, client: Client, ns: str, memory: Memory, *,
+                with_memory: bool = True) -> list[dict[str, Any]]:
+    """One row per entity (consistent or not) across the tiers; reads only.
+
+    With ``with_memory=False`` (an Inspector not bound to a StateManager) the
+    memory columns are empty and memory is not judged.
+    """
+    live, wanted = _pg_versions(db)
+    rows, _ = _compare(db, client, ns, memory if with_memory else Memory(), live,
+                       keep_consistent=True)
+    by_id = {(r["entity"], r["id"]): r for r in rows}
+    for q in _queue_problems(client, ns, wanted):
+        row = by_id.get(("job", q["id"]))
+        if row is None:
+            rows.append(q)
+        else:
+            row["consistent"] = False
+            row["problem"] = "; ".join(p for p in (row["problem"], q["problem"]) if p)
+    if not with_memory:
+        for r in rows:
+            r["in_memory"], r["memory_version"] = None, None
+    return rows
+
+
+def check(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyReport:
+    """Compare memory and Redis with PostgreSQL. Reads only."""
+    start = time.perf_counter()
+    live, wanted = _pg_versions(db)
+    problems, checked = _compare(db, client, ns, memory, live)
+    problems += _queue_problems(client, ns, wanted)
+    return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start)
+
+
+def repair(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyReport:
+    """Make memory and Redis agree with PostgreSQL; return the report of what was wrong."""
+    report = check(db, client, ns, memory)
+    bad: dict[str, set[str]] = {}
+    for row in report.rows:
+        bad.setdefault(row["entity"], set()).add(row["id"])
+    for kind, ids in bad.items():
+        with db.begin("repair: read PostgreSQL") as conn:
+            rows = {r["id"]: r for r in store.get_many(conn, kind, sorted(ids))}
+        fresh = [models.from_dict(kind, r) for r in rows.values()]
+        gone = sorted(ids - set(rows))
+
+        def go(fresh: list[models.Entity] = fresh, gone: list[str] = gone, kind: str = kind) -> None:
+            pipe = client.redis.pipeline(transaction=False)
+            cache.force_put(ns, fresh, pipe=pipe)
+            cache.delete(ns, kind, gone, pipe=pipe)
+            pipe.execute()
+
+        client.call("repair cache", go)
+        for e in fresh:
+            memory.drop(kind, e.id)
+            memory.put(kind, e)
+        for entity_id in gone:
+            memory.drop(kind, entity_id)
+    _, wanted = _pg_versions(db)
+    reconcile_queues(db, client, ns, wanted)
+    with db.begin("repair: read metric checkpoints") as conn:
+        metrics.raise_to(client, ns, store.metric_checkpoints(conn))
+    heartbeats.boot_time(client, ns, time.time())
+    return report
+
+
+# -- metrics checkpoints --------------------------------------------------------------------
+
+def checkpoint_metrics(db: Database, client: Client, ns: str) -> None:
+    """Copy metric totals and their time buckets from Redis to PostgreSQL."""
+    totals = metrics.totals(client, ns)
+    if not totals:
+        return
+    series = metrics.buckets(client, ns, sorted(totals))
+    rows = [(name, datetime.fromtimestamp(start, UTC), value)
+            for name, buckets in series.items() for start, value in buckets.items()]
+    now = models.utcnow()
+    with db.begin("checkpoint metrics") as conn:
+        store.checkpoint_metrics(conn, totals, now)
+        for chunk in _chunks(rows, 1000):
+            store.checkpoint_buckets(conn, chunk)
+

@@ -1,0 +1,1 @@
+"""Storage tiers: memory, Redis, PostgreSQL. Internal: not part of the public API."""

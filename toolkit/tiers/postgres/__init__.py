@@ -1,0 +1,1 @@
+"""Tier 3: PostgreSQL, the source of truth."""

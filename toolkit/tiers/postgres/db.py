@@ -1,0 +1,95 @@
+"""The PostgreSQL connection pool and its one error-translation point."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from toolkit import config, errors
+
+log = logging.getLogger(__name__)
+
+
+class Database:
+    """A SQLAlchemy engine bound to one schema, translating driver errors.
+
+    Parameters
+    ----------
+    url
+        ``postgresql+psycopg://`` URL.
+    schema
+        Validated schema name; applied per connection with ``schema_translate_map``.
+    read_only
+        Run every transaction as ``READ ONLY`` (the server refuses writes).
+    connect_timeout
+        Seconds libpq may spend connecting (a silent server fails in bounded time).
+    """
+
+    def __init__(
+        self, url: str, schema: str, *, read_only: bool = False, connect_timeout: float = 5.0,
+        pool_size: int = 5,
+    ) -> None:
+        self.url = url
+        self.schema = config.validate_schema(schema)
+        self.where = config.host_port(url)
+        options: dict[str, Any] = {"schema_translate_map": {None: schema}}
+        if read_only:
+            options["postgresql_readonly"] = True
+        self.engine = sa.create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=10,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            execution_options=options,
+            connect_args={
+                "connect_timeout": max(1, int(connect_timeout)),
+                "application_name": "toolkit-inspector" if read_only else "toolkit",
+                "options": "-c timezone=UTC",
+            },
+        )
+
+    def __repr__(self) -> str:
+        return f"Database({config.mask_url(self.url)!r}, schema={self.schema!r})"
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def translate(self, action: str) -> Iterator[None]:
+        """Turn driver errors raised inside into toolkit errors."""
+        try:
+            yield
+        except (sa_exc.IntegrityError, psycopg.IntegrityError) as exc:
+            orig = getattr(exc, "orig", exc)
+            diag = getattr(orig, "diag", None)
+            name = getattr(diag, "constraint_name", None) or "constraint"
+            detail = getattr(diag, "message_detail", None) or str(orig).splitlines()[0]
+            raise errors.ValidationError(name, detail, f"rejected by PostgreSQL during {action}") from None
+        except (sa_exc.DBAPIError, psycopg.Error) as exc:
+            orig = getattr(exc, "orig", exc)
+            first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+            raise errors.StorageUnavailable(
+                f"PostgreSQL at {self.where} failed during {action}: {first}"
+            ) from exc
+        except sa_exc.SQLAlchemyError as exc:
+            raise errors.StorageUnavailable(
+                f"PostgreSQL at {self.where} failed during {action}: {type(exc).__name__}"
+            ) from exc
+
+    @contextlib.contextmanager
+    def begin(self, action: str) -> Iterator[sa.Connection]:
+        """Open a transaction; commit on success, roll back on any error."""
+        with self.translate(action), self.engine.begin() as conn:
+            yield conn
+
+    def quote(self, name: str) -> str:
+        """Return ``name`` quoted as a PostgreSQL identifier."""
+        return self.engine.dialect.identifier_preparer.quote_identifier(name)

@@ -1,0 +1,90 @@
+"""Bulk reads for inspection: one ``COPY (SELECT ...) TO STDOUT`` per frame, parsed by Arrow.
+
+Read-only: the connection runs ``SET TRANSACTION READ ONLY`` first, so the
+server refuses any write. Identifiers are composed with ``psycopg.sql``;
+filter values are bound by psycopg (never formatted into the text by us).
+Times leave PostgreSQL as microseconds since the epoch (no text parsing).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+from psycopg import sql
+from pyarrow import csv as pacsv
+
+from toolkit.tiers.postgres.db import Database
+
+TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "finished_at", "last_heartbeat",
+                          "registered_at", "assigned_at", "bucket_start"})
+
+
+def _column(expr: str, alias: str) -> sql.Composable:
+    name = sql.Identifier(expr)
+    if expr in TIME_COLUMNS:
+        return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint AS {}").format(
+            name, sql.Identifier(alias))
+    if expr in ("payload", "result", "metadata"):
+        return sql.SQL("{}::text AS {}").format(name, sql.Identifier(alias))
+    if expr == "queues":
+        return sql.SQL("array_to_string({}, ',') AS {}").format(name, sql.Identifier(alias))
+    return sql.SQL("{} AS {}").format(name, sql.Identifier(alias))
+
+
+def select(db: Database, table: str, columns: Mapping[str, str], *,
+           where: Mapping[str, Any] | None = None, order: Sequence[str] = ()) -> pa.Table:
+    """Read ``table`` (columns as ``{source: alias}``) with equality filters, as an Arrow table."""
+    cols = sql.SQL(", ").join(_column(src, alias) for src, alias in columns.items())
+    query = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier(db.schema, table))
+    params: list[Any] = []
+    conds = [sql.SQL("{} = %s").format(sql.Identifier(k)) for k, v in (where or {}).items()
+             if v is not None]
+    params = [v for v in (where or {}).values() if v is not None]
+    if conds:
+        query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
+    if order:
+        query += sql.SQL(" ORDER BY ") + sql.SQL(", ").join(map(sql.Identifier, order))
+    return copy_query(db, query, params, list(columns.values()))
+
+
+def job_counts(db: Database) -> pa.Table:
+    """Jobs per (workflow, status), counted by PostgreSQL."""
+    query = sql.SQL("SELECT workflow_id, status, count(*) AS n FROM {} GROUP BY 1, 2").format(
+        sql.Identifier(db.schema, "jobs"))
+    return copy_query(db, query, (), ["workflow_id", "status", "n"])
+
+
+def copy_query(db: Database, query: sql.Composable, params: Sequence[Any],
+               names: list[str]) -> pa.Table:
+    """Run ``COPY (query) TO STDOUT`` in a read-only transaction and parse it with Arrow."""
+    copy = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER true)").format(query)
+    buf = io.BytesIO()
+    with db.begin("inspect: read PostgreSQL") as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("SET TRANSACTION READ ONLY")
+        with raw.cursor() as cur, cur.copy(copy, params) as cp:
+            for block in cp:
+                buf.write(block)
+    buf.seek(0)
+    if buf.getbuffer().nbytes == 0:
+        return pa.table({n: pa.array([], pa.string()) for n in names})
+    types = {n: pa.int64() for n in names if n in TIME_COLUMNS}
+    return pacsv.read_csv(
+        buf,
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False,
+            true_values=["t"], false_values=["f"]),
+    )
+
+
+def scalar_rows(db: Database, query: sql.Composable, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run a small read-only query and return its rows."""
+    with db.begin("inspect: read PostgreSQL") as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("SET TRANSACTION READ ONLY")
+        return list(raw.execute(query, params).fetchall())

@@ -1,0 +1,94 @@
+"""Numbered SQL migrations: ``migrations/NNNN_name.sql`` applied in order.
+
+A small migration table (``schema_migrations``) rather than Alembic: the
+schema is a handful of tables owned by this package, upgrades must run inside
+``init_state_manager`` on any PostgreSQL the user points at (including a role
+that only has DML once the schema exists, which then needs no DDL at all), and
+the migration files must be plain SQL an operator can read and run by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+
+import sqlalchemy as sa
+from psycopg import sql as pgsql
+
+from toolkit import errors
+from toolkit.tiers.postgres import tables
+from toolkit.tiers.postgres.db import Database
+
+log = logging.getLogger(__name__)
+_LOCK_KEY = 0x746F6F6C6B6974  # "toolkit": serialises migrations across processes
+
+
+def available() -> list[tuple[int, str, str]]:
+    """Return ``(version, name, sql)`` of every migration shipped, in order."""
+    pkg = resources.files("toolkit.tiers.postgres") / "migrations"
+    out = []
+    for item in pkg.iterdir():
+        m = re.fullmatch(r"(\d{4})_(\w+)\.sql", item.name)
+        if m:
+            out.append((int(m.group(1)), m.group(2), item.read_text(encoding="utf-8")))
+    return sorted(out)
+
+
+def applied(db: Database) -> list[int]:
+    """Return the versions applied to the schema (empty when it has no migration table)."""
+    with db.begin("read schema version") as conn:
+        exists = conn.execute(
+            sa.text("SELECT to_regclass(format('%I.schema_migrations', CAST(:s AS text))) IS NOT NULL"),
+            {"s": db.schema},
+        ).scalar_one()
+        if not exists:
+            return []
+        rows = conn.execute(sa.select(tables.schema_migrations.c.version))
+        return sorted(r[0] for r in rows)
+
+
+def upgrade(db: Database, *, target: int | None = None) -> list[int]:
+    """Create the schema if needed and apply missing migrations up to ``target``.
+
+    Returns the versions applied now. A schema that is already current needs
+    no DDL privilege at all.
+    """
+    wanted = [m for m in available() if target is None or m[0] <= target]
+    done = set(applied(db))
+    if all(v in done for v, _, _ in wanted):
+        return []
+    schema = pgsql.Identifier(db.schema)
+    new: list[int] = []
+    try:
+        with db.begin("migrate schema") as conn:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+            raw.execute(pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+            raw.execute(pgsql.SQL("SET LOCAL search_path TO {}").format(schema))
+            conn.execute(sa.text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL, "
+                "name TEXT NOT NULL, applied_at TIMESTAMP WITH TIME ZONE NOT NULL, "
+                "CONSTRAINT pk_schema_migrations PRIMARY KEY (version))"
+            ))
+            done = {r[0] for r in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
+            for version, name, sql in wanted:
+                if version in done:
+                    continue
+                raw.execute(sql)
+                conn.execute(
+                    sa.text("INSERT INTO schema_migrations VALUES (:v, :n, now())"),
+                    {"v": version, "n": name},
+                )
+                new.append(version)
+    except errors.StorageUnavailable as exc:
+        if "permission denied" in str(exc):
+            raise errors.ConfigurationError(
+                f"schema {db.schema!r} needs migrations {[v for v, _, _ in wanted if v not in done]} "
+                f"but this role may not run DDL: {exc}"
+            ) from exc
+        raise
+    if new:
+        log.info("applied migrations %s to schema %s", new, db.schema, extra={"action": "migrate"})
+    return new

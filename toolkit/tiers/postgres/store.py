@@ -1,0 +1,352 @@
+"""Every SQL statement of the PostgreSQL tier, as SQLAlchemy Core (bound parameters only).
+
+Functions take an open connection, so the caller decides the transaction.
+Rows come back as mappings whose keys are the model field names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from psycopg import sql as pgsql
+from psycopg.types.json import Jsonb
+
+from toolkit.tiers.postgres import tables as t
+
+Row = Mapping[str, Any]
+FINAL_JOB = ("completed", "cancelled")
+JOB_COPY_COLUMNS = (
+    "id", "workflow_id", "name", "status", "priority", "queue", "payload", "result", "error",
+    "attempts", "max_attempts", "worker_id", "depends_on", "enqueue_seq", "created_at",
+    "updated_at", "started_at", "finished_at", "version",
+)
+
+
+def _one(result: sa.CursorResult[Any]) -> Row | None:
+    row = result.mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _all(result: sa.CursorResult[Any]) -> list[Row]:
+    return [dict(r) for r in result.mappings()]
+
+
+# -- generic reads -----------------------------------------------------------------------
+
+def get(conn: sa.Connection, kind: str, entity_id: str) -> Row | None:
+    """Return one row by primary key."""
+    table = t.ENTITY_TABLES[kind]
+    return _one(conn.execute(sa.select(table).where(table.c.id == entity_id)))
+
+
+def get_many(conn: sa.Connection, kind: str, ids: Sequence[str]) -> list[Row]:
+    """Return the rows of many ids (one query)."""
+    table = t.ENTITY_TABLES[kind]
+    return _all(conn.execute(sa.select(table).where(table.c.id.in_(list(ids)))))
+
+
+def select_where(conn: sa.Connection, kind: str, **equal: Any) -> list[Row]:
+    """Return rows whose columns equal the given non-None values, oldest first."""
+    table = t.ENTITY_TABLES[kind]
+    stmt = sa.select(table)
+    for column, value in equal.items():
+        if value is not None:
+            stmt = stmt.where(table.c[column] == value)
+    order = next(table.c[c] for c in ("created_at", "registered_at", "assigned_at") if c in table.c)
+    return _all(conn.execute(stmt.order_by(order, table.c.id)))
+
+
+def stream_live(conn: sa.Connection, kind: str, batch: int = 10_000) -> Iterator[dict[str, Any]]:
+    """Stream every live row of ``kind`` through a server-side cursor.
+
+    Live: every workflow and worker, active assignments, jobs that are not final.
+    """
+    table = t.ENTITY_TABLES[kind]
+    stmt = sa.select(table)
+    if kind == "job":
+        stmt = stmt.where(t.LIVE_JOB_CLAUSE)
+    elif kind == "assignment":
+        stmt = stmt.where(table.c.status == "active")
+    result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
+    for row in result.mappings():
+        yield dict(row)
+
+
+def count_live(conn: sa.Connection) -> dict[str, int]:
+    """Return how many live rows of each kind there are (for progress bars)."""
+    q = sa.select(
+        sa.select(sa.func.count()).select_from(t.workflows).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(t.workers).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(t.jobs).where(t.LIVE_JOB_CLAUSE).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(t.job_assignments)
+        .where(t.job_assignments.c.status == "active").scalar_subquery(),
+    )
+    wf, wk, jb, asg = conn.execute(q).one()
+    return {"workflow": wf, "worker": wk, "job": jb, "assignment": asg}
+
+
+def statuses(conn: sa.Connection, kind: str, ids: Sequence[str]) -> dict[str, str]:
+    """Return id -> status for the ids that exist."""
+    table = t.ENTITY_TABLES[kind]
+    rows = conn.execute(sa.select(table.c.id, table.c.status).where(table.c.id.in_(list(ids))))
+    return {r[0]: r[1] for r in rows}
+
+
+# -- writes --------------------------------------------------------------------------------
+
+def insert(conn: sa.Connection, kind: str, row: Row) -> None:
+    """Insert one row."""
+    conn.execute(sa.insert(t.ENTITY_TABLES[kind]).values(**row))
+
+
+def copy_jobs(conn: sa.Connection, schema: str, rows: Iterable[Row]) -> int:
+    """Insert many jobs with one ``COPY ... FROM STDIN``; return how many."""
+    raw = conn.connection.driver_connection
+    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+        pgsql.Identifier(schema, "jobs"), pgsql.SQL(", ").join(map(pgsql.Identifier, JOB_COPY_COLUMNS))
+    )
+    n = 0
+    with raw.cursor() as cur, cur.copy(stmt) as copy:  # type: ignore[union-attr]
+        for row in rows:
+            values = [row[c] for c in JOB_COPY_COLUMNS]
+            for i in (6, 7):  # payload, result
+                if values[i] is not None:
+                    values[i] = Jsonb(values[i])
+            values[12] = list(values[12])
+            copy.write_row(values)
+            n += 1
+    return n
+
+
+def next_seqs(conn: sa.Connection, n: int) -> list[int]:
+    """Return ``n`` fresh enqueue sequence numbers (one round trip)."""
+    if n <= 0:
+        return []
+    q = sa.select(t.enqueue_seq.next_value()).select_from(sa.func.generate_series(1, n))
+    return [r[0] for r in conn.execute(q)]
+
+
+def update(
+    conn: sa.Connection, kind: str, entity_id: str, values: Mapping[str, Any], *,
+    statuses_in: Iterable[str] | None = None, now: datetime | None = None,
+) -> Row | None:
+    """Update one row if its status is in ``statuses_in``; bump version. Return the new row."""
+    table = t.ENTITY_TABLES[kind]
+    stmt = sa.update(table).where(table.c.id == entity_id)
+    if statuses_in is not None:
+        stmt = stmt.where(table.c.status.in_([str(s) for s in statuses_in]))
+    vals = dict(values)
+    if "version" in table.c:
+        vals["version"] = table.c.version + 1
+    if now is not None and "updated_at" in table.c:
+        vals["updated_at"] = now
+    if vals.pop("enqueue", False):
+        vals["enqueue_seq"] = t.enqueue_seq.next_value()
+    return _one(conn.execute(stmt.values(**vals).returning(table)))
+
+
+def upsert_worker(conn: sa.Connection, row: Row) -> Row:
+    """Register a worker, or re-register it (active again, new fields, version + 1)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    stmt = pg_insert(t.workers).values(**row)
+    keep = ("hostname", "queues", "capacity", "metadata", "status", "last_heartbeat")
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[t.workers.c.id],
+        set_={**{c: stmt.excluded[c] for c in keep}, "version": t.workers.c.version + 1},
+    )
+    return dict(conn.execute(stmt.returning(t.workers)).mappings().one())
+
+
+def job_status_counts(conn: sa.Connection, workflow_id: str) -> dict[str, int]:
+    """Return status -> number of jobs in a workflow."""
+    q = (sa.select(t.jobs.c.status, sa.func.count())
+         .where(t.jobs.c.workflow_id == workflow_id).group_by(t.jobs.c.status))
+    return {r[0]: r[1] for r in conn.execute(q)}
+
+
+def release_dependents(conn: sa.Connection, workflow_id: str, job_id: str, now: datetime) -> list[Row]:
+    """Queue the pending jobs of a workflow whose dependencies are now all completed."""
+    dep = t.jobs.alias("dep")
+    unmet = (sa.select(sa.literal(1)).select_from(dep)
+             .where(dep.c.id == sa.any_(t.jobs.c.depends_on), dep.c.status != "completed"))
+    stmt = (
+        sa.update(t.jobs)
+        .where(t.jobs.c.workflow_id == workflow_id, t.jobs.c.status == "pending",
+               sa.literal(job_id) == sa.any_(t.jobs.c.depends_on), ~sa.exists(unmet))
+        .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
+                version=t.jobs.c.version + 1, updated_at=now)
+        .returning(t.jobs)
+    )
+    return _all(conn.execute(stmt))
+
+
+def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -> list[Row]:
+    """Cancel every non-final job of a workflow; return the cancelled rows."""
+    stmt = (
+        sa.update(t.jobs)
+        .where(t.jobs.c.workflow_id == workflow_id, t.jobs.c.status.not_in(FINAL_JOB))
+        .values(status="cancelled", finished_at=now, version=t.jobs.c.version + 1, updated_at=now)
+        .returning(t.jobs)
+    )
+    return _all(conn.execute(stmt))
+
+
+def end_assignments(
+    conn: sa.Connection, status: str, now: datetime, *, job_ids: Sequence[str] = (),
+    worker_id: str | None = None,
+) -> list[Row]:
+    """End the active assignments of some jobs or of a worker; return the ended rows."""
+    a = t.job_assignments
+    stmt = sa.update(a).where(a.c.status == "active")
+    if job_ids:
+        stmt = stmt.where(a.c.job_id.in_(list(job_ids)))
+    if worker_id is not None:
+        stmt = stmt.where(a.c.worker_id == worker_id)
+    return _all(conn.execute(stmt.values(status=status, finished_at=now).returning(a)))
+
+
+def delete_workflow(conn: sa.Connection, workflow_id: str) -> tuple[Row | None, list[Row], list[str]]:
+    """Delete a workflow (the jobs and assignments go by ON DELETE CASCADE).
+
+    Returns the deleted workflow row, its jobs' ``(id, queue, status)`` and
+    the ids of their assignments, read in the same transaction.
+    """
+    jobs = _all(conn.execute(
+        sa.select(t.jobs.c.id, t.jobs.c.queue, t.jobs.c.status)
+        .where(t.jobs.c.workflow_id == workflow_id)
+    ))
+    a = t.job_assignments
+    assignment_ids = [r[0] for r in conn.execute(
+        sa.select(a.c.id).join(t.jobs, t.jobs.c.id == a.c.job_id)
+        .where(t.jobs.c.workflow_id == workflow_id)
+    )]
+    wf = _one(conn.execute(
+        sa.delete(t.workflows).where(t.workflows.c.id == workflow_id).returning(t.workflows)
+    ))
+    return wf, jobs, assignment_ids
+
+
+def queued_jobs(conn: sa.Connection) -> list[tuple[str, str, int, int]]:
+    """Return ``(id, queue, priority, enqueue_seq)`` of every queued job."""
+    q = (sa.select(t.jobs.c.id, t.jobs.c.queue, t.jobs.c.priority, t.jobs.c.enqueue_seq)
+         .where(t.jobs.c.status == "queued"))
+    return [(r[0], r[1], r[2], r[3]) for r in conn.execute(q)]
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+def checkpoint_metrics(conn: sa.Connection, totals: Mapping[str, int], now: datetime) -> None:
+    """Store metric totals, never lowering a stored one."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    if not totals:
+        return
+    m = t.metric_checkpoints
+    stmt = pg_insert(m).values([{"name": k, "value": v, "updated_at": now} for k, v in totals.items()])
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[m.c.name],
+        set_={"value": sa.func.greatest(m.c.value, stmt.excluded.value), "updated_at": now},
+    )
+    conn.execute(stmt)
+
+
+def checkpoint_buckets(conn: sa.Connection, rows: Sequence[tuple[str, datetime, int]]) -> None:
+    """Store metric time buckets, never lowering a stored one."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    if not rows:
+        return
+    b = t.metric_buckets
+    stmt = pg_insert(b).values([{"name": n, "bucket_start": s, "value": v} for n, s, v in rows])
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[b.c.name, b.c.bucket_start],
+        set_={"value": sa.func.greatest(b.c.value, stmt.excluded.value)},
+    )
+    conn.execute(stmt)
+
+
+def metric_checkpoints(conn: sa.Connection) -> dict[str, int]:
+    """Return the checkpointed metric totals."""
+    m = t.metric_checkpoints
+    return {r[0]: r[1] for r in conn.execute(sa.select(m.c.name, m.c.value))}
+
+
+# -- job helpers used by the state manager -------------------------------------------------
+
+def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
+    """Lock a workflow row for this transaction; return its status (None: no such workflow)."""
+    q = sa.select(t.workflows.c.status).where(t.workflows.c.id == workflow_id).with_for_update()
+    return conn.execute(q).scalar_one_or_none()
+
+
+def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> list[Row]:
+    """Return ``id, name, status`` of the jobs of a workflow named by id or by name."""
+    if not refs:
+        return []
+    j = t.jobs
+    q = (sa.select(j.c.id, j.c.name, j.c.status)
+         .where(j.c.workflow_id == workflow_id, sa.or_(j.c.id.in_(list(refs)), j.c.name.in_(list(refs)))))
+    return _all(conn.execute(q))
+
+
+def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: datetime) -> Row | None:
+    """Fail an assigned or running job; with ``retry`` and attempts left, queue it again."""
+    j = t.jobs
+    again = sa.and_(sa.literal(retry), j.c.attempts < j.c.max_attempts)
+    stmt = (
+        sa.update(j)
+        .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"]))
+        .values(
+            status=sa.case((again, "queued"), else_="failed"),
+            enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
+            worker_id=sa.case((again, sa.null()), else_=j.c.worker_id),
+            finished_at=sa.case((again, sa.null()), else_=now),
+            error=error, version=j.c.version + 1, updated_at=now,
+        )
+        .returning(j)
+    )
+    return _one(conn.execute(stmt))
+
+
+def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
+                 respect_attempts: bool) -> list[Row]:
+    """Queue again the assigned or running jobs given (failed for good when out of attempts)."""
+    if not job_ids:
+        return []
+    j = t.jobs
+    again = sa.or_(sa.literal(not respect_attempts), j.c.attempts < j.c.max_attempts)
+    stmt = (
+        sa.update(j)
+        .where(j.c.id.in_(list(job_ids)), j.c.status.in_(["assigned", "running"]))
+        .values(
+            status=sa.case((again, "queued"), else_="failed"),
+            enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
+            worker_id=sa.null(),
+            finished_at=sa.case((again, sa.null()), else_=now),
+            error=sa.case((again, j.c.error), else_="worker lost: out of attempts"),
+            version=j.c.version + 1, updated_at=now,
+        )
+        .returning(j)
+    )
+    return _all(conn.execute(stmt))
+
+
+def record_heartbeats(conn: sa.Connection, beats: Mapping[str, datetime]) -> list[Row]:
+    """Write many workers' last heartbeat in one statement; return the updated rows."""
+    w = t.workers
+    ids = list(beats)
+    values = sa.values(sa.column("id", sa.Text), sa.column("at", t.TZ), name="beats").data(
+        [(i, beats[i]) for i in ids]
+    )
+    stmt = (
+        sa.update(w)
+        .where(w.c.id == values.c.id)
+        .values(last_heartbeat=sa.func.greatest(w.c.last_heartbeat, values.c.at),
+                version=w.c.version + 1)
+        .returning(w)
+    )
+    return _all(conn.execute(stmt))

@@ -1,0 +1,1 @@
+"""Tier 2: Redis (cache, queues, heartbeats, locks, metrics)."""

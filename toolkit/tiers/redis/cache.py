@@ -1,0 +1,151 @@
+"""The versioned entity cache: ``{ns}:<kind>:<id>`` -> ``"<version>|<json>"``.
+
+A fill never overwrites a newer version (``set_if_newer.lua``), which closes
+the stale-set race of cache-aside. A value that does not decode (corrupt, or
+written by something else) is a miss, never executed: values are JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+from toolkit import models
+from toolkit.tiers.redis import keys
+from toolkit.tiers.redis.client import Client, run_script
+
+log = logging.getLogger(__name__)
+
+FINAL_TTL_MS = 24 * 3600 * 1000
+"""Cached final jobs and ended assignments expire after a day; live ones never."""
+
+_DATETIME_FIELDS = frozenset(
+    {"created_at", "updated_at", "started_at", "finished_at", "last_heartbeat",
+     "registered_at", "assigned_at"}
+)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def kind_of(entity: models.Entity) -> str:
+    """Return the key kind (``workflow``, ``job``, ...) of an entity."""
+    if isinstance(entity, models.JobAssignment):
+        return "assignment"
+    return type(entity).__name__.lower()
+
+
+def encode(entity: models.Entity) -> str:
+    """Return the cache value of an entity: ``"<version>|<json>"``."""
+    fields = {name: getattr(entity, name) for name in models.field_names(kind_of(entity))}
+    body = json.dumps(fields, default=_default, separators=(",", ":"))
+    return f"{models.entity_version(entity)}|{body}"
+
+
+def decode(kind: str, raw: str | None) -> models.Entity | None:
+    """Return the entity in a cache value, or None for a miss or a corrupt value."""
+    if raw is None:
+        return None
+    try:
+        _, sep, body = raw.partition("|")
+        data = json.loads(body) if sep else None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        for name in _DATETIME_FIELDS.intersection(data):
+            if data[name] is not None:
+                data[name] = datetime.fromisoformat(data[name])
+        return models.from_dict(kind, data)
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("ignoring a corrupt cache value of a %s: %s", kind, exc,
+                    extra={"action": "cache_decode"})
+        return None
+
+
+def version_of(raw: str | None) -> int | None:
+    """Return the version prefix of a cache value, or None when absent or corrupt."""
+    if raw is None:
+        return None
+    head = raw.partition("|")[0]
+    try:
+        return int(head)
+    except ValueError:
+        return None
+
+
+def _ttl_ms(entity: models.Entity) -> int:
+    if isinstance(entity, models.Job) and entity.is_final:
+        return FINAL_TTL_MS
+    if isinstance(entity, models.JobAssignment) and entity.status != "active":
+        return FINAL_TTL_MS
+    return 0
+
+
+def put(client: Client, ns: str, entities: Iterable[models.Entity], *, pipe: Any) -> None:
+    """Queue versioned fills of ``entities`` on ``pipe`` (never overwriting newer)."""
+    for e in entities:
+        key = keys.entity(ns, kind_of(e), e.id)
+        run_script(client, "set_if_newer", [key],
+                   [models.entity_version(e), encode(e), _ttl_ms(e)], pipe=pipe)
+
+
+def force_put(ns: str, entities: Iterable[models.Entity], *, pipe: Any) -> None:
+    """Queue unconditional writes of ``entities`` on ``pipe`` (repair: PostgreSQL wins)."""
+    for e in entities:
+        ttl = _ttl_ms(e)
+        pipe.set(keys.entity(ns, kind_of(e), e.id), encode(e), px=ttl or None)
+
+
+def delete(ns: str, kind: str, ids: Iterable[str], *, pipe: Any) -> None:
+    """Queue removal of cached entities on ``pipe``."""
+    names = [keys.entity(ns, kind, i) for i in ids]
+    if names:
+        pipe.unlink(*names)
+
+
+def get(client: Client, ns: str, kind: str, entity_id: str) -> models.Entity | None:
+    """Return a cached entity, or None on a miss."""
+    raw = client.call("cache get", lambda: client.redis.get(keys.entity(ns, kind, entity_id)))
+    return decode(kind, raw)
+
+
+def get_raw_many(client: Client, ns: str, kind: str, ids: list[str]) -> list[str | None]:
+    """Return the raw cache values of many entities (one MGET per 1,000 ids)."""
+    out: list[str | None] = []
+    for start in range(0, len(ids), 1000):
+        names = [keys.entity(ns, kind, i) for i in ids[start:start + 1000]]
+
+        def read(names: list[str] = names) -> list[str | None]:
+            return list(client.redis.mget(names))
+
+        out.extend(client.call("cache mget", read))
+    return out
+
+
+def scan_ids(client: Client, ns: str, kind: str, *, count: int = 1000) -> Iterator[str]:
+    """Yield the ids of every cached entity of ``kind`` (SCAN, never KEYS)."""
+    head = len(keys.entity(ns, kind, ""))
+    pattern = keys.entity_pattern(ns, kind)
+    with client.translate("cache scan"):
+        for key in client.redis.scan_iter(match=pattern, count=count):
+            yield key[head:]
+
+
+def publish(ns: str, kind: str, entity_id: str, version: int, *, pipe: Any) -> None:
+    """Queue an invalidation message for other processes on ``pipe``."""
+    pipe.publish(keys.invalidation_channel(ns), f"{kind}|{version}|{entity_id}")
+
+
+def parse_invalidation(message: str) -> tuple[str, int, str] | None:
+    """Return ``(kind, version, id)`` of an invalidation message, or None if malformed."""
+    kind, _, rest = message.partition("|")
+    version, _, entity_id = rest.partition("|")
+    try:
+        return kind, int(version), entity_id
+    except ValueError:
+        return None

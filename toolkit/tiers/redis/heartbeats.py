@@ -1,0 +1,47 @@
+"""Worker heartbeats: a key per worker with a TTL, and a sorted set of last-seen times."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from toolkit.tiers.redis import keys
+from toolkit.tiers.redis.client import Client
+
+
+def beat(ns: str, worker_ids: Iterable[str], now: float, ttl: float, *, pipe: Any) -> None:
+    """Queue heartbeats of ``worker_ids`` at ``now`` on ``pipe``."""
+    ttl_ms = max(1, int(ttl * 1000))
+    seen = {}
+    for wid in worker_ids:
+        pipe.set(keys.heartbeat(ns, wid), repr(now), px=ttl_ms)
+        seen[wid] = now
+    if seen:
+        pipe.zadd(keys.heartbeats(ns), seen)
+
+
+def forget(ns: str, worker_id: str, *, pipe: Any) -> None:
+    """Queue removing a worker's heartbeat on ``pipe``."""
+    pipe.unlink(keys.heartbeat(ns, worker_id))
+    pipe.zrem(keys.heartbeats(ns), worker_id)
+
+
+def last_seen(client: Client, ns: str) -> dict[str, float]:
+    """Return worker id -> last heartbeat (unix seconds) for every worker seen."""
+    rows = client.call(
+        "read heartbeats", lambda: client.redis.zrange(keys.heartbeats(ns), 0, -1, withscores=True)
+    )
+    return {wid: float(t) for wid, t in rows}
+
+
+def boot_time(client: Client, ns: str, now: float) -> float:
+    """Return when this namespace's Redis data began, recording ``now`` if unknown.
+
+    After Redis loses its data no worker has a heartbeat; the boot time lets
+    the reaper wait a full TTL before it calls any worker dead.
+    """
+    def go() -> float:
+        client.redis.set(keys.boot(ns), repr(now), nx=True)
+        return float(client.redis.get(keys.boot(ns)) or now)
+
+    return client.call("read boot time", go)

@@ -1,0 +1,123 @@
+"""Every Redis key of a namespace, and the only place that builds them.
+
+All keys begin with the namespace as a hash tag, ``{ns}:``, so that every key
+of one namespace lives in one Redis Cluster slot and multi-key Lua scripts
+stay legal. Ids are used literally (they are never put in a SCAN pattern
+except after the namespace prefix, with glob characters escaped).
+
+=====================================  ==========  ==========================================
+key                                    type        holds
+=====================================  ==========  ==========================================
+``{ns}:workflow:<id>``                 string      cached workflow: ``<version>|<json>``
+``{ns}:job:<id>``                      string      cached job: ``<version>|<json>``
+``{ns}:worker:<id>``                   string      cached worker: ``<version>|<json>``
+``{ns}:assignment:<id>``               string      cached active assignment: ``<version>|<json>``
+``{ns}:queue:<name>``                  zset        queued job ids; score = -priority*1e12 + seq
+``{ns}:queues``                        set         names of queues that were ever used
+``{ns}:inflight``                      zset        job ids popped but not yet committed;
+                                                   score = lease deadline (unix seconds)
+``{ns}:inflight:meta``                 hash        job id -> ``<queue>|<score>`` to put it back
+``{ns}:hb:<worker_id>``                string      last heartbeat (unix seconds), with TTL
+``{ns}:heartbeats``                    zset        worker id -> last heartbeat (unix seconds)
+``{ns}:boot``                          string      when this namespace's Redis data began
+``{ns}:lock:<name>``                   string      lock owner token, with PX expiry
+``{ns}:fence:<name>``                  string      fencing counter of a lock (INCR)
+``{ns}:metrics``                       hash        metric name -> total
+``{ns}:metric:<name>:buckets``         hash        bucket start (unix seconds) -> count
+``{ns}:invalidate``                    channel     ``<kind>|<id>|<version>`` after each write
+=====================================  ==========  ==========================================
+"""
+
+from __future__ import annotations
+
+ENTITY_KINDS = ("workflow", "job", "worker", "assignment")
+
+
+def prefix(ns: str) -> str:
+    """Return the hash-tag prefix every key of ``ns`` begins with."""
+    return "{" + ns + "}:"
+
+
+def entity(ns: str, kind: str, entity_id: str) -> str:
+    """Return the cache key of one entity (``kind`` from :data:`ENTITY_KINDS`)."""
+    return f"{prefix(ns)}{kind}:{entity_id}"
+
+
+def entity_pattern(ns: str, kind: str) -> str:
+    """Return the SCAN pattern matching every cached entity of ``kind``."""
+    return f"{escape_glob(prefix(ns))}{kind}:*"
+
+
+def namespace_pattern(ns: str) -> str:
+    """Return the SCAN pattern matching every key of the namespace."""
+    return f"{escape_glob(prefix(ns))}*"
+
+
+def escape_glob(text: str) -> str:
+    """Escape Redis glob characters so ``text`` matches only itself."""
+    out = []
+    for ch in text:
+        if ch in "*?[]\\":
+            out.append("\\")
+        out.append(ch)
+    return "".join(out)
+
+
+def queue(ns: str, name: str) -> str:
+    """Return the sorted-set key of a job queue."""
+    return f"{prefix(ns)}queue:{name}"
+
+
+def queues(ns: str) -> str:
+    """Return the set of known queue names."""
+    return f"{prefix(ns)}queues"
+
+
+def inflight(ns: str) -> str:
+    """Return the sorted set of popped-but-uncommitted job ids (score: lease deadline)."""
+    return f"{prefix(ns)}inflight"
+
+
+def inflight_meta(ns: str) -> str:
+    """Return the hash that remembers where an in-flight job came from."""
+    return f"{prefix(ns)}inflight:meta"
+
+
+def heartbeat(ns: str, worker_id: str) -> str:
+    """Return the per-worker heartbeat key (expires after the heartbeat TTL)."""
+    return f"{prefix(ns)}hb:{worker_id}"
+
+
+def heartbeats(ns: str) -> str:
+    """Return the sorted set of last heartbeat times per worker."""
+    return f"{prefix(ns)}heartbeats"
+
+
+def boot(ns: str) -> str:
+    """Return the key holding when this namespace's Redis data began."""
+    return f"{prefix(ns)}boot"
+
+
+def lock(ns: str, name: str) -> str:
+    """Return the key of a distributed lock."""
+    return f"{prefix(ns)}lock:{name}"
+
+
+def fence(ns: str, name: str) -> str:
+    """Return the fencing counter of a lock."""
+    return f"{prefix(ns)}fence:{name}"
+
+
+def metrics(ns: str) -> str:
+    """Return the hash of metric totals."""
+    return f"{prefix(ns)}metrics"
+
+
+def metric_buckets(ns: str, name: str) -> str:
+    """Return the hash of per-interval counts of one metric."""
+    return f"{prefix(ns)}metric:{name}:buckets"
+
+
+def invalidation_channel(ns: str) -> str:
+    """Return the pub/sub channel that announces writes to other processes."""
+    return f"{prefix(ns)}invalidate"

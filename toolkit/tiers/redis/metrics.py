@@ -1,0 +1,64 @@
+"""Metric counters: a hash of totals and, per metric, a hash of time buckets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toolkit.tiers.redis import keys
+from toolkit.tiers.redis.client import Client, run_script
+
+BUCKET_SECONDS = 60
+"""Width of a metric time bucket."""
+RETENTION_SECONDS = 7 * 24 * 3600
+"""How long time buckets are kept in Redis (PostgreSQL keeps its checkpoints)."""
+
+
+def bucket_start(now: float) -> int:
+    """Return the start of the bucket ``now`` falls in (unix seconds)."""
+    return int(now // BUCKET_SECONDS) * BUCKET_SECONDS
+
+
+def incr(client: Client, ns: str, name: str, amount: int, now: float, *, pipe: Any = None) -> Any:
+    """Add ``amount`` to a counter and its bucket; never re-sent after a timeout."""
+    ks = [keys.metrics(ns), keys.metric_buckets(ns, name)]
+    args = [name, amount, bucket_start(now)]
+    if pipe is not None:
+        return run_script(client, "incr_metric", ks, args, pipe=pipe)
+    return int(client.call(
+        "incr_metric", lambda: run_script(client, "incr_metric", ks, args), idempotent=False
+    ))
+
+
+def totals(client: Client, ns: str) -> dict[str, int]:
+    """Return every counter's total."""
+    raw = client.call("read metrics", lambda: client.redis.hgetall(keys.metrics(ns)))
+    return {k: int(v) for k, v in raw.items()}
+
+
+def get(client: Client, ns: str, name: str) -> int:
+    """Return one counter's total (0 when absent)."""
+    return int(client.call("read metric", lambda: client.redis.hget(keys.metrics(ns), name)) or 0)
+
+
+def buckets(client: Client, ns: str, names: list[str]) -> dict[str, dict[int, int]]:
+    """Return metric name -> {bucket start: count} for ``names``."""
+    def read() -> list[Any]:
+        pipe = client.redis.pipeline(transaction=False)
+        for n in names:
+            pipe.hgetall(keys.metric_buckets(ns, n))
+        return list(pipe.execute())
+
+    rows = client.call("read metric buckets", read) if names else []
+    return {n: {int(k): int(v) for k, v in r.items()} for n, r in zip(names, rows, strict=True)}
+
+
+def raise_to(client: Client, ns: str, values: dict[str, int]) -> int:
+    """Raise totals to at least ``values`` (after a Redis loss); return how many rose."""
+    if not values:
+        return 0
+    args: list[Any] = []
+    for k, v in values.items():
+        args += [k, v]
+    return int(client.call(
+        "restore metrics", lambda: run_script(client, "raise_metrics", [keys.metrics(ns)], args)
+    ))

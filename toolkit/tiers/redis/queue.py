@@ -1,0 +1,110 @@
+"""Priority job queues: one sorted set per queue name, plus an in-flight set.
+
+Score = ``-priority * 1e12 + seq``: the lowest score is the highest priority,
+and within a priority the smallest enqueue sequence (FIFO). ``seq`` comes from
+a PostgreSQL sequence, so the order survives a rebuild.
+
+A pop moves the job into ``{ns}:inflight`` with a lease deadline
+(``claim_job.lua``) before PostgreSQL is asked to assign it. If the process
+dies between the two, the lease expires and a janitor puts the job back (when
+PostgreSQL still calls it queued) or forgets it (when the assignment had
+committed). PostgreSQL's status guard decides who gets a job, so no job is
+ever handed to two workers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from toolkit.tiers.redis import keys
+from toolkit.tiers.redis.client import Client, run_script
+
+PRIORITY_LIMIT = 1_000_000
+"""Priorities must lie in ``[-PRIORITY_LIMIT, PRIORITY_LIMIT]`` (exact float scores)."""
+_SEQ_SPAN = 1e9
+
+
+class Claim(NamedTuple):
+    """A job popped into the in-flight set."""
+
+    job_id: str
+    queue: str
+    score: float
+
+
+def score(priority: int, seq: int) -> float:
+    """Return the queue score of a job (lower pops first)."""
+    return -priority * _SEQ_SPAN + seq
+
+
+def unscore(value: float) -> tuple[int, int]:
+    """Return ``(priority, seq)`` of a queue score."""
+    priority = -math.floor(value / _SEQ_SPAN)
+    return priority, round(value + priority * _SEQ_SPAN)
+
+
+def push(ns: str, job_id: str, queue_name: str, priority: int, seq: int, *, pipe: Any) -> None:
+    """Queue adding a job to its queue on ``pipe`` (idempotent)."""
+    pipe.zadd(keys.queue(ns, queue_name), {job_id: score(priority, seq)})
+    pipe.sadd(keys.queues(ns), queue_name)
+
+
+def remove(ns: str, job_id: str, queue_name: str, *, pipe: Any) -> None:
+    """Queue removing a job from its queue and from the in-flight set on ``pipe``."""
+    pipe.zrem(keys.queue(ns, queue_name), job_id)
+    pipe.zrem(keys.inflight(ns), job_id)
+    pipe.hdel(keys.inflight_meta(ns), job_id)
+
+
+def claim(client: Client, ns: str, queue_names: list[str], lease_deadline: float) -> Claim | None:
+    """Pop the best job of ``queue_names`` into the in-flight set (never re-sent)."""
+    ks = [keys.inflight(ns), keys.inflight_meta(ns)] + [keys.queue(ns, q) for q in queue_names]
+    res = client.call(
+        "dequeue",
+        lambda: run_script(client, "claim_job", ks, [lease_deadline, *queue_names]),
+        idempotent=False,
+    )
+    if not res:
+        return None
+    return Claim(str(res[0]), str(res[1]), float(res[2]))
+
+
+def settle(client: Client, ns: str, claim_: Claim, *, requeue: bool) -> bool:
+    """End an in-flight claim: put the job back on its queue, or just forget it."""
+    ks = [keys.inflight(ns), keys.inflight_meta(ns), keys.queue(ns, claim_.queue)]
+    args = [claim_.job_id, repr(claim_.score), "1" if requeue else "0"]
+    return bool(client.call("settle claim", lambda: run_script(client, "return_inflight", ks, args)))
+
+
+def expired_claims(client: Client, ns: str, now: float) -> list[Claim]:
+    """Return the in-flight claims whose lease has run out."""
+    def read() -> tuple[list[str], list[str | None]]:
+        ids = client.redis.zrangebyscore(keys.inflight(ns), "-inf", now)
+        meta = client.redis.hmget(keys.inflight_meta(ns), ids) if ids else []
+        return ids, meta
+
+    ids, meta = client.call("read in-flight", read)
+    out = []
+    for job_id, m in zip(ids, meta, strict=True):
+        q, _, s = (m or "|0").rpartition("|")
+        out.append(Claim(job_id, q, float(s or 0)))
+    return out
+
+
+def inflight_ids(client: Client, ns: str) -> set[str]:
+    """Return every job id in flight."""
+    return set(client.call("read in-flight", lambda: client.redis.zrange(keys.inflight(ns), 0, -1)))
+
+
+def queue_names(client: Client, ns: str) -> set[str]:
+    """Return the names of every queue used in the namespace."""
+    return set(client.call("read queue names", lambda: client.redis.smembers(keys.queues(ns))))
+
+
+def members(client: Client, ns: str, queue_name: str) -> list[tuple[str, float]]:
+    """Return ``(job id, score)`` of every job in a queue, in pop order."""
+    return list(client.call(
+        "read queue",
+        lambda: client.redis.zrange(keys.queue(ns, queue_name), 0, -1, withscores=True),
+    ))
