@@ -1,0 +1,1 @@
+"""Benchmarks: the toolkit measured next to the raw floor in one run (see README)."""

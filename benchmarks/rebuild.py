@@ -1,0 +1,88 @@
+"""Rebuild after a crash: time ``init_state_manager`` (connect + ``_rebuild_from_db``) on N live jobs.
+
+    python -m benchmarks.rebuild --live 10000 100000 [--history 0] [--runs 3]
+
+Runs on the embedded stack unless DATABASE_URL and REDIS_URL are set. Each
+size gets its own schema and namespace, removed afterwards. Reports the
+median (min, max) of ``--runs`` rebuilds, with Redis emptied before each one
+so the rebuild writes every cache entry and queue again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import toolkit
+from toolkit import scenarios
+from toolkit.tiers.redis import keys
+
+
+def populate(sm: toolkit.StateManager, live: int, history: int, batch: int = 1000) -> None:
+    """Create ``live`` queued jobs and ``history`` completed ones, in workflows of ``batch``."""
+    total = live + history
+    for start in range(0, total, batch):
+        n = min(batch, total - start)
+        sm.create_workflow(f"bench-{start}", jobs=[{"name": f"j{i}", "priority": i % 5,
+                                                     "payload": {"i": i}} for i in range(n)])
+    if history:
+        import sqlalchemy as sa
+
+        with sm.db.begin("bench: finish history") as conn:
+            conn.execute(sa.text(
+                "UPDATE jobs SET status = 'completed', finished_at = now() WHERE id IN "
+                "(SELECT id FROM jobs ORDER BY created_at, id LIMIT :n)"), {"n": history})
+
+
+def wipe_redis(t: scenarios.Target, ns: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(t.redis_url)
+    names = list(r.scan_iter(match=keys.namespace_pattern(ns), count=5000))
+    for i in range(0, len(names), 5000):
+        r.unlink(*names[i:i + 5000])
+    r.close()
+
+
+def measure(t: scenarios.Target, live: int, history: int, runs: int) -> dict[str, float]:
+    ns, schema = scenarios.fresh_names("bench_rebuild")
+    sm = toolkit.init_state_manager(t.database_url, t.redis_url, namespace=ns, schema=schema)
+    try:
+        populate(sm, live, history)
+        sm.close()
+        times = []
+        for _ in range(runs):
+            wipe_redis(t, ns)
+            started = time.perf_counter()
+            fresh = toolkit.init_state_manager(t.database_url, t.redis_url, namespace=ns, schema=schema)
+            times.append(time.perf_counter() - started)
+            report = fresh.last_rebuild
+            assert report is not None and report.jobs == live, report
+            fresh.close()
+        return {"live": live, "history": history, "median_s": statistics.median(times),
+                "min_s": min(times), "max_s": max(times),
+                "jobs_per_s": live / statistics.median(times)}
+    finally:
+        scenarios._cleanup(toolkit.init_state_manager(t.database_url, t.redis_url, namespace=ns,
+                                                      schema=schema, rebuild=False), t, keep=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--live", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--history", type=int, default=0)
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args()
+    with scenarios.target() as t:
+        where = "embedded stack" if t.stack else "servers from DATABASE_URL/REDIS_URL"
+        print(f"| live jobs | history | rebuild median (s) | min | max | jobs/s | target: {where} |")
+        print("|---:|---:|---:|---:|---:|---:|---|")
+        for live in args.live:
+            r = measure(t, live, args.history, args.runs)
+            print(f"| {live:,} | {args.history:,} | {r['median_s']:.2f} | {r['min_s']:.2f} | "
+                  f"{r['max_s']:.2f} | {r['jobs_per_s']:,.0f} | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
