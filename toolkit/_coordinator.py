@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import threading
 
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--failure-rate", type=float, default=0.1)
     p.add_argument("--job-seconds", type=float, default=0.01)
     p.add_argument("--heartbeat-ttl", type=float, default=30.0)
+    p.add_argument("--crash-after-commit", default=None, metavar="ACTION",
+                   help="SIGKILL this process right after the first commit of ACTION, before Redis")
     args = p.parse_args(argv)
     out = threading.Lock()
 
@@ -37,6 +41,13 @@ def main(argv: list[str] | None = None) -> None:
 
     sm = state.init_state_manager(namespace=args.namespace, schema=args.schema,
                                   heartbeat_ttl=args.heartbeat_ttl)
+    if args.crash_after_commit:
+        def crash(action: str) -> None:
+            if action == args.crash_after_commit:
+                emit({"a": "crashing", "id": action})
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        sm._after_commit = crash
     for wf in simulator.make_workflows(sm, args.workflows, args.jobs, prefix="demo"):
         emit({"a": "workflow", "id": wf.id})
     emit({"a": "ready", "id": ""})

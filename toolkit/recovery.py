@@ -381,11 +381,22 @@ def compare_all(db: Database, client: Client, ns: str, memory: Memory, *,
 
 
 def check(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyReport:
-    """Compare memory and Redis with PostgreSQL. Reads only."""
+    """Compare memory and Redis with PostgreSQL. Reads only.
+
+    The tiers are read one after the other, so a write landing in between can
+    look like a disagreement. Every suspect is therefore read again (a fresh
+    PostgreSQL snapshot, then Redis and memory) and only what persists is reported.
+    """
     start = time.perf_counter()
     live, wanted = _pg_versions(db)
     problems, checked = _compare(db, client, ns, memory, live)
     problems += _queue_problems(client, ns, wanted)
+    if problems:
+        live, wanted = _pg_versions(db)
+        again, _ = _compare(db, client, ns, memory, live)
+        again += _queue_problems(client, ns, wanted)
+        first = {(p["entity"], p["id"]) for p in problems}
+        problems = [p for p in again if (p["entity"], p["id"]) in first]
     return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start)
 
 

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,7 @@ class _Changes:
     deleted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     unqueue: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     counters: Counter[str] = dataclasses.field(default_factory=Counter)
+    action: str = ""
 
     def add(self, kind: str, row: Mapping[str, Any] | None) -> None:
         if row is not None:
@@ -88,6 +89,9 @@ class StateManager:
         self._last_checkpoint = time.monotonic()
         self.last_rebuild: recovery.RebuildReport | None = None
         self._inspector: Inspector | None = None
+        # Test hook: called with the action name after a PostgreSQL commit and
+        # before Redis is touched (the fault-injection scenarios kill the process here).
+        self._after_commit: Callable[[str], None] | None = None
         self._listener = recovery.InvalidationListener(self.redis, self.ns, self.memory)
         if listen:
             self._listener.start()
@@ -142,6 +146,8 @@ class StateManager:
         entities: list[models.Entity] = []
         for kind, row in changes.rows:
             entities.append(models.from_dict(kind, row))
+        if self._after_commit is not None:
+            self._after_commit(changes.action)
         try:
             self._push_redis(changes, entities)
         except errors.StorageUnavailable as exc:
@@ -193,7 +199,7 @@ class StateManager:
 
     def _write(self, action: str, fn: Any) -> list[models.Entity]:
         """Run ``fn(conn, changes)`` in one transaction, then apply the changes."""
-        changes = _Changes()
+        changes = _Changes(action=action)
         with self.db.begin(action) as conn:
             fn(conn, changes)
         return self._apply(changes)
@@ -577,7 +583,7 @@ class StateManager:
                     return None
                 time.sleep(min(0.05, left))
                 continue
-            ch = _Changes()
+            ch = _Changes(action="dequeue")
             try:
                 with self.db.begin("dequeue") as conn:
                     won = self._assign(conn, ch, claim.job_id, worker_id)

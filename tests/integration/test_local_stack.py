@@ -154,7 +154,11 @@ def test_start_postgres_on_taken_port_raises_storage_unavailable() -> None:
     with local_stack() as stack:
         stack.stop_postgres()
         with socket.socket() as squatter:
-            squatter.bind(("127.0.0.1", stack.pg_port))  # bound is enough to block
+            # REUSEADDR: the old server's sockets may sit in TIME_WAIT on that port;
+            # listening (never accepting) is what keeps PostgreSQL from binding it.
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", stack.pg_port))
+            squatter.listen(1)
             with pytest.raises(errors.StorageUnavailable, match="log tail"):
                 stack.start_postgres()
         assert not stack.postgres_running

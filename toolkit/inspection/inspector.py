@@ -12,7 +12,7 @@ import html
 import time
 from collections.abc import Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,8 +26,12 @@ from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import heartbeats, keys, metrics, queue
 from toolkit.tiers.redis.client import Client
 
-if TYPE_CHECKING:
-    from toolkit.state import StateManager
+
+class _Bound(Protocol):
+    """What an Inspector needs of a StateManager: its settings and its memory tier."""
+
+    settings: config.Settings
+    memory: Memory
 
 SCAN_BUDGET = 100_000
 """At most this many keys are looked at by one SCAN-based frame (``locks()``)."""
@@ -86,7 +90,7 @@ class Inspector:
         self._heartbeat_ttl = self.settings.heartbeat_ttl
 
     @classmethod
-    def _bound(cls, sm: StateManager) -> Inspector:
+    def _bound(cls, sm: _Bound) -> Inspector:
         s = sm.settings
         ins = cls(s.database_url, s.redis_url, namespace=s.namespace, schema=s.schema)
         ins._memory = sm.memory
