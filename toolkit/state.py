@@ -146,6 +146,8 @@ class StateManager:
         entities: list[models.Entity] = []
         for kind, row in changes.rows:
             entities.append(models.from_dict(kind, row))
+            if kind == "job" and row["status"] == JS.QUEUED:
+                changes.counters["jobs_queued"] += 1
         if self._after_commit is not None:
             self._after_commit(changes.action)
         try:
@@ -788,15 +790,28 @@ class StateManager:
         """Return a distributed lock (not yet acquired); use it as a context manager."""
         return Lock(self.redis, self.ns, name, ttl=ttl, blocking_timeout=blocking_timeout)
 
-    def incr_metric(self, name: str, amount: int = 1) -> int:
+    def incr_metric(self, name: str, amount: int = 1, *, at: datetime | None = None) -> int:
         """Add ``amount`` to a counter (and its time bucket); return the new total.
 
         Sent once: after a timeout it raises ``StorageUnavailable`` rather than
         risk counting twice.
+
+        Parameters
+        ----------
+        name
+            Counter name.
+        amount
+            Integer to add (may be negative).
+        at
+            Timezone-aware time whose bucket gets the increment (default: now);
+            for importing or backfilling a history.
         """
         validate.identifier("name", name)
         validate.integer("amount", amount, low=-(2**53), high=2**53)
-        total = metrics.incr(self.redis, self.ns, name, amount, time.time())
+        if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
+            raise errors.ValidationError("at", at, "must be a timezone-aware datetime")
+        when = time.time() if at is None else at.timestamp()
+        total = metrics.incr(self.redis, self.ns, name, amount, when)
         if time.monotonic() - self._last_checkpoint > 5.0:
             self.checkpoint_metrics()
         return int(total)
