@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ class _Changes:
     deleted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     unqueue: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     counters: Counter[str] = dataclasses.field(default_factory=Counter)
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     action: str = ""
 
     def add(self, kind: str, row: Mapping[str, Any] | None) -> None:
@@ -62,6 +63,15 @@ class _Changes:
     def add_all(self, kind: str, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
             self.rows.append((kind, row))
+
+    def event(self, name: str, job: Mapping[str, Any], at: datetime, *,
+              worker_id: str | None = None, **detail: Any) -> None:
+        """Log a job event (written in the same transaction as the change)."""
+        self.events.append({
+            "job_id": job["id"], "workflow_id": job["workflow_id"], "event": name,
+            "status": job["status"], "worker_id": worker_id or job.get("worker_id"),
+            "attempt": job.get("attempts"), "at": at, "detail": detail or None,
+        })
 
 
 def _ts(dt: datetime | None) -> float:
@@ -204,6 +214,7 @@ class StateManager:
         changes = _Changes(action=action)
         with self.db.begin(action) as conn:
             fn(conn, changes)
+            store.insert_events(conn, self.db.schema, changes.events)
         return self._apply(changes)
 
     # -- the read path --------------------------------------------------------------------
@@ -291,6 +302,10 @@ class StateManager:
             store.copy_jobs(conn, self.db.schema, rows)
             ch.add("workflow", wf_row)
             ch.add_all("job", rows)
+            for r in rows:
+                ch.event("created", r, now)
+                if r["status"] == "queued":
+                    ch.event("queued", r, now)
             ch.counters["jobs_created"] += len(rows)
             ch.counters["workflows_created"] += 1
 
@@ -350,6 +365,8 @@ class StateManager:
             ch.add_all("assignment", store.end_assignments(conn, "cancelled", now, job_ids=ids)
                        if ids else [])
             ch.add_all("job", jobs)
+            for j in jobs:
+                ch.event("cancelled", j, now, reason="workflow cancelled")
             ch.add("workflow", row)
             ch.counters["jobs_cancelled"] += len(jobs)
 
@@ -367,6 +384,9 @@ class StateManager:
             ch.deleted.extend(("job", j["id"]) for j in jobs)
             ch.deleted.extend(("assignment", a) for a in assignment_ids)
             ch.unqueue.extend((j["id"], j["queue"]) for j in jobs)
+            now = self._now()
+            for j in jobs:
+                ch.event("deleted", {**j, "workflow_id": workflow_id, "status": j["status"]}, now)
 
         self._write("delete workflow", tx)
 
@@ -433,6 +453,9 @@ class StateManager:
             row["status"] = "pending" if unmet else "queued"
             store.insert(conn, "job", row)
             ch.add("job", row)
+            ch.event("created", row, now)
+            if row["status"] == "queued":
+                ch.event("queued", row, now)
             ch.counters["jobs_created"] += 1
 
         return self._write("create job", tx)[0]  # type: ignore[return-value]
@@ -467,8 +490,12 @@ class StateManager:
             if end_assignment:
                 ch.add_all("assignment",
                            store.end_assignments(conn, end_assignment, now, job_ids=[job_id]))
+            ch.event(_EVENT_OF[target], row, now)
             if release:
-                ch.add_all("job", store.release_dependents(conn, row["workflow_id"], job_id, now))
+                released = store.release_dependents(conn, row["workflow_id"], job_id, now)
+                ch.add_all("job", released)
+                for r in released:
+                    ch.event("queued", r, now, released_by=job_id)
             ch.rows.insert(0, ("job", row))
             if rollup:
                 ch.add("workflow", self._rollup(conn, row["workflow_id"], now))
@@ -529,7 +556,12 @@ class StateManager:
             if row is None:
                 raise self._refusal(conn, "job", job_id, JS.FAILED)
             ch.rows.insert(0, ("job", row))
-            ch.add_all("assignment", store.end_assignments(conn, "failed", now, job_ids=[job_id]))
+            ended = store.end_assignments(conn, "failed", now, job_ids=[job_id])
+            ch.add_all("assignment", ended)
+            failed_by = ended[0]["worker_id"] if ended else None
+            ch.event("failed", {**row, "status": "failed"}, now, worker_id=failed_by, error=error)
+            if row["status"] == "queued":
+                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"])
             ch.add("workflow", self._rollup(conn, row["workflow_id"], now))
             ch.counters["jobs_failed"] += 1
             if row["status"] == "queued":
@@ -562,6 +594,7 @@ class StateManager:
         store.insert(conn, "assignment", assignment)
         ch.add("job", row)
         ch.add("assignment", assignment)
+        ch.event("assigned", row, now)
         ch.counters["jobs_assigned"] += 1
         return True
 
@@ -589,6 +622,7 @@ class StateManager:
             try:
                 with self.db.begin("dequeue") as conn:
                     won = self._assign(conn, ch, claim.job_id, worker_id)
+                    store.insert_events(conn, self.db.schema, ch.events)
             except BaseException:
                 queue.settle(self.redis, self.ns, claim, requeue=True)
                 raise
@@ -711,7 +745,7 @@ class StateManager:
         """Make a worker inactive and put its active jobs back in their queues."""
         self._require("worker", worker_id)
         written = self._retire_worker(worker_id, "reclaimed", respect_attempts=False,
-                                      guard=None)
+                                      guard=None, rule="worker deregistered")
         self._forget_heartbeat(worker_id)
         return next(e for e in written if isinstance(e, models.Worker))
 
@@ -728,7 +762,8 @@ class StateManager:
                         extra={"action": "deregister"})
 
     def _retire_worker(self, worker_id: str, ending: str, *, respect_attempts: bool,
-                       guard: Sequence[str] | None) -> list[models.Entity]:
+                       guard: Sequence[str] | None, rule: str,
+                       heartbeat_age_s: float | None = None) -> list[models.Entity]:
         def tx(conn: sa.Connection, ch: _Changes) -> None:
             now = self._now()
             row = store.update(conn, "worker", worker_id, {"status": "inactive"},
@@ -741,6 +776,9 @@ class StateManager:
             ch.add("worker", row)
             ch.add_all("assignment", ended)
             ch.add_all("job", jobs)
+            for j in jobs:
+                ch.event("reclaimed", j, now, worker_id=worker_id, rule=rule,
+                         heartbeat_age_s=heartbeat_age_s)
             for wf in sorted({j["workflow_id"] for j in jobs}):
                 ch.add("workflow", self._rollup(conn, wf, now))
             ch.counters["jobs_reclaimed"] += len(jobs)
@@ -764,8 +802,10 @@ class StateManager:
             last = max(seen.get(w.id, 0.0), _ts(w.last_heartbeat), _ts(w.registered_at), boot)
             if now - last <= self.settings.heartbeat_ttl:
                 continue
-            written = self._retire_worker(w.id, "reclaimed", respect_attempts=True,
-                                          guard=["active"])
+            written = self._retire_worker(
+                w.id, "reclaimed", respect_attempts=True, guard=["active"],
+                rule=f"no heartbeat for heartbeat_ttl={self.settings.heartbeat_ttl}s",
+                heartbeat_age_s=round(now - last, 3))
             touched.extend(e for e in written if isinstance(e, models.Job))
             if written:
                 log.info("reaped worker %s (no heartbeat for %.1fs)", w.id, now - last,
@@ -830,6 +870,68 @@ class StateManager:
         recovery.checkpoint_metrics(self.db, self.redis, self.ns)
         self._last_checkpoint = time.monotonic()
 
+    # -- retention ------------------------------------------------------------------------
+
+    def purge(self, older_than: float | timedelta, *,
+              statuses: Sequence[str] = ("completed", "cancelled"), batch: int = 1000,
+              dry_run: bool = False, progress: bool | None = None) -> int:
+        """Remove finished jobs, their assignments and their events, in batches.
+
+        Parameters
+        ----------
+        older_than
+            Seconds (or a ``timedelta``) since the job finished.
+        statuses
+            Which finished statuses to remove: ``completed``, ``cancelled``
+            and/or ``failed`` (failed for good). A live job is never removed.
+        batch
+            Jobs per transaction.
+        dry_run
+            Count what would be removed, remove nothing.
+        progress
+            Show a progress bar (default: when more than one batch).
+
+        Returns
+        -------
+        int
+            How many jobs were removed (or would be, with ``dry_run``).
+        """
+        age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        age = validate.seconds("older_than", age, allow_zero=True)
+        allowed = {"completed", "cancelled", "failed"}
+        chosen = [validate.status("statuses", st, models.JobStatus).value for st in
+                  validate.names("statuses", statuses)]
+        if not chosen or not set(chosen) <= allowed:
+            raise errors.ValidationError("statuses", statuses, f"must be some of {sorted(allowed)}")
+        batch = validate.integer("batch", batch, low=1, high=100_000)
+        before = self._now() - timedelta(seconds=age)
+        with self.db.begin("purge: count") as conn:
+            total = store.purgeable(conn, chosen, before)
+        if dry_run or not total:
+            return total
+        from tqdm.auto import tqdm
+
+        show = total > batch if progress is None else progress
+        removed = 0
+        with tqdm(total=total, disable=not show, desc="purge", unit="job", leave=False) as bar:
+            while True:
+                def tx(conn: sa.Connection, ch: _Changes) -> None:
+                    jobs, assignment_ids = store.purge_batch(conn, chosen, before, batch)
+                    ch.deleted.extend(("job", r["id"]) for r in jobs)
+                    ch.deleted.extend(("assignment", a) for a in assignment_ids)
+                    ch.unqueue.extend((r["id"], r["queue"]) for r in jobs)
+                    ch.counters["jobs_purged"] += len(jobs)
+
+                changes = _Changes(action="purge")
+                with self.db.begin("purge") as conn:
+                    tx(conn, changes)
+                done = sum(1 for kind, _ in changes.deleted if kind == "job")
+                self._apply(changes)
+                removed += done
+                bar.update(done)
+                if done < batch:
+                    return removed
+
     # -- recovery -------------------------------------------------------------------------
 
     def _rebuild_from_db(self, *, progress: bool | None = None) -> recovery.RebuildReport:
@@ -845,6 +947,10 @@ class StateManager:
     def repair(self) -> recovery.ConsistencyReport:
         """Make memory and Redis agree with PostgreSQL; return what was found and fixed."""
         return recovery.repair(self.db, self.redis, self.ns, self.memory)
+
+
+_EVENT_OF = {JS.QUEUED: "queued", JS.RUNNING: "started", JS.COMPLETED: "completed",
+             JS.CANCELLED: "cancelled"}
 
 
 class _Now:

@@ -350,3 +350,56 @@ def record_heartbeats(conn: sa.Connection, beats: Mapping[str, datetime]) -> lis
         .returning(w)
     )
     return _all(conn.execute(stmt))
+
+
+# -- the job event log ----------------------------------------------------------------------
+
+EVENT_COPY_COLUMNS = ("job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at",
+                      "detail")
+
+
+def insert_events(conn: sa.Connection, schema: str, events: Sequence[Row]) -> None:
+    """Append job events: one INSERT for a few, one COPY for many."""
+    if not events:
+        return
+    if len(events) <= 20:
+        conn.execute(sa.insert(t.job_events), list(events))
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+        pgsql.Identifier(schema, "job_events"),
+        pgsql.SQL(", ").join(map(pgsql.Identifier, EVENT_COPY_COLUMNS)))
+    with raw.cursor() as cur, cur.copy(stmt) as copy:
+        for e in events:
+            detail = e["detail"]
+            copy.write_row([e[c] for c in EVENT_COPY_COLUMNS[:-1]]
+                           + [Jsonb(detail) if detail is not None else None])
+
+
+# -- retention ------------------------------------------------------------------------------
+
+def purgeable(conn: sa.Connection, statuses: Sequence[str], before: datetime) -> int:
+    """Count the jobs a purge would remove."""
+    j = t.jobs
+    q = sa.select(sa.func.count()).select_from(j).where(j.c.status.in_(list(statuses)),
+                                                         j.c.finished_at < before)
+    return int(conn.execute(q).scalar_one())
+
+
+def purge_batch(conn: sa.Connection, statuses: Sequence[str], before: datetime,
+                batch: int) -> tuple[list[Row], list[str]]:
+    """Delete up to ``batch`` finished jobs with their assignments and events.
+
+    Returns the deleted jobs' ``id, queue`` and the deleted assignment ids.
+    """
+    j, a, e = t.jobs, t.job_assignments, t.job_events
+    ids = [r[0] for r in conn.execute(
+        sa.select(j.c.id).where(j.c.status.in_(list(statuses)), j.c.finished_at < before)
+        .order_by(j.c.finished_at).limit(batch).with_for_update(skip_locked=True))]
+    if not ids:
+        return [], []
+    gone = [r[0] for r in conn.execute(sa.delete(a).where(a.c.job_id.in_(ids)).returning(a.c.id))]
+    conn.execute(sa.delete(e).where(e.c.job_id.in_(ids)))
+    rows = _all(conn.execute(sa.delete(j).where(j.c.id.in_(ids)).returning(j.c.id, j.c.queue)))
+    return rows, gone

@@ -129,6 +129,28 @@ metric_buckets = Table(
     Column("value", BigInteger, nullable=False),
 )
 
+job_events = Table(
+    "job_events", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job_id", Text, nullable=False),
+    Column("workflow_id", Text, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("worker_id", Text),
+    Column("attempt", Integer),
+    Column("at", TZ, nullable=False),
+    Column("detail", JSONB(none_as_null=True)),
+    Index(None, "job_id"),
+    Index(None, "workflow_id"),
+    Index(None, "at"),
+)
+
+lock_fences = Table(
+    "lock_fences", metadata,
+    Column("name", Text, primary_key=True),
+    Column("token", BigInteger, nullable=False),
+)
+
 ENTITY_TABLES = {
     "workflow": workflows,
     "job": jobs,

@@ -8,16 +8,36 @@ from typing import Any
 from toolkit.tiers.redis import keys
 from toolkit.tiers.redis.client import Client
 
+HISTORY_LENGTH = 500
+"""How many recent heartbeat times are kept per worker (for gap analytics)."""
+HISTORY_TTL_MS = 24 * 3600 * 1000
+
 
 def beat(ns: str, worker_ids: Iterable[str], now: float, ttl: float, *, pipe: Any) -> None:
-    """Queue heartbeats of ``worker_ids`` at ``now`` on ``pipe``."""
+    """Queue heartbeats of ``worker_ids`` at ``now`` on ``pipe`` (key, last-seen, history)."""
     ttl_ms = max(1, int(ttl * 1000))
     seen = {}
     for wid in worker_ids:
         pipe.set(keys.heartbeat(ns, wid), repr(now), px=ttl_ms)
+        hist = keys.heartbeat_history(ns, wid)
+        pipe.lpush(hist, repr(now))
+        pipe.ltrim(hist, 0, HISTORY_LENGTH - 1)
+        pipe.pexpire(hist, HISTORY_TTL_MS)
         seen[wid] = now
     if seen:
         pipe.zadd(keys.heartbeats(ns), seen)
+
+
+def history(client: Client, ns: str, worker_ids: list[str]) -> dict[str, list[float]]:
+    """Return worker id -> recent heartbeat times, oldest first (read-only)."""
+    def read() -> list[Any]:
+        pipe = client.redis.pipeline(transaction=False)
+        for wid in worker_ids:
+            pipe.lrange(keys.heartbeat_history(ns, wid), 0, -1)
+        return list(pipe.execute())
+
+    rows = client.call("read heartbeat history", read) if worker_ids else []
+    return {w: sorted(float(x) for x in r) for w, r in zip(worker_ids, rows, strict=True)}
 
 
 def forget(ns: str, worker_id: str, *, pipe: Any) -> None:

@@ -19,6 +19,7 @@ key                                    type        holds
 ``{ns}:inflight:meta``                 hash        job id -> ``<queue>|<score>`` to put it back
 ``{ns}:hb:<worker_id>``                string      last heartbeat (unix seconds), with TTL
 ``{ns}:heartbeats``                    zset        worker id -> last heartbeat (unix seconds)
+``{ns}:hbhist:<worker_id>``            list        the worker's recent heartbeat times, newest first
 ``{ns}:boot``                          string      when this namespace's Redis data began
 ``{ns}:lock:<name>``                   string      lock owner token, with PX expiry
 ``{ns}:fence:<name>``                  string      fencing counter of a lock (INCR)
@@ -91,6 +92,11 @@ def heartbeat(ns: str, worker_id: str) -> str:
 def heartbeats(ns: str) -> str:
     """Return the sorted set of last heartbeat times per worker."""
     return f"{prefix(ns)}heartbeats"
+
+
+def heartbeat_history(ns: str, worker_id: str) -> str:
+    """Return the list of a worker's recent heartbeat times (bounded)."""
+    return f"{prefix(ns)}hbhist:{worker_id}"
 
 
 def boot(ns: str) -> str:
