@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heartbeat-ttl", type=float, default=30.0)
     p.add_argument("--crash-after-commit", default=None, metavar="ACTION",
                    help="SIGKILL this process right after the first commit of ACTION, before Redis")
+    p.add_argument("--crash-after-claim", action="store_true",
+                   help="SIGKILL this process right after its first Redis pop, before PostgreSQL")
+    p.add_argument("--claim-lease", type=float, default=None,
+                   help="seconds a popped job stays in flight before it is returned")
     args = p.parse_args(argv)
     out = threading.Lock()
 
@@ -48,6 +52,14 @@ def main(argv: list[str] | None = None) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         sm._after_commit = crash
+    if args.crash_after_claim:
+        def crash_claim(job_id: str) -> None:
+            emit({"a": "crashing", "id": job_id})
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        sm._after_claim = crash_claim
+    if args.claim_lease is not None:
+        sm.claim_lease = args.claim_lease
     for wf in simulator.make_workflows(sm, args.workflows, args.jobs, prefix="demo"):
         emit({"a": "workflow", "id": wf.id})
     emit({"a": "ready", "id": ""})

@@ -6,6 +6,7 @@ Every error a public method raises is one of these::
      +-- ConfigurationError      bad or missing settings (URLs, namespace, schema)
      +-- NotFound (KeyError)     no entity with that id
      +-- InvalidTransition       a status change the transition table forbids
+     |    +-- StaleAttempt       a call fenced to an attempt that was reclaimed or superseded
      +-- ValidationError (ValueError)  bad input, refused before any I/O
      +-- LockNotOwned            release/extend of a lock this caller does not hold
      +-- StorageUnavailable      PostgreSQL or Redis could not be reached or failed
@@ -53,6 +54,20 @@ class InvalidTransition(ToolkitError):
         super().__init__(
             f"{entity} {entity_id!r}: cannot go from status {current!r} to {requested!r}"
         )
+
+
+class StaleAttempt(InvalidTransition):
+    """That attempt of the job is no longer the current one."""
+
+    def __init__(self, entity: str, entity_id: str, field: str, given: object, current: object) -> None:
+        ToolkitError.__init__(
+            self, f"{entity} {entity_id!r}: {field}={given!r} is stale, the current {field} is {current!r}"
+        )
+        self.entity = entity
+        self.entity_id = entity_id
+        self.current = str(current)
+        self.requested = str(given)
+        self.field = field
 
 
 class ValidationError(ToolkitError, ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import secrets
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from toolkit import errors, validate
@@ -31,7 +32,8 @@ class Lock:
     """
 
     def __init__(self, client: Client, ns: str, name: str, *, ttl: float = 30.0,
-                 blocking_timeout: float | None = None) -> None:
+                 blocking_timeout: float | None = None,
+                 reserve: Callable[[str, int], tuple[int, int]] | None = None) -> None:
         self.name = validate.identifier("name", name)
         self.ttl = validate.seconds("ttl", ttl)
         self.blocking_timeout = (None if blocking_timeout is None else
@@ -41,6 +43,7 @@ class Lock:
         self._ns = ns
         self._token: str | None = None
         self._fence: int | None = None
+        self._reserve = reserve
 
     def __repr__(self) -> str:
         return f"Lock({self.name!r}, held={self._token is not None}, fencing_token={self._fence})"
@@ -77,11 +80,12 @@ class Lock:
         while True:
             token = secrets.token_hex(16)
             self._token = token
-            try:
-                fence = locks.acquire(self._client, self._ns, self.name, token, self._ttl_ms)
-            except errors.StorageUnavailable:
-                raise  # keep the token: the script may have run
-            if fence:
+            # On a StorageUnavailable the token stays: the script may have run,
+            # and release() can still free the lock.
+            fence = locks.acquire(self._client, self._ns, self.name, token, self._ttl_ms)
+            if fence == locks.NEED_RESERVATION:
+                fence = self._acquire_reserved(token)
+            if fence > 0:
                 self._fence = fence
                 return True
             self._token = None
@@ -92,6 +96,14 @@ class Lock:
                 pause = min(pause, max(0.0, deadline - time.monotonic()))
             time.sleep(pause)
             delay = min(delay * 2, 0.1)
+
+    def _acquire_reserved(self, token: str) -> int:
+        """Reserve fencing tokens in PostgreSQL (when Redis has none left), then acquire."""
+        if self._reserve is None:
+            raise errors.ConfigurationError("this Lock has no PostgreSQL reservation for fencing tokens")
+        seen = locks.counter(self._client, self._ns, self.name)
+        reservation = self._reserve(self.name, seen)
+        return locks.acquire(self._client, self._ns, self.name, token, self._ttl_ms, reservation)
 
     def release(self) -> None:
         """Release the lock.

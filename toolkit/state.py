@@ -102,6 +102,9 @@ class StateManager:
         # Test hook: called with the action name after a PostgreSQL commit and
         # before Redis is touched (the fault-injection scenarios kill the process here).
         self._after_commit: Callable[[str], None] | None = None
+        # Test hook: called with the job id after a Redis pop, before PostgreSQL assigns it.
+        self._after_claim: Callable[[str], None] | None = None
+        self.claim_lease = CLAIM_LEASE
         self._listener = recovery.InvalidationListener(self.redis, self.ns, self.memory)
         if listen:
             self._listener.start()
@@ -390,12 +393,25 @@ class StateManager:
 
         self._write("delete workflow", tx)
 
-    def _refusal(self, conn: sa.Connection, kind: str, entity_id: str,
-                 target: str) -> errors.ToolkitError:
-        current = store.statuses(conn, kind, [entity_id]).get(entity_id)
-        if current is None:
+    def _refusal(self, conn: sa.Connection, kind: str, entity_id: str, target: str,
+                 guard: Mapping[str, Any] | None = None) -> errors.ToolkitError:
+        row = store.get(conn, kind, entity_id)
+        if row is None:
             return errors.NotFound(kind, entity_id)
-        return errors.InvalidTransition(kind, entity_id, current, str(target))
+        for column, value in (guard or {}).items():
+            if row[column] != value:
+                field = "attempt" if column == "attempts" else column
+                return errors.StaleAttempt(kind, entity_id, field, value, row[column])
+        return errors.InvalidTransition(kind, entity_id, row["status"], str(target))
+
+    @staticmethod
+    def _attempt_guard(worker_id: str | None, attempt: int | None) -> dict[str, Any] | None:
+        guard: dict[str, Any] = {}
+        if worker_id is not None:
+            guard["worker_id"] = validate.identifier("worker_id", worker_id)
+        if attempt is not None:
+            guard["attempts"] = validate.integer("attempt", attempt, low=1, high=10_000)
+        return guard or None
 
     def _rollup(self, conn: sa.Connection, workflow_id: str, now: datetime) -> Mapping[str, Any] | None:
         """Recompute a workflow's status from its jobs; return the new row if it changed."""
@@ -476,7 +492,8 @@ class StateManager:
 
     def _move(self, job_id: str, target: JS, values: Mapping[str, Any], *,
               end_assignment: str | None = None, release: bool = False,
-              rollup: bool = False, counter: str | None = None) -> models.Job:
+              rollup: bool = False, counter: str | None = None,
+              guard: Mapping[str, Any] | None = None) -> models.Job:
         """Move a job to ``target`` under a status guard, in one transaction."""
         validate.identifier("job_id", job_id)
 
@@ -484,9 +501,9 @@ class StateManager:
             now = self._now()
             vals = {k: (now if v is _NOW else v) for k, v in values.items()}
             row = store.update(conn, "job", job_id, {"status": target.value, **vals},
-                               statuses_in=models.job_sources(target), now=now)
+                               statuses_in=models.job_sources(target), now=now, guard=guard)
             if row is None:
-                raise self._refusal(conn, "job", job_id, target)
+                raise self._refusal(conn, "job", job_id, target, guard)
             if end_assignment:
                 ch.add_all("assignment",
                            store.end_assignments(conn, end_assignment, now, job_ids=[job_id]))
@@ -529,32 +546,49 @@ class StateManager:
         return self._move(job_id, JS.QUEUED, {"enqueue": True, "worker_id": None,
                                               "finished_at": None}, rollup=True)
 
-    def start_job(self, job_id: str) -> models.Job:
-        """Mark an assigned job running."""
-        return self._move(job_id, JS.RUNNING, {"started_at": _NOW}, rollup=True)
+    def start_job(self, job_id: str, *, worker_id: str | None = None,
+                  attempt: int | None = None) -> models.Job:
+        """Mark an assigned job running.
 
-    def complete_job(self, job_id: str, result: Any = None) -> models.Job:
-        """Complete a running job, queue its ready dependents and roll the workflow up."""
+        With ``worker_id`` and/or ``attempt`` (what the worker got from
+        :meth:`dequeue`), a worker whose attempt was reclaimed meanwhile is
+        refused with :class:`~toolkit.errors.StaleAttempt`.
+        """
+        return self._move(job_id, JS.RUNNING, {"started_at": _NOW}, rollup=True,
+                          guard=self._attempt_guard(worker_id, attempt))
+
+    def complete_job(self, job_id: str, result: Any = None, *, worker_id: str | None = None,
+                     attempt: int | None = None) -> models.Job:
+        """Complete a running job, queue its ready dependents and roll the workflow up.
+
+        ``worker_id``/``attempt`` fence the call to one attempt, as in :meth:`start_job`:
+        a stale attempt's result never overwrites the current attempt's.
+        """
         result = validate.json_value("result", result)
         return self._move(job_id, JS.COMPLETED, {"result": result, "finished_at": _NOW},
                           end_assignment="completed", release=True, rollup=True,
-                          counter="jobs_completed")
+                          counter="jobs_completed", guard=self._attempt_guard(worker_id, attempt))
 
     def cancel_job(self, job_id: str) -> models.Job:
         """Cancel a job that is not final."""
         return self._move(job_id, JS.CANCELLED, {"finished_at": _NOW},
                           end_assignment="cancelled", rollup=True, counter="jobs_cancelled")
 
-    def fail_job(self, job_id: str, error: str, *, retry: bool = True) -> models.Job:
-        """Fail an assigned or running job; re-queue it while attempts remain (when ``retry``)."""
+    def fail_job(self, job_id: str, error: str, *, retry: bool = True, worker_id: str | None = None,
+                 attempt: int | None = None) -> models.Job:
+        """Fail an assigned or running job; re-queue it while attempts remain (when ``retry``).
+
+        ``worker_id``/``attempt`` fence the call to one attempt, as in :meth:`start_job`.
+        """
         validate.identifier("job_id", job_id)
         error = validate.text("error", error)
+        guard = self._attempt_guard(worker_id, attempt)
 
         def tx(conn: sa.Connection, ch: _Changes) -> None:
             now = self._now()
-            row = store.fail_job(conn, job_id, error, bool(retry), now)
+            row = store.fail_job(conn, job_id, error, bool(retry), now, guard)
             if row is None:
-                raise self._refusal(conn, "job", job_id, JS.FAILED)
+                raise self._refusal(conn, "job", job_id, JS.FAILED, guard)
             ch.rows.insert(0, ("job", row))
             ended = store.end_assignments(conn, "failed", now, job_ids=[job_id])
             ch.add_all("assignment", ended)
@@ -611,13 +645,15 @@ class StateManager:
         deadline = time.monotonic() + validate.seconds("timeout", timeout, allow_zero=True)
         self._janitor()
         while True:
-            claim = queue.claim(self.redis, self.ns, names, time.time() + CLAIM_LEASE)
+            claim = queue.claim(self.redis, self.ns, names, time.time() + self.claim_lease)
             if claim is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 time.sleep(min(0.05, left))
                 continue
+            if self._after_claim is not None:
+                self._after_claim(claim.job_id)
             ch = _Changes(action="dequeue")
             try:
                 with self.db.begin("dequeue") as conn:
@@ -828,7 +864,15 @@ class StateManager:
 
     def lock(self, name: str, *, ttl: float = 30.0, blocking_timeout: float | None = None) -> Lock:
         """Return a distributed lock (not yet acquired); use it as a context manager."""
-        return Lock(self.redis, self.ns, name, ttl=ttl, blocking_timeout=blocking_timeout)
+        return Lock(self.redis, self.ns, name, ttl=ttl, blocking_timeout=blocking_timeout,
+                    reserve=self._reserve_fences)
+
+    FENCE_BLOCK = 1000
+    """Fencing tokens reserved in PostgreSQL at a time (one PostgreSQL write per block)."""
+
+    def _reserve_fences(self, name: str, seen: int) -> tuple[int, int]:
+        with self.db.begin("reserve fencing tokens") as conn:
+            return store.reserve_fences(conn, name, seen, self.FENCE_BLOCK)
 
     def incr_metric(self, name: str, amount: int = 1, *, at: datetime | None = None) -> int:
         """Add ``amount`` to a counter (and its time bucket); return the new total.

@@ -10,7 +10,7 @@ import toolkit
 EXPECTED = [
     "AssignmentStatus", "ConfigurationError", "ConsistencyReport", "Inspector", "InvalidTransition",
     "Job", "JobAssignment", "JobStatus", "LocalStack", "Lock", "LockNotOwned", "NotFound",
-    "RebuildReport", "StateManager", "StorageUnavailable", "ToolkitError", "ValidationError",
+    "RebuildReport", "StaleAttempt", "StateManager", "StorageUnavailable", "ToolkitError", "ValidationError",
     "Worker", "WorkerStatus", "Workflow", "WorkflowStatus", "__version__", "init_state_manager",
     "local_stack",
 ]

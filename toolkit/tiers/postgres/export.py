@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ from pyarrow import csv as pacsv
 from toolkit.tiers.postgres.db import Database
 
 TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "finished_at", "last_heartbeat",
-                          "registered_at", "assigned_at", "bucket_start"})
+                          "registered_at", "assigned_at", "bucket_start", "at"})
 
 
 def _column(expr: str, alias: str) -> sql.Composable:
@@ -27,9 +28,9 @@ def _column(expr: str, alias: str) -> sql.Composable:
     if expr in TIME_COLUMNS:
         return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint AS {}").format(
             name, sql.Identifier(alias))
-    if expr in ("payload", "result", "metadata"):
+    if expr in ("payload", "result", "metadata", "detail"):
         return sql.SQL("{}::text AS {}").format(name, sql.Identifier(alias))
-    if expr == "queues":
+    if expr in ("queues", "depends_on"):
         return sql.SQL("array_to_string({}, ',') AS {}").format(name, sql.Identifier(alias))
     return sql.SQL("{} AS {}").format(name, sql.Identifier(alias))
 
@@ -48,6 +49,42 @@ def select(db: Database, table: str, columns: Mapping[str, str], *,
     if order:
         query += sql.SQL(" ORDER BY ") + sql.SQL(", ").join(map(sql.Identifier, order))
     return copy_query(db, query, params, list(columns.values()))
+
+
+EVENT_COLUMNS = {"id": "event_id", "job_id": "job_id", "workflow_id": "workflow_id",
+                 "worker_id": "worker_id", "event": "event", "status": "status",
+                 "attempt": "attempt", "detail": "detail", "at": "at"}
+"""``job_events`` columns as ``{source: alias}`` (``at`` leaves as epoch microseconds)."""
+
+
+def job_events(db: Database, *, since: datetime | None = None,
+               equal: Mapping[str, str | None] | None = None) -> pa.Table:
+    """Read the job event log in order (``id``), optionally from ``since`` and with equality filters.
+
+    ``since`` is a timezone-aware datetime; every value is a bound parameter.
+    """
+    cols = sql.SQL(", ").join(_column(src, alias) for src, alias in EVENT_COLUMNS.items())
+    query = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier(db.schema, "job_events"))
+    conds: list[sql.Composable] = []
+    params: list[Any] = []
+    for column, value in (equal or {}).items():
+        if value is not None:
+            conds.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    if since is not None:
+        conds.append(sql.SQL("{} >= %s").format(sql.Identifier("at")))
+        params.append(since)
+    if conds:
+        query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
+    query += sql.SQL(" ORDER BY {}").format(sql.Identifier("id"))
+    return copy_query(db, query, params, list(EVENT_COLUMNS.values()))
+
+
+def dependencies(db: Database) -> pa.Table:
+    """One row per dependency edge: ``job_id`` depends on ``depends_on`` (a job id)."""
+    query = sql.SQL("SELECT id AS job_id, unnest(depends_on) AS depends_on FROM {} "
+                    "ORDER BY 1, 2").format(sql.Identifier(db.schema, "jobs"))
+    return copy_query(db, query, (), ["job_id", "depends_on"])
 
 
 def job_counts(db: Database) -> pa.Table:

@@ -132,10 +132,16 @@ def next_seqs(conn: sa.Connection, n: int) -> list[int]:
 def update(
     conn: sa.Connection, kind: str, entity_id: str, values: Mapping[str, Any], *,
     statuses_in: Iterable[str] | None = None, now: datetime | None = None,
+    guard: Mapping[str, Any] | None = None,
 ) -> Row | None:
-    """Update one row if its status is in ``statuses_in``; bump version. Return the new row."""
+    """Update one row if its status is in ``statuses_in`` (and ``guard`` columns match).
+
+    Bumps the version; returns the new row, or None when the guard refused.
+    """
     table = t.ENTITY_TABLES[kind]
     stmt = sa.update(table).where(table.c.id == entity_id)
+    for column, value in (guard or {}).items():
+        stmt = stmt.where(table.c[column] == value)
     if statuses_in is not None:
         stmt = stmt.where(table.c.status.in_([str(s) for s in statuses_in]))
     vals = dict(values)
@@ -293,13 +299,15 @@ def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> 
     return _all(conn.execute(q))
 
 
-def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: datetime) -> Row | None:
+def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: datetime,
+             guard: Mapping[str, Any] | None = None) -> Row | None:
     """Fail an assigned or running job; with ``retry`` and attempts left, queue it again."""
     j = t.jobs
     again = sa.and_(sa.literal(retry), j.c.attempts < j.c.max_attempts)
     stmt = (
         sa.update(j)
-        .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"]))
+        .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"]),
+               *[j.c[k] == v for k, v in (guard or {}).items()])
         .values(
             status=sa.case((again, "queued"), else_="failed"),
             enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
@@ -403,3 +411,25 @@ def purge_batch(conn: sa.Connection, statuses: Sequence[str], before: datetime,
     conn.execute(sa.delete(e).where(e.c.job_id.in_(ids)))
     rows = _all(conn.execute(sa.delete(j).where(j.c.id.in_(ids)).returning(j.c.id, j.c.queue)))
     return rows, gone
+
+
+# -- lock fencing reservations --------------------------------------------------------------
+
+def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) -> tuple[int, int]:
+    """Reserve ``block`` more fencing tokens for a lock.
+
+    Returns ``(floor, reserved)``: every token handed out so far is <= floor
+    (the previous reservation, or ``at_least``), and tokens up to ``reserved``
+    may now be handed out.
+    """
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    f = t.lock_fences
+    floor = conn.execute(sa.select(f.c.token).where(f.c.name == name).with_for_update()
+                         ).scalar_one_or_none() or 0
+    floor = max(floor, at_least)
+    stmt = pg_insert(f).values(name=name, token=floor + block)
+    stmt = stmt.on_conflict_do_update(index_elements=[f.c.name],
+                                      set_={"token": sa.func.greatest(f.c.token, stmt.excluded.token)})
+    conn.execute(stmt)
+    return floor, floor + block

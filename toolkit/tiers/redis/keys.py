@@ -23,6 +23,7 @@ key                                    type        holds
 ``{ns}:boot``                          string      when this namespace's Redis data began
 ``{ns}:lock:<name>``                   string      lock owner token, with PX expiry
 ``{ns}:fence:<name>``                  string      fencing counter of a lock (INCR)
+``{ns}:fence:<name>:reserved``         string      tokens reserved in PostgreSQL up to here
 ``{ns}:metrics``                       hash        metric name -> total
 ``{ns}:metric:<name>:buckets``         hash        bucket start (unix seconds) -> count
 ``{ns}:invalidate``                    channel     ``<kind>|<id>|<version>`` after each write
@@ -112,6 +113,11 @@ def lock(ns: str, name: str) -> str:
 def fence(ns: str, name: str) -> str:
     """Return the fencing counter of a lock."""
     return f"{prefix(ns)}fence:{name}"
+
+
+def fence_reserved(ns: str, name: str) -> str:
+    """Return the key holding how far a lock's fencing tokens are reserved in PostgreSQL."""
+    return f"{prefix(ns)}fence:{name}:reserved"
 
 
 def metrics(ns: str) -> str:
