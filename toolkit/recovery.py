@@ -240,11 +240,13 @@ def reconcile_queues(db: Database, client: Client, ns: str,
         want = wanted.get(name, {})
         add = {j: s for j, s in want.items() if current.get(j) != s and j not in inflight}
         extra = [j for j in current if j not in want]
-        if extra:
+        if extra or add:
+            # Read both sets again: another coordinator may have moved them since the snapshot.
             with db.begin("reconcile queues") as conn:
-                rows = store.get_many(conn, "job", extra)
+                rows = store.get_many(conn, "job", [*extra, *add])
             still = {r["id"] for r in rows if r["status"] == "queued" and r["queue"] == name}
             extra = [j for j in extra if j not in still]
+            add = {j: s for j, s in add.items() if j in still}
 
         def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
             pipe = client.redis.pipeline(transaction=False)
@@ -411,16 +413,20 @@ def repair(db: Database, client: Client, ns: str, memory: Memory) -> Consistency
             rows = {r["id"]: r for r in store.get_many(conn, kind, sorted(ids))}
         fresh = [models.from_dict(kind, r) for r in rows.values()]
         gone = sorted(ids - set(rows))
+        corrupt = {r["id"] for r in report.rows if r["entity"] == kind and r["in_redis"]
+                   and r["redis_version"] is None and r["in_postgres"]}
 
-        def go(fresh: list[models.Entity] = fresh, gone: list[str] = gone, kind: str = kind) -> None:
+        def go(fresh: list[models.Entity] = fresh, gone: list[str] = gone, kind: str = kind,
+               corrupt: set[str] = corrupt) -> None:
             pipe = client.redis.pipeline(transaction=False)
-            cache.force_put(ns, fresh, pipe=pipe)
+            # Versioned fills: a write that landed after our read keeps its newer entry.
+            cache.put(client, ns, [e for e in fresh if e.id not in corrupt], pipe=pipe)
+            cache.force_put(ns, [e for e in fresh if e.id in corrupt], pipe=pipe)
             cache.delete(ns, kind, gone, pipe=pipe)
             pipe.execute()
 
         client.call("repair cache", go)
         for e in fresh:
-            memory.drop(kind, e.id)
             memory.put(kind, e)
         for entity_id in gone:
             memory.drop(kind, entity_id)
