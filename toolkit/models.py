@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -274,13 +274,17 @@ def entity_version(entity: Entity) -> int:
     return entity.version
 
 
+_FIELDS: Mapping[str, tuple[str, ...]] = {
+    kind: tuple(f.name for f in dataclasses.fields(cls)) for kind, cls in ENTITY_TYPES.items()
+}
+
+
 def from_dict(kind: str, data: Mapping[str, Any]) -> Entity:
     """Build an entity of ``kind`` from a mapping of its fields (extra keys ignored)."""
-    cls = ENTITY_TYPES[kind]
-    names = [f.name for f in dataclasses.fields(cls)]
-    return cls(**{n: data.get(n) for n in names})  # type: ignore[no-any-return]
+    get = data.get
+    return ENTITY_TYPES[kind](*[get(n) for n in _FIELDS[kind]])  # type: ignore[no-any-return]
 
 
-def field_names(kind: str) -> Iterable[str]:
+def field_names(kind: str) -> tuple[str, ...]:
     """Return the field names of an entity kind, in order."""
-    return [f.name for f in dataclasses.fields(ENTITY_TYPES[kind])]
+    return _FIELDS[kind]

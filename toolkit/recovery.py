@@ -195,7 +195,7 @@ def rebuild(db: Database, client: Client, ns: str, memory: Memory, *,
     for kind in KINDS:
         memory.replace(kind, entities[kind])
     for kind in KINDS:
-        _fill(client, ns, entities[kind], force=False)
+        _fill(client, ns, entities[kind])
     reconcile_queues(db, client, ns, wanted)
     metrics.raise_to(client, ns, checkpoints)
     heartbeats.boot_time(client, ns, time.time())
@@ -211,17 +211,8 @@ def _chunks(items: list[Any], size: int = PIPELINE_CHUNK) -> Iterator[list[Any]]
         yield items[i:i + size]
 
 
-def _fill(client: Client, ns: str, entities: list[models.Entity], *, force: bool) -> None:
-    for chunk in _chunks(entities):
-        def go(chunk: list[models.Entity] = chunk) -> None:
-            pipe = client.redis.pipeline(transaction=False)
-            if force:
-                cache.force_put(ns, chunk, pipe=pipe)
-            else:
-                cache.put(client, ns, chunk, pipe=pipe)
-            pipe.execute()
-
-        client.call("rebuild: fill cache", go)
+def _fill(client: Client, ns: str, entities: list[models.Entity]) -> int:
+    return cache.fill_missing_or_older(client, ns, entities)
 
 
 def reconcile_queues(db: Database, client: Client, ns: str,
@@ -243,8 +234,7 @@ def reconcile_queues(db: Database, client: Client, ns: str,
         if extra or add:
             # Read both sets again: another coordinator may have moved them since the snapshot.
             with db.begin("reconcile queues") as conn:
-                rows = store.get_many(conn, "job", [*extra, *add])
-            still = {r["id"] for r in rows if r["status"] == "queued" and r["queue"] == name}
+                still = store.still_queued(conn, name, [*extra, *add])
             extra = [j for j in extra if j not in still]
             add = {j: s for j, s in add.items() if j in still}
 

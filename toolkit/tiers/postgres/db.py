@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -48,6 +49,7 @@ class Database:
             pool_pre_ping=True,
             pool_recycle=1800,
             execution_options=options,
+            json_deserializer=orjson.loads,
             connect_args={
                 "connect_timeout": max(1, int(connect_timeout)),
                 "application_name": "toolkit-inspector" if read_only else "toolkit",

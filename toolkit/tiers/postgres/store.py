@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from toolkit.tiers.postgres import tables as t
 
@@ -23,6 +24,13 @@ JOB_COPY_COLUMNS = (
     "attempts", "max_attempts", "worker_id", "depends_on", "enqueue_seq", "created_at",
     "updated_at", "started_at", "finished_at", "version",
 )
+
+
+def _in(column: Any, ids: Sequence[str]) -> sa.ColumnElement[bool]:
+    """``column = ANY(:ids)`` with the ids bound as ONE array parameter (any number of ids)."""
+    clause: sa.ColumnElement[bool] = column == sa.any_(
+        sa.bindparam(None, list(ids), type_=ARRAY(sa.Text)))
+    return clause
 
 
 def _one(result: sa.CursorResult[Any]) -> Row | None:
@@ -45,7 +53,7 @@ def get(conn: sa.Connection, kind: str, entity_id: str) -> Row | None:
 def get_many(conn: sa.Connection, kind: str, ids: Sequence[str]) -> list[Row]:
     """Return the rows of many ids (one query)."""
     table = t.ENTITY_TABLES[kind]
-    return _all(conn.execute(sa.select(table).where(table.c.id.in_(list(ids)))))
+    return _all(conn.execute(sa.select(table).where(_in(table.c.id, ids))))
 
 
 def select_where(conn: sa.Connection, kind: str, **equal: Any) -> list[Row]:
@@ -59,7 +67,7 @@ def select_where(conn: sa.Connection, kind: str, **equal: Any) -> list[Row]:
     return _all(conn.execute(stmt.order_by(order, table.c.id)))
 
 
-def stream_live(conn: sa.Connection, kind: str, batch: int = 10_000) -> Iterator[dict[str, Any]]:
+def stream_live(conn: sa.Connection, kind: str, batch: int = 10_000) -> Iterator[Row]:
     """Stream every live row of ``kind`` through a server-side cursor.
 
     Live: every workflow and worker, active assignments, jobs that are not final.
@@ -72,7 +80,7 @@ def stream_live(conn: sa.Connection, kind: str, batch: int = 10_000) -> Iterator
         stmt = stmt.where(table.c.status == "active")
     result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
     for row in result.mappings():
-        yield dict(row)
+        yield cast(Row, row)
 
 
 def count_live(conn: sa.Connection) -> dict[str, int]:
@@ -91,7 +99,7 @@ def count_live(conn: sa.Connection) -> dict[str, int]:
 def statuses(conn: sa.Connection, kind: str, ids: Sequence[str]) -> dict[str, str]:
     """Return id -> status for the ids that exist."""
     table = t.ENTITY_TABLES[kind]
-    rows = conn.execute(sa.select(table.c.id, table.c.status).where(table.c.id.in_(list(ids))))
+    rows = conn.execute(sa.select(table.c.id, table.c.status).where(_in(table.c.id, ids)))
     return {r[0]: r[1] for r in rows}
 
 
@@ -209,7 +217,7 @@ def end_assignments(
     a = t.job_assignments
     stmt = sa.update(a).where(a.c.status == "active")
     if job_ids:
-        stmt = stmt.where(a.c.job_id.in_(list(job_ids)))
+        stmt = stmt.where(_in(a.c.job_id, job_ids))
     if worker_id is not None:
         stmt = stmt.where(a.c.worker_id == worker_id)
     return _all(conn.execute(stmt.values(status=status, finished_at=now).returning(a)))
@@ -234,6 +242,13 @@ def delete_workflow(conn: sa.Connection, workflow_id: str) -> tuple[Row | None, 
         sa.delete(t.workflows).where(t.workflows.c.id == workflow_id).returning(t.workflows)
     ))
     return wf, jobs, assignment_ids
+
+
+def still_queued(conn: sa.Connection, queue_name: str, ids: Sequence[str]) -> set[str]:
+    """Return which of ``ids`` PostgreSQL calls queued on ``queue_name`` now."""
+    j = t.jobs
+    q = sa.select(j.c.id).where(_in(j.c.id, ids), j.c.status == "queued", j.c.queue == queue_name)
+    return {r[0] for r in conn.execute(q)}
 
 
 def queued_jobs(conn: sa.Connection) -> list[tuple[str, str, int, int]]:
@@ -329,7 +344,7 @@ def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
     again = sa.or_(sa.literal(not respect_attempts), j.c.attempts < j.c.max_attempts)
     stmt = (
         sa.update(j)
-        .where(j.c.id.in_(list(job_ids)), j.c.status.in_(["assigned", "running"]))
+        .where(_in(j.c.id, job_ids), j.c.status.in_(["assigned", "running"]))
         .values(
             status=sa.case((again, "queued"), else_="failed"),
             enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),

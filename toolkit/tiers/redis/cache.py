@@ -7,11 +7,12 @@ written by something else) is a miss, never executed: values are JSON only.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from toolkit import models
 from toolkit.tiers.redis import keys
@@ -28,10 +29,8 @@ _DATETIME_FIELDS = frozenset(
 )
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot encode {type(value).__name__}")
+BATCH = 200
+"""Entities per ``set_many_if_newer`` call."""
 
 
 def kind_of(entity: models.Entity) -> str:
@@ -41,11 +40,10 @@ def kind_of(entity: models.Entity) -> str:
     return type(entity).__name__.lower()
 
 
-def encode(entity: models.Entity) -> str:
-    """Return the cache value of an entity: ``"<version>|<json>"``."""
+def encode(entity: models.Entity) -> bytes:
+    """Return the cache value of an entity: ``b"<version>|<json>"`` (orjson: datetimes as RFC 3339)."""
     fields = {name: getattr(entity, name) for name in models.field_names(kind_of(entity))}
-    body = json.dumps(fields, default=_default, separators=(",", ":"))
-    return f"{models.entity_version(entity)}|{body}"
+    return b"%d|%s" % (models.entity_version(entity), orjson.dumps(fields))
 
 
 def decode(kind: str, raw: str | None) -> models.Entity | None:
@@ -54,14 +52,14 @@ def decode(kind: str, raw: str | None) -> models.Entity | None:
         return None
     try:
         _, sep, body = raw.partition("|")
-        data = json.loads(body) if sep else None
+        data = orjson.loads(body) if sep else None
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         for name in _DATETIME_FIELDS.intersection(data):
             if data[name] is not None:
                 data[name] = datetime.fromisoformat(data[name])
         return models.from_dict(kind, data)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, orjson.JSONDecodeError) as exc:
         log.warning("ignoring a corrupt cache value of a %s: %s", kind, exc,
                     extra={"action": "cache_decode"})
         return None
@@ -87,11 +85,53 @@ def _ttl_ms(entity: models.Entity) -> int:
 
 
 def put(client: Client, ns: str, entities: Iterable[models.Entity], *, pipe: Any) -> None:
-    """Queue versioned fills of ``entities`` on ``pipe`` (never overwriting newer)."""
+    """Queue versioned fills of ``entities`` on ``pipe`` (never overwriting newer).
+
+    One ``set_many_if_newer`` call per :data:`BATCH` entities.
+    """
+    names: list[str] = []
+    args: list[Any] = []
     for e in entities:
-        key = keys.entity(ns, kind_of(e), e.id)
-        run_script(client, "set_if_newer", [key],
-                   [models.entity_version(e), encode(e), _ttl_ms(e)], pipe=pipe)
+        names.append(keys.entity(ns, kind_of(e), e.id))
+        args += [models.entity_version(e), encode(e), _ttl_ms(e)]
+        if len(names) == BATCH:
+            run_script(client, "set_many_if_newer", names, args, pipe=pipe)
+            names, args = [], []
+    if names:
+        run_script(client, "set_many_if_newer", names, args, pipe=pipe)
+
+
+def fill_missing_or_older(client: Client, ns: str, entities: list[models.Entity]) -> int:
+    """Bring the cache up to ``entities`` in bulk (the rebuild); return how many were written.
+
+    One MGET per chunk shows what Redis holds: entries already at that version
+    (the usual case after a coordinator crash) cost nothing more, absent ones
+    are written with ``SET NX`` (a concurrent writer's value is never older),
+    and only older or corrupt ones go through the versioned Lua fill.
+    """
+    written = 0
+    for start in range(0, len(entities), 1000):
+        chunk = entities[start:start + 1000]
+        names = [keys.entity(ns, kind_of(e), e.id) for e in chunk]
+        current: list[str | None] = client.call("cache mget", lambda n=names: client.redis.mget(n))  # type: ignore[misc]
+
+        def write(chunk: list[models.Entity] = chunk, names: list[str] = names,
+                  current: list[str | None] = current) -> int:
+            pipe = client.redis.pipeline(transaction=False)
+            stale: list[models.Entity] = []
+            n = 0
+            for e, name, raw in zip(chunk, names, current, strict=True):
+                if raw is None:
+                    pipe.set(name, encode(e), nx=True, px=_ttl_ms(e) or None)
+                    n += 1
+                elif (version_of(raw) or -1) < models.entity_version(e):
+                    stale.append(e)
+            put(client, ns, stale, pipe=pipe)
+            pipe.execute()
+            return n + len(stale)
+
+        written += client.call("cache fill", write)
+    return written
 
 
 def force_put(ns: str, entities: Iterable[models.Entity], *, pipe: Any) -> None:

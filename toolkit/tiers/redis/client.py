@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 SCRIPT_NAMES = (
     "set_if_newer",
+    "set_many_if_newer",
     "claim_job",
     "return_inflight",
     "acquire_lock",
