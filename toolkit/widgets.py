@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ import pandas as pd
 
 from toolkit import errors
 from toolkit.inspection import widgets as logic
+from toolkit.inspection.chart import chart_data, chart_png
 
 if TYPE_CHECKING:
     from toolkit.inspection.inspector import Inspector
@@ -44,7 +44,6 @@ DEFAULT_INTERVAL = 5.0
 
 _ALL = ""
 """Dropdown value of the "(all)" entry (ipywidgets treats ``None`` as "no selection")."""
-_LINE_LABELS = {"jobs_completed": "completed", "jobs_failed": "failed attempts"}
 
 
 def in_notebook() -> bool:
@@ -83,7 +82,7 @@ def dashboard(inspector: Inspector, *, auto_refresh: float | None = None,
 
 def _frames_of(snapshot: logic.Snapshot, limit: int) -> dict[str, pd.DataFrame]:
     table = logic.jobs_table(snapshot.jobs, snapshot.workflows, snapshot.filters, limit=limit)
-    chart = logic.chart_data(snapshot.queue, snapshot.throughput)
+    chart = chart_data(snapshot.queue, snapshot.throughput)
     return {**snapshot.frames(), "table": table.frame, "queue_depth": chart.queue_depth.to_frame()}
 
 
@@ -273,7 +272,7 @@ class Dashboard:
         self.table.value = self._table.to_html()
 
     def _render_chart(self, snapshot: logic.Snapshot) -> None:
-        png = chart_png(logic.chart_data(snapshot.queue, snapshot.throughput))
+        png = chart_png(chart_data(snapshot.queue, snapshot.throughput))
         self.chart.outputs = ({"output_type": "display_data", "metadata": {},
                                "data": {"image/png": base64.b64encode(png).decode("ascii"),
                                         "text/plain": "<queue depth and throughput chart>"}},)
@@ -368,73 +367,6 @@ class Dashboard:
 
     def __repr__(self) -> str:
         return f"<toolkit.widgets.Dashboard: {self.filters().describe()}>"
-
-
-def chart_png(data: logic.ChartData, *, width: float = 9.0, height: float = 2.6, dpi: int = 80) -> bytes:
-    """Draw queue depth (bars) and throughput (lines) side by side; return a PNG.
-
-    matplotlib is imported here, and the figure is drawn without pyplot (no
-    global state, safe from a timer thread).
-
-    Parameters
-    ----------
-    data
-        From :func:`toolkit.inspection.widgets.chart_data`.
-    width, height
-        Figure size in inches.
-    dpi
-        Resolution.
-
-    Returns
-    -------
-    bytes
-        The PNG image.
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    bars, lines = fig.subplots(1, 2, width_ratios=(1, 2))
-    _draw_depth(bars, data.queue_depth)
-    _draw_throughput(lines, data.throughput)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _draw_depth(ax: Any, depth: pd.Series) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_title("queue depth", fontsize=10)
-    if depth.empty:
-        ax.text(0.5, 0.5, "no queued jobs", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks([])
-    else:
-        ax.bar([str(q) for q in depth.index], depth.to_numpy(), color="#9467bd")
-    ax.set_ylabel("jobs")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _draw_throughput(ax: Any, throughput: pd.DataFrame) -> None:
-    ax.set_title("throughput (jobs per bin)", fontsize=10)
-    if throughput.empty:
-        ax.text(0.5, 0.5, "no finished jobs yet", ha="center", va="center", transform=ax.transAxes)
-        return
-    from matplotlib.dates import DateFormatter
-    from matplotlib.ticker import MaxNLocator
-
-    times = pd.DatetimeIndex(throughput.index).tz_convert(None)
-    for name, colour in zip(logic.THROUGHPUT_METRICS, ("#2ca02c", "#d62728"), strict=True):
-        ax.plot(times, throughput[name].to_numpy(), marker="o", label=_LINE_LABELS[name],
-                color=colour)
-    step = times[1] - times[0] if len(times) > 1 else pd.Timedelta(minutes=1)
-    ax.set_xlim(times[0] - step / 2, times[-1] + step / 2)
-    ax.set_ylim(bottom=0)
-    ax.set_xticks(times[::max(1, -(-len(times) // 6))])  # whole bins only: no repeated labels
-    ax.xaxis.set_major_formatter(DateFormatter("%H:%M"))  # type: ignore[no-untyped-call]
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("UTC", fontsize=8)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.tick_params(axis="x", labelsize=8)
 
 
 def _entries(options: list[logic.Option]) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import pytest
 
 import toolkit
 import toolkit.widgets
-from toolkit.inspection import frames
+from toolkit.inspection import chart, frames
 from toolkit.inspection import widgets as logic
 
 T0 = pd.Timestamp("2024-05-01 12:00:00", tz="UTC")
@@ -149,15 +149,15 @@ def test_chart_data_counts_waiting_jobs_per_queue_without_in_flight() -> None:
                                      "in_flight": [False, False, False, True]})
     series = pd.DataFrame({"jobs_completed": [3, 5]},
                           index=pd.DatetimeIndex([T0, T0 + pd.Timedelta(minutes=1)], name="time"))
-    data = logic.chart_data(queue, series, bins=1)
+    data = chart.chart_data(queue, series, bins=1)
     assert data.queue_depth.to_dict() == {"default": 1, "reports": 2}
-    assert list(data.throughput.columns) == list(logic.THROUGHPUT_METRICS)
+    assert list(data.throughput.columns) == list(chart.THROUGHPUT_METRICS)
     assert data.throughput.to_dict("list") == {"jobs_completed": [5], "jobs_failed": [0]}
 
 
 def test_chart_png_draws_png_even_without_data() -> None:
-    empty = logic.chart_data(frames.empty("queue"), pd.DataFrame(
-        {n: pd.Series([], dtype="Int64") for n in logic.THROUGHPUT_METRICS},
+    empty = chart.chart_data(frames.empty("queue"), pd.DataFrame(
+        {n: pd.Series([], dtype="Int64") for n in chart.THROUGHPUT_METRICS},
         index=pd.DatetimeIndex([], tz="UTC")))
     assert toolkit.widgets.chart_png(empty).startswith(b"\x89PNG\r\n")
 

@@ -11,8 +11,7 @@ or a kernel:
 - :func:`summary_html`: the summary as a compact HTML status board;
 - :func:`jobs_table` and :meth:`JobsTable.to_html`: the rows the table shows
   (at most ``limit``, with a note of how many were hidden);
-- :func:`chart_data`: queue depth per queue and throughput over time (drawn
-  by ``toolkit.widgets.chart_png``).
+- the chart's data and drawing live in :mod:`toolkit.inspection.chart`.
 
 Importing this module imports neither ipywidgets nor matplotlib.
 """
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from toolkit import errors, models, validate
+from toolkit.inspection.chart import THROUGHPUT_METRICS
 
 if TYPE_CHECKING:
     from toolkit.inspection.inspector import Inspector
@@ -35,12 +35,8 @@ ALL_LABEL = "(all)"
 """Label of the dropdown entry that selects everything (its value is ``None``)."""
 DEFAULT_LIMIT = 50
 """Rows the jobs table shows at most."""
-THROUGHPUT_METRICS = ("jobs_completed", "jobs_failed")
-"""Counters drawn as throughput lines."""
 DEFAULT_FREQ = "1min"
 """Bin width of the throughput lines (the metric buckets are one minute wide)."""
-CHART_BINS = 60
-"""How many of the latest throughput bins the chart draws."""
 
 STATUS_RANK = {s: i for i, s in enumerate(("running", "assigned", "queued", "failed", "pending",
                                            "cancelled", "completed"))}
@@ -416,45 +412,3 @@ def jobs_table(jobs: pd.DataFrame, workflows: pd.DataFrame, filters: Filters | N
 def _seconds_text(values: pd.Series) -> list[str]:
     return ["" if pd.isna(v) else f"{float(v):.2f}" for v in values]
 
-
-# -- chart -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ChartData:
-    """What the chart draws.
-
-    Attributes
-    ----------
-    queue_depth
-        Waiting jobs per queue (index: queue name, sorted), in-flight jobs excluded.
-    throughput
-        The latest :data:`CHART_BINS` bins of ``jobs_completed`` and
-        ``jobs_failed`` per bin (a UTC time index).
-    """
-
-    queue_depth: pd.Series
-    throughput: pd.DataFrame
-
-
-def chart_data(queue: pd.DataFrame, throughput: pd.DataFrame, *,
-               bins: int = CHART_BINS) -> ChartData:
-    """Compute the chart's data from ``Inspector.queue()`` and a throughput series.
-
-    Parameters
-    ----------
-    queue
-        A frame with the schema of ``Inspector.queue()``.
-    throughput
-        ``Inspector.metric_series(THROUGHPUT_METRICS)``.
-    bins
-        Keep the latest this many time bins.
-
-    Returns
-    -------
-    ChartData
-    """
-    waiting = queue[~queue["in_flight"].fillna(False).astype(bool)]
-    depth = waiting.groupby(waiting["queue"].astype(str)).size().sort_index().astype("int64")
-    depth.index.name = "queue"
-    lines = throughput.reindex(columns=list(THROUGHPUT_METRICS)).fillna(0).astype("int64")
-    return ChartData(depth.rename("depth"), lines.tail(bins))
