@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -60,7 +61,55 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--workflow-id", help="jobs of this workflow only")
     ins.add_argument("--status", help="jobs with this status only")
     ins.add_argument("--limit", type=int, default=None, help="at most this many rows (table only)")
+    _insight_parsers(sub, common)
     return p
+
+
+def _insight_parsers(sub: Any, common: Any) -> None:
+    ex = sub.add_parser("explain", help="why is this job where it is? (exit 1: no such job)")
+    ex.add_argument("job_id")
+    common(ex)
+    ex.add_argument("--snapshot", metavar="DIR", help="read a snapshot folder instead of the servers")
+
+    snap = sub.add_parser("snapshot", help="write every frame to a folder of Parquet files")
+    snap.add_argument("dir")
+    common(snap)
+    snap.add_argument("--events-since", metavar="AGE",
+                      help="keep only events younger than AGE (30d, 12h, 15m, 90s; default all)")
+
+    met = sub.add_parser("metrics", help="counters, queues, workers and jobs as metrics")
+    common(met)
+    met.add_argument("--format", choices=("prometheus", "table", "csv", "json"), default="table")
+
+    srv = sub.add_parser("serve-metrics", help="serve GET /metrics (Prometheus) over HTTP")
+    common(srv)
+    srv.add_argument("--port", type=int, default=9464)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+
+    pur = sub.add_parser("purge", help="remove old finished jobs, their assignments and events")
+    common(pur)
+    pur.add_argument("--older-than", required=True, metavar="AGE", help="30d, 12h, 15m, 90s")
+    pur.add_argument("--statuses", default="completed,cancelled",
+                     help="comma-separated: completed, cancelled, failed (default completed,cancelled)")
+    pur.add_argument("--dry-run", action="store_true", help="count, remove nothing")
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def parse_duration(field: str, text: str) -> float:
+    """Seconds in ``text`` such as ``30d``, ``12h``, ``15m``, ``90s`` or ``1.5h``.
+
+    Raises
+    ------
+    ValidationError
+        Anything else (no unit, a negative or empty value, an unknown unit).
+    """
+    match = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None:
+        raise errors.ValidationError(field, text, "must be a number and a unit: 30d, 12h, 15m or 90s")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def _say(text: str) -> None:
@@ -147,7 +196,80 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"demo": cmd_demo, "up": cmd_up, "check": cmd_check, "inspect": cmd_inspect}
+def _inspector(args: argparse.Namespace) -> Any:
+    from toolkit.inspection.inspector import Inspector
+
+    return Inspector(args.database_url, args.redis_url, namespace=args.namespace, schema=args.schema)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from toolkit.inspection.inspector import Inspector
+
+    with (Inspector.from_snapshot(args.snapshot) if args.snapshot else _inspector(args)) as ins:
+        _say(str(ins.explain(args.job_id)))
+    return EXIT_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    since = None
+    if args.events_since:
+        age = parse_duration("events_since", args.events_since)
+        since = (pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=age)).to_pydatetime()
+    with _inspector(args) as ins:
+        path = ins.snapshot(args.dir, events_since=since)
+    import json
+
+    rows = json.loads((path / "manifest.json").read_text())["rows"]
+    _say(f"snapshot written to {path}: " + ", ".join(f"{k} {v}" for k, v in rows.items()))
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from toolkit.inspection import prometheus
+
+    with _inspector(args) as ins:
+        if args.format == "prometheus":
+            sys.stdout.write(prometheus.render(ins))
+        else:
+            _emit(ins.metrics(), args.format)
+    return EXIT_OK
+
+
+def cmd_serve_metrics(args: argparse.Namespace) -> int:
+    from toolkit.inspection import prometheus
+
+    with _inspector(args) as ins:
+        server = prometheus.make_server(ins, args.host, args.port)
+        host, port = server.server_address[:2]
+        _say(f"serving Prometheus metrics on http://{host!s}:{port}/metrics (Ctrl-C stops)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            _say("stopping")
+        finally:
+            server.server_close()
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from toolkit.state import init_state_manager
+
+    age = parse_duration("older_than", args.older_than)
+    statuses = [s.strip() for s in args.statuses.split(",") if s.strip()]
+    with init_state_manager(args.database_url, args.redis_url, namespace=args.namespace,
+                            schema=args.schema, rebuild=False) as sm:
+        n = sm.purge(age, statuses=statuses, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    _say(f"{verb} {n} job(s) finished more than {args.older_than} ago with status "
+         f"{', '.join(statuses)}")
+    return EXIT_OK
+
+
+COMMANDS = {"demo": cmd_demo, "up": cmd_up, "check": cmd_check, "inspect": cmd_inspect,
+            "explain": cmd_explain, "snapshot": cmd_snapshot, "metrics": cmd_metrics,
+            "serve-metrics": cmd_serve_metrics, "purge": cmd_purge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

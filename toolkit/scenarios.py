@@ -368,7 +368,8 @@ def worker_failure(t: Target, *, jobs: int = 12, heartbeat_ttl: float = 1.5,
     with _manager(t, "workerfail", heartbeat_ttl=heartbeat_ttl, keep=keep) as sm:
         wf = sm.create_workflow("reclaim-demo", jobs=[{"name": f"job-{i:02d}", "priority": 9 if i == 0 else 0}
                                                       for i in range(jobs)])
-        sm.register_worker("doomed")
+        sm.register_worker("doomed")  # its first and last heartbeat
+        last_beat = time.perf_counter()
         victim = sm.dequeue("doomed")
         assert victim is not None
         sm.start_job(victim.id)
@@ -376,12 +377,11 @@ def worker_failure(t: Target, *, jobs: int = 12, heartbeat_ttl: float = 1.5,
         before = status_counts(sm)
         sim = simulator.Simulator(sm, workers=2, failure_rate=0.0, job_seconds=0.01,
                                   prefix="healthy").start()
-        started = time.perf_counter()
         reclaimed: list[Any] = []
-        while not reclaimed and time.perf_counter() - started < heartbeat_ttl * 5:
+        while not reclaimed and time.perf_counter() - last_beat < heartbeat_ttl * 5:
             time.sleep(0.1)
             reclaimed = sm.reap_dead_workers()
-        timings["death to reclaim"] = time.perf_counter() - started
+        timings["death to reclaim"] = time.perf_counter() - last_beat
         say(f"after {timings['death to reclaim']:.1f}s the reaper reclaimed "
             f"{[j.name for j in reclaimed]}")
         checks["the dead worker's job is reclaimed"] = [j.id for j in reclaimed] == [victim.id]

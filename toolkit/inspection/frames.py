@@ -31,7 +31,13 @@ WORKFLOW_STATUS = status_dtype(models.WorkflowStatus)
 WORKER_STATUS = status_dtype(models.WorkerStatus)
 ASSIGNMENT_STATUS = status_dtype(models.AssignmentStatus)
 ENTITY = pd.CategoricalDtype(["workflow", "job", "worker", "assignment"])
+EVENTS = ("created", "queued", "assigned", "started", "completed", "failed", "retried",
+          "reclaimed", "cancelled", "deleted")
+"""Every event name of the job event log (``job_events.event``), in lifecycle order."""
+EVENT = pd.CategoricalDtype(list(EVENTS), ordered=False)
 
+_WAITS: Mapping[str, Any] = {"count": "Int64", "p50_s": "Float64", "p90_s": "Float64",
+                             "p99_s": "Float64", "max_s": "Float64"}
 _JOB_COUNTS = {f"jobs_{s.value}": "Int64" for s in models.JobStatus}
 
 SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
@@ -73,8 +79,37 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "summary": ("item", {
         "value": "Float64",
     }),
+    "events": ("event_id", {
+        "job_id": STRING, "workflow_id": STRING, "worker_id": STRING, "event": EVENT,
+        "status": JOB_STATUS, "attempt": "Int64", "detail": STRING, "at": UTC_TIME,
+    }),
+    "timeline": ("event_id", {
+        "event": EVENT, "status": JOB_STATUS, "worker_id": STRING, "attempt": "Int64",
+        "state_s": "Float64", "detail": STRING, "at": UTC_TIME,
+    }),
+    "heartbeat_gaps": ("worker_id", {
+        "n_beats": "Int64", "gap_p50_s": "Float64", "gap_p99_s": "Float64", "gap_max_s": "Float64",
+        "suggested_ttl_s": "Float64", "first_beat": UTC_TIME, "last_beat": UTC_TIME,
+    }),
+    "wait_times_priority": ("priority", _WAITS),
+    "wait_times_queue": ("queue", _WAITS),
+    "heartbeat_times": ("worker_id", {
+        "at": UTC_TIME,
+    }),
+    "dependencies": ("job_id", {
+        "depends_on": STRING,
+    }),
 }
 """frame name -> (index name, {column: dtype}) in column order."""
+
+INDEX_DTYPES: Mapping[str, Any] = {"events": "Int64", "timeline": "Int64",
+                                   "wait_times_priority": "Int64"}
+"""The index dtype of the frames whose index is not a ``string`` id."""
+
+INTERNAL_FRAMES = ("heartbeat_times", "dependencies")
+"""Frames kept in a snapshot for the analytics, not Inspector methods of their own:
+``heartbeat_times`` (one row per remembered heartbeat, index ``worker_id``, not unique) and
+``dependencies`` (one row per dependency edge, index ``job_id``, not unique)."""
 
 CLI_FRAMES = ("workflows", "jobs", "workers", "assignments", "queue", "locks", "metrics", "tiers",
               "summary")
@@ -85,7 +120,7 @@ def empty(name: str) -> pd.DataFrame:
     """An empty frame with the columns, dtypes and index of ``name``."""
     index_name, columns = SCHEMAS[name]
     frame = pd.DataFrame({c: pd.Series([], dtype=d) for c, d in columns.items()})
-    frame.index = pd.Index([], dtype=STRING, name=index_name)
+    frame.index = pd.Index([], dtype=INDEX_DTYPES.get(name, STRING), name=index_name)
     return frame
 
 
@@ -95,7 +130,9 @@ def conform(name: str, data: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
     frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(dict(data))
     if len(frame) == 0:
         return empty(name)
-    out = pd.DataFrame(index=pd.Index(frame[index_name].astype(STRING), name=index_name))
+    index = frame[index_name] if index_name in frame else frame.index.to_series()
+    out = pd.DataFrame(index=pd.Index(index.astype(INDEX_DTYPES.get(name, STRING)).to_numpy(),
+                                      dtype=INDEX_DTYPES.get(name, STRING), name=index_name))
     for col, dtype in columns.items():
         values = frame[col].to_numpy() if col in frame else [None] * len(frame)
         out[col] = _cast(pd.Series(values, index=out.index), dtype)

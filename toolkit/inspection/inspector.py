@@ -11,20 +11,25 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from toolkit import config, errors, models, recovery, validate
-from toolkit.inspection import frames
+from toolkit.inspection import analytics, frames
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import heartbeats, keys, metrics, queue
 from toolkit.tiers.redis.client import Client
+
+if TYPE_CHECKING:
+    from toolkit.inspection.snapshot import SnapshotInspector
 
 
 class _Bound(Protocol):
@@ -63,7 +68,7 @@ def _seconds(later: pd.Series, earlier: pd.Series) -> pd.Series:
     return ((later - earlier).dt.total_seconds()).astype("Float64")
 
 
-class Inspector:
+class Inspector(analytics.Analytics):
     """Read-only views of the coordinator's state as DataFrames.
 
     Parameters
@@ -72,6 +77,10 @@ class Inspector:
         Default to ``DATABASE_URL`` and ``REDIS_URL``.
     namespace, schema
         The Redis namespace and PostgreSQL schema to look at.
+    heartbeat_ttl
+        Seconds without a heartbeat after which a worker counts as dead
+        (liveness in ``workers()``, ``explain()``); default the settings' 30.
+        An Inspector bound to a StateManager uses the manager's TTL.
 
     Examples
     --------
@@ -80,22 +89,43 @@ class Inspector:
     """
 
     def __init__(self, database_url: str | None = None, redis_url: str | None = None, *,
-                 namespace: str = "wf", schema: str = "public") -> None:
+                 namespace: str = "wf", schema: str = "public",
+                 heartbeat_ttl: float | None = None) -> None:
         self.settings = config.load_settings(database_url, redis_url, namespace=namespace,
                                              schema=schema)
+        if heartbeat_ttl is not None:
+            config.validate_seconds("heartbeat_ttl", heartbeat_ttl)
         self.ns = namespace
         self._db = Database(self.settings.database_url, schema, read_only=True, pool_size=2)
         self._redis = Client(self.settings.redis_url, read_only=True)
         self._memory: Memory | None = None
-        self._heartbeat_ttl = self.settings.heartbeat_ttl
+        self.heartbeat_ttl = (self.settings.heartbeat_ttl if heartbeat_ttl is None
+                              else float(heartbeat_ttl))
 
     @classmethod
     def _bound(cls, sm: _Bound) -> Inspector:
         s = sm.settings
-        ins = cls(s.database_url, s.redis_url, namespace=s.namespace, schema=s.schema)
+        ins = cls(s.database_url, s.redis_url, namespace=s.namespace, schema=s.schema,
+                  heartbeat_ttl=s.heartbeat_ttl)
         ins._memory = sm.memory
-        ins._heartbeat_ttl = s.heartbeat_ttl
         return ins
+
+    @staticmethod
+    def from_snapshot(path: str | Path) -> SnapshotInspector:
+        """Reopen a folder written by :meth:`snapshot`, with no server.
+
+        The result has the same frame methods, columns and dtypes, plus
+        ``events``, ``timeline``, ``explain``, ``heartbeat_gaps`` and
+        ``wait_times`` computed from the stored data, as of the snapshot time.
+
+        Raises
+        ------
+        ValidationError
+            ``path`` is not a snapshot folder.
+        """
+        from toolkit.inspection.snapshot import SnapshotInspector
+
+        return SnapshotInspector(Path(path))
 
     def __repr__(self) -> str:
         return (f"Inspector(database={config.mask_url(self.settings.database_url)!r}, "
@@ -178,7 +208,7 @@ class Inspector:
         df["last_heartbeat"] = frames.epoch_us_to_utc([int(x * 1e6) if x else None for x in last])
         now = time.time()
         df["heartbeat_age_s"] = pd.Series([now - x if x else None for x in last], dtype="Float64")
-        df["alive"] = pd.Series([w in seen and now - seen[w] <= self._heartbeat_ttl
+        df["alive"] = pd.Series([w in seen and now - seen[w] <= self.heartbeat_ttl
                                  for w in df["worker_id"]], dtype="boolean")
         active = _to_pandas(export.select(self._db, "job_assignments", {"worker_id": "worker_id"},
                                           where={"status": "active"}))
@@ -203,6 +233,45 @@ class Inspector:
             df[col] = frames.epoch_us_to_utc(df[col])
         df["duration_s"] = _seconds(df["finished_at"], df["assigned_at"])
         return frames.conform("assignments", df)
+
+    def events(self, since: datetime | None = None, job_id: str | None = None,
+               workflow_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
+        """The job event log, one row per event (index ``event_id``), oldest first.
+
+        Every filter is pushed into SQL as a bound parameter. ``event`` is a
+        category of every event name (:data:`frames.EVENTS`), ``status`` the
+        job's new status, ``attempt`` its attempts count, ``detail`` JSON text
+        (``error`` of a failure; ``rule``, ``heartbeat_age_s`` of a reclaim).
+
+        Raises
+        ------
+        ValidationError
+            ``since`` is not a timezone-aware datetime or an id filter is not an id.
+        """
+        start = analytics.check_since(since)
+        equal = analytics.check_event_filters(job_id, workflow_id, worker_id)
+        df = _to_pandas(export.job_events(self._db, since=start, equal=equal))
+        if df.empty:
+            return frames.empty("events")
+        df["at"] = frames.epoch_us_to_utc(df["at"])
+        return frames.conform("events", df)
+
+    def _heartbeat_times(self) -> pd.DataFrame:
+        ids = list(self.workers().index)
+        hist = heartbeats.history(self._redis, self.ns, ids)
+        rows = [(w, t) for w in ids for t in hist.get(w, [])]
+        if not rows:
+            return frames.empty("heartbeat_times")
+        return frames.conform("heartbeat_times", {
+            "worker_id": [w for w, _ in rows],
+            "at": frames.epoch_us_to_utc([round(t * 1e6) for _, t in rows]).to_numpy()})
+
+    def _dependencies(self) -> pd.DataFrame:
+        df = _to_pandas(export.dependencies(self._db))
+        return frames.conform("dependencies", df) if len(df) else frames.empty("dependencies")
+
+    def _now(self) -> pd.Timestamp:
+        return pd.Timestamp.now(tz="UTC")
 
     # -- Redis frames -----------------------------------------------------------------------
 

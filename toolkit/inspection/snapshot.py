@@ -1,0 +1,229 @@
+"""Offline snapshots: every Inspector frame in a folder of Parquet files, reopened with no server.
+
+Layout of a snapshot folder::
+
+    manifest.json              time, namespace, schema, toolkit version, heartbeat_ttl,
+                               events_since, row counts (never a URL)
+    <frame>.parquet            workflows, jobs, workers, assignments, queue, locks, metrics,
+                               metric_series (freq 1min), tiers, summary, events
+    heartbeat_times.parquet    the heartbeat history Redis remembered (for heartbeat_gaps)
+    dependencies.parquet       one row per dependency edge (for explain)
+
+The frames are read one after the other from a live system, so they are a
+sequence of consistent reads, not one transaction. ``tiers`` has its memory
+columns empty: a snapshot describes the servers, not a process.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pandas as pd
+
+from toolkit import errors, models, validate
+from toolkit.inspection import analytics, frames
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+SNAPSHOT_FORMAT = 1
+FRAMES = ("workflows", "jobs", "workers", "assignments", "queue", "locks", "metrics", "tiers",
+          "summary", "events")
+"""Frames with a fixed schema stored in a snapshot (plus ``metric_series`` and the internal ones)."""
+SERIES_FREQ = "1min"
+"""The resolution ``metric_series`` is stored at; a snapshot can resample it coarser only."""
+
+
+def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None) -> Path:
+    """Write ``ins``'s frames to ``path``; see :meth:`toolkit.Inspector.snapshot`."""
+    import toolkit
+
+    path.mkdir(parents=True, exist_ok=True)
+    taken = pd.Timestamp.now(tz="UTC")
+    data: dict[str, pd.DataFrame] = {name: getattr(ins, name)() for name in FRAMES if name != "events"}
+    data["events"] = ins.events(since=events_since)
+    data["metric_series"] = getattr(ins, "metric_series")(freq=SERIES_FREQ)  # noqa: B009
+    data["heartbeat_times"] = ins._heartbeat_times()
+    data["dependencies"] = ins._dependencies()
+    tiers = data["tiers"].copy()
+    tiers["in_memory"] = pd.Series(pd.NA, index=tiers.index, dtype="boolean")
+    tiers["memory_version"] = pd.Series(pd.NA, index=tiers.index, dtype="Int64")
+    data["tiers"] = tiers
+    for name, frame in data.items():
+        frame.to_parquet(path / f"{name}.parquet", engine="pyarrow")
+    settings = getattr(ins, "settings", None)
+    manifest = {
+        "format": SNAPSHOT_FORMAT,
+        "taken_at": taken.isoformat(),
+        "namespace": getattr(ins, "ns", None),
+        "schema": getattr(settings, "schema", None) if settings is not None else getattr(ins, "schema", None),
+        "heartbeat_ttl": ins.heartbeat_ttl,
+        "events_since": events_since.isoformat() if events_since is not None else None,
+        "toolkit_version": toolkit.__version__,
+        "rows": {name: len(frame) for name, frame in sorted(data.items())},
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _restore(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """Give a frame read from Parquet exactly its schema again (categories, string, UTC, index)."""
+    index_name, columns = frames.SCHEMAS[name]
+    if frame.empty:
+        return frames.empty(name)
+    out = frame.astype(dict(columns))
+    out.index = pd.Index(frame.index.astype(frames.INDEX_DTYPES.get(name, frames.STRING)),
+                         name=index_name)
+    return out[list(columns)]
+
+
+def _live_only(what: str) -> NoReturn:
+    raise errors.ToolkitError(f"{what} needs a live server: this Inspector reads an offline "
+                              "snapshot (open toolkit.Inspector(...) against the servers)")
+
+
+class SnapshotInspector(analytics.Analytics):
+    """The Inspector's methods over a snapshot folder, with no server.
+
+    Made by :meth:`toolkit.Inspector.from_snapshot`. Frames come back with the
+    columns and dtypes of the live ones; ages and "now" are as of the
+    snapshot time (``taken_at``). Anything that needs a connection raises
+    :class:`~toolkit.ToolkitError`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise errors.ValidationError("path", str(path), "is not a toolkit snapshot (no manifest.json)")
+        self.path = path
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        self.ns = str(self.manifest["namespace"])
+        self.schema = str(self.manifest["schema"])
+        self.heartbeat_ttl = float(self.manifest["heartbeat_ttl"])
+        self.taken_at = pd.Timestamp(self.manifest["taken_at"]).tz_convert("UTC")
+        self._frames: dict[str, pd.DataFrame] = {}
+        for name in (*FRAMES, *frames.INTERNAL_FRAMES):
+            self._frames[name] = _restore(name, pd.read_parquet(path / f"{name}.parquet"))
+        series = pd.read_parquet(path / "metric_series.parquet")
+        # Parquet keeps neither the index name nor its frequency
+        index = pd.DatetimeIndex(series.index, name="time")
+        series.index = pd.DatetimeIndex(index, freq=SERIES_FREQ, name="time") if len(index) else index
+        self._series = series.astype("Int64") if len(series.columns) else series
+
+    def __repr__(self) -> str:
+        return (f"SnapshotInspector(path={str(self.path)!r}, namespace={self.ns!r}, "
+                f"schema={self.schema!r}, taken_at={self.taken_at.isoformat()!r})")
+
+    def _get(self, name: str) -> pd.DataFrame:
+        return self._frames[name].copy()
+
+    @property
+    def _db(self) -> NoReturn:
+        _live_only("PostgreSQL access")
+
+    @property
+    def _redis(self) -> NoReturn:
+        _live_only("Redis access")
+
+    def close(self) -> None:
+        """Nothing to close: a snapshot holds no connection."""
+
+    def __enter__(self) -> SnapshotInspector:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _now(self) -> pd.Timestamp:
+        return self.taken_at
+
+    def workflows(self) -> pd.DataFrame:
+        """Stored ``Inspector.workflows()``."""
+        return self._get("workflows")
+
+    def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.jobs()``, filtered like the live one."""
+        df = self._get("jobs")
+        if workflow_id is not None:
+            df = df[df["workflow_id"] == validate.identifier("workflow_id", workflow_id)]
+        if status is not None:
+            df = df[df["status"] == validate.status("status", status, models.JobStatus).value]
+        return df
+
+    def workers(self) -> pd.DataFrame:
+        """Stored ``Inspector.workers()`` (ages as of the snapshot time)."""
+        return self._get("workers")
+
+    def assignments(self, job_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.assignments()``, filtered like the live one."""
+        df = self._get("assignments")
+        for field, value in (("job_id", job_id), ("worker_id", worker_id)):
+            if value is not None:
+                df = df[df[field] == validate.identifier(field, value)]
+        return df
+
+    def queue(self) -> pd.DataFrame:
+        """Stored ``Inspector.queue()``."""
+        return self._get("queue")
+
+    def locks(self) -> pd.DataFrame:
+        """Stored ``Inspector.locks()``."""
+        return self._get("locks")
+
+    def metrics(self) -> pd.DataFrame:
+        """Stored ``Inspector.metrics()``."""
+        return self._get("metrics")
+
+    def tiers(self) -> pd.DataFrame:
+        """Stored ``Inspector.tiers()`` (memory columns empty)."""
+        return self._get("tiers")
+
+    def summary(self) -> pd.DataFrame:
+        """Stored ``Inspector.summary()``."""
+        return self._get("summary")
+
+    def events(self, since: datetime | None = None, job_id: str | None = None,
+               workflow_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.events()`` (from ``manifest['events_since']``), filtered like the live one."""
+        start = analytics.check_since(since)
+        df = self._get("events")
+        for column, value in analytics.check_event_filters(job_id, workflow_id, worker_id).items():
+            if value is not None:
+                df = df[df[column] == value]
+        return df[df["at"] >= start] if start is not None else df
+
+    def metric_series(self, names: Iterable[str] | None = None, freq: str = SERIES_FREQ) -> pd.DataFrame:
+        """Stored ``Inspector.metric_series()``, resampled to a coarser ``freq`` when asked.
+
+        Raises
+        ------
+        ToolkitError
+            ``freq`` is finer than the stored 1 minute (that needs a live server).
+        """
+        wanted = sorted(names) if names is not None else list(self._series.columns)
+        for n in wanted:
+            validate.identifier("names", n)
+        try:
+            offset = pd.tseries.frequencies.to_offset(freq)
+        except ValueError as exc:
+            raise errors.ValidationError("freq", freq, str(exc)) from None
+        out = self._series.reindex(columns=wanted, fill_value=0).astype("Int64")
+        base = pd.tseries.frequencies.to_offset(SERIES_FREQ)
+        if offset == base or out.empty:
+            return out
+        if isinstance(offset, pd.offsets.Tick) and offset.nanos % base.nanos:
+            _live_only(f"metric_series(freq={freq!r}) finer than the stored {SERIES_FREQ}")
+        resampled = out.resample(offset).sum().astype("Int64")
+        resampled.index.name = "time"
+        return resampled
+
+    def _heartbeat_times(self) -> pd.DataFrame:
+        return self._get("heartbeat_times")
+
+    def _dependencies(self) -> pd.DataFrame:
+        return self._get("dependencies")
