@@ -196,6 +196,9 @@ def rebuild(db: Database, client: Client, ns: str, memory: Memory, *,
         memory.replace(kind, entities[kind])
     for kind in KINDS:
         _fill(client, ns, entities[kind])
+    # A coordinator that crashed between a pop and its commit left claims in
+    # flight: return them now rather than after their lease.
+    return_claims(db, client, ns, before=float("inf"))
     reconcile_queues(db, client, ns, wanted)
     metrics.raise_to(client, ns, checkpoints)
     heartbeats.boot_time(client, ns, time.time())
@@ -213,6 +216,25 @@ def _chunks(items: list[Any], size: int = PIPELINE_CHUNK) -> Iterator[list[Any]]
 
 def _fill(client: Client, ns: str, entities: list[models.Entity]) -> int:
     return cache.fill_missing_or_older(client, ns, entities)
+
+
+def return_claims(db: Database, client: Client, ns: str, *, before: float) -> int:
+    """End in-flight claims whose lease ends before ``before``; return how many went back.
+
+    A claim's job goes back to its queue when PostgreSQL still calls it queued
+    and is forgotten otherwise. Returning the claim of a live coordinator that
+    is about to commit is safe: PostgreSQL's status guard lets only one
+    assignment win, and the loser drops the stale queue entry.
+    """
+    claims = queue.expired_claims(client, ns, before)
+    if not claims:
+        return 0
+    with db.begin("check in-flight jobs") as conn:
+        status = store.statuses(conn, "job", [c.job_id for c in claims])
+    moved = 0
+    for c in claims:
+        moved += queue.settle(client, ns, c, requeue=status.get(c.job_id) == "queued")
+    return moved
 
 
 def reconcile_queues(db: Database, client: Client, ns: str,

@@ -273,8 +273,21 @@ def _cleanup(sm: StateManager, t: Target, keep: bool) -> None:
 # -- more scenarios -------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _manager(t: Target, prefix: str, *, heartbeat_ttl: float = 2.0,
-             keep: bool = False) -> Iterator[StateManager]:
+def sandbox(t: Target, prefix: str = "sandbox", *, heartbeat_ttl: float = 2.0,
+            keep: bool = False) -> Iterator[StateManager]:
+    """A StateManager on a fresh schema and namespace, removed (by name) on exit.
+
+    Parameters
+    ----------
+    t
+        Where to run (see :func:`target`).
+    prefix
+        Start of the schema and namespace name (a random suffix follows).
+    heartbeat_ttl
+        The manager's heartbeat TTL (short, so scenarios see reclaims quickly).
+    keep
+        Leave the schema and namespace in place, for a look afterwards.
+    """
     ns, schema = fresh_names(prefix)
     sm = init_state_manager(t.database_url, t.redis_url, namespace=ns, schema=schema,
                             heartbeat_ttl=heartbeat_ttl)
@@ -308,7 +321,7 @@ def redis_loss(t: Target, *, workflows: int = 6, jobs_per_workflow: int = 20, wo
     """
     checks: dict[str, bool] = {}
     timings: dict[str, float] = {}
-    with _manager(t, "redisloss", keep=keep) as sm:
+    with sandbox(t, "redisloss", keep=keep) as sm:
         simulator.make_workflows(sm, workflows, jobs_per_workflow, prefix="rl")
         sm.incr_metric("deploys", 3)
         sm.checkpoint_metrics()
@@ -365,7 +378,7 @@ def worker_failure(t: Target, *, jobs: int = 12, heartbeat_ttl: float = 1.5,
     """A worker dies holding a job; its heartbeat expires; the job is reclaimed and finished."""
     checks: dict[str, bool] = {}
     timings: dict[str, float] = {}
-    with _manager(t, "workerfail", heartbeat_ttl=heartbeat_ttl, keep=keep) as sm:
+    with sandbox(t, "workerfail", heartbeat_ttl=heartbeat_ttl, keep=keep) as sm:
         wf = sm.create_workflow("reclaim-demo", jobs=[{"name": f"job-{i:02d}", "priority": 9 if i == 0 else 0}
                                                       for i in range(jobs)])
         sm.register_worker("doomed")  # its first and last heartbeat
@@ -453,7 +466,7 @@ def postgres_unavailable(t: Target, *, say: Say = _quiet, keep: bool = False) ->
     timings: dict[str, float] = {}
     proxy = None if t.stack is not None else TcpProxy.to_url(t.database_url).start()
     url = t.database_url if proxy is None else proxy.url_for(t.database_url)
-    with _manager(Target(url, t.redis_url, t.stack), "pgdown", keep=keep) as sm:
+    with sandbox(Target(url, t.redis_url, t.stack), "pgdown", keep=keep) as sm:
         wf = sm.create_workflow("pg-outage", jobs=[{"name": f"j{i}"} for i in range(5)])
         job = sm.list_jobs(workflow_id=wf.id)[0]
         sm.get_job(job.id)
@@ -492,7 +505,7 @@ def racing_coordinators(t: Target, *, jobs: int = 200, coordinators: int = 3,
     """Several coordinators drain the same queue at once: no job is ever assigned twice."""
     checks: dict[str, bool] = {}
     timings: dict[str, float] = {}
-    with _manager(t, "race", keep=keep) as sm:
+    with sandbox(t, "race", keep=keep) as sm:
         sm.create_workflow("race", jobs=[{"name": f"j{i:04d}", "priority": i % 4} for i in range(jobs)])
         others = [init_state_manager(t.database_url, t.redis_url, namespace=sm.ns,
                                      schema=sm.settings.schema, heartbeat_ttl=2.0)

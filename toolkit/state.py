@@ -672,15 +672,7 @@ class StateManager:
         if not force and now - self._last_janitor < 1.0:
             return 0
         self._last_janitor = now
-        claims = queue.expired_claims(self.redis, self.ns, now)
-        if not claims:
-            return 0
-        with self.db.begin("check in-flight jobs") as conn:
-            status = store.statuses(conn, "job", [c.job_id for c in claims])
-        moved = 0
-        for c in claims:
-            moved += queue.settle(self.redis, self.ns, c, requeue=status.get(c.job_id) == "queued")
-        return moved
+        return recovery.return_claims(self.db, self.redis, self.ns, before=now)
 
     # -- workers --------------------------------------------------------------------------
 

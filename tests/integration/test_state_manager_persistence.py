@@ -51,6 +51,21 @@ def test_rebuild_from_db_after_restart(sm: toolkit.StateManager, make_sm, raw_re
     assert fresh.dequeue("w2").id == "b"  # immediately operational
 
 
+def test_rebuild_returns_claims_left_in_flight(sm: toolkit.StateManager, raw_redis, clean) -> None:
+    from toolkit.tiers.redis import queue
+
+    sm.create_workflow("w", jobs=[{"name": "a", "id": "a"}])
+    # A coordinator popped "a" into the in-flight set, then died before PostgreSQL.
+    claim = queue.claim(sm.redis, sm.ns, ["default"], time.time() + 3600)
+    assert claim is not None and claim.job_id == "a"
+    assert raw_redis.zcard(keys.queue(clean.namespace, "default")) == 0
+    sm._rebuild_from_db()
+    assert raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1) == ["a"]
+    assert raw_redis.zcard(keys.inflight(clean.namespace)) == 0
+    sm.register_worker("w1")
+    assert sm.dequeue("w1").id == "a"  # long before the one-hour lease
+
+
 def test_rebuild_report_counts(sm: toolkit.StateManager) -> None:
     sm.register_worker("w1")
     sm.create_workflow("w", jobs=[{"name": str(i)} for i in range(20)])

@@ -80,7 +80,7 @@ def settle(client: Client, ns: str, claim_: Claim, *, requeue: bool) -> bool:
 def expired_claims(client: Client, ns: str, now: float) -> list[Claim]:
     """Return the in-flight claims whose lease has run out."""
     def read() -> tuple[list[str], list[str | None]]:
-        ids = client.redis.zrangebyscore(keys.inflight(ns), "-inf", now)
+        ids = client.redis.zrangebyscore(keys.inflight(ns), "-inf", "+inf" if math.isinf(now) else now)
         meta = client.redis.hmget(keys.inflight_meta(ns), ids) if ids else []
         return ids, meta
 
