@@ -34,3 +34,26 @@ up:
 
 clean:
 	rm -rf .venv .ci/venv build dist *.egg-info
+
+# Benchmarks (benchmarks/README.md): toolkit vs the raw floor and its peers, same run, same servers.
+# bench: full N on both targets (tens of minutes); bench-quick: small N, one target, exits 0 on misses.
+bench:
+	$(PYTHON) -m benchmarks.run --target both
+
+bench-quick:
+	$(PYTHON) -m benchmarks.run --quick
+
+# Notebooks: re-execute in place and normalize (twice in a row gives byte-identical files);
+# check that the stored ones are clean (no kernel); open them in JupyterLab.
+NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
+
+.PHONY: notebooks-check
+
+notebooks:
+	$(PYTHON) notebooks/tools.py run $(NOTEBOOKS)
+
+notebooks-check:
+	$(PYTHON) notebooks/tools.py check $(NOTEBOOKS)
+
+lab:
+	cd notebooks && $(abspath $(PYTHON)) -m jupyter lab --ip=127.0.0.1 --no-browser
