@@ -18,7 +18,22 @@ Each class's docstring is its default message.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+
+
+def _short_repr(value: Any) -> str:
+    """A bounded repr: never deep, never long, never raises (deep nesting included)."""
+    try:
+        shown = _REPR.repr(value)
+    except (RecursionError, ValueError, TypeError):
+        shown = f"<{type(value).__name__}>"
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 class ToolkitError(Exception):
@@ -77,9 +92,7 @@ class ValidationError(ToolkitError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
+        shown = _short_repr(value)
         super().__init__(f"invalid {field}={shown}: {reason}")
 
 

@@ -196,6 +196,12 @@ def rebuild(db: Database, client: Client, ns: str, memory: Memory, *,
         memory.replace(kind, entities[kind])
     for kind in KINDS:
         _fill(client, ns, entities[kind])
+        # Entries the snapshot does not cover (jobs that became final or were
+        # deleted in a commit whose cache update was lost) are checked too.
+        live = {e.id for e in entities[kind]}
+        others = [i for i in cache.scan_ids(client, ns, kind) if i not in live]
+        if others:
+            fix_cache(db, client, ns, memory, kind, others)
     # A coordinator that crashed between a pop and its commit left claims in
     # flight: return them now rather than after their lease.
     return_claims(db, client, ns, before=float("inf"))
@@ -414,6 +420,50 @@ def check(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyR
     return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start)
 
 
+def fix_cache(db: Database, client: Client, ns: str, memory: Memory, kind: str,
+              ids: list[str]) -> int:
+    """Make the cache and memory entries of ``ids`` agree with PostgreSQL; return how many changed.
+
+    Gone from PostgreSQL: removed. Missing or older in Redis: a versioned fill
+    (a write that lands meanwhile keeps its newer entry). Corrupt, or claiming a
+    version PostgreSQL never had: overwritten, PostgreSQL wins.
+    """
+    changed = 0
+    for chunk in _chunks(sorted(ids)):
+        with db.begin("repair: read PostgreSQL") as conn:
+            rows = {r["id"]: r for r in store.get_many(conn, kind, chunk)}
+        raw = cache.get_raw_many(client, ns, kind, chunk)
+        gone = [i for i in chunk if i not in rows]
+        older: list[models.Entity] = []
+        wrong: list[models.Entity] = []
+        for entity_id, value in zip(chunk, raw, strict=True):
+            row = rows.get(entity_id)
+            if row is None:
+                continue
+            e = models.from_dict(kind, row)
+            rv = cache.version_of(value)
+            if value is not None and (rv is None or rv > models.entity_version(e)
+                                      or cache.decode(kind, value) is None):
+                wrong.append(e)
+            elif rv is None or rv < models.entity_version(e):
+                older.append(e)
+            memory.put(kind, e)
+
+        def go(older: list[models.Entity] = older, wrong: list[models.Entity] = wrong,
+               gone: list[str] = gone) -> None:
+            pipe = client.redis.pipeline(transaction=False)
+            cache.put(client, ns, older, pipe=pipe)
+            cache.force_put(ns, wrong, pipe=pipe)
+            cache.delete(ns, kind, gone, pipe=pipe)
+            pipe.execute()
+
+        client.call("repair cache", go)
+        for entity_id in gone:
+            memory.drop(kind, entity_id)
+        changed += len(older) + len(wrong) + len(gone)
+    return changed
+
+
 def repair(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyReport:
     """Make memory and Redis agree with PostgreSQL; return the report of what was wrong."""
     report = check(db, client, ns, memory)
@@ -421,27 +471,7 @@ def repair(db: Database, client: Client, ns: str, memory: Memory) -> Consistency
     for row in report.rows:
         bad.setdefault(row["entity"], set()).add(row["id"])
     for kind, ids in bad.items():
-        with db.begin("repair: read PostgreSQL") as conn:
-            rows = {r["id"]: r for r in store.get_many(conn, kind, sorted(ids))}
-        fresh = [models.from_dict(kind, r) for r in rows.values()]
-        gone = sorted(ids - set(rows))
-        corrupt = {r["id"] for r in report.rows if r["entity"] == kind and r["in_redis"]
-                   and r["redis_version"] is None and r["in_postgres"]}
-
-        def go(fresh: list[models.Entity] = fresh, gone: list[str] = gone, kind: str = kind,
-               corrupt: set[str] = corrupt) -> None:
-            pipe = client.redis.pipeline(transaction=False)
-            # Versioned fills: a write that landed after our read keeps its newer entry.
-            cache.put(client, ns, [e for e in fresh if e.id not in corrupt], pipe=pipe)
-            cache.force_put(ns, [e for e in fresh if e.id in corrupt], pipe=pipe)
-            cache.delete(ns, kind, gone, pipe=pipe)
-            pipe.execute()
-
-        client.call("repair cache", go)
-        for e in fresh:
-            memory.put(kind, e)
-        for entity_id in gone:
-            memory.drop(kind, entity_id)
+        fix_cache(db, client, ns, memory, kind, list(ids))
     _, wanted = _pg_versions(db)
     reconcile_queues(db, client, ns, wanted)
     with db.begin("repair: read metric checkpoints") as conn:

@@ -165,7 +165,7 @@ class StateManager:
             self._after_commit(changes.action)
         try:
             self._push_redis(changes, entities)
-        except errors.StorageUnavailable as exc:
+        except Exception as exc:  # noqa: BLE001 - the write is committed: never report it failed
             log.warning("committed to PostgreSQL but Redis was not updated (repair() will): %s",
                         exc, extra={"action": "write_redis"})
             self._drop_cached(entities, changes)

@@ -53,6 +53,8 @@ def _depth(value: Any, limit: int) -> None:
         if depth > limit:
             raise ValueError(f"nested deeper than {limit} levels")
         if isinstance(item, Mapping):
+            if not all(isinstance(k, str) for k in item):
+                raise ValueError("object keys must be strings")
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list | tuple):
             stack.extend((v, depth + 1) for v in item)

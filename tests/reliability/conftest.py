@@ -1,0 +1,218 @@
+"""Fixtures of the reliability suite: a private server pair for destructive faults, helpers.
+
+Faults that stop, stall or restart a server run against ``private`` (a throwaway
+``toolkit.local_stack()`` started once for the session), so the shared servers of
+``DATABASE_URL``/``REDIS_URL`` are never stopped, stalled or flushed, and the
+tests run identically with or without those variables.
+
+Tests marked ``slow`` are deselected (never skipped) by pyproject's ``-m "not
+slow"``: ``pytest`` runs the default part, ``pytest -m slow`` (``make test-slow``)
+the heavy part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+import toolkit
+from tests.conftest import unique
+from toolkit import config
+from toolkit.tiers.redis import keys
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Private:
+    """A private PostgreSQL + Redis pair and a fresh schema/namespace on it."""
+
+    stack: toolkit.LocalStack
+    database_url: str
+    redis_url: str
+    schema: str
+    namespace: str
+
+    @property
+    def libpq_url(self) -> str:
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def manager(self, **kwargs: Any) -> toolkit.StateManager:
+        opts: dict[str, Any] = {"namespace": self.namespace, "schema": self.schema,
+                                "heartbeat_ttl": 2.0, **kwargs}
+        return toolkit.init_state_manager(self.database_url, self.redis_url, **opts)
+
+    def raw_redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def private_stack() -> Iterator[toolkit.LocalStack]:
+    """A throwaway PostgreSQL + Redis pair owned by this test session."""
+    stack = toolkit.local_stack()
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def private(private_stack: toolkit.LocalStack) -> Iterator[Private]:
+    """The private pair, both servers up, with a fresh schema and namespace."""
+    if not private_stack.postgres_running:
+        private_stack.start_postgres()
+    if not private_stack.redis_running:
+        private_stack.restart_redis()
+    name = unique("tk_rel")
+    yield Private(private_stack, config.resolve_database_url(private_stack.database_url),
+                  private_stack.redis_url, name, name)
+    if not private_stack.postgres_running:
+        private_stack.start_postgres()
+    if not private_stack.redis_running:
+        private_stack.restart_redis()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A loopback socket that accepts connections and never answers; yields its port."""
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        lst.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = lst.accept()
+                held.append(conn)  # kept open, never read, never written
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield lst.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        for c in held:
+            c.close()
+        lst.close()
+
+
+# -- coordinator child processes -----------------------------------------------------------
+
+class Coordinator:
+    """A ``python -m toolkit._coordinator`` child and the JSON lines it printed."""
+
+    def __init__(self, database_url: str, redis_url: str, namespace: str, schema: str,
+                 *args: str) -> None:
+        env = {**os.environ, config.DATABASE_URL_VAR: database_url,
+               config.REDIS_URL_VAR: redis_url, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "toolkit._coordinator", "--namespace", namespace,
+                "--schema", schema, *args]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.records: list[dict[str, str]] = []
+        self.crashed_at: float | None = None
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                with self._lock:
+                    if rec.get("a") == "crashing":
+                        self.crashed_at = time.monotonic()
+                    self.records.append(rec)
+
+    def wait_dead(self, timeout: float = 60.0) -> int:
+        """Wait for the child to exit (it kills itself); kill it at the deadline."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"the coordinator did not crash within {timeout}s: "
+                                 f"{self.stderr()[-2000:]}") from None
+        finally:
+            self._reader.join(timeout=10)
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        with contextlib.suppress(Exception):
+            return self.proc.stderr.read()
+        return ""
+
+    def acked(self, action: str) -> list[dict[str, str]]:
+        with self._lock:
+            return [r for r in self.records if r["a"] == action]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+# -- invariants ----------------------------------------------------------------------------
+
+def queue_census(raw: redis.Redis, namespace: str) -> Counter[str]:
+    """How many times each job id appears across every queue zset of the namespace."""
+    counts: Counter[str] = Counter()
+    for name in raw.smembers(keys.queues(namespace)):
+        for job_id in raw.zrange(keys.queue(namespace, name), 0, -1):
+            counts[job_id] += 1
+    return counts
+
+
+def inflight_ids(raw: redis.Redis, namespace: str) -> set[str]:
+    return set(raw.zrange(keys.inflight(namespace), 0, -1))
+
+
+def pg_job_statuses(libpq_url: str, schema: str) -> dict[str, str]:
+    with psycopg.connect(libpq_url, autocommit=True) as conn:
+        rows = conn.execute(psycopg.sql.SQL("SELECT id, status FROM {}.jobs").format(
+            psycopg.sql.Identifier(schema))).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def assert_invariants(sm: toolkit.StateManager, raw: redis.Redis, libpq_url: str) -> None:
+    """Tiers agree; each queued job is in Redis exactly once; no job in two active assignments."""
+    report = sm.check_consistency()
+    assert report.ok, report.to_frame().to_string()
+    statuses = pg_job_statuses(libpq_url, sm.settings.schema)
+    census = queue_census(raw, sm.ns)
+    queued = {j for j, s in statuses.items() if s == "queued"}
+    inflight = inflight_ids(raw, sm.ns)
+    for job_id in queued:  # in exactly one queue, or popped and in flight (the janitor returns it)
+        ok = census[job_id] == 1 or (census[job_id] == 0 and job_id in inflight)
+        assert ok, (job_id, census[job_id], job_id in inflight)
+    assert set(census) <= queued, set(census) - queued
+    active = Counter(a.job_id for a in sm.list_assignments(status="active"))
+    assert all(n == 1 for n in active.values()), active
