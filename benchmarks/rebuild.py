@@ -16,7 +16,6 @@ import time
 
 import toolkit
 from toolkit import scenarios
-from toolkit.tiers.redis import keys
 
 
 def populate(sm: toolkit.StateManager, live: int, history: int, batch: int = 1000) -> None:
@@ -36,13 +35,8 @@ def populate(sm: toolkit.StateManager, live: int, history: int, batch: int = 100
 
 
 def wipe_redis(t: scenarios.Target, ns: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url(t.redis_url)
-    names = list(r.scan_iter(match=keys.namespace_pattern(ns), count=5000))
-    for i in range(0, len(names), 5000):
-        r.unlink(*names[i:i + 5000])
-    r.close()
+    """Empty one namespace so the next rebuild writes every cache entry and queue again."""
+    scenarios.wipe_namespace(t.redis_url, ns)
 
 
 def measure(t: scenarios.Target, live: int, history: int, runs: int) -> dict[str, float]:
@@ -64,7 +58,7 @@ def measure(t: scenarios.Target, live: int, history: int, runs: int) -> dict[str
                 "min_s": min(times), "max_s": max(times),
                 "jobs_per_s": live / statistics.median(times)}
     finally:
-        scenarios._cleanup(toolkit.init_state_manager(t.database_url, t.redis_url, namespace=ns,
+        scenarios.cleanup(toolkit.init_state_manager(t.database_url, t.redis_url, namespace=ns,
                                                       schema=schema, rebuild=False), t, keep=False)
 
 

@@ -20,8 +20,7 @@ import pytest
 import redis
 
 import toolkit
-from toolkit import config
-from toolkit.tiers.redis import keys
+from toolkit import config, scenarios
 
 
 @dataclass(frozen=True)
@@ -46,21 +45,12 @@ def unique(prefix: str) -> str:
 
 def drop_schema(libpq_url: str, schema: str) -> None:
     """Drop one schema by name."""
-    with psycopg.connect(libpq_url, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-            psycopg.sql.Identifier(schema)))
+    scenarios.drop_schema(libpq_url, schema)
 
 
 def wipe_namespace(redis_url: str, namespace: str) -> int:
     """Delete every key of one namespace (SCAN + UNLINK); return how many."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        names = list(client.scan_iter(match=keys.namespace_pattern(namespace), count=1000))
-        for i in range(0, len(names), 1000):
-            client.unlink(*names[i:i + 1000])
-        return len(names)
-    finally:
-        client.close()
+    return scenarios.wipe_namespace(redis_url, namespace)
 
 
 def truncate_schema(libpq_url: str, schema: str) -> None:

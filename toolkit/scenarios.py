@@ -218,7 +218,7 @@ def coordinator_crash(t: Target, *, workflows: int = 12, jobs_per_workflow: int 
     try:
         return _after_crash(sm, acked, timings, say, heartbeat_ttl, workers)
     finally:
-        _cleanup(sm, t, keep)
+        cleanup(sm, t, keep)
 
 
 def _after_crash(sm: StateManager, acked: list[dict[str, str]], timings: dict[str, float],
@@ -247,27 +247,42 @@ def _after_crash(sm: StateManager, acked: list[dict[str, str]], timings: dict[st
                            "rebuild": rebuild})
 
 
-def _cleanup(sm: StateManager, t: Target, keep: bool) -> None:
-    ns, schema = sm.ns, sm.settings.schema
-    sm.close()
-    if keep:
-        return
-    import psycopg
+def wipe_namespace(redis_url: str, ns: str) -> int:
+    """Delete every key of one namespace (SCAN + UNLINK, never FLUSHDB); return how many."""
     import redis
 
     from toolkit.tiers.redis import keys
 
-    with contextlib.suppress(Exception):
-        r = redis.Redis.from_url(t.redis_url)
+    r = redis.Redis.from_url(redis_url)
+    try:
         names = list(r.scan_iter(match=keys.namespace_pattern(ns), count=1000))
         for i in range(0, len(names), 1000):
             r.unlink(*names[i:i + 1000])
+        return len(names)
+    finally:
         r.close()
-    with contextlib.suppress(Exception), psycopg.connect(
-            t.database_url.replace("postgresql+psycopg://", "postgresql://", 1),
-            autocommit=True) as conn:
+
+
+def drop_schema(database_url: str, schema: str) -> None:
+    """Drop one PostgreSQL schema by name (never a database)."""
+    import psycopg
+
+    url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-            psycopg.sql.Identifier(schema)))
+            psycopg.sql.Identifier(config.validate_schema(schema))))
+
+
+def cleanup(sm: StateManager, t: Target, keep: bool = False) -> None:
+    """Close ``sm`` and remove its schema and namespace (unless ``keep``); best effort."""
+    ns, schema = sm.ns, sm.settings.schema
+    sm.close()
+    if keep:
+        return
+    with contextlib.suppress(Exception):
+        wipe_namespace(t.redis_url, ns)
+    with contextlib.suppress(Exception):
+        drop_schema(t.database_url, schema)
 
 
 # -- more scenarios -------------------------------------------------------------------------
@@ -294,22 +309,7 @@ def sandbox(t: Target, prefix: str = "sandbox", *, heartbeat_ttl: float = 2.0,
     try:
         yield sm
     finally:
-        _cleanup(sm, t, keep)
-
-
-def _wipe_namespace(redis_url: str, ns: str) -> int:
-    import redis
-
-    from toolkit.tiers.redis import keys
-
-    r = redis.Redis.from_url(redis_url)
-    try:
-        names = list(r.scan_iter(match=keys.namespace_pattern(ns), count=1000))
-        for i in range(0, len(names), 1000):
-            r.unlink(*names[i:i + 1000])
-        return len(names)
-    finally:
-        r.close()
+        cleanup(sm, t, keep)
 
 
 def redis_loss(t: Target, *, workflows: int = 6, jobs_per_workflow: int = 20, workers: int = 3,
@@ -334,7 +334,7 @@ def redis_loss(t: Target, *, workflows: int = 6, jobs_per_workflow: int = 20, wo
             t.stack.restart_redis()
         else:
             say("this scenario's Redis namespace is wiped (a shared server is never flushed)")
-            _wipe_namespace(t.redis_url, sm.ns)
+            wipe_namespace(t.redis_url, sm.ns)
         reaped = _retry(sm.reap_dead_workers)
         checks["no live worker is reaped while Redis has no heartbeats"] = not reaped
         report = _retry(sm.check_consistency)
@@ -451,7 +451,7 @@ def commit_then_crash(t: Target, *, say: Say = _quiet, keep: bool = False) -> Sc
         return ScenarioResult("crash between the PostgreSQL commit and the Redis update", checks,
                               timings, before, after, {"disagreements": frame})
     finally:
-        _cleanup(sm, t, keep)
+        cleanup(sm, t, keep)
 
 
 def postgres_unavailable(t: Target, *, say: Say = _quiet, keep: bool = False) -> ScenarioResult:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from toolkit import models
+from toolkit import errors, models
 
 UTC_TIME = pd.DatetimeTZDtype(unit="us", tz="UTC")
 STRING = pd.StringDtype()
@@ -151,3 +151,17 @@ def _cast(series: pd.Series, dtype: Any) -> pd.Series:
 def epoch_us_to_utc(values: Any) -> pd.Series:
     """Microseconds since the epoch (nullable) to ``datetime64[us, UTC]``."""
     return pd.to_datetime(pd.Series(values, dtype="Int64"), unit="us", utc=True).astype(UTC_TIME)
+
+
+def parse_freq(freq: str) -> Any:
+    """Return the pandas offset of a resampling frequency such as ``"1min"``.
+
+    Raises
+    ------
+    ValidationError
+        ``freq`` is not a pandas frequency.
+    """
+    try:
+        return pd.tseries.frequencies.to_offset(freq)
+    except (ValueError, TypeError) as exc:
+        raise errors.ValidationError("freq", freq, str(exc)) from None

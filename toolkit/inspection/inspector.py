@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from toolkit import config, errors, models, recovery, validate
+from toolkit import config, models, recovery, validate
 from toolkit.inspection import analytics, frames
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
@@ -331,10 +331,7 @@ class Inspector(analytics.Analytics):
             set(metrics.totals(self._redis, self.ns)) | set(self._checkpointed_names()))
         for n in wanted:
             validate.identifier("names", n)
-        try:
-            offset = pd.tseries.frequencies.to_offset(freq)
-        except ValueError as exc:
-            raise errors.ValidationError("freq", freq, str(exc)) from None
+        offset = frames.parse_freq(freq)
         live = metrics.buckets(self._redis, self.ns, wanted)
         saved = self._checkpointed_buckets(wanted)
         columns = {}

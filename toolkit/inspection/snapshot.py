@@ -208,10 +208,7 @@ class SnapshotInspector(analytics.Analytics):
         wanted = sorted(names) if names is not None else list(self._series.columns)
         for n in wanted:
             validate.identifier("names", n)
-        try:
-            offset = pd.tseries.frequencies.to_offset(freq)
-        except ValueError as exc:
-            raise errors.ValidationError("freq", freq, str(exc)) from None
+        offset = frames.parse_freq(freq)
         out = self._series.reindex(columns=wanted, fill_value=0).astype("Int64")
         base = pd.tseries.frequencies.to_offset(SERIES_FREQ)
         if offset == base or out.empty:
