@@ -134,8 +134,15 @@ def conform(name: str, data: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
     out = pd.DataFrame(index=pd.Index(index.astype(INDEX_DTYPES.get(name, STRING)).to_numpy(),
                                       dtype=INDEX_DTYPES.get(name, STRING), name=index_name))
     for col, dtype in columns.items():
-        values = frame[col].to_numpy() if col in frame else [None] * len(frame)
-        out[col] = _cast(pd.Series(values, index=out.index), dtype)
+        if col not in frame:
+            out[col] = _cast(pd.Series([None] * len(frame), index=out.index), dtype)
+            continue
+        source = frame[col]
+        if source.dtype == dtype:
+            # Already right: reuse the array (no per-cell objects, no copy through numpy).
+            out[col] = pd.Series(source.array, index=out.index, copy=False)
+        else:
+            out[col] = _cast(pd.Series(source.array, index=out.index), dtype)
     return out
 
 
