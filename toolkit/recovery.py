@@ -267,7 +267,7 @@ def reconcile_queues(db: Database, client: Client, ns: str,
             add = {j: s for j, s in add.items() if j in still}
 
         def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
-            pipe = client.redis.pipeline(transaction=False)
+            pipe = client.pipeline()
             for chunk in _chunks(list(add.items())):
                 pipe.zadd(keys.queue(ns, name), dict(chunk))
             for chunk in _chunks(extra):
@@ -451,7 +451,7 @@ def fix_cache(db: Database, client: Client, ns: str, memory: Memory, kind: str,
 
         def go(older: list[models.Entity] = older, wrong: list[models.Entity] = wrong,
                gone: list[str] = gone) -> None:
-            pipe = client.redis.pipeline(transaction=False)
+            pipe = client.pipeline()
             cache.put(client, ns, older, pipe=pipe)
             cache.force_put(ns, wrong, pipe=pipe)
             cache.delete(ns, kind, gone, pipe=pipe)

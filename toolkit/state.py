@@ -89,7 +89,7 @@ class StateManager:
         self.settings = settings
         self.ns = settings.namespace
         self.db = Database(settings.database_url, settings.schema)
-        self.redis = Client(settings.redis_url)
+        self.redis = Client(settings.redis_url, namespace=settings.namespace)
         self.memory = memory_tier.Memory()
         self._closed = False
         self._beat_lock = threading.Lock()
@@ -177,7 +177,7 @@ class StateManager:
 
     def _push_redis(self, changes: _Changes, entities: list[models.Entity]) -> None:
         def go() -> None:
-            pipe = self.redis.redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline()
             cache.put(self.redis, self.ns, entities, pipe=pipe)
             for (kind, row), e in zip(changes.rows, entities, strict=True):
                 cache.publish(self.ns, kind, e.id, models.entity_version(e), pipe=pipe)
@@ -203,7 +203,7 @@ class StateManager:
     def _drop_cached(self, entities: list[models.Entity], changes: _Changes) -> None:
         """After a failed Redis update, try at least to remove the now-stale entries."""
         try:
-            pipe = self.redis.redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline()
             for e in entities:
                 cache.delete(self.ns, cache.kind_of(e), [e.id], pipe=pipe)
             for kind, entity_id in changes.deleted:
@@ -243,7 +243,7 @@ class StateManager:
 
     def _fill_redis(self, entities: list[models.Entity]) -> None:
         try:
-            pipe = self.redis.redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline()
             cache.put(self.redis, self.ns, entities, pipe=pipe)
             self.redis.call("cache fill", pipe.execute)
         except errors.StorageUnavailable as exc:
@@ -740,7 +740,7 @@ class StateManager:
 
     def _beat_redis(self, worker_ids: list[str], now: float) -> None:
         def go() -> None:
-            pipe = self.redis.redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline()
             heartbeats.beat(self.ns, worker_ids, now, self.settings.heartbeat_ttl, pipe=pipe)
             pipe.execute()
 
@@ -779,7 +779,7 @@ class StateManager:
 
     def _forget_heartbeat(self, worker_id: str) -> None:
         def go() -> None:
-            pipe = self.redis.redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline()
             heartbeats.forget(self.ns, worker_id, pipe=pipe)
             pipe.execute()
 

@@ -97,7 +97,7 @@ class Inspector(analytics.Analytics):
             config.validate_seconds("heartbeat_ttl", heartbeat_ttl)
         self.ns = namespace
         self._db = Database(self.settings.database_url, schema, read_only=True, pool_size=2)
-        self._redis = Client(self.settings.redis_url, read_only=True)
+        self._redis = Client(self.settings.redis_url, read_only=True, namespace=namespace)
         self._memory: Memory | None = None
         self.heartbeat_ttl = (self.settings.heartbeat_ttl if heartbeat_ttl is None
                               else float(heartbeat_ttl))
@@ -299,7 +299,7 @@ class Inspector(analytics.Analytics):
                 if i >= SCAN_BUDGET:
                     break
                 found.append(key[len(prefix):])
-            pipe = self._redis.redis.pipeline(transaction=False)
+            pipe = self._redis.pipeline()
             for name in found:
                 pipe.pttl(keys.lock(self.ns, name))
                 pipe.get(keys.fence(self.ns, name))

@@ -17,6 +17,11 @@ from toolkit import config, errors
 log = logging.getLogger(__name__)
 
 
+def _session_utc(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("SET TIME ZONE 'UTC'")
+    dbapi_connection.commit()
+
+
 class Database:
     """A SQLAlchemy engine bound to one schema, translating driver errors.
 
@@ -53,9 +58,14 @@ class Database:
             connect_args={
                 "connect_timeout": max(1, int(connect_timeout)),
                 "application_name": "toolkit-inspector" if read_only else "toolkit",
-                "options": "-c timezone=UTC",
+                # No server-side prepared statements: a transaction pooler
+                # (PgBouncer) hands each transaction a different server connection.
+                "prepare_threshold": None,
             },
         )
+        # Times come back in UTC; a SET (not a startup option, which PgBouncer
+        # refuses) that the pooler tracks and re-applies.
+        sa.event.listen(self.engine, "connect", _session_utc)
 
     def __repr__(self) -> str:
         return f"Database({config.mask_url(self.url)!r}, schema={self.schema!r})"

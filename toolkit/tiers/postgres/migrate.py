@@ -55,7 +55,15 @@ def upgrade(db: Database, *, target: int | None = None) -> list[int]:
     no DDL privilege at all.
     """
     wanted = [m for m in available() if target is None or m[0] <= target]
-    done = set(applied(db))
+    try:
+        done = set(applied(db))
+    except errors.StorageUnavailable as exc:
+        if "permission denied" in str(exc):
+            raise errors.ConfigurationError(
+                f"this role may not read schema {db.schema!r} (grant USAGE on the schema and "
+                f"SELECT on its tables): {exc}"
+            ) from exc
+        raise
     if all(v in done for v, _, _ in wanted):
         return []
     schema = pgsql.Identifier(db.schema)

@@ -117,7 +117,7 @@ def fill_missing_or_older(client: Client, ns: str, entities: list[models.Entity]
 
         def write(chunk: list[models.Entity] = chunk, names: list[str] = names,
                   current: list[str | None] = current) -> int:
-            pipe = client.redis.pipeline(transaction=False)
+            pipe = client.pipeline()
             stale: list[models.Entity] = []
             n = 0
             for e, name, raw in zip(chunk, names, current, strict=True):

@@ -14,13 +14,16 @@ import logging
 from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from toolkit import config, errors
+from toolkit.tiers.redis import keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,14 +47,24 @@ class Client:
     Parameters
     ----------
     url
-        ``redis://``, ``rediss://`` or ``unix://`` URL.
+        ``redis://``, ``rediss://`` or ``unix://`` URL. With ``?cluster=true`` the
+        URL names any node of a Redis Cluster: every key of a namespace shares
+        one hash slot (the ``{ns}`` tag), so the client talks to the master that
+        owns that slot and follows it when the slot moves.
     socket_timeout
         Seconds to wait for a reply before the call fails (never re-sent).
+    read_only
+        An Inspector's client: no scripts are registered.
+    namespace
+        The namespace whose slot a cluster client follows.
     """
 
-    def __init__(self, url: str, *, socket_timeout: float = 5.0, read_only: bool = False) -> None:
+    def __init__(self, url: str, *, socket_timeout: float = 5.0, read_only: bool = False,
+                 namespace: str | None = None) -> None:
         self.url = url
         self.where = config.host_port(url)
+        url, cluster = split_cluster(url)
+        self._slot = key_slot(keys.prefix(namespace or "").encode()) if cluster else None
         # Typed as Any: redis-py types every reply as bytes | str whatever
         # decode_responses says; with decode_responses=True they are str.
         self.redis: Any = redis.Redis.from_url(
@@ -65,14 +78,52 @@ class Client:
             client_name="toolkit-inspector" if read_only else "toolkit",
         )
         self.scripts: dict[str, Script] = {}
+        self._scripts_loaded = False
         if not read_only:
             pkg = resources.files("toolkit.tiers.redis") / "scripts"
             for name in SCRIPT_NAMES:
                 text = (pkg / f"{name}.lua").read_text(encoding="utf-8")
                 self.scripts[name] = self.redis.register_script(text)
+        if self._slot is not None:
+            with self.translate("find the cluster node of the namespace"):
+                self._follow_slot()
+
+    def _follow_slot(self) -> None:
+        """Point the pool at the cluster master that owns the namespace's slot."""
+        for start, end, master, *_ in self.redis.execute_command("CLUSTER", "SLOTS"):
+            if start <= self._slot <= end:
+                pool = self.redis.connection_pool
+                pool.connection_kwargs.update(host=str(master[0]), port=int(master[1]))
+                pool.reset()  # pooled connections remember their host: drop them
+                self.where = f"{master[0]}:{master[1]}"
+                self._scripts_loaded = False  # that node may not have our scripts yet
+                return
+        raise redis.ResponseError(f"no cluster node serves slot {self._slot}")
 
     def __repr__(self) -> str:
         return f"Client({config.mask_url(self.url)!r})"
+
+    def pipeline(self) -> Any:
+        """A non-transactional pipeline that skips redis-py's per-execute ``SCRIPT EXISTS``.
+
+        The scripts are loaded once per connection epoch (:meth:`load_scripts`);
+        after a connection error or a ``NOSCRIPT`` reply they are loaded again
+        before the next pipeline, so a restarted Redis costs one round trip, not
+        one per write.
+        """
+        if not self._scripts_loaded and self.scripts:
+            self.call("load scripts", self.load_scripts)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.load_scripts = lambda: None
+        return pipe
+
+    def load_scripts(self) -> None:
+        """Load every Lua script into Redis (one round trip)."""
+        loader = self.redis.pipeline(transaction=False)
+        for script in self.scripts.values():
+            loader.script_load(script.script)
+        loader.execute()
+        self._scripts_loaded = True
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -84,6 +135,9 @@ class Client:
         try:
             yield
         except redis.RedisError as exc:
+            if isinstance(exc, redis.ConnectionError | redis.exceptions.NoScriptError) or (
+                    "NOSCRIPT" in str(exc)):
+                self._scripts_loaded = False  # a new server, or flushed scripts: load them again
             raise errors.StorageUnavailable(
                 f"Redis at {self.where} failed during {action}: {type(exc).__name__}: {exc}"
             ) from exc
@@ -98,6 +152,13 @@ class Client:
         with self.translate(action):
             try:
                 return fn()
+            except redis.exceptions.MovedError:
+                if self._slot is None:
+                    raise
+                self._follow_slot()  # the slot moved (resharding or failover)
+                if not idempotent:
+                    raise
+                return fn()
             except redis.ConnectionError:
                 if not idempotent:
                     raise
@@ -108,6 +169,17 @@ class Client:
     def script(self, name: str) -> Script:
         """Return a registered Lua script by name."""
         return self.scripts[name]
+
+
+def split_cluster(url: str) -> tuple[str, bool]:
+    """Return ``url`` without its ``cluster=`` query flag, and whether the flag was true."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    flags = [v for k, v in query if k == "cluster"]
+    if not flags:
+        return url, False
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    return urlunsplit(parts._replace(query=rest)), flags[-1].lower() in {"1", "true", "yes", "on"}
 
 
 def run_script(

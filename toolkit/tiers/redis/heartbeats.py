@@ -31,7 +31,7 @@ def beat(ns: str, worker_ids: Iterable[str], now: float, ttl: float, *, pipe: An
 def history(client: Client, ns: str, worker_ids: list[str]) -> dict[str, list[float]]:
     """Return worker id -> recent heartbeat times, oldest first (read-only)."""
     def read() -> list[Any]:
-        pipe = client.redis.pipeline(transaction=False)
+        pipe = client.pipeline()
         for wid in worker_ids:
             pipe.lrange(keys.heartbeat_history(ns, wid), 0, -1)
         return list(pipe.execute())

@@ -43,7 +43,7 @@ def get(client: Client, ns: str, name: str) -> int:
 def buckets(client: Client, ns: str, names: list[str]) -> dict[str, dict[int, int]]:
     """Return metric name -> {bucket start: count} for ``names``."""
     def read() -> list[Any]:
-        pipe = client.redis.pipeline(transaction=False)
+        pipe = client.pipeline()
         for n in names:
             pipe.hgetall(keys.metric_buckets(ns, n))
         return list(pipe.execute())
