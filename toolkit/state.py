@@ -722,15 +722,31 @@ class StateManager:
         PostgreSQL's ``last_heartbeat`` is written in batches at a throttled
         rate. A heartbeat from an inactive worker makes it active again.
         """
-        worker: models.Worker = self._require("worker", worker_id)
-        if worker.status is not models.WorkerStatus.ACTIVE:
+        self.heartbeat_many([worker_id])
+
+    def heartbeat_many(self, worker_ids: Sequence[str]) -> None:
+        """Record heartbeats of many workers at once (one Redis round trip).
+
+        The same rules as :meth:`heartbeat`, for a process that beats for a
+        pool of workers.
+
+        Raises
+        ------
+        NotFound
+            One of the workers is not registered; no heartbeat is recorded.
+        """
+        ids = list(dict.fromkeys(validate.names("worker_ids", worker_ids)))
+        workers: list[models.Worker] = [self._require("worker", w) for w in ids]
+        idle = [w.id for w in workers if w.status is not models.WorkerStatus.ACTIVE]
+        if idle:
             def tx(conn: sa.Connection, ch: _Changes) -> None:
-                ch.add("worker", store.update(conn, "worker", worker.id, {"status": "active"}))
-            self._write("reactivate worker", tx)
+                for wid in idle:
+                    ch.add("worker", store.update(conn, "worker", wid, {"status": "active"}))
+            self._write("reactivate workers", tx)
         now = self._now()
-        self._beat_redis([worker.id], now.timestamp())
+        self._beat_redis(ids, now.timestamp())
         with self._beat_lock:
-            self._pending_beats[worker.id] = now
+            self._pending_beats.update(dict.fromkeys(ids, now))
         if time.monotonic() - self._last_beat_flush >= self._beat_interval:
             self._flush_heartbeats()
 
@@ -891,6 +907,29 @@ class StateManager:
         if time.monotonic() - self._last_checkpoint > 5.0:
             self.checkpoint_metrics()
         return int(total)
+
+    def incr_metrics(self, amounts: Mapping[str, int]) -> dict[str, int]:
+        """Add to many counters at once (one Redis round trip); return their new totals.
+
+        Like :meth:`incr_metric`, sent once and never re-sent after a timeout.
+        """
+        if not isinstance(amounts, Mapping):
+            raise errors.ValidationError("amounts", amounts, "must be a mapping of name to integer")
+        for name, amount in amounts.items():
+            validate.identifier("name", name)
+            validate.integer("amount", amount, low=-(2**53), high=2**53)
+        now = time.time()
+
+        def go() -> list[Any]:
+            pipe = self.redis.pipeline()
+            for name, amount in amounts.items():
+                metrics.incr(self.redis, self.ns, name, amount, now, pipe=pipe)
+            return list(pipe.execute())
+
+        totals = self.redis.call("incr_metrics", go, idempotent=False) if amounts else []
+        if time.monotonic() - self._last_checkpoint > 5.0:
+            self.checkpoint_metrics()
+        return {name: int(t) for name, t in zip(amounts, totals, strict=True)}
 
     def get_metric(self, name: str) -> int:
         """Return a counter's total (0 when it was never incremented)."""

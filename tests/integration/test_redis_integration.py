@@ -162,3 +162,27 @@ def test_metric_counters_survive_redis_loss(sm: toolkit.StateManager, clean) -> 
     assert sm.get_metric("done") == 0
     sm.repair()
     assert sm.get_metric("done") == 7
+
+
+def test_heartbeat_many_beats_every_worker_in_one_call(sm: toolkit.StateManager, raw_redis, clean) -> None:
+    for w in ("a", "b", "c"):
+        sm.register_worker(w)
+    sm.deregister_worker("c")
+    time.sleep(0.05)
+    sm.heartbeat_many(["a", "b", "c"])
+    for w in ("a", "b", "c"):
+        assert 0 < raw_redis.pttl(keys.heartbeat(clean.namespace, w)) <= 2000
+    assert sm.get_worker("c").status == "active"  # a heartbeat re-activates
+    with pytest.raises(toolkit.NotFound):
+        sm.heartbeat_many(["a", "ghost"])
+
+
+def test_incr_metrics_adds_to_many_counters_at_once(sm: toolkit.StateManager, raw_redis, clean) -> None:
+    sm.incr_metric("x", 2)
+    assert sm.incr_metrics({"x": 3, "y": 1}) == {"x": 5, "y": 1}
+    assert sm.metrics()["x"] == 5
+    buckets = raw_redis.hgetall(keys.metric_buckets(clean.namespace, "y"))
+    assert sum(int(v) for v in buckets.values()) == 1
+    with pytest.raises(toolkit.ValidationError, match="amount"):
+        sm.incr_metrics({"x": 1.5})
+    assert sm.get_metric("x") == 5
