@@ -9,8 +9,10 @@ the migration files must be plain SQL an operator can read and run by hand.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from importlib import resources
 
 import sqlalchemy as sa
@@ -22,6 +24,17 @@ from toolkit.tiers.postgres.db import Database
 
 log = logging.getLogger(__name__)
 _LOCK_KEY = 0x746F6F6C6B6974  # "toolkit": serialises migrations across processes
+
+
+@contextlib.contextmanager
+def _refused_as_configuration(message: str) -> Iterator[None]:
+    """Turn PostgreSQL's "permission denied" into a ConfigurationError (a role, not an outage)."""
+    try:
+        yield
+    except errors.StorageUnavailable as exc:
+        if "permission denied" in str(exc):
+            raise errors.ConfigurationError(f"{message}: {exc}") from exc
+        raise
 
 
 def available() -> list[tuple[int, str, str]]:
@@ -55,48 +68,36 @@ def upgrade(db: Database, *, target: int | None = None) -> list[int]:
     no DDL privilege at all.
     """
     wanted = [m for m in available() if target is None or m[0] <= target]
-    try:
+    with _refused_as_configuration(f"this role may not read schema {db.schema!r} (grant USAGE "
+                                   "on the schema and SELECT on its tables)"):
         done = set(applied(db))
-    except errors.StorageUnavailable as exc:
-        if "permission denied" in str(exc):
-            raise errors.ConfigurationError(
-                f"this role may not read schema {db.schema!r} (grant USAGE on the schema and "
-                f"SELECT on its tables): {exc}"
-            ) from exc
-        raise
     if all(v in done for v, _, _ in wanted):
         return []
     schema = pgsql.Identifier(db.schema)
     new: list[int] = []
-    try:
-        with db.begin("migrate schema") as conn:
-            raw = conn.connection.driver_connection
-            assert raw is not None
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-            raw.execute(pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
-            raw.execute(pgsql.SQL("SET LOCAL search_path TO {}").format(schema))
-            conn.execute(sa.text(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL, "
-                "name TEXT NOT NULL, applied_at TIMESTAMP WITH TIME ZONE NOT NULL, "
-                "CONSTRAINT pk_schema_migrations PRIMARY KEY (version))"
-            ))
-            done = {r[0] for r in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
-            for version, name, sql in wanted:
-                if version in done:
-                    continue
-                raw.execute(sql)
-                conn.execute(
-                    sa.text("INSERT INTO schema_migrations VALUES (:v, :n, now())"),
-                    {"v": version, "n": name},
-                )
-                new.append(version)
-    except errors.StorageUnavailable as exc:
-        if "permission denied" in str(exc):
-            raise errors.ConfigurationError(
-                f"schema {db.schema!r} needs migrations {[v for v, _, _ in wanted if v not in done]} "
-                f"but this role may not run DDL: {exc}"
-            ) from exc
-        raise
+    missing = [v for v, _, _ in wanted if v not in done]
+    refused = f"schema {db.schema!r} needs migrations {missing} but this role may not run DDL"
+    with _refused_as_configuration(refused), db.begin("migrate schema") as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        raw.execute(pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        raw.execute(pgsql.SQL("SET LOCAL search_path TO {}").format(schema))
+        conn.execute(sa.text(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL, "
+            "name TEXT NOT NULL, applied_at TIMESTAMP WITH TIME ZONE NOT NULL, "
+            "CONSTRAINT pk_schema_migrations PRIMARY KEY (version))"
+        ))
+        done = {r[0] for r in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
+        for version, name, sql in wanted:
+            if version in done:
+                continue
+            raw.execute(sql)
+            conn.execute(
+                sa.text("INSERT INTO schema_migrations VALUES (:v, :n, now())"),
+                {"v": version, "n": name},
+            )
+            new.append(version)
     if new:
         log.info("applied migrations %s to schema %s", new, db.schema, extra={"action": "migrate"})
     return new
