@@ -10,6 +10,8 @@ connection, which is what a restarted Redis looks like to a pooled client.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -37,7 +39,9 @@ SCRIPT_NAMES = (
     "release_lock",
     "extend_lock",
     "incr_metric",
+    "incr_metrics",
     "raise_metrics",
+    "beat_workers",
 )
 
 
@@ -80,10 +84,8 @@ class Client:
         self.scripts: dict[str, Script] = {}
         self._scripts_loaded = False
         if not read_only:
-            pkg = resources.files("toolkit.tiers.redis") / "scripts"
             for name in SCRIPT_NAMES:
-                text = (pkg / f"{name}.lua").read_text(encoding="utf-8")
-                self.scripts[name] = self.redis.register_script(text)
+                self.scripts[name] = self.redis.register_script(script_text(name))
         if self._slot is not None:
             with self.translate("find the cluster node of the namespace"):
                 self._follow_slot()
@@ -180,6 +182,29 @@ def split_cluster(url: str) -> tuple[str, bool]:
         return url, False
     rest = urlencode([(k, v) for k, v in query if k != "cluster"])
     return urlunsplit(parts._replace(query=rest)), flags[-1].lower() in {"1", "true", "yes", "on"}
+
+
+@functools.cache
+def script_text(name: str) -> str:
+    """Return the text of a packaged Lua script (``scripts/<name>.lua``)."""
+    pkg = resources.files("toolkit.tiers.redis") / "scripts"
+    return (pkg / f"{name}.lua").read_text(encoding="utf-8")
+
+
+@functools.cache
+def script_sha(name: str) -> str:
+    """Return the SHA1 Redis knows a registered script by (as ``Script.sha``)."""
+    return hashlib.sha1(script_text(name).encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def queue_script(pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+    """Queue a registered script on a pipeline from :meth:`Client.pipeline`.
+
+    That pipeline has already loaded every script of :data:`SCRIPT_NAMES`, so
+    this needs no :class:`Client`; a ``NOSCRIPT`` reply makes the next
+    pipeline load them again.
+    """
+    pipe.evalsha(script_sha(name), len(keys), *keys, *args)
 
 
 def run_script(

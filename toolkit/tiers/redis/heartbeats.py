@@ -6,26 +6,30 @@ from collections.abc import Iterable
 from typing import Any
 
 from toolkit.tiers.redis import keys
-from toolkit.tiers.redis.client import Client
+from toolkit.tiers.redis.client import Client, queue_script
 
 HISTORY_LENGTH = 500
 """How many recent heartbeat times are kept per worker (for gap analytics)."""
 HISTORY_TTL_MS = 24 * 3600 * 1000
+"""How long a worker's history outlives its last heartbeat (milliseconds)."""
+BEAT_CHUNK = 1000
+"""Most workers one script call beats, so that no call blocks Redis for long."""
 
 
 def beat(ns: str, worker_ids: Iterable[str], now: float, ttl: float, *, pipe: Any) -> None:
-    """Queue heartbeats of ``worker_ids`` at ``now`` on ``pipe`` (key, last-seen, history)."""
-    ttl_ms = max(1, int(ttl * 1000))
-    seen = {}
-    for wid in worker_ids:
-        pipe.set(keys.heartbeat(ns, wid), repr(now), px=ttl_ms)
-        hist = keys.heartbeat_history(ns, wid)
-        pipe.lpush(hist, repr(now))
-        pipe.ltrim(hist, 0, HISTORY_LENGTH - 1)
-        pipe.pexpire(hist, HISTORY_TTL_MS)
-        seen[wid] = now
-    if seen:
-        pipe.zadd(keys.heartbeats(ns), seen)
+    """Queue heartbeats of ``worker_ids`` at ``now`` on ``pipe`` (key, last-seen, history).
+
+    One ``beat_workers`` script call per :data:`BEAT_CHUNK` workers, on a
+    pipeline from :meth:`Client.pipeline` (which loaded the scripts).
+    """
+    ids = list(worker_ids)
+    head = [repr(now), max(1, int(ttl * 1000)), HISTORY_LENGTH, HISTORY_TTL_MS]
+    for start in range(0, len(ids), BEAT_CHUNK):
+        chunk = ids[start:start + BEAT_CHUNK]
+        ks = [keys.heartbeats(ns)]
+        for wid in chunk:
+            ks += (keys.heartbeat(ns, wid), keys.heartbeat_history(ns, wid))
+        queue_script(pipe, "beat_workers", ks, head + chunk)
 
 
 def history(client: Client, ns: str, worker_ids: list[str]) -> dict[str, list[float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from toolkit.tiers.redis import keys
@@ -11,6 +12,8 @@ BUCKET_SECONDS = 60
 """Width of a metric time bucket."""
 RETENTION_SECONDS = 7 * 24 * 3600
 """How long time buckets are kept in Redis (PostgreSQL keeps its checkpoints)."""
+INCR_CHUNK = 1000
+"""Most counters one script call adds to, so that no call blocks Redis for long."""
 
 
 def bucket_start(now: float) -> int:
@@ -27,6 +30,32 @@ def incr(client: Client, ns: str, name: str, amount: int, now: float, *, pipe: A
     return int(client.call(
         "incr_metric", lambda: run_script(client, "incr_metric", ks, args), idempotent=False
     ))
+
+
+def incr_many(client: Client, ns: str, amounts: Mapping[str, int], now: float) -> dict[str, int]:
+    """Add to many counters and their buckets; return their new totals.
+
+    One ``incr_metrics`` script call per :data:`INCR_CHUNK` counters, each
+    sent once and never re-sent after a timeout or a connection error.
+    """
+    items = list(amounts.items())
+    bucket = bucket_start(now)
+    totals_key = keys.metrics(ns)
+
+    def go() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for start in range(0, len(items), INCR_CHUNK):
+            chunk = items[start:start + INCR_CHUNK]
+            ks = [totals_key]
+            args: list[Any] = [bucket]
+            for name, amount in chunk:
+                ks.append(keys.metric_buckets(ns, name))
+                args += (name, amount)
+            new = run_script(client, "incr_metrics", ks, args)
+            out.update(zip((name for name, _ in chunk), map(int, new), strict=True))
+        return out
+
+    return client.call("incr_metrics", go, idempotent=False) if items else {}
 
 
 def totals(client: Client, ns: str) -> dict[str, int]:

@@ -1,0 +1,218 @@
+"""Batched heartbeats and counters: one Lua call per batch leaves exactly what N commands left."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+import toolkit
+from tests.conftest import Servers
+from toolkit.tiers.redis import client as client_mod
+from toolkit.tiers.redis import heartbeats, keys, metrics
+from toolkit.tiers.redis.client import Client
+
+NOW = 1_700_000_000.123456
+TTL = 2.0
+
+
+@pytest.fixture
+def client(clean: Servers) -> Iterator[Client]:
+    """A toolkit Redis client on the test namespace."""
+    c = Client(clean.redis_url, namespace=clean.namespace)
+    yield c
+    c.close()
+
+
+def _beat(client: Client, ns: str, ids: list[str], now: float, ttl: float = TTL) -> list[Any]:
+    pipe = client.pipeline()
+    heartbeats.beat(ns, ids, now, ttl, pipe=pipe)
+    return list(pipe.execute())
+
+
+def _beat_by_commands(raw: redis.Redis, ns: str, ids: list[str], now: float, ttl: float) -> None:
+    """The reference: the five commands a heartbeat used to be, one worker at a time."""
+    pipe = raw.pipeline(transaction=False)
+    for wid in ids:
+        pipe.set(keys.heartbeat(ns, wid), repr(now), px=max(1, int(ttl * 1000)))
+        hist = keys.heartbeat_history(ns, wid)
+        pipe.lpush(hist, repr(now))
+        pipe.ltrim(hist, 0, heartbeats.HISTORY_LENGTH - 1)
+        pipe.pexpire(hist, heartbeats.HISTORY_TTL_MS)
+    pipe.zadd(keys.heartbeats(ns), dict.fromkeys(ids, now))
+    pipe.execute()
+
+
+def _namespace_keys(raw: redis.Redis, ns: str) -> set[str]:
+    return set(raw.scan_iter(match=keys.namespace_pattern(ns), count=1000))
+
+
+def test_batched_heartbeat_writes_key_history_and_last_seen(client: Client, raw_redis: redis.Redis,
+                                                            clean: Servers) -> None:
+    ns = clean.namespace
+    ids = ["w1", "w2", "w:3"]
+    assert _beat(client, ns, ids, NOW) == [3]  # one script call for the batch
+    assert _namespace_keys(raw_redis, ns) == {
+        keys.heartbeats(ns), *(keys.heartbeat(ns, w) for w in ids),
+        *(keys.heartbeat_history(ns, w) for w in ids)}
+    for wid in ids:
+        key, hist = keys.heartbeat(ns, wid), keys.heartbeat_history(ns, wid)
+        assert raw_redis.type(key) == "string" and raw_redis.get(key) == repr(NOW)
+        assert TTL * 1000 - 500 < raw_redis.pttl(key) <= TTL * 1000
+        assert raw_redis.type(hist) == "list" and raw_redis.lrange(hist, 0, -1) == [repr(NOW)]
+        assert heartbeats.HISTORY_TTL_MS - 5000 < raw_redis.pttl(hist) <= heartbeats.HISTORY_TTL_MS
+    assert raw_redis.zrange(keys.heartbeats(ns), 0, -1, withscores=True) == [
+        (w, NOW) for w in sorted(ids)]
+    assert heartbeats.last_seen(client, ns) == dict.fromkeys(ids, NOW)
+
+
+def test_batched_heartbeat_ttl_below_a_millisecond_is_one_millisecond(
+        client: Client, raw_redis: redis.Redis, clean: Servers) -> None:
+    _beat(client, clean.namespace, ["w1"], NOW, ttl=0.0001)
+    assert raw_redis.pttl(keys.heartbeat(clean.namespace, "w1")) in (-2, 0, 1)
+
+
+def test_batched_heartbeat_history_newest_first_and_trimmed(client: Client, raw_redis: redis.Redis,
+                                                            clean: Servers) -> None:
+    ns = clean.namespace
+    times = [NOW + i for i in range(heartbeats.HISTORY_LENGTH + 7)]
+    pipe = client.pipeline()
+    for t in times:
+        heartbeats.beat(ns, ["w1", "w2"], t, TTL, pipe=pipe)
+    pipe.execute()
+    for wid in ("w1", "w2"):
+        hist = raw_redis.lrange(keys.heartbeat_history(ns, wid), 0, -1)
+        assert hist == [repr(t) for t in reversed(times)][:heartbeats.HISTORY_LENGTH]
+        assert raw_redis.get(keys.heartbeat(ns, wid)) == repr(times[-1])
+    assert heartbeats.history(client, ns, ["w1"])["w1"] == times[-heartbeats.HISTORY_LENGTH:]
+    assert raw_redis.zscore(keys.heartbeats(ns), "w2") == times[-1]
+
+
+def test_batched_heartbeat_equals_the_five_commands(client: Client, raw_redis: redis.Redis,
+                                                    clean: Servers) -> None:
+    ns = clean.namespace
+    old = [f"old{i}" for i in range(40)]
+    new = [f"new{i}" for i in range(40)]
+    for step in range(3):  # history grows; the last-seen time moves
+        _beat_by_commands(raw_redis, ns, old, NOW + step * 0.1, 30.0)
+        _beat(client, ns, new, NOW + step * 0.1, 30.0)
+    for o, n in zip(old, new, strict=True):
+        for build in (keys.heartbeat, keys.heartbeat_history):
+            assert raw_redis.type(build(ns, o)) == raw_redis.type(build(ns, n))
+            assert abs(raw_redis.pttl(build(ns, o)) - raw_redis.pttl(build(ns, n))) < 2000
+        assert raw_redis.get(keys.heartbeat(ns, o)) == raw_redis.get(keys.heartbeat(ns, n))
+        assert (raw_redis.lrange(keys.heartbeat_history(ns, o), 0, -1)
+                == raw_redis.lrange(keys.heartbeat_history(ns, n), 0, -1))
+        assert raw_redis.zscore(keys.heartbeats(ns), o) == raw_redis.zscore(keys.heartbeats(ns), n)
+
+
+def test_batched_heartbeat_over_a_chunk_is_split_and_beats_everyone(
+        client: Client, raw_redis: redis.Redis, clean: Servers) -> None:
+    ns = clean.namespace
+    ids = [f"w{i}" for i in range(2 * heartbeats.BEAT_CHUNK + 17)]
+    assert _beat(client, ns, ids, NOW) == [heartbeats.BEAT_CHUNK, heartbeats.BEAT_CHUNK, 17]
+    assert raw_redis.zcard(keys.heartbeats(ns)) == len(ids)
+    assert raw_redis.exists(*(keys.heartbeat(ns, w) for w in ids)) == len(ids)
+    assert raw_redis.exists(*(keys.heartbeat_history(ns, w) for w in ids)) == len(ids)
+
+
+def test_beat_script_handles_more_members_than_lua_can_unpack(
+        client: Client, raw_redis: redis.Redis, clean: Servers) -> None:
+    ns = clean.namespace
+    ids = [f"w{i}" for i in range(4500)]  # 9,000 ZADD arguments: more than one unpack() holds
+    ks = [keys.heartbeats(ns)]
+    for wid in ids:
+        ks += (keys.heartbeat(ns, wid), keys.heartbeat_history(ns, wid))
+    pipe = client.pipeline()
+    client_mod.queue_script(pipe, "beat_workers", ks,
+                            [repr(NOW), 2000, heartbeats.HISTORY_LENGTH, heartbeats.HISTORY_TTL_MS, *ids])
+    assert pipe.execute() == [len(ids)]
+    assert raw_redis.zcard(keys.heartbeats(ns)) == len(ids)
+
+
+def test_batched_heartbeat_of_nobody_sends_nothing(client: Client, clean: Servers,
+                                                   raw_redis: redis.Redis) -> None:
+    assert _beat(client, clean.namespace, [], NOW) == []
+    assert _namespace_keys(raw_redis, clean.namespace) == set()
+
+
+def test_heartbeat_many_leaves_keys_of_every_worker(sm: toolkit.StateManager, raw_redis: redis.Redis,
+                                                    clean: Servers) -> None:
+    ns = clean.namespace
+    ids = [sm.register_worker(f"p{i}").id for i in range(5)]
+    before = [raw_redis.llen(keys.heartbeat_history(ns, w)) for w in ids]  # registering may beat
+    sm.heartbeat_many(ids)
+    sm.heartbeat_many(ids[:2])
+    seen = raw_redis.zrange(keys.heartbeats(ns), 0, -1, withscores=True)
+    assert sorted(w for w, _ in seen) == sorted(ids)
+    for i, wid in enumerate(ids):
+        when = raw_redis.get(keys.heartbeat(ns, wid))
+        assert when is not None and float(when) == raw_redis.zscore(keys.heartbeats(ns), wid)
+        assert 0 < raw_redis.pttl(keys.heartbeat(ns, wid)) <= sm.settings.heartbeat_ttl * 1000
+        assert raw_redis.llen(keys.heartbeat_history(ns, wid)) == before[i] + (2 if i < 2 else 1)
+    assert sorted(sm.active_workers()) == sorted(ids)
+
+
+def test_incr_many_adds_to_totals_and_time_buckets(client: Client, raw_redis: redis.Redis,
+                                                   clean: Servers) -> None:
+    ns = clean.namespace
+    first = {"a": 1, "b": 5, "c": -2}
+    assert metrics.incr_many(client, ns, first, NOW) == first
+    later = NOW + metrics.BUCKET_SECONDS
+    # Returned totals pass through a Lua number (exact up to 2**53, like incr_metric's);
+    # the stored total is exact beyond that.
+    assert metrics.incr_many(client, ns, {"b": 2**52, "a": 3}, later) == {"b": 5 + 2**52, "a": 4}
+    assert metrics.incr(client, ns, "c", 10, later) == 8  # the one-counter script agrees
+    metrics.incr_many(client, ns, {"b": 2**53}, later)
+    assert raw_redis.hgetall(keys.metrics(ns)) == {"a": "4", "b": str(5 + 2**52 + 2**53), "c": "8"}
+    b0, b1 = str(metrics.bucket_start(NOW)), str(metrics.bucket_start(later))
+    assert b0 != b1
+    assert raw_redis.hgetall(keys.metric_buckets(ns, "a")) == {b0: "1", b1: "3"}
+    assert raw_redis.hgetall(keys.metric_buckets(ns, "b")) == {b0: "5", b1: str(2**52 + 2**53)}
+    assert raw_redis.hgetall(keys.metric_buckets(ns, "c")) == {b0: "-2", b1: "10"}
+    assert _namespace_keys(raw_redis, ns) == {
+        keys.metrics(ns), *(keys.metric_buckets(ns, n) for n in "abc")}
+    for key in _namespace_keys(raw_redis, ns):
+        assert raw_redis.pttl(key) == -1  # like incr_metric: no TTL on totals or buckets
+    assert metrics.incr_many(client, ns, {}, NOW) == {}
+
+
+def test_incr_many_over_a_chunk_counts_every_name_in_order(client: Client, raw_redis: redis.Redis,
+                                                           clean: Servers) -> None:
+    ns = clean.namespace
+    amounts = {f"m{i}": i for i in range(metrics.INCR_CHUNK * 2 + 3)}
+    got = metrics.incr_many(client, ns, amounts, NOW)
+    assert list(got) == list(amounts) and got == amounts
+    assert metrics.totals(client, ns) == {k: v for k, v in amounts.items()}
+    bucket = metrics.bucket_start(NOW)
+    assert metrics.buckets(client, ns, ["m0", "m2002"]) == {"m0": {bucket: 0}, "m2002": {bucket: 2002}}
+
+
+def test_incr_many_is_not_resent_after_a_lost_reply(client: Client, clean: Servers,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real = metrics.run_script
+
+    def lose_reply(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)  # the script ran in Redis ...
+        raise redis.ConnectionError("connection lost before the reply")  # ... the reply was lost
+
+    monkeypatch.setattr(metrics, "run_script", lose_reply)
+    with pytest.raises(toolkit.StorageUnavailable):
+        metrics.incr_many(client, clean.namespace, {"a": 1, "b": 2}, NOW)
+    monkeypatch.undo()
+    assert metrics.totals(client, clean.namespace) == {"a": 1, "b": 2}  # counted once, not twice
+
+
+def test_incr_metrics_returns_totals_and_fills_buckets(sm: toolkit.StateManager, raw_redis: redis.Redis,
+                                                       clean: Servers) -> None:
+    names = [f"n{i}" for i in range(100)]
+    assert sm.incr_metrics(dict.fromkeys(names, 1)) == dict.fromkeys(names, 1)
+    assert sm.incr_metrics({n: i for i, n in enumerate(names)}) == {
+        n: i + 1 for i, n in enumerate(names)}
+    assert sm.metrics() == {n: i + 1 for i, n in enumerate(names)}
+    for i, n in enumerate(names):
+        counts = raw_redis.hgetall(keys.metric_buckets(clean.namespace, n))
+        assert sum(int(v) for v in counts.values()) == i + 1
+        assert all(int(b) % metrics.BUCKET_SECONDS == 0 for b in counts)
