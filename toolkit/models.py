@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -288,3 +288,108 @@ def from_dict(kind: str, data: Mapping[str, Any]) -> Entity:
 def field_names(kind: str) -> tuple[str, ...]:
     """Return the field names of an entity kind, in order."""
     return _FIELDS[kind]
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _freeze_json(value: Any) -> Any:
+    """:func:`freeze` with a shortcut for a flat dict (the usual payload) and scalars."""
+    if type(value) is dict:
+        if _SCALARS.issuperset(map(type, value.values())):
+            # Built the way freeze builds it, so the dict has the same size.
+            return FrozenDict({k: v for k, v in value.items()})
+        return freeze(value)
+    if type(value) in _SCALARS:
+        return value
+    return freeze(value)
+
+
+def _freeze_mapping(value: Any) -> Any:
+    return _freeze_json(value or {})
+
+
+def _to_tuple(value: Any) -> tuple[Any, ...]:
+    return tuple(value or ())
+
+
+def _enum_lookup(enum_type: type[enum.StrEnum]) -> Any:
+    members = {m.value: m for m in enum_type}
+
+    def convert(value: Any) -> Any:
+        found = members.get(value)
+        return found if found is not None else enum_type(value)
+
+    return convert
+
+
+_STATUS_TYPES: Mapping[type[Any], type[enum.StrEnum]] = {
+    Workflow: WorkflowStatus, Job: JobStatus, Worker: WorkerStatus, JobAssignment: AssignmentStatus,
+}
+
+
+def _converters(cls: type[Any]) -> tuple[tuple[int, Any], ...]:
+    """``(position, convert)`` of the fields ``__post_init__`` converts, per class."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    by_name = {
+        "status": _enum_lookup(_STATUS_TYPES[cls]),
+        "payload": _freeze_json, "result": _freeze_json,
+        "metadata": _freeze_mapping, "depends_on": _to_tuple, "queues": _to_tuple,
+    }
+    return tuple((names.index(n), fn) for n, fn in by_name.items() if n in names)
+
+
+def _builder(cls: type[Any]) -> Callable[[Sequence[Any]], Any]:
+    setters = tuple(getattr(cls, f.name).__set__ for f in dataclasses.fields(cls))
+    converts = _converters(cls)
+
+    def build(values: Sequence[Any]) -> Any:
+        fields = list(values)
+        for position, convert in converts:
+            fields[position] = convert(fields[position])
+        entity = object.__new__(cls)
+        for set_field, value in zip(setters, fields, strict=False):  # extras are ignored
+            set_field(entity, value)
+        return entity
+
+    return build
+
+
+_BUILDERS: Mapping[str, Callable[[Sequence[Any]], Entity]] = {
+    kind: _builder(cls) for kind, cls in ENTITY_TYPES.items()}
+
+
+def row_builder(kind: str) -> Callable[[Sequence[Any]], Entity]:
+    """Return the fast constructor of ``kind``: ``row_builder(kind)(values)`` is
+    ``from_row(kind, values)`` without the look-ups by kind (for loops over many rows)."""
+    return _BUILDERS[kind]
+
+
+def from_row(kind: str, values: Sequence[Any]) -> Entity:
+    """Build an entity of ``kind`` from its field values in field order, trusting them.
+
+    The fast constructor of the rebuild, for rows read from our own database
+    (they were validated when written): the fields are stored directly, and
+    only the conversions ``__post_init__`` makes are made (status enums,
+    frozen JSON values, tuples), so the entity equals, with the same types,
+    ``from_dict(kind, dict(zip(field_names(kind), values)))``. Values after
+    the last field are ignored.
+
+    Parameters
+    ----------
+    kind
+        ``workflow``, ``job``, ``worker`` or ``assignment``.
+    values
+        The field values in the order of :func:`field_names`, then any extras.
+
+    Returns
+    -------
+    Entity
+        The new entity.
+
+    Raises
+    ------
+    ValueError
+        A status is not one of the kind's statuses.
+    """
+    return _BUILDERS[kind](values)

@@ -1,9 +1,11 @@
 """Rebuild, consistency check and repair: PostgreSQL is the truth, the rest follows it.
 
-``rebuild`` streams the live state out of PostgreSQL in bulk (server-side
-cursors, one query per entity kind), replaces memory, and reconciles Redis:
-versioned cache fills in pipelines, every queued job in its queue exactly
-once, nothing else in any queue, metric totals raised to their checkpoints.
+``rebuild`` streams the live state out of PostgreSQL in bulk (one binary,
+chunked query per entity kind, as tuples built into entities by
+``models.from_row``), replaces memory, and reconciles Redis: cache fills that
+never overwrite a newer version (``MSETNX`` per chunk into an emptied cache,
+else MGET and versioned fills), every queued job in its queue exactly once,
+nothing else in any queue, metric totals raised to their checkpoints.
 Its cost grows with the live state, not with the finished history.
 """
 
@@ -18,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import sqlalchemy as sa
 
 from toolkit import models
@@ -33,6 +36,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIPELINE_CHUNK = 5_000
+FILL_CHUNK = 2_000
+"""Cache entries per ``MSETNX`` of the rebuild."""
+SCAN_COUNT = 10_000
+"""``COUNT`` of the rebuild's SCAN of the namespace."""
+WHOLE_QUEUE_AT = 1_000
+"""Queue reconciliation reads a whole queue back when it checks at least this many
+jobs and at least half of the queue, instead of looking the ids up."""
+PROGRESS_STEP = 10_000
+"""Rows between two updates of the rebuild's progress bar."""
 PROGRESS_THRESHOLD = 50_000
 """Show a progress bar when the live state has at least this many rows."""
 
@@ -152,6 +164,11 @@ def _progress(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, disable=not show, desc="rebuild", unit="row", leave=False)
 
 
+def _columns(kind: str) -> tuple[str, ...]:
+    """The columns the rebuild reads: the model's fields, then the job's enqueue sequence."""
+    return models.field_names(kind) + (("enqueue_seq",) if kind == "job" else ())
+
+
 def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[models.Entity]],
                                                             dict[str, dict[str, float]],
                                                             dict[str, int]]:
@@ -164,21 +181,35 @@ def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[model
         bar = _progress(sum(counts.values()), progress)
         try:
             for kind in ("workflow", "worker", "assignment", "job"):
-                out: list[models.Entity] = []
-                from_dict = models.from_dict
-                for row in store.stream_live(conn, kind):
-                    out.append(from_dict(kind, row))
-                    if kind == "job" and row["status"] == "queued":
-                        wanted.setdefault(row["queue"], {})[row["id"]] = queue.score(
-                            row["priority"], row["enqueue_seq"] or 0)
-                    if len(out) % 10_000 == 0:
-                        bar.update(10_000)
-                bar.update(len(out) % 10_000)
-                entities[kind] = out
+                entities[kind] = _read_live(conn, kind, bar, wanted)
         finally:
             bar.close()
         checkpoints = store.metric_checkpoints(conn)
     return entities, wanted, checkpoints
+
+
+def _read_live(conn: sa.Connection, kind: str, bar: Any,
+               wanted: dict[str, dict[str, float]]) -> list[models.Entity]:
+    """Build the live entities of ``kind`` (and note queued jobs in ``wanted``)."""
+    columns = _columns(kind)
+    out: list[models.Entity] = []
+    append, build, score = out.append, models.row_builder(kind), queue.score
+    i_id, i_status, i_queue, i_priority, i_seq = (
+        columns.index(c) if c in columns else -1
+        for c in ("id", "status", "queue", "priority", "enqueue_seq"))
+    is_job = kind == "job"
+    step = 0
+    for values in store.stream_live(conn, kind, columns):
+        append(build(values))
+        if is_job and values[i_status] == "queued":
+            wanted.setdefault(values[i_queue], {})[values[i_id]] = score(
+                values[i_priority], values[i_seq] or 0)
+        step += 1
+        if step == PROGRESS_STEP:
+            bar.update(step)
+            step = 0
+    bar.update(step)
+    return out
 
 
 def rebuild(db: Database, client: Client, ns: str, memory: Memory, *,
@@ -194,14 +225,14 @@ def rebuild(db: Database, client: Client, ns: str, memory: Memory, *,
     entities, wanted, checkpoints = _snapshot(db, progress)
     for kind in KINDS:
         memory.replace(kind, entities[kind])
+    live = {kind: {e.id for e in entities[kind]} for kind in KINDS}
+    cached, others = _scan_cache(client, ns, live)
     for kind in KINDS:
-        _fill(client, ns, entities[kind])
+        _fill(client, ns, kind, entities[kind], cached[kind])
         # Entries the snapshot does not cover (jobs that became final or were
         # deleted in a commit whose cache update was lost) are checked too.
-        live = {e.id for e in entities[kind]}
-        others = [i for i in cache.scan_ids(client, ns, kind) if i not in live]
-        if others:
-            fix_cache(db, client, ns, memory, kind, others)
+        if others[kind]:
+            fix_cache(db, client, ns, memory, kind, others[kind])
     # A coordinator that crashed between a pop and its commit left claims in
     # flight: return them now rather than after their lease.
     return_claims(db, client, ns, before=float("inf"))
@@ -220,8 +251,71 @@ def _chunks(items: list[Any], size: int = PIPELINE_CHUNK) -> Iterator[list[Any]]
         yield items[i:i + size]
 
 
-def _fill(client: Client, ns: str, entities: list[models.Entity]) -> int:
-    return cache.fill_missing_or_older(client, ns, entities)
+def _scan_cache(client: Client, ns: str, live: Mapping[str, set[str]]
+                ) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """One SCAN of the namespace: per kind, how many live entities are cached, and
+    the ids of the cached entities that are not live."""
+    heads = {kind: keys.entity(ns, kind, "") for kind in KINDS}
+    cached = dict.fromkeys(KINDS, 0)
+    others: dict[str, set[str]] = {kind: set() for kind in KINDS}
+    with client.translate("cache scan"):
+        for key in client.redis.scan_iter(match=keys.namespace_pattern(ns), count=SCAN_COUNT):
+            for kind, head in heads.items():
+                if key.startswith(head):
+                    entity_id = key[len(head):]
+                    if entity_id in live[kind]:
+                        cached[kind] += 1  # SCAN may repeat a key: a count, not a set
+                    else:
+                        others[kind].add(entity_id)
+                    break
+    return cached, {kind: sorted(ids) for kind, ids in others.items()}
+
+
+def _cache_value(entity: models.Entity) -> bytes:
+    """The bytes of ``cache.encode(entity)``, made faster: orjson writes the slotted
+    dataclass itself (its fields in order), as ``encode`` writes the dict of its fields."""
+    return b"%d|%s" % (models.entity_version(entity), orjson.dumps(entity))
+
+
+def _fill(client: Client, ns: str, kind: str, entities: list[models.Entity], cached: int) -> int:
+    """Bring the cache up to ``entities`` (live ones); return how many were written.
+
+    ``cached`` of them had a cache entry at the scan. When that is at most
+    half (Redis was emptied or restarted: the case to be fast), they are
+    written ``MSETNX`` per chunk: one command that writes every entry of the
+    chunk or, when one of its keys exists (an entry the scan saw, or one a
+    writer created since), none. Such chunks, or all the entities when most
+    were cached, go through :func:`cache.fill_missing_or_older` (MGET, then
+    ``SET NX`` for the absent and the versioned Lua fill for the older), so a
+    newer value is never overwritten.
+    """
+    if 2 * cached > len(entities):
+        return cache.fill_missing_or_older(client, ns, entities)
+    fresh: list[models.Entity] = []
+    checked: list[models.Entity] = []
+    for e in entities:
+        (checked if _expires(e) else fresh).append(e)
+    written = 0
+    for chunk in _chunks(fresh, FILL_CHUNK):
+        values = {keys.entity(ns, kind, e.id): _cache_value(e) for e in chunk}
+
+        def write(values: dict[str, bytes] = values) -> bool:
+            return bool(client.redis.msetnx(values))
+
+        if client.call("cache fill", write):
+            written += len(chunk)
+        else:
+            checked += chunk
+    return written + cache.fill_missing_or_older(client, ns, checked)
+
+
+def _expires(entity: models.Entity) -> bool:
+    """Whether the cache entry of ``entity`` gets a TTL (final jobs, ended assignments)."""
+    if isinstance(entity, models.Job):
+        return entity.is_final
+    if isinstance(entity, models.JobAssignment):
+        return entity.status is not models.AssignmentStatus.ACTIVE
+    return False
 
 
 def return_claims(db: Database, client: Client, ns: str, *, before: float) -> int:
@@ -262,7 +356,7 @@ def reconcile_queues(db: Database, client: Client, ns: str,
         if extra or add:
             # Read both sets again: another coordinator may have moved them since the snapshot.
             with db.begin("reconcile queues") as conn:
-                still = store.still_queued(conn, name, [*extra, *add])
+                still = _still_queued(conn, name, [*extra, *add], len(want))
             extra = [j for j in extra if j not in still]
             add = {j: s for j, s in add.items() if j in still}
 
@@ -282,6 +376,17 @@ def reconcile_queues(db: Database, client: Client, ns: str,
     return added, removed
 
 
+def _still_queued(conn: sa.Connection, name: str, ids: list[str], expected: int) -> set[str]:
+    """Which of ``ids`` PostgreSQL calls queued on ``name`` now.
+
+    When they are most of the queue (``expected`` jobs at the snapshot; all
+    of them after Redis was emptied) the whole queue is read, else the ids are looked up.
+    """
+    if len(ids) >= WHOLE_QUEUE_AT and 2 * len(ids) >= expected:
+        return store.queued_ids(conn, name).intersection(ids)
+    return store.still_queued(conn, name, ids)
+
+
 # -- consistency ----------------------------------------------------------------------------
 
 def _pg_versions(db: Database) -> tuple[dict[str, dict[str, Mapping[str, Any]]],
@@ -291,7 +396,9 @@ def _pg_versions(db: Database) -> tuple[dict[str, dict[str, Mapping[str, Any]]],
     with db.begin("check: read PostgreSQL") as conn:
         conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
         for kind in KINDS:
-            rows[kind] = {r["id"]: dict(r) for r in store.stream_live(conn, kind)}
+            columns = _columns(kind)
+            rows[kind] = {r[0]: dict(zip(columns, r, strict=True))
+                          for r in store.stream_live(conn, kind, columns)}
         for job_id, name, priority, seq in store.queued_jobs(conn):
             wanted.setdefault(name, {})[job_id] = queue.score(priority, seq or 0)
     return rows, wanted

@@ -29,7 +29,7 @@ from toolkit import config, errors, models, recovery, validate
 from toolkit.lock import Lock
 from toolkit.models import JobStatus as JS
 from toolkit.tiers import memory as memory_tier
-from toolkit.tiers.postgres import migrate, store, tables
+from toolkit.tiers.postgres import migrate, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, heartbeats, metrics, queue
 from toolkit.tiers.redis.client import Client
@@ -212,11 +212,17 @@ class StateManager:
         except errors.StorageUnavailable:
             pass
 
-    def _write(self, action: str, fn: Any) -> list[models.Entity]:
-        """Run ``fn(conn, changes)`` in one transaction, then apply the changes."""
+    def _write(self, action: str, fn: Any, *, one_statement: bool = False) -> list[models.Entity]:
+        """Run ``fn(conn, changes)`` in one transaction, then apply the changes.
+
+        ``one_statement``: ``fn`` writes with a single statement (reads after it
+        are allowed), which then commits by itself, without BEGIN and COMMIT.
+        """
         changes = _Changes(action=action)
-        with self.db.begin(action) as conn:
+        with self.db.autocommit(action) if one_statement else self.db.begin(action) as conn:
             fn(conn, changes)
+            if one_statement:
+                assert not changes.events, "events need a transaction"
             store.insert_events(conn, self.db.schema, changes.events)
         return self._apply(changes)
 
@@ -232,7 +238,7 @@ class StateManager:
         except errors.StorageUnavailable:
             found = None
         if found is None:
-            with self.db.begin(f"get {kind}") as conn:
+            with self.db.autocommit(f"get {kind}") as conn:  # one SELECT: no BEGIN/COMMIT
                 row = store.get(conn, kind, entity_id)
             if row is None:
                 return None
@@ -350,7 +356,7 @@ class StateManager:
                 raise self._refusal(conn, "workflow", workflow_id, target)
             ch.add("workflow", row)
 
-        return self._write("update workflow", tx)[0]  # type: ignore[return-value]
+        return self._write("update workflow", tx, one_statement=True)[0]  # type: ignore[return-value]
 
     def cancel_workflow(self, workflow_id: str) -> models.Workflow:
         """Cancel a workflow and every job of it that is not final."""
@@ -414,24 +420,14 @@ class StateManager:
         return guard or None
 
     def _rollup(self, conn: sa.Connection, workflow_id: str, now: datetime) -> Mapping[str, Any] | None:
-        """Recompute a workflow's status from its jobs; return the new row if it changed."""
-        locked = store.lock_workflow(conn, workflow_id)
-        if locked is None or locked in ("cancelled", "completed"):
+        """Recompute a workflow's status from its jobs; return the new row if it changed.
+
+        Two statements: the row lock first, so that the roll-up's snapshot sees
+        every concurrent job move that committed before this one could proceed.
+        """
+        if store.lock_workflow(conn, workflow_id) is None:
             return None
-        counts = store.job_status_counts(conn, workflow_id)
-        total = sum(counts.values())
-        done = counts.get("completed", 0) + counts.get("cancelled", 0)
-        if total and done == total and counts.get("completed", 0):
-            new = "completed"
-        elif counts.get("failed", 0):
-            new = "failed"
-        elif any(counts.get(s, 0) for s in ("assigned", "running", "completed")):
-            new = "running"
-        else:
-            new = locked if locked != "failed" else "running"
-        if new == locked:
-            return None
-        return store.update(conn, "workflow", workflow_id, {"status": new}, now=now)
+        return store.rollup_workflow(conn, workflow_id, now)
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -500,26 +496,28 @@ class StateManager:
         def tx(conn: sa.Connection, ch: _Changes) -> None:
             now = self._now()
             vals = {k: (now if v is _NOW else v) for k, v in values.items()}
-            row = store.update(conn, "job", job_id, {"status": target.value, **vals},
-                               statuses_in=models.job_sources(target), now=now, guard=guard)
+            row, wf_status = store.move_job(
+                conn, job_id, {"status": target.value, **vals}, statuses_in=models.job_sources(target),
+                now=now, event=_EVENT_OF[target], guard=guard, lock_workflow=rollup)
             if row is None:
                 raise self._refusal(conn, "job", job_id, target, guard)
             if end_assignment:
                 ch.add_all("assignment",
                            store.end_assignments(conn, end_assignment, now, job_ids=[job_id]))
-            ch.event(_EVENT_OF[target], row, now)
             if release:
                 released = store.release_dependents(conn, row["workflow_id"], job_id, now)
                 ch.add_all("job", released)
                 for r in released:
                     ch.event("queued", r, now, released_by=job_id)
             ch.rows.insert(0, ("job", row))
-            if rollup:
-                ch.add("workflow", self._rollup(conn, row["workflow_id"], now))
+            if rollup and wf_status is not None:
+                ch.add("workflow", store.rollup_workflow(conn, row["workflow_id"], now))
             if counter:
                 ch.counters[counter] += 1
 
-        return self._write(f"job -> {target.value}", tx)[0]  # type: ignore[return-value]
+        # A bare move is one statement (the update, its event): it commits by itself.
+        alone = not (end_assignment or release or rollup)
+        return self._write(f"job -> {target.value}", tx, one_statement=alone)[0]  # type: ignore[return-value]
 
     def update_job_status(self, job_id: str, status: str, *, result: Any = None,
                           error: str | None = None) -> models.Job:
@@ -554,7 +552,8 @@ class StateManager:
         :meth:`dequeue`), a worker whose attempt was reclaimed meanwhile is
         refused with :class:`~toolkit.errors.StaleAttempt`.
         """
-        return self._move(job_id, JS.RUNNING, {"started_at": _NOW}, rollup=True,
+        # No roll-up: assigned and running weigh the same in it, so it cannot change.
+        return self._move(job_id, JS.RUNNING, {"started_at": _NOW},
                           guard=self._attempt_guard(worker_id, attempt))
 
     def complete_job(self, job_id: str, result: Any = None, *, worker_id: str | None = None,
@@ -616,10 +615,10 @@ class StateManager:
 
     def _assign(self, conn: sa.Connection, ch: _Changes, job_id: str, worker_id: str) -> bool:
         now = self._now()
-        row = store.update(conn, "job", job_id,
-                           {"status": "assigned", "worker_id": worker_id,
-                            "attempts": tables.jobs.c.attempts + 1},
-                           statuses_in=[JS.QUEUED], now=now)
+        row, wf_status = store.move_job(
+            conn, job_id, {"status": "assigned", "worker_id": worker_id,
+                           "attempts": store.INCREMENT},
+            statuses_in=[JS.QUEUED], now=now, event="assigned", lock_workflow=True)
         if row is None:
             return False
         assignment = {"id": validate.new_id(), "job_id": job_id, "worker_id": worker_id,
@@ -628,7 +627,8 @@ class StateManager:
         store.insert(conn, "assignment", assignment)
         ch.add("job", row)
         ch.add("assignment", assignment)
-        ch.event("assigned", row, now)
+        if wf_status is not None:
+            ch.add("workflow", store.rollup_workflow(conn, row["workflow_id"], now))
         ch.counters["jobs_assigned"] += 1
         return True
 
@@ -909,7 +909,7 @@ class StateManager:
         return int(total)
 
     def incr_metrics(self, amounts: Mapping[str, int]) -> dict[str, int]:
-        """Add to many counters at once (one Redis round trip); return their new totals.
+        """Add to many counters at once (one Lua call per 1,000); return their new totals.
 
         Like :meth:`incr_metric`, sent once and never re-sent after a timeout.
         """
@@ -918,18 +918,10 @@ class StateManager:
         for name, amount in amounts.items():
             validate.identifier("name", name)
             validate.integer("amount", amount, low=-(2**53), high=2**53)
-        now = time.time()
-
-        def go() -> list[Any]:
-            pipe = self.redis.pipeline()
-            for name, amount in amounts.items():
-                metrics.incr(self.redis, self.ns, name, amount, now, pipe=pipe)
-            return list(pipe.execute())
-
-        totals = self.redis.call("incr_metrics", go, idempotent=False) if amounts else []
+        totals = metrics.incr_many(self.redis, self.ns, amounts, time.time())
         if time.monotonic() - self._last_checkpoint > 5.0:
             self.checkpoint_metrics()
-        return {name: int(t) for name, t in zip(amounts, totals, strict=True)}
+        return totals
 
     def get_metric(self, name: str) -> int:
         """Return a counter's total (0 when it was never incremented)."""

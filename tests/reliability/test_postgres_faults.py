@@ -43,6 +43,8 @@ def test_postgres_stopped_writes_fail_fast_and_change_nothing(private: Private) 
         wf = sm.create_workflow("w", jobs=[{"name": "a", "id": "a"}, {"name": "b", "id": "b"}])
         sm.register_worker("w1")
         sm.dequeue("w1")  # a is assigned, b stays queued
+        wf = sm.get_workflow(wf.id)  # rolled up to running by the assignment
+        assert wf is not None and wf.status == "running"
         redis_before = _redis_dump(private.redis_url, private.namespace)
         memory_before = _memory(sm)
         private.stack.stop_postgres()

@@ -6,9 +6,10 @@ Rows come back as mappings whose keys are the model field names.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from psycopg import sql as pgsql
@@ -44,10 +45,15 @@ def _all(result: sa.CursorResult[Any]) -> list[Row]:
 
 # -- generic reads -----------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def _get_template(kind: str) -> sa.Select[Any]:
+    table = t.ENTITY_TABLES[kind]
+    return sa.select(table).where(table.c.id == sa.bindparam("_id"))
+
+
 def get(conn: sa.Connection, kind: str, entity_id: str) -> Row | None:
     """Return one row by primary key."""
-    table = t.ENTITY_TABLES[kind]
-    return _one(conn.execute(sa.select(table).where(table.c.id == entity_id)))
+    return _one(conn.execute(_get_template(kind), {"_id": entity_id}))
 
 
 def get_many(conn: sa.Connection, kind: str, ids: Sequence[str]) -> list[Row]:
@@ -67,20 +73,31 @@ def select_where(conn: sa.Connection, kind: str, **equal: Any) -> list[Row]:
     return _all(conn.execute(stmt.order_by(order, table.c.id)))
 
 
-def stream_live(conn: sa.Connection, kind: str, batch: int = 10_000) -> Iterator[Row]:
-    """Stream every live row of ``kind`` through a server-side cursor.
+def stream_live(conn: sa.Connection, kind: str, columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+    """Stream ``columns`` of every live row of ``kind`` as tuples.
 
     Live: every workflow and worker, active assignments, jobs that are not final.
+    One query in the caller's transaction (so it reads the caller's snapshot),
+    fetched in binary in chunks of :data:`STREAM_CHUNK` rows (libpq's chunked
+    rows mode; one row at a time with a libpq older than 17), so memory does
+    not grow with the table. The values are decoded by the connection's own
+    loaders, so they have the types a normal read gives (aware UTC datetimes,
+    JSON decoded by the engine's deserializer, lists for arrays).
     """
     table = t.ENTITY_TABLES[kind]
-    stmt = sa.select(table)
+    stmt = sa.select(*[table.c[c] for c in columns])
     if kind == "job":
         stmt = stmt.where(t.LIVE_JOB_CLAUSE)
     elif kind == "assignment":
         stmt = stmt.where(table.c.status == "active")
-    result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
-    for row in result.mappings():
-        yield cast(Row, row)
+    from psycopg import capabilities
+
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    size = STREAM_CHUNK if capabilities.has_stream_chunked() else 1
+    query, params = _driver_sql(conn, stmt)
+    with raw.cursor(binary=True) as cur:
+        yield from cur.stream(query, params, size=size)
 
 
 def count_live(conn: sa.Connection) -> dict[str, int]:
@@ -137,6 +154,73 @@ def next_seqs(conn: sa.Connection, n: int) -> list[int]:
     return [r[0] for r in conn.execute(q)]
 
 
+INCREMENT: Any = object()
+"""An :func:`update` value meaning ``column = column + 1``."""
+
+
+# Statements on the hot path are built once per shape, with bound parameters, and
+# reused: building a SQLAlchemy statement costs more than its round trip to the server.
+
+def _param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=column.type)
+
+
+def _statuses_param() -> sa.BindParameter[Any]:
+    return sa.bindparam("_statuses", type_=ARRAY(sa.Text))
+
+
+@functools.lru_cache(maxsize=256)
+def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str, ...],
+                     guards: tuple[str, ...], with_statuses: bool, with_now: bool,
+                     enqueue: bool) -> sa.Update:
+    table = t.ENTITY_TABLES[kind]
+    stmt = sa.update(table).where(table.c.id == sa.bindparam("_id"))
+    for column in guards:
+        stmt = stmt.where(table.c[column] == _param(f"_g_{column}", table.c[column]))
+    if with_statuses:
+        stmt = stmt.where(table.c.status == sa.any_(_statuses_param()))
+    vals: dict[str, Any] = {c: _param(f"_v_{c}", table.c[c]) for c in columns}
+    vals.update({c: table.c[c] + 1 for c in increments})
+    if "version" in table.c:
+        vals["version"] = table.c.version + 1
+    if with_now and "updated_at" in table.c:
+        vals["updated_at"] = _param("_now", table.c.updated_at)
+    if enqueue:
+        vals["enqueue_seq"] = t.enqueue_seq.next_value()
+    return stmt.values(**vals)
+
+
+_Shape = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], bool, bool, bool]
+
+
+def _update_shape(
+    kind: str, entity_id: str, values: Mapping[str, Any], *,
+    statuses_in: Iterable[str] | None = None, now: datetime | None = None,
+    guard: Mapping[str, Any] | None = None,
+) -> tuple[_Shape, dict[str, Any]]:
+    """The shape of this update (the key of its cached statement) and its parameters."""
+    vals = dict(values)
+    enqueue = bool(vals.pop("enqueue", False))
+    increments = tuple(sorted(c for c, v in vals.items() if v is INCREMENT))
+    columns = tuple(sorted(c for c, v in vals.items() if v is not INCREMENT))
+    guard = guard or {}
+    guards = tuple(sorted(guard))
+    shape = (kind, columns, increments, guards, statuses_in is not None, now is not None, enqueue)
+    params: dict[str, Any] = {"_id": entity_id}
+    params.update({f"_v_{c}": vals[c] for c in columns})
+    params.update({f"_g_{c}": guard[c] for c in guards})
+    if statuses_in is not None:
+        params["_statuses"] = [str(s) for s in statuses_in]
+    if now is not None:
+        params["_now"] = now
+    return shape, params
+
+
+@functools.lru_cache(maxsize=256)
+def _update_returning(shape: _Shape) -> sa.Update:
+    return _update_template(*shape).returning(t.ENTITY_TABLES[shape[0]])
+
+
 def update(
     conn: sa.Connection, kind: str, entity_id: str, values: Mapping[str, Any], *,
     statuses_in: Iterable[str] | None = None, now: datetime | None = None,
@@ -144,22 +228,52 @@ def update(
 ) -> Row | None:
     """Update one row if its status is in ``statuses_in`` (and ``guard`` columns match).
 
-    Bumps the version; returns the new row, or None when the guard refused.
+    A value of :data:`INCREMENT` adds one to the column. Bumps the version;
+    returns the new row, or None when the guard refused.
     """
-    table = t.ENTITY_TABLES[kind]
-    stmt = sa.update(table).where(table.c.id == entity_id)
-    for column, value in (guard or {}).items():
-        stmt = stmt.where(table.c[column] == value)
-    if statuses_in is not None:
-        stmt = stmt.where(table.c.status.in_([str(s) for s in statuses_in]))
-    vals = dict(values)
-    if "version" in table.c:
-        vals["version"] = table.c.version + 1
-    if now is not None and "updated_at" in table.c:
-        vals["updated_at"] = now
-    if vals.pop("enqueue", False):
-        vals["enqueue_seq"] = t.enqueue_seq.next_value()
-    return _one(conn.execute(stmt.values(**vals).returning(table)))
+    shape, params = _update_shape(kind, entity_id, values, statuses_in=statuses_in, now=now,
+                                  guard=guard)
+    return _one(conn.execute(_update_returning(shape), params))
+
+
+@functools.lru_cache(maxsize=64)
+def _move_template(shape: _Shape, lock_workflow: bool) -> sa.Select[Any]:
+    j, w, e = t.jobs, t.workflows, t.job_events
+    moved = _update_template(*shape).returning(*j.c).cte("moved")
+    logged = sa.insert(e).from_select(
+        ["job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at"],
+        sa.select(moved.c.id, moved.c.workflow_id, sa.bindparam("_event", type_=sa.Text),
+                  moved.c.status, moved.c.worker_id, moved.c.attempts,
+                  sa.bindparam("_at", type_=t.TZ)),
+    ).cte("logged")
+    columns: list[Any] = list(moved.c)
+    if lock_workflow:
+        locked = (sa.select(w.c.status)
+                  .where(w.c.id == sa.select(moved.c.workflow_id).scalar_subquery())
+                  .with_for_update().cte("locked"))
+        columns.append(sa.select(locked.c.status).scalar_subquery().label("_workflow_status"))
+    return sa.select(*columns).add_cte(logged)
+
+
+def move_job(
+    conn: sa.Connection, job_id: str, values: Mapping[str, Any], *, statuses_in: Iterable[str],
+    now: datetime, event: str, guard: Mapping[str, Any] | None = None, lock_workflow: bool = False,
+) -> tuple[Row | None, str | None]:
+    """Update a job as :func:`update` does, log ``event`` and lock its workflow: ONE statement.
+
+    Returns the new row (None when refused) and, with ``lock_workflow``, the
+    workflow's status, its row now locked for this transaction (a later
+    statement's snapshot sees every move committed before the lock was granted).
+    """
+    shape, params = _update_shape("job", job_id, values, statuses_in=statuses_in, now=now,
+                                  guard=guard)
+    stmt = _move_template(shape, lock_workflow)
+    params.update(_event=event, _at=now)
+    found = conn.execute(stmt, params).mappings().first()
+    if found is None:
+        return None, None
+    row = dict(found)
+    return row, row.pop("_workflow_status", None)
 
 
 def upsert_worker(conn: sa.Connection, row: Row) -> Row:
@@ -175,27 +289,28 @@ def upsert_worker(conn: sa.Connection, row: Row) -> Row:
     return dict(conn.execute(stmt.returning(t.workers)).mappings().one())
 
 
-def job_status_counts(conn: sa.Connection, workflow_id: str) -> dict[str, int]:
-    """Return status -> number of jobs in a workflow."""
-    q = (sa.select(t.jobs.c.status, sa.func.count())
-         .where(t.jobs.c.workflow_id == workflow_id).group_by(t.jobs.c.status))
-    return {r[0]: r[1] for r in conn.execute(q)}
+def _release_statement() -> sa.Update:
+    dep = t.jobs.alias("dep")
+    unmet = (sa.select(sa.literal(1)).select_from(dep)
+             .where(dep.c.id == sa.any_(t.jobs.c.depends_on), dep.c.status != "completed"))
+    return (
+        sa.update(t.jobs)
+        .where(t.jobs.c.workflow_id == sa.bindparam("_wf", type_=sa.Text),
+               t.jobs.c.status == "pending",
+               sa.bindparam("_job", type_=sa.Text) == sa.any_(t.jobs.c.depends_on),
+               ~sa.exists(unmet))
+        .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
+                version=t.jobs.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
+        .returning(t.jobs)
+    )
+
+
+_RELEASE = _release_statement()
 
 
 def release_dependents(conn: sa.Connection, workflow_id: str, job_id: str, now: datetime) -> list[Row]:
     """Queue the pending jobs of a workflow whose dependencies are now all completed."""
-    dep = t.jobs.alias("dep")
-    unmet = (sa.select(sa.literal(1)).select_from(dep)
-             .where(dep.c.id == sa.any_(t.jobs.c.depends_on), dep.c.status != "completed"))
-    stmt = (
-        sa.update(t.jobs)
-        .where(t.jobs.c.workflow_id == workflow_id, t.jobs.c.status == "pending",
-               sa.literal(job_id) == sa.any_(t.jobs.c.depends_on), ~sa.exists(unmet))
-        .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
-                version=t.jobs.c.version + 1, updated_at=now)
-        .returning(t.jobs)
-    )
-    return _all(conn.execute(stmt))
+    return _all(conn.execute(_RELEASE, {"_wf": workflow_id, "_job": job_id, "_now": now}))
 
 
 def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -> list[Row]:
@@ -209,12 +324,25 @@ def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -
     return _all(conn.execute(stmt))
 
 
+_END_JOB_ASSIGNMENTS = (
+    sa.update(t.job_assignments)
+    .where(t.job_assignments.c.status == "active",
+           t.job_assignments.c.job_id == sa.any_(sa.bindparam("_jobs", type_=ARRAY(sa.Text))))
+    .values(status=sa.bindparam("_status", type_=sa.Text),
+            finished_at=sa.bindparam("_now", type_=t.TZ))
+    .returning(t.job_assignments)
+)
+
+
 def end_assignments(
     conn: sa.Connection, status: str, now: datetime, *, job_ids: Sequence[str] = (),
     worker_id: str | None = None,
 ) -> list[Row]:
     """End the active assignments of some jobs or of a worker; return the ended rows."""
     a = t.job_assignments
+    if job_ids and worker_id is None:
+        return _all(conn.execute(_END_JOB_ASSIGNMENTS, {"_jobs": list(job_ids), "_status": status,
+                                                        "_now": now}))
     stmt = sa.update(a).where(a.c.status == "active")
     if job_ids:
         stmt = stmt.where(_in(a.c.job_id, job_ids))
@@ -298,10 +426,59 @@ def metric_checkpoints(conn: sa.Connection) -> dict[str, int]:
 
 # -- job helpers used by the state manager -------------------------------------------------
 
+_LOCK_WORKFLOW = (sa.select(t.workflows.c.status)
+                  .where(t.workflows.c.id == sa.bindparam("_wf")).with_for_update())
+
+
 def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
     """Lock a workflow row for this transaction; return its status (None: no such workflow)."""
-    q = sa.select(t.workflows.c.status).where(t.workflows.c.id == workflow_id).with_for_update()
-    return conn.execute(q).scalar_one_or_none()
+    return conn.execute(_LOCK_WORKFLOW, {"_wf": workflow_id}).scalar_one_or_none()
+
+
+OPEN_JOB = ("pending", "queued", "assigned", "running", "failed")
+ACTIVE_JOB = ("assigned", "running", "completed")
+
+
+def _rollup_statement() -> sa.Update:
+    j, w = t.jobs, t.workflows
+    wf = sa.bindparam("_wf", type_=sa.Text)
+
+    def has(*statuses: str) -> sa.Exists:
+        return sa.exists().where(j.c.status == sa.any_(sa.literal(list(statuses), ARRAY(sa.Text))),
+                                 j.c.workflow_id == wf)
+
+    # Each probe once, in a one-row subquery the SET and the WHERE both read.
+    f = sa.select(has(*OPEN_JOB).label("open"), has("completed").label("completed"),
+                  has("failed").label("failed"), has(*ACTIVE_JOB).label("active")).subquery("f")
+    new = sa.case(
+        (sa.and_(~f.c.open, f.c.completed), "completed"),
+        (f.c.failed, "failed"),
+        (f.c.active, "running"),
+        (w.c.status == "failed", "running"),
+        else_=w.c.status,
+    )
+    return (
+        sa.update(w)
+        .where(w.c.id == wf, w.c.status.not_in(("cancelled", "completed")), w.c.status != new)
+        .values(status=new, version=w.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
+        .returning(w)
+    )
+
+
+_ROLLUP = _rollup_statement()
+
+
+def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> Row | None:
+    """Set a workflow's status from its jobs' statuses; return the row if it changed.
+
+    One statement: each question ("a failed job?", "an open job?", ...) is an
+    EXISTS probe on the ``(status, workflow_id)`` index, so the cost does not grow
+    with the size of the workflow. The caller must hold the workflow's row lock
+    (:func:`lock_workflow`) from an earlier statement, so that this statement's
+    snapshot sees every job move committed before it. Cancelled and completed
+    workflows never change.
+    """
+    return _one(conn.execute(_ROLLUP, {"_wf": workflow_id, "_now": now}))
 
 
 def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> list[Row]:
@@ -448,3 +625,33 @@ def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) ->
                                       set_={"token": sa.func.greatest(f.c.token, stmt.excluded.token)})
     conn.execute(stmt)
     return floor, floor + block
+
+
+# -- driver-level reads (the rebuild) ---------------------------------------------------------
+
+STREAM_CHUNK = 1_000
+"""Rows per chunk of :func:`stream_live`."""
+
+
+def queued_ids(conn: sa.Connection, queue_name: str) -> set[str]:
+    """Return the ids of every job PostgreSQL calls queued on ``queue_name`` now.
+
+    Cheaper than :func:`still_queued` when most of a queue is to be checked
+    (one scan of the queued-jobs index, no id list sent).
+    """
+    j = t.jobs
+    stmt = sa.select(j.c.id).where(j.c.status == "queued", j.c.queue == queue_name)
+    query, params = _driver_sql(conn, stmt)
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    with raw.cursor(binary=True) as cur:
+        cur.execute(query, params)
+        return {r[0] for r in cur.fetchall()}
+
+
+def _driver_sql(conn: sa.Connection, stmt: sa.Select[Any]) -> tuple[pgsql.SQL, dict[str, Any]]:
+    """Compile a Core statement for the driver: SQL text (schema applied) and its parameters."""
+    schema_map = conn.get_execution_options().get("schema_translate_map")
+    compiled = stmt.compile(dialect=conn.dialect, schema_translate_map=schema_map,
+                            render_schema_translate=True)
+    return pgsql.SQL(str(compiled)), dict(compiled.params)

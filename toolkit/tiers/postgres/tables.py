@@ -93,7 +93,7 @@ jobs = Table(
     Column("finished_at", TZ),
     Column("version", BigInteger, nullable=False),
     UniqueConstraint("workflow_id", "name"),
-    Index(None, "status"),
+    Index("ix_jobs_status_workflow_id", "status", "workflow_id"),  # roll-up probes (0003)
     Index(None, "worker_id"),
     Index("ix_jobs_queued", "queue", text("priority DESC"), "enqueue_seq",
           postgresql_where=text("status = 'queued'")),
