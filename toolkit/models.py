@@ -4,6 +4,11 @@ Every entity is an immutable snapshot. JSON-like fields (``payload``,
 ``result``, ``metadata``) are frozen on construction (dicts become
 :class:`FrozenDict`, lists become :class:`FrozenList`), so the object a get returns can be
 shared with the cache without anyone changing the cache through it.
+
+A job's ``payload`` is stored packed to save memory: a flat dict of scalars is kept as
+its values plus one key tuple shared by every payload with the same keys, and each read
+of ``job.payload`` builds a new :class:`FrozenDict` equal to it (same keys, same order,
+same JSON), so two reads are equal but not the same object.
 """
 
 from __future__ import annotations
@@ -138,12 +143,16 @@ class FrozenList(list[Any]):
         return self
 
 
+_EMPTY = FrozenDict()
+"""The one empty :class:`FrozenDict` (``freeze({})`` returns it: immutable, so shared)."""
+
+
 def freeze(value: Any) -> Any:
     """Return ``value`` with every dict and list frozen (JSON values only)."""
     if isinstance(value, FrozenDict | FrozenList):
         return value
     if isinstance(value, dict):
-        return FrozenDict({k: freeze(v) for k, v in value.items()})
+        return FrozenDict({k: freeze(v) for k, v in value.items()}) if value else _EMPTY
     if isinstance(value, list | tuple):
         return FrozenList(freeze(v) for v in value)
     return value
@@ -156,6 +165,64 @@ def thaw(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [thaw(v) for v in value]
     return value
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+_SHARED_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_SHARED_KEYS_MAX = 4096
+"""At most this many distinct key tuples are shared; dicts with other keys stay dicts."""
+_PACK_MAX_KEYS = 32
+
+
+def _pack(value: Any) -> Any:
+    """Return the slot form of a JSON field: :func:`freeze`, except that a flat dict of
+    scalars with string keys becomes a plain ``(*values, keys)`` tuple whose ``keys`` is one
+    tuple shared by every dict with the same keys (``freeze`` never makes a plain tuple)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if (kind is dict or kind is FrozenDict) and 0 < len(value) <= _PACK_MAX_KEYS \
+            and _SCALARS.issuperset(map(type, value.values())):
+        keys = tuple(value)
+        shared = _SHARED_KEYS.get(keys)
+        if shared is None and len(_SHARED_KEYS) < _SHARED_KEYS_MAX \
+                and all(type(k) is str for k in keys):
+            shared = _SHARED_KEYS.setdefault(keys, keys)
+        if shared is not None:
+            return (*value.values(), shared)
+    return freeze(value)
+
+
+class _PackedJSON:
+    """The descriptor of a packed JSON field: stores :func:`_pack` of the value in the
+    field's slot and gives back the frozen value (a packed dict is rebuilt as a new
+    :class:`FrozenDict` with the same keys in the same order)."""
+
+    __slots__ = ("_delete", "_get", "_set")
+
+    def __init__(self, slot: Any) -> None:
+        self._get, self._set, self._delete = slot.__get__, slot.__set__, slot.__delete__
+
+    def __get__(self, entity: Any, owner: Any = None) -> Any:
+        if entity is None:
+            return self
+        value = self._get(entity)
+        if type(value) is tuple:
+            return FrozenDict(zip(value[-1], value))  # noqa: B905 (stops before the keys)
+        return value
+
+    def __set__(self, entity: Any, value: Any) -> None:
+        self._set(entity, _pack(value))
+
+    def __delete__(self, entity: Any) -> None:
+        self._delete(entity)
+
+
+def _pack_fields(cls: type[Any], *names: str) -> None:
+    """Store the JSON fields ``names`` of ``cls`` packed (see :func:`_pack`)."""
+    for name in names:
+        setattr(cls, name, _PackedJSON(cls.__dict__[name]))
 
 
 class _Entity:
@@ -210,7 +277,6 @@ class Job(_Entity):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", JobStatus(self.status))
-        object.__setattr__(self, "payload", freeze(self.payload))
         object.__setattr__(self, "result", freeze(self.result))
         object.__setattr__(self, "depends_on", tuple(self.depends_on or ()))
 
@@ -218,6 +284,10 @@ class Job(_Entity):
     def is_final(self) -> bool:
         """Whether the job can never change again (completed or cancelled)."""
         return self.status in FINAL_JOB_STATUSES
+
+
+# The payload is frozen (and a small flat dict packed) by its descriptor.
+_pack_fields(Job, "payload")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -290,13 +360,10 @@ def field_names(kind: str) -> tuple[str, ...]:
     return _FIELDS[kind]
 
 
-_SCALARS = frozenset({str, int, float, bool, type(None)})
-
-
 def _freeze_json(value: Any) -> Any:
-    """:func:`freeze` with a shortcut for a flat dict (the usual payload) and scalars."""
+    """:func:`freeze` with a shortcut for a flat dict (the usual result) and scalars."""
     if type(value) is dict:
-        if _SCALARS.issuperset(map(type, value.values())):
+        if value and _SCALARS.issuperset(map(type, value.values())):
             # Built the way freeze builds it, so the dict has the same size.
             return FrozenDict({k: v for k, v in value.items()})
         return freeze(value)
@@ -333,9 +400,9 @@ def _converters(cls: type[Any]) -> tuple[tuple[int, Any], ...]:
     names = [f.name for f in dataclasses.fields(cls)]
     by_name = {
         "status": _enum_lookup(_STATUS_TYPES[cls]),
-        "payload": _freeze_json, "result": _freeze_json,
-        "metadata": _freeze_mapping, "depends_on": _to_tuple, "queues": _to_tuple,
-    }
+        "result": _freeze_json, "metadata": _freeze_mapping, "depends_on": _to_tuple,
+        "queues": _to_tuple,
+    }  # the payload converts in its descriptor's __set__
     return tuple((names.index(n), fn) for n, fn in by_name.items() if n in names)
 
 
