@@ -28,10 +28,13 @@ def populate(sm: toolkit.StateManager, live: int, history: int, batch: int = 100
     if history:
         import sqlalchemy as sa
 
+        from toolkit.tiers.postgres import tables
+
+        jobs = tables.jobs  # Core, not text(): the schema is applied by schema_translate_map
+        oldest = sa.select(jobs.c.id).order_by(jobs.c.created_at, jobs.c.id).limit(history)
         with sm.db.begin("bench: finish history") as conn:
-            conn.execute(sa.text(
-                "UPDATE jobs SET status = 'completed', finished_at = now() WHERE id IN "
-                "(SELECT id FROM jobs ORDER BY created_at, id LIMIT :n)"), {"n": history})
+            conn.execute(sa.update(jobs).where(jobs.c.id.in_(oldest))
+                         .values(status="completed", finished_at=sa.func.now()))
 
 
 def wipe_redis(t: scenarios.Target, ns: str) -> None:

@@ -6,6 +6,7 @@ Rows come back as mappings whose keys are the model field names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -96,8 +97,27 @@ def stream_live(conn: sa.Connection, kind: str, columns: Sequence[str]) -> Itera
     assert raw is not None
     size = STREAM_CHUNK if capabilities.has_stream_chunked() else 1
     query, params = _driver_sql(conn, stmt)
-    with raw.cursor(binary=True) as cur:
+    with _live_index_only(conn, kind == "job"), raw.cursor(binary=True) as cur:
         yield from cur.stream(query, params, size=size)
+
+
+@contextlib.contextmanager
+def _live_index_only(conn: sa.Connection, on: bool = True) -> Iterator[None]:
+    """Read live jobs through the partial index ``ix_jobs_live``, never by a sequential scan.
+
+    With as many finished jobs as live ones the planner prefers a sequential scan of
+    the whole table, so the rebuild's time grew with the history (1.37x for twice the
+    history at 1,000,000 live jobs). A bitmap scan of the partial index reads only the
+    heap pages that hold live jobs. ``SET LOCAL``: this transaction only.
+    """
+    if not on:
+        yield
+        return
+    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = on")
 
 
 def count_live(conn: sa.Connection) -> dict[str, int]:
@@ -109,7 +129,8 @@ def count_live(conn: sa.Connection) -> dict[str, int]:
         sa.select(sa.func.count()).select_from(t.job_assignments)
         .where(t.job_assignments.c.status == "active").scalar_subquery(),
     )
-    wf, wk, jb, asg = conn.execute(q).one()
+    with _live_index_only(conn):
+        wf, wk, jb, asg = conn.execute(q).one()
     return {"workflow": wf, "worker": wk, "job": jb, "assignment": asg}
 
 
