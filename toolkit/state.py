@@ -78,6 +78,46 @@ def _ts(dt: datetime | None) -> float:
     return dt.timestamp() if dt is not None else 0.0
 
 
+_ROW_BUILDERS = {kind: (models.row_builder(kind), models.field_names(kind))
+                 for kind in models.ENTITY_TYPES}
+"""Kind -> (fast positional constructor, field names), for :func:`_build_entities`."""
+
+
+def _build_entities(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[models.Entity]:
+    """Build the entities of committed rows (from PostgreSQL or validated input).
+
+    Uses the fast positional constructor: the rows were validated when written.
+    """
+    out: list[models.Entity] = []
+    append, builders = out.append, _ROW_BUILDERS
+    for kind, row in rows:
+        build, names = builders[kind]
+        get = row.get
+        append(build([get(n) for n in names]))
+    return out
+
+
+def _queue_moves(rows: Sequence[tuple[str, Mapping[str, Any]]]
+                 ) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, str]]]:
+    """Return the queue pushes and removals that job rows make, to send in bulk.
+
+    Sending every removal, then the pushes of the ``(job, queue)`` pairs whose
+    last row is queued, leaves what one push or removal per row in order left.
+    """
+    last: dict[tuple[str, str], Mapping[str, Any]] = {}
+    removes: list[tuple[str, str]] = []
+    for kind, row in rows:
+        if kind != "job":
+            continue
+        pair = (row["id"], row["queue"])
+        last[pair] = row
+        if row["status"] != JS.QUEUED:
+            removes.append(pair)
+    pushes = [(job_id, q, row["priority"], row["enqueue_seq"])
+              for (job_id, q), row in last.items() if row["status"] == JS.QUEUED]
+    return pushes, removes
+
+
 class StateManager:
     """The coordinator's state over memory, Redis and PostgreSQL.
 
@@ -156,11 +196,10 @@ class StateManager:
 
     def _apply(self, changes: _Changes) -> list[models.Entity]:
         """Push committed changes to Redis (one pipeline), then memory. Never raises."""
-        entities: list[models.Entity] = []
-        for kind, row in changes.rows:
-            entities.append(models.from_dict(kind, row))
-            if kind == "job" and row["status"] == JS.QUEUED:
-                changes.counters["jobs_queued"] += 1
+        entities = _build_entities(changes.rows)
+        queued = sum(1 for kind, row in changes.rows if kind == "job" and row["status"] == JS.QUEUED)
+        if queued:
+            changes.counters["jobs_queued"] += queued
         if self._after_commit is not None:
             self._after_commit(changes.action)
         try:
@@ -179,19 +218,15 @@ class StateManager:
         def go() -> None:
             pipe = self.redis.pipeline()
             cache.put(self.redis, self.ns, entities, pipe=pipe)
-            for (kind, row), e in zip(changes.rows, entities, strict=True):
-                cache.publish(self.ns, kind, e.id, models.entity_version(e), pipe=pipe)
-                if kind == "job":
-                    if row["status"] == JS.QUEUED:
-                        queue.push(self.ns, e.id, row["queue"], row["priority"],
-                                   row["enqueue_seq"], pipe=pipe)
-                    else:
-                        queue.remove(self.ns, e.id, row["queue"], pipe=pipe)
+            pushes, removes = _queue_moves(changes.rows)
+            queue.remove_many(self.ns, removes, pipe=pipe)
+            queue.push_many(self.ns, pushes, pipe=pipe)
             for kind, entity_id in changes.deleted:
                 cache.delete(self.ns, kind, [entity_id], pipe=pipe)
-                cache.publish(self.ns, kind, entity_id, DELETED, pipe=pipe)
-            for job_id, queue_name in changes.unqueue:
-                queue.remove(self.ns, job_id, queue_name, pipe=pipe)
+            announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
+            announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
+            cache.publish_many(self.ns, announced, pipe=pipe)
+            queue.remove_many(self.ns, changes.unqueue, pipe=pipe)
             now = time.time()
             for name, amount in changes.counters.items():
                 metrics.incr(self.redis, self.ns, name, amount, now, pipe=pipe)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
+import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,9 +17,32 @@ MAX_JSON_DEPTH = 64
 PRIORITY_LIMIT = 1_000_000
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def new_id() -> str:
-    """Return a fresh random id (a UUID4 string)."""
-    return str(uuid.uuid4())
+    """Return a fresh random id: a UUID4 string, as ``str(uuid.uuid4())`` makes it."""
+    return new_ids(1)[0]
+
+
+def new_ids(n: int) -> list[str]:
+    """Return ``n`` fresh random ids (UUID4 strings) from one read of the OS's randomness."""
+    pool = os.urandom(16 * n)
+    out: list[str] = []
+    for start in range(0, 16 * n, 16):
+        raw = bytearray(pool[start:start + 16])
+        raw[6] = raw[6] & 0x0F | 0x40  # version 4
+        raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+        h = raw.hex()
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return out
+
+
+def _is_identifier(value: Any) -> bool:
+    """Whether :func:`identifier` accepts ``value`` (a fast check, for loops)."""
+    return (type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
+            and _CONTROL.search(value) is None)
 
 
 def identifier(field: str, value: Any) -> str:
@@ -27,7 +51,7 @@ def identifier(field: str, value: Any) -> str:
         raise errors.ValidationError(field, value, "must be a string")
     if not value or len(value) > MAX_ID_LENGTH:
         raise errors.ValidationError(field, value, f"must be 1-{MAX_ID_LENGTH} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value) is not None:
         raise errors.ValidationError(field, value, "must not contain control characters")
     return value
 
@@ -68,7 +92,7 @@ def json_value(field: str, value: Any) -> Any:
     """
     try:
         _depth(value, MAX_JSON_DEPTH)
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = _JSON.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise errors.ValidationError(field, value, f"must be JSON: {exc}") from None
     if isinstance(value, Mapping) and not all(isinstance(k, str) for k in value):
@@ -78,6 +102,49 @@ def json_value(field: str, value: Any) -> Any:
     if len(text) > MAX_JSON_BYTES:
         raise errors.ValidationError(field, f"<{len(text)} bytes>", f"must be at most {MAX_JSON_BYTES} bytes")
     return value
+
+
+_SMALL_INT = 10**15
+_MAX_SCALAR_JSON = 24
+"""Longest JSON text of a float or of an int below :data:`_SMALL_INT`."""
+
+
+def _is_plain_json(value: Any) -> bool:
+    """Whether :func:`json_value` surely accepts ``value`` (a fast check, for loops).
+
+    True for None and for a flat dict with string keys whose values are
+    strings, small ints, bools, None or finite floats, no string holding a
+    NUL or a backslash, and whose JSON text is surely below the size limit (a
+    character takes at most 12 characters of JSON). False means: ask
+    :func:`json_value`.
+    """
+    if value is None:
+        return True
+    if type(value) is not dict:
+        return False
+    size = 2
+    for k, v in value.items():
+        if type(k) is not str or "\x00" in k or "\\" in k:
+            return False
+        size += 12 * len(k) + 4
+        t = type(v)
+        if t is str:
+            if "\x00" in v or "\\" in v:
+                return False
+            size += 12 * len(v) + 2
+        elif t is int:
+            if not -_SMALL_INT < v < _SMALL_INT:
+                return False
+            size += _MAX_SCALAR_JSON
+        elif t is float:
+            if not math.isfinite(v):
+                return False
+            size += _MAX_SCALAR_JSON
+        elif t is bool or v is None:
+            size += 5
+        else:
+            return False
+    return size <= MAX_JSON_BYTES
 
 
 def json_object(field: str, value: Any) -> dict[str, Any]:
@@ -126,6 +193,9 @@ def status(field: str, value: Any, enum: type[Any]) -> Any:
         raise errors.ValidationError(field, value, f"must be one of {allowed}") from None
 
 
+_SPEC_KEYS = frozenset({"name", "priority", "queue", "payload", "max_attempts", "depends_on", "id"})
+
+
 def job_specs(jobs: Any) -> list[dict[str, Any]]:
     """Validate the job dicts of ``create_workflow``; resolve ``depends_on`` names to ids.
 
@@ -135,39 +205,61 @@ def job_specs(jobs: Any) -> list[dict[str, Any]]:
     """
     if isinstance(jobs, str | bytes | Mapping) or not isinstance(jobs, Iterable):
         raise errors.ValidationError("jobs", jobs, "must be a list of dicts")
-    allowed = {"name", "priority", "queue", "payload", "max_attempts", "depends_on", "id"}
-    specs: list[dict[str, Any]] = []
-    for i, job in enumerate(jobs):
-        if not isinstance(job, Mapping):
-            raise errors.ValidationError(f"jobs[{i}]", job, "must be a dict")
-        unknown = set(job) - allowed
-        if unknown:
-            raise errors.ValidationError(f"jobs[{i}]", sorted(unknown), "unknown keys")
-        specs.append({
-            "id": optional_id(f"jobs[{i}].id", job.get("id")),
-            "name": identifier(f"jobs[{i}].name", job.get("name")),
-            "priority": integer(f"jobs[{i}].priority", job.get("priority", 0),
-                                low=-PRIORITY_LIMIT, high=PRIORITY_LIMIT),
-            "queue": identifier(f"jobs[{i}].queue", job.get("queue", "default")),
-            "payload": json_value(f"jobs[{i}].payload", job.get("payload")),
-            "max_attempts": integer(f"jobs[{i}].max_attempts", job.get("max_attempts", 3),
-                                    low=1, high=1000),
-            "depends_on": names(f"jobs[{i}].depends_on", job.get("depends_on", ())),
-        })
+    specs = [_job_spec(i, job) for i, job in enumerate(jobs)]
+    unnamed = [s for s in specs if s["id"] is None]
+    for s, job_id in zip(unnamed, new_ids(len(unnamed)), strict=True):
+        s["id"] = job_id
     by_name = {s["name"]: s for s in specs}
     if len(by_name) != len(specs):
         raise errors.ValidationError("jobs", [s["name"] for s in specs], "job names must be unique")
     if len({s["id"] for s in specs}) != len(specs):
         raise errors.ValidationError("jobs", [s["id"] for s in specs], "job ids must be unique")
-    for s in specs:
+    dependent = [s for s in specs if s["depends_on"]]
+    for s in dependent:
         missing = [d for d in s["depends_on"] if d not in by_name]
         if missing:
             raise errors.ValidationError(f"jobs[{s['name']}].depends_on", missing,
                                          "no job of that name in this workflow")
-    _check_acyclic(by_name)
-    for s in specs:
+    if dependent:
+        _check_acyclic(by_name)
+    for s in dependent:
         s["depends_on"] = tuple(by_name[d]["id"] for d in s["depends_on"])
     return specs
+
+
+def _job_spec(i: int, job: Any) -> dict[str, Any]:
+    """Validate one job dict of :func:`job_specs` (fast checks first; the full
+    validators, with their messages, for anything the fast checks do not pass)."""
+    if not isinstance(job, Mapping):
+        raise errors.ValidationError(f"jobs[{i}]", job, "must be a dict")
+    if not _SPEC_KEYS.issuperset(job):
+        raise errors.ValidationError(f"jobs[{i}]", sorted(set(job) - _SPEC_KEYS), "unknown keys")
+    get = job.get
+    job_id = get("id")  # None: job_specs draws the new ids in one go
+    if job_id is not None and not _is_identifier(job_id):
+        job_id = identifier(f"jobs[{i}].id", job_id)
+    name = get("name")
+    if not _is_identifier(name):
+        name = identifier(f"jobs[{i}].name", name)
+    priority = get("priority", 0)
+    if not (type(priority) is int and -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT):
+        priority = integer(f"jobs[{i}].priority", priority, low=-PRIORITY_LIMIT, high=PRIORITY_LIMIT)
+    queue = get("queue", "default")
+    if not _is_identifier(queue):
+        queue = identifier(f"jobs[{i}].queue", queue)
+    payload = get("payload")
+    if not _is_plain_json(payload):
+        payload = json_value(f"jobs[{i}].payload", payload)
+    max_attempts = get("max_attempts", 3)
+    if not (type(max_attempts) is int and 1 <= max_attempts <= 1000):
+        max_attempts = integer(f"jobs[{i}].max_attempts", max_attempts, low=1, high=1000)
+    depends_on = get("depends_on", ())
+    if type(depends_on) in (list, tuple) and not depends_on:
+        depends_on = ()
+    else:
+        depends_on = names(f"jobs[{i}].depends_on", depends_on)
+    return {"id": job_id, "name": name, "priority": priority, "queue": queue, "payload": payload,
+            "max_attempts": max_attempts, "depends_on": depends_on}
 
 
 def _check_acyclic(by_name: Mapping[str, Mapping[str, Any]]) -> None:

@@ -106,6 +106,8 @@ def test_full_inspection_changes_nothing(sm, ins, raw_redis, raw_pg, clean) -> N
     busy(sm)
     sm.close()
     pattern = keys.namespace_pattern(clean.namespace)
+    for k in raw_redis.scan_iter(match=pattern):
+        raw_redis.persist(k)  # a heartbeat's 2 s TTL must not run out mid-test on a slow machine
     before_keys = {k: raw_redis.dump(k) for k in raw_redis.scan_iter(match=pattern)}
     before_rows = table_digest(raw_pg, clean.schema)
     for name in FRAME_NAMES:

@@ -14,7 +14,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from psycopg import sql as pgsql
-from psycopg.types.json import Jsonb
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from toolkit.tiers.postgres import tables as t
@@ -26,6 +25,12 @@ JOB_COPY_COLUMNS = (
     "attempts", "max_attempts", "worker_id", "depends_on", "enqueue_seq", "created_at",
     "updated_at", "started_at", "finished_at", "version",
 )
+JOB_COPY_TYPES = (
+    "text", "text", "text", "text", "int4", "text", "jsonb", "jsonb", "text",
+    "int4", "int4", "text", "text[]", "int8", "timestamptz",
+    "timestamptz", "timestamptz", "timestamptz", "int8",
+)
+"""PostgreSQL types of :data:`JOB_COPY_COLUMNS`, for the binary COPY."""
 
 
 def _in(column: Any, ids: Sequence[str]) -> sa.ColumnElement[bool]:
@@ -149,20 +154,19 @@ def insert(conn: sa.Connection, kind: str, row: Row) -> None:
 
 
 def copy_jobs(conn: sa.Connection, schema: str, rows: Iterable[Row]) -> int:
-    """Insert many jobs with one ``COPY ... FROM STDIN``; return how many."""
+    """Insert many jobs with one ``COPY ... FROM STDIN (FORMAT BINARY)``; return how many."""
     raw = conn.connection.driver_connection
-    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         pgsql.Identifier(schema, "jobs"), pgsql.SQL(", ").join(map(pgsql.Identifier, JOB_COPY_COLUMNS))
     )
     n = 0
     with raw.cursor() as cur, cur.copy(stmt) as copy:  # type: ignore[union-attr]
+        copy.set_types(list(JOB_COPY_TYPES))
+        write = copy.write_row
         for row in rows:
             values = [row[c] for c in JOB_COPY_COLUMNS]
-            for i in (6, 7):  # payload, result
-                if values[i] is not None:
-                    values[i] = Jsonb(values[i])
             values[12] = list(values[12])
-            copy.write_row(values)
+            write(values)
             n += 1
     return n
 
@@ -577,6 +581,8 @@ def record_heartbeats(conn: sa.Connection, beats: Mapping[str, datetime]) -> lis
 
 EVENT_COPY_COLUMNS = ("job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at",
                       "detail")
+EVENT_COPY_TYPES = ("text", "text", "text", "text", "text", "int4", "timestamptz", "jsonb")
+"""PostgreSQL types of :data:`EVENT_COPY_COLUMNS`, for the binary COPY."""
 
 
 def insert_events(conn: sa.Connection, schema: str, events: Sequence[Row]) -> None:
@@ -588,14 +594,14 @@ def insert_events(conn: sa.Connection, schema: str, events: Sequence[Row]) -> No
         return
     raw = conn.connection.driver_connection
     assert raw is not None
-    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         pgsql.Identifier(schema, "job_events"),
         pgsql.SQL(", ").join(map(pgsql.Identifier, EVENT_COPY_COLUMNS)))
     with raw.cursor() as cur, cur.copy(stmt) as copy:
+        copy.set_types(list(EVENT_COPY_TYPES))
+        write = copy.write_row
         for e in events:
-            detail = e["detail"]
-            copy.write_row([e[c] for c in EVENT_COPY_COLUMNS[:-1]]
-                           + [Jsonb(detail) if detail is not None else None])
+            write([e[c] for c in EVENT_COPY_COLUMNS])
 
 
 # -- retention ------------------------------------------------------------------------------

@@ -49,7 +49,11 @@ _GETTERS: dict[type[Any], tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]
 
 
 def encode(entity: models.Entity) -> bytes:
-    """Return the cache value of an entity: ``b"<version>|<json>"`` (orjson: datetimes as RFC 3339)."""
+    """Return the cache value of an entity: ``b"<version>|<json>"`` (orjson: datetimes as RFC 3339).
+
+    The fields are read with ``getattr`` (not by handing orjson the dataclass, which
+    reads slots directly and would see a job's packed payload, see ``models``).
+    """
     names, values = _GETTERS[type(entity)]
     fields = dict(zip(names, values(entity), strict=True))
     return b"%d|%s" % (models.entity_version(entity), orjson.dumps(fields))
@@ -185,16 +189,59 @@ def scan_ids(client: Client, ns: str, kind: str, *, count: int = 1000) -> Iterat
             yield key[head:]
 
 
+INVALIDATION_BATCH = 1000
+"""Most entities one invalidation message announces."""
+
+
 def publish(ns: str, kind: str, entity_id: str, version: int, *, pipe: Any) -> None:
-    """Queue an invalidation message for other processes on ``pipe``."""
+    """Queue an invalidation message for one entity on ``pipe``: ``"<kind>|<version>|<id>"``."""
     pipe.publish(keys.invalidation_channel(ns), f"{kind}|{version}|{entity_id}")
 
 
+def publish_many(ns: str, changed: Iterable[tuple[str, int, str]], *, pipe: Any) -> None:
+    """Queue invalidation messages for many ``(kind, version, id)`` on ``pipe``.
+
+    One entity goes out as a single message (:func:`publish`); more go out as
+    a JSON array of ``[kind, version, id]`` triples, one PUBLISH per
+    :data:`INVALIDATION_BATCH` entities. :func:`parse_invalidations` reads both.
+    """
+    items = list(changed)
+    channel = keys.invalidation_channel(ns)
+    for start in range(0, len(items), INVALIDATION_BATCH):
+        chunk = items[start:start + INVALIDATION_BATCH]
+        if len(chunk) == 1:
+            kind, version, entity_id = chunk[0]
+            publish(ns, kind, entity_id, version, pipe=pipe)
+        else:
+            pipe.publish(channel, orjson.dumps(chunk))
+
+
 def parse_invalidation(message: str) -> tuple[str, int, str] | None:
-    """Return ``(kind, version, id)`` of an invalidation message, or None if malformed."""
+    """Return ``(kind, version, id)`` of a single-entity message, or None if malformed."""
     kind, _, rest = message.partition("|")
     version, _, entity_id = rest.partition("|")
     try:
         return kind, int(version), entity_id
     except ValueError:
         return None
+
+
+def parse_invalidations(message: str) -> list[tuple[str, int, str]]:
+    """Return every ``(kind, version, id)`` an invalidation message announces.
+
+    Reads both forms :func:`publish_many` sends; a malformed message or
+    triple is skipped.
+    """
+    if not message.startswith("["):
+        one = parse_invalidation(message)
+        return [one] if one is not None else []
+    try:
+        triples = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return []
+    out: list[tuple[str, int, str]] = []
+    for t in triples if isinstance(triples, list) else ():
+        if (isinstance(t, list) and len(t) == 3 and isinstance(t[0], str)
+                and type(t[1]) is int and isinstance(t[2], str)):
+            out.append((t[0], t[1], t[2]))
+    return out

@@ -26,7 +26,8 @@ key                                    type        holds
 ``{ns}:fence:<name>:reserved``         string      tokens reserved in PostgreSQL up to here
 ``{ns}:metrics``                       hash        metric name -> total
 ``{ns}:metric:<name>:buckets``         hash        bucket start (unix seconds) -> count
-``{ns}:invalidate``                    channel     ``<kind>|<id>|<version>`` after each write
+``{ns}:invalidate``                    channel     ``<kind>|<version>|<id>``, or a JSON array of
+                                                   ``[kind, version, id]`` for many, per write
 =====================================  ==========  ==========================================
 """
 
