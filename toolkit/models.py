@@ -344,6 +344,15 @@ def entity_version(entity: Entity) -> int:
     return entity.version
 
 
+def is_final(entity: Entity) -> bool:
+    """Whether an entity is finished: a final job or an ended assignment (never live again)."""
+    if isinstance(entity, Job):
+        return entity.is_final
+    if isinstance(entity, JobAssignment):
+        return entity.status is not AssignmentStatus.ACTIVE
+    return False
+
+
 _FIELDS: Mapping[str, tuple[str, ...]] = {
     kind: tuple(f.name for f in dataclasses.fields(cls)) for kind, cls in ENTITY_TYPES.items()
 }

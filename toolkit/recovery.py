@@ -286,7 +286,8 @@ def _fill(client: Client, ns: str, kind: str, entities: list[models.Entity], cac
     fresh: list[models.Entity] = []
     checked: list[models.Entity] = []
     for e in entities:
-        (checked if _expires(e) else fresh).append(e)
+        # Final entities are cached with a TTL: the versioned path sets it.
+        (checked if models.is_final(e) else fresh).append(e)
     written = 0
     for chunk in _chunks(fresh, FILL_CHUNK):
         values = {keys.entity(ns, kind, e.id): cache.encode(e) for e in chunk}
@@ -299,15 +300,6 @@ def _fill(client: Client, ns: str, kind: str, entities: list[models.Entity], cac
         else:
             checked += chunk
     return written + cache.fill_missing_or_older(client, ns, checked)
-
-
-def _expires(entity: models.Entity) -> bool:
-    """Whether the cache entry of ``entity`` gets a TTL (final jobs, ended assignments)."""
-    if isinstance(entity, models.Job):
-        return entity.is_final
-    if isinstance(entity, models.JobAssignment):
-        return entity.status is not models.AssignmentStatus.ACTIVE
-    return False
 
 
 def return_claims(db: Database, client: Client, ns: str, *, before: float) -> int:

@@ -56,7 +56,7 @@ class Memory:
 
     def _store(self, kind: str, entity: models.Entity) -> None:
         key = (kind, entity.id)
-        if _is_final(entity):
+        if models.is_final(entity):
             self._live[kind].pop(entity.id, None)
             self._final[key] = entity
             self._final.move_to_end(key)
@@ -108,11 +108,3 @@ class Memory:
         """Return the number of live entities per kind."""
         with self._lock:
             return {k: len(v) for k, v in self._live.items()}
-
-
-def _is_final(entity: models.Entity) -> bool:
-    if isinstance(entity, models.Job):
-        return entity.is_final
-    if isinstance(entity, models.JobAssignment):
-        return entity.status is not models.AssignmentStatus.ACTIVE
-    return False
