@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue
-from toolkit.tiers.redis.client import Client
+from toolkit.tiers.redis.client import Client, chunks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -244,11 +244,6 @@ def rebuild(db: Database, client: Client, ns: str, memory: Memory, *,
     )
 
 
-def _chunks(items: list[Any], size: int = PIPELINE_CHUNK) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 def _scan_cache(client: Client, ns: str, live: Mapping[str, set[str]]
                 ) -> tuple[dict[str, int], dict[str, list[str]]]:
     """One SCAN of the namespace: per kind, how many live entities are cached, and
@@ -289,7 +284,7 @@ def _fill(client: Client, ns: str, kind: str, entities: list[models.Entity], cac
         # Final entities are cached with a TTL: the versioned path sets it.
         (checked if models.is_final(e) else fresh).append(e)
     written = 0
-    for chunk in _chunks(fresh, FILL_CHUNK):
+    for chunk in chunks(fresh, FILL_CHUNK):
         values = {keys.entity(ns, kind, e.id): cache.encode(e) for e in chunk}
 
         def write(values: dict[str, bytes] = values) -> bool:
@@ -346,9 +341,9 @@ def reconcile_queues(db: Database, client: Client, ns: str,
 
         def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
             pipe = client.pipeline()
-            for chunk in _chunks(list(add.items())):
-                pipe.zadd(keys.queue(ns, name), dict(chunk))
-            for chunk in _chunks(extra):
+            for members in chunks(list(add.items()), PIPELINE_CHUNK):
+                pipe.zadd(keys.queue(ns, name), dict(members))
+            for chunk in chunks(extra, PIPELINE_CHUNK):
                 pipe.zrem(keys.queue(ns, name), *chunk)
             pipe.sadd(keys.queues(ns), name)
             pipe.execute()
@@ -520,7 +515,7 @@ def fix_cache(db: Database, client: Client, ns: str, memory: Memory, kind: str,
     version PostgreSQL never had: overwritten, PostgreSQL wins.
     """
     changed = 0
-    for chunk in _chunks(sorted(ids)):
+    for chunk in chunks(sorted(ids), PIPELINE_CHUNK):
         with db.begin("repair: read PostgreSQL") as conn:
             rows = {r["id"]: r for r in store.get_many(conn, kind, chunk)}
         raw = cache.get_raw_many(client, ns, kind, chunk)
@@ -584,6 +579,6 @@ def checkpoint_metrics(db: Database, client: Client, ns: str) -> None:
     now = models.utcnow()
     with db.begin("checkpoint metrics") as conn:
         store.checkpoint_metrics(conn, totals, now)
-        for chunk in _chunks(rows, 1000):
+        for chunk in chunks(rows, 1000):
             store.checkpoint_buckets(conn, chunk)
 

@@ -81,8 +81,9 @@ def test_bulk_queue_push_gives_the_scores_of_single_pushes(client: Client, raw_r
     ns = clean.namespace
     jobs = [(f"j{i}", f"q{i % 3}", i % 5 - 2, 1000 + i) for i in range(2500)]
     pipe = client.pipeline()
-    for job_id, q, priority, seq in jobs:
-        queue.push(ns, job_id, f"single-{q}", priority, seq, pipe=pipe)
+    for job_id, q, priority, seq in jobs:  # one plain ZADD per job, scored by queue.score
+        pipe.zadd(keys.queue(ns, f"single-{q}"), {job_id: queue.score(priority, seq)})
+        pipe.sadd(keys.queues(ns), f"single-{q}")
     queue.push_many(ns, [(j, f"bulk-{q}", p, s) for j, q, p, s in jobs], pipe=pipe)
     pipe.execute()
     for q in ("q0", "q1", "q2"):

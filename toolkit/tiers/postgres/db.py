@@ -92,9 +92,9 @@ class Database:
                 "prepare_threshold": None,
             },
         )
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # Times come back in UTC; a SET (not a startup option, which PgBouncer
         # refuses) that the pooler tracks and re-applies.
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         sa.event.listen(self.engine, "connect", _session_utc)
         sa.event.listen(self.engine, "checkout", _ping_if_idle)
         sa.event.listen(self.engine, "checkin", _mark_idle)

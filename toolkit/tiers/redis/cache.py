@@ -17,7 +17,7 @@ import orjson
 
 from toolkit import models
 from toolkit.tiers.redis import keys
-from toolkit.tiers.redis.client import Client, run_script
+from toolkit.tiers.redis.client import Client, chunks, run_script
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ def fill_missing_or_older(client: Client, ns: str, entities: list[models.Entity]
     and only older or corrupt ones go through the versioned Lua fill.
     """
     written = 0
-    for start in range(0, len(entities), 1000):
-        chunk = entities[start:start + 1000]
+    for chunk in chunks(entities, 1000):
         names = [keys.entity(ns, kind_of(e), e.id) for e in chunk]
         current: list[str | None] = client.call("cache mget", lambda n=names: client.redis.mget(n))  # type: ignore[misc]
 
@@ -170,8 +169,8 @@ def get(client: Client, ns: str, kind: str, entity_id: str) -> models.Entity | N
 def get_raw_many(client: Client, ns: str, kind: str, ids: list[str]) -> list[str | None]:
     """Return the raw cache values of many entities (one MGET per 1,000 ids)."""
     out: list[str | None] = []
-    for start in range(0, len(ids), 1000):
-        names = [keys.entity(ns, kind, i) for i in ids[start:start + 1000]]
+    for chunk in chunks(ids, 1000):
+        names = [keys.entity(ns, kind, i) for i in chunk]
 
         def read(names: list[str] = names) -> list[str | None]:
             return list(client.redis.mget(names))
@@ -207,8 +206,7 @@ def publish_many(ns: str, changed: Iterable[tuple[str, int, str]], *, pipe: Any)
     """
     items = list(changed)
     channel = keys.invalidation_channel(ns)
-    for start in range(0, len(items), INVALIDATION_BATCH):
-        chunk = items[start:start + INVALIDATION_BATCH]
+    for chunk in chunks(items, INVALIDATION_BATCH):
         if len(chunk) == 1:
             kind, version, entity_id = chunk[0]
             publish(ns, kind, entity_id, version, pipe=pipe)

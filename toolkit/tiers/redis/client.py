@@ -184,6 +184,12 @@ def split_cluster(url: str) -> tuple[str, bool]:
     return urlunsplit(parts._replace(query=rest)), flags[-1].lower() in {"1", "true", "yes", "on"}
 
 
+def chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    """Yield ``items`` in slices of at most ``size`` (so no one command or script grows unbounded)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 @functools.cache
 def script_text(name: str) -> str:
     """Return the text of a packaged Lua script (``scripts/<name>.lua``)."""

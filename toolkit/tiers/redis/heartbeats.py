@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from toolkit.tiers.redis import keys
-from toolkit.tiers.redis.client import Client, queue_script
+from toolkit.tiers.redis.client import Client, chunks, queue_script
 
 HISTORY_LENGTH = 500
 """How many recent heartbeat times are kept per worker (for gap analytics)."""
@@ -24,8 +24,7 @@ def beat(ns: str, worker_ids: Iterable[str], now: float, ttl: float, *, pipe: An
     """
     ids = list(worker_ids)
     head = [repr(now), max(1, int(ttl * 1000)), HISTORY_LENGTH, HISTORY_TTL_MS]
-    for start in range(0, len(ids), BEAT_CHUNK):
-        chunk = ids[start:start + BEAT_CHUNK]
+    for chunk in chunks(ids, BEAT_CHUNK):
         ks = [keys.heartbeats(ns)]
         for wid in chunk:
             ks += (keys.heartbeat(ns, wid), keys.heartbeat_history(ns, wid))

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from toolkit.tiers.redis import keys
-from toolkit.tiers.redis.client import Client, run_script
+from toolkit.tiers.redis.client import Client, chunks, run_script
 
 BUCKET_SECONDS = 60
 """Width of a metric time bucket."""
@@ -44,8 +44,7 @@ def incr_many(client: Client, ns: str, amounts: Mapping[str, int], now: float) -
 
     def go() -> dict[str, int]:
         out: dict[str, int] = {}
-        for start in range(0, len(items), INCR_CHUNK):
-            chunk = items[start:start + INCR_CHUNK]
+        for chunk in chunks(items, INCR_CHUNK):
             ks = [totals_key]
             args: list[Any] = [bucket]
             for name, amount in chunk:

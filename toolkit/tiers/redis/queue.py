@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from toolkit.tiers.redis import keys
-from toolkit.tiers.redis.client import Client, run_script
+from toolkit.tiers.redis.client import Client, chunks, run_script
 
 PRIORITY_LIMIT = 1_000_000
 """Priorities must lie in ``[-PRIORITY_LIMIT, PRIORITY_LIMIT]`` (exact float scores)."""
@@ -47,8 +47,7 @@ def unscore(value: float) -> tuple[int, int]:
 
 def push(ns: str, job_id: str, queue_name: str, priority: int, seq: int, *, pipe: Any) -> None:
     """Queue adding a job to its queue on ``pipe`` (idempotent)."""
-    pipe.zadd(keys.queue(ns, queue_name), {job_id: score(priority, seq)})
-    pipe.sadd(keys.queues(ns), queue_name)
+    push_many(ns, [(job_id, queue_name, priority, seq)], pipe=pipe)
 
 
 PUSH_CHUNK = 1000
@@ -65,9 +64,8 @@ def push_many(ns: str, jobs: Iterable[tuple[str, str, int, int]], *, pipe: Any) 
     for job_id, queue_name, priority, seq in jobs:
         by_queue.setdefault(queue_name, {})[job_id] = score(priority, seq)
     for queue_name, members in by_queue.items():
-        items = list(members.items())
-        for start in range(0, len(items), PUSH_CHUNK):
-            pipe.zadd(keys.queue(ns, queue_name), dict(items[start:start + PUSH_CHUNK]))
+        for chunk in chunks(list(members.items()), PUSH_CHUNK):
+            pipe.zadd(keys.queue(ns, queue_name), dict(chunk))
     if by_queue:
         pipe.sadd(keys.queues(ns), *by_queue)
 
@@ -83,19 +81,16 @@ def remove_many(ns: str, jobs: Iterable[tuple[str, str]], *, pipe: Any) -> None:
         by_queue.setdefault(queue_name, []).append(job_id)
     every = list(dict.fromkeys(j for ids in by_queue.values() for j in ids))
     for queue_name, ids in by_queue.items():
-        for start in range(0, len(ids), PUSH_CHUNK):
-            pipe.zrem(keys.queue(ns, queue_name), *ids[start:start + PUSH_CHUNK])
-    for start in range(0, len(every), PUSH_CHUNK):
-        chunk = every[start:start + PUSH_CHUNK]
+        for chunk in chunks(ids, PUSH_CHUNK):
+            pipe.zrem(keys.queue(ns, queue_name), *chunk)
+    for chunk in chunks(every, PUSH_CHUNK):
         pipe.zrem(keys.inflight(ns), *chunk)
         pipe.hdel(keys.inflight_meta(ns), *chunk)
 
 
 def remove(ns: str, job_id: str, queue_name: str, *, pipe: Any) -> None:
     """Queue removing a job from its queue and from the in-flight set on ``pipe``."""
-    pipe.zrem(keys.queue(ns, queue_name), job_id)
-    pipe.zrem(keys.inflight(ns), job_id)
-    pipe.hdel(keys.inflight_meta(ns), job_id)
+    remove_many(ns, [(job_id, queue_name)], pipe=pipe)
 
 
 def claim(client: Client, ns: str, queue_names: list[str], lease_deadline: float) -> Claim | None:
