@@ -6,6 +6,8 @@ Importing toolkit connects to nothing. The public names are listed in
 
 from __future__ import annotations
 
+from toolkit import state
+from toolkit.compare import ConsistencyReport
 from toolkit.errors import (
     ConfigurationError,
     InvalidTransition,
@@ -29,8 +31,10 @@ from toolkit.models import (
     Workflow,
     WorkflowStatus,
 )
-from toolkit.recovery import ConsistencyReport, RebuildReport
+from toolkit.recovery import RebuildReport
 from toolkit.state import StateManager, init_state_manager
+
+state.register_inspector_factory(Inspector._bound)
 
 __version__ = "0.1.0"
 

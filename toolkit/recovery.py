@@ -1,4 +1,4 @@
-"""Rebuild, consistency check and repair: PostgreSQL is the truth, the rest follows it.
+"""Rebuild and repair: PostgreSQL is the truth, the rest follows it (the check is in ``compare``).
 
 ``rebuild`` streams the live state out of PostgreSQL in bulk (one binary,
 chunked query per entity kind, as tuples built into entities by
@@ -18,19 +18,16 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
-from toolkit import models
+from toolkit import compare, models
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue
 from toolkit.tiers.redis.client import Client, chunks
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +44,6 @@ PROGRESS_STEP = 10_000
 PROGRESS_THRESHOLD = 50_000
 """Show a progress bar when the live state has at least this many rows."""
 
-REPORT_COLUMNS = (
-    "entity", "id", "in_memory", "in_redis", "in_postgres",
-    "memory_version", "redis_version", "postgres_version", "consistent", "problem",
-)
-"""Columns of ``ConsistencyReport.to_frame()`` (the same as ``Inspector.tiers()``)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class RebuildReport:
     """What a rebuild loaded: counts per entity kind and the time it took."""
@@ -69,41 +59,6 @@ class RebuildReport:
         return (f"{self.workflows} workflows, {self.jobs} live jobs ({self.queued} queued), "
                 f"{self.workers} workers, {self.assignments} active assignments "
                 f"in {self.seconds:.3f}s")
-
-
-@dataclasses.dataclass(frozen=True)
-class ConsistencyReport:
-    """Disagreements between memory, Redis and PostgreSQL (one row each)."""
-
-    rows: tuple[Mapping[str, Any], ...]
-    checked: int
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        """True when every tier agrees with PostgreSQL."""
-        return not self.rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __str__(self) -> str:
-        if self.ok:
-            return f"consistent: {self.checked} entities checked in {self.seconds:.3f}s"
-        return f"{len(self.rows)} disagreements among {self.checked} entities"
-
-    def to_frame(self) -> pd.DataFrame:
-        """Return the disagreements as a DataFrame with :data:`REPORT_COLUMNS`."""
-        import pandas as pd
-
-        frame = pd.DataFrame(list(self.rows), columns=list(REPORT_COLUMNS))
-        for col in ("memory_version", "redis_version", "postgres_version"):
-            frame[col] = frame[col].astype("Int64")
-        for col in ("in_memory", "in_redis", "in_postgres", "consistent"):
-            frame[col] = frame[col].astype(bool)
-        frame["entity"] = frame["entity"].astype(pd.CategoricalDtype(list(KINDS)))
-        return frame
-
 
 # -- invalidation ---------------------------------------------------------------------------
 
@@ -162,11 +117,6 @@ def _progress(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, disable=not show, desc="rebuild", unit="row", leave=False)
 
 
-def _columns(kind: str) -> tuple[str, ...]:
-    """The columns the rebuild reads: the model's fields, then the job's enqueue sequence."""
-    return models.field_names(kind) + (("enqueue_seq",) if kind == "job" else ())
-
-
 def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[models.Entity]],
                                                             dict[str, dict[str, float]],
                                                             dict[str, int]]:
@@ -189,7 +139,7 @@ def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[model
 def _read_live(conn: sa.Connection, kind: str, bar: Any,
                wanted: dict[str, dict[str, float]]) -> list[models.Entity]:
     """Build the live entities of ``kind`` (and note queued jobs in ``wanted``)."""
-    columns = _columns(kind)
+    columns = compare.live_columns(kind)
     out: list[models.Entity] = []
     append, build, score = out.append, models.row_builder(kind), queue.score
     i_id, i_status, i_queue, i_priority, i_seq = (
@@ -366,146 +316,6 @@ def _still_queued(conn: sa.Connection, name: str, ids: list[str], expected: int)
     return store.still_queued(conn, name, ids)
 
 
-# -- consistency ----------------------------------------------------------------------------
-
-def _pg_versions(db: Database) -> tuple[dict[str, dict[str, Mapping[str, Any]]],
-                                        dict[str, dict[str, float]]]:
-    rows: dict[str, dict[str, Mapping[str, Any]]] = {}
-    wanted: dict[str, dict[str, float]] = {}
-    with db.begin("check: read PostgreSQL") as conn:
-        conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
-        for kind in KINDS:
-            columns = _columns(kind)
-            rows[kind] = {r[0]: dict(zip(columns, r, strict=True))
-                          for r in store.stream_live(conn, kind, columns)}
-        for job_id, name, priority, seq in store.queued_jobs(conn):
-            wanted.setdefault(name, {})[job_id] = queue.score(priority, seq or 0)
-    return rows, wanted
-
-
-def _version(kind: str, row: Mapping[str, Any] | None) -> int | None:
-    if row is None:
-        return None
-    return models.entity_version(models.from_dict(kind, row))
-
-
-def _compare(db: Database, client: Client, ns: str, memory: Memory,
-             live: dict[str, dict[str, Mapping[str, Any]]], *,
-             keep_consistent: bool = False) -> tuple[list[dict[str, Any]], int]:
-    problems: list[dict[str, Any]] = []
-    checked = 0
-    for kind in KINDS:
-        pg = dict(live[kind])
-        mem = {e.id: models.entity_version(e) for e in memory.all(kind)}
-        cached_ids = set(cache.scan_ids(client, ns, kind))
-        others = sorted((set(mem) | cached_ids) - set(pg))
-        if others:
-            with db.begin("check: read PostgreSQL") as conn:
-                pg.update({r["id"]: r for r in store.get_many(conn, kind, others)})
-        ids = sorted(set(pg) | set(mem) | cached_ids)
-        raw = cache.get_raw_many(client, ns, kind, ids)
-        for entity_id, value in zip(ids, raw, strict=True):
-            checked += 1
-            pv = _version(kind, pg.get(entity_id))
-            mv = mem.get(entity_id)
-            rv = cache.version_of(value)
-            why = _why(entity_id in live[kind], pv, mv, rv, value is not None)
-            if why or keep_consistent:
-                problems.append({
-                    "entity": kind, "id": entity_id, "in_memory": mv is not None,
-                    "in_redis": value is not None, "in_postgres": pv is not None,
-                    "memory_version": mv, "redis_version": rv, "postgres_version": pv,
-                    "consistent": not why, "problem": why,
-                })
-    return problems, checked
-
-
-def _why(is_live: bool, pv: int | None, mv: int | None, rv: int | None, cached: bool) -> str:
-    if pv is None:
-        if mv is not None:
-            return "in memory but not in PostgreSQL"
-        return "in Redis but not in PostgreSQL"
-    if mv is not None and mv != pv:
-        return f"memory has version {mv}, PostgreSQL {pv}"
-    if cached and rv is None:
-        return "Redis holds a corrupt value"
-    if rv is not None and rv != pv:
-        return f"Redis has version {rv}, PostgreSQL {pv}"
-    if is_live and not cached:
-        return "missing in Redis"
-    return ""
-
-
-def _queue_problems(client: Client, ns: str, wanted: Mapping[str, Mapping[str, float]]
-                    ) -> list[dict[str, Any]]:
-    inflight = queue.inflight_ids(client, ns)
-    problems = []
-    seen: dict[str, str] = {}
-    for name in sorted(set(wanted) | queue.queue_names(client, ns)):
-        current = dict(queue.members(client, ns, name))
-        want = wanted.get(name, {})
-        for job_id in want:
-            if job_id not in current and job_id not in inflight:
-                problems.append(_queue_row(job_id, f"queued in PostgreSQL but not in queue {name!r}"))
-        for job_id in current:
-            if job_id not in want:
-                problems.append(_queue_row(job_id, f"in queue {name!r} but not queued there in PostgreSQL"))
-            elif job_id in seen:
-                problems.append(_queue_row(job_id, f"in queues {seen[job_id]!r} and {name!r}"))
-            seen[job_id] = name
-    return problems
-
-
-def _queue_row(job_id: str, why: str) -> dict[str, Any]:
-    return {"entity": "job", "id": job_id, "in_memory": False, "in_redis": True,
-            "in_postgres": True, "memory_version": None, "redis_version": None,
-            "postgres_version": None, "consistent": False, "problem": why}
-
-
-def compare_all(db: Database, client: Client, ns: str, memory: Memory, *,
-                with_memory: bool = True) -> list[dict[str, Any]]:
-    """One row per entity (consistent or not) across the tiers; reads only.
-
-    With ``with_memory=False`` (an Inspector not bound to a StateManager) the
-    memory columns are empty and memory is not judged.
-    """
-    live, wanted = _pg_versions(db)
-    rows, _ = _compare(db, client, ns, memory if with_memory else Memory(), live,
-                       keep_consistent=True)
-    by_id = {(r["entity"], r["id"]): r for r in rows}
-    for q in _queue_problems(client, ns, wanted):
-        row = by_id.get(("job", q["id"]))
-        if row is None:
-            rows.append(q)
-        else:
-            row["consistent"] = False
-            row["problem"] = "; ".join(p for p in (row["problem"], q["problem"]) if p)
-    if not with_memory:
-        for r in rows:
-            r["in_memory"], r["memory_version"] = None, None
-    return rows
-
-
-def check(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyReport:
-    """Compare memory and Redis with PostgreSQL. Reads only.
-
-    The tiers are read one after the other, so a write landing in between can
-    look like a disagreement. Every suspect is therefore read again (a fresh
-    PostgreSQL snapshot, then Redis and memory) and only what persists is reported.
-    """
-    start = time.perf_counter()
-    live, wanted = _pg_versions(db)
-    problems, checked = _compare(db, client, ns, memory, live)
-    problems += _queue_problems(client, ns, wanted)
-    if problems:
-        live, wanted = _pg_versions(db)
-        again, _ = _compare(db, client, ns, memory, live)
-        again += _queue_problems(client, ns, wanted)
-        first = {(p["entity"], p["id"]) for p in problems}
-        problems = [p for p in again if (p["entity"], p["id"]) in first]
-    return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start)
-
-
 def fix_cache(db: Database, client: Client, ns: str, memory: Memory, kind: str,
               ids: list[str]) -> int:
     """Make the cache and memory entries of ``ids`` agree with PostgreSQL; return how many changed.
@@ -550,15 +360,15 @@ def fix_cache(db: Database, client: Client, ns: str, memory: Memory, kind: str,
     return changed
 
 
-def repair(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyReport:
+def repair(db: Database, client: Client, ns: str, memory: Memory) -> compare.ConsistencyReport:
     """Make memory and Redis agree with PostgreSQL; return the report of what was wrong."""
-    report = check(db, client, ns, memory)
+    report = compare.check(db, client, ns, memory)
     bad: dict[str, set[str]] = {}
     for row in report.rows:
         bad.setdefault(row["entity"], set()).add(row["id"])
     for kind, ids in bad.items():
         fix_cache(db, client, ns, memory, kind, list(ids))
-    _, wanted = _pg_versions(db)
+    _, wanted = compare.pg_versions(db)
     reconcile_queues(db, client, ns, wanted)
     with db.begin("repair: read metric checkpoints") as conn:
         metrics.raise_to(client, ns, store.metric_checkpoints(conn))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from toolkit import config, errors, models, recovery, validate
+from toolkit import compare, config, errors, models, recovery, validate
 from toolkit.lock import Lock
 from toolkit.models import JobStatus as JS
 from toolkit.tiers import memory as memory_tier
@@ -38,6 +38,16 @@ if TYPE_CHECKING:
     from toolkit.inspection.inspector import Inspector
 
 log = logging.getLogger(__name__)
+
+_inspector_factory: Callable[[StateManager], Inspector] | None = None
+"""Builds ``sm.inspector``. The package layer (``toolkit/__init__.py``) registers it, so
+the write side never imports the read-only inspection kit (see import-rules.toml)."""
+
+
+def register_inspector_factory(factory: Callable[[StateManager], Inspector]) -> None:
+    """Set how ``StateManager.inspector`` is built (called once by ``toolkit/__init__.py``)."""
+    global _inspector_factory
+    _inspector_factory = factory
 
 CLAIM_LEASE = 30.0
 """Seconds a popped job may stay in flight before a janitor returns it to its queue."""
@@ -182,11 +192,11 @@ class StateManager:
     @property
     def inspector(self) -> Inspector:
         """A read-only :class:`~toolkit.Inspector` over this manager's tiers (memory included)."""
-        from toolkit.inspection.inspector import Inspector
-
+        if _inspector_factory is None:  # pragma: no cover - toolkit/__init__ registers it
+            raise errors.ConfigurationError("no Inspector factory registered (import toolkit)")
         with self._beat_lock:
             if self._inspector is None:
-                self._inspector = Inspector._bound(self)
+                self._inspector = _inspector_factory(self)
             return self._inspector
 
     def _now(self) -> datetime:
@@ -1042,11 +1052,11 @@ class StateManager:
                                              progress=progress)
         return self.last_rebuild
 
-    def check_consistency(self) -> recovery.ConsistencyReport:
+    def check_consistency(self) -> compare.ConsistencyReport:
         """Compare memory and Redis with PostgreSQL; one row per disagreement."""
-        return recovery.check(self.db, self.redis, self.ns, self.memory)
+        return compare.check(self.db, self.redis, self.ns, self.memory)
 
-    def repair(self) -> recovery.ConsistencyReport:
+    def repair(self) -> compare.ConsistencyReport:
         """Make memory and Redis agree with PostgreSQL; return what was found and fixed."""
         return recovery.repair(self.db, self.redis, self.ns, self.memory)
 

@@ -17,7 +17,7 @@ import pytest
 
 import toolkit
 from tests.conftest import wipe_namespace
-from toolkit import models, recovery
+from toolkit import compare, models, recovery
 from toolkit.tiers.postgres import store
 from toolkit.tiers.redis import cache, keys
 
@@ -125,7 +125,7 @@ def test_stream_live_rows_equal_sqlalchemy_rows(sm: toolkit.StateManager) -> Non
     _rich_state(sm)
     with sm.db.begin("test: stream") as conn:
         for kind in ("workflow", "worker", "assignment", "job"):
-            columns = recovery._columns(kind)
+            columns = compare.live_columns(kind)
             streamed = {r[0]: dict(zip(columns, r, strict=True))
                         for r in store.stream_live(conn, kind, columns)}
             normal = {r["id"]: r for r in store.get_many(conn, kind, list(streamed))}

@@ -85,7 +85,7 @@ def test_consistency_check_finds_and_repair_fixes(sm: toolkit.StateManager, raw_
     report = sm.check_consistency()
     frame = report.to_frame()
     assert not report.ok and set(frame["id"]) == {"a", "ghost", "wf"}
-    assert list(frame.columns) == list(toolkit.recovery.REPORT_COLUMNS)
+    assert list(frame.columns) == list(toolkit.compare.REPORT_COLUMNS)
     sm.repair()
     assert sm.check_consistency().ok
     assert raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1) == ["a", "b"]
