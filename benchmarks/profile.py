@@ -71,7 +71,7 @@ def _rebuild(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
 
     def go() -> None:
         b.wipe(sm.ns)
-        sm._rebuild_from_db(progress=False)
+        sm.rebuild(progress=False)
 
     return go
 

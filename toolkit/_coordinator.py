@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from toolkit import simulator, state
+from toolkit import failpoints, simulator, state
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> None:
                 emit({"a": "crashing", "id": action})
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        sm._after_commit = crash
+        failpoints.arm("after_commit", crash)
     if args.crash_after_claim:
         def crash_claim(job_id: str) -> None:
             emit({"a": "crashing", "id": job_id})
             os.kill(os.getpid(), signal.SIGKILL)
 
-        sm._after_claim = crash_claim
+        failpoints.arm("after_claim", crash_claim)
     if args.claim_lease is not None:
         sm.claim_lease = args.claim_lease
     for wf in simulator.make_workflows(sm, args.workflows, args.jobs, prefix="demo"):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from toolkit import compare, config, errors, models, recovery, validate
+from toolkit import compare, config, errors, failpoints, models, recovery, validate
 from toolkit.lock import Lock
 from toolkit.models import JobStatus as JS
 from toolkit.tiers import memory as memory_tier
@@ -149,11 +149,6 @@ class StateManager:
         self._last_checkpoint = time.monotonic()
         self.last_rebuild: recovery.RebuildReport | None = None
         self._inspector: Inspector | None = None
-        # Test hook: called with the action name after a PostgreSQL commit and
-        # before Redis is touched (the fault-injection scenarios kill the process here).
-        self._after_commit: Callable[[str], None] | None = None
-        # Test hook: called with the job id after a Redis pop, before PostgreSQL assigns it.
-        self._after_claim: Callable[[str], None] | None = None
         self.claim_lease = CLAIM_LEASE
         self._listener = recovery.InvalidationListener(self.redis, self.ns, self.memory)
         if listen:
@@ -210,8 +205,7 @@ class StateManager:
         queued = sum(1 for kind, row in changes.rows if kind == "job" and row["status"] == JS.QUEUED)
         if queued:
             changes.counters["jobs_queued"] += queued
-        if self._after_commit is not None:
-            self._after_commit(changes.action)
+        failpoints.reach("after_commit", changes.action)
         try:
             self._push_redis(changes, entities)
         except Exception as exc:  # noqa: BLE001 - the write is committed: never report it failed
@@ -697,8 +691,7 @@ class StateManager:
                     return None
                 time.sleep(min(0.05, left))
                 continue
-            if self._after_claim is not None:
-                self._after_claim(claim.job_id)
+            failpoints.reach("after_claim", claim.job_id)
             ch = _Changes(action="dequeue")
             try:
                 with self.db.begin("dequeue") as conn:
@@ -1046,11 +1039,26 @@ class StateManager:
 
     # -- recovery -------------------------------------------------------------------------
 
-    def _rebuild_from_db(self, *, progress: bool | None = None) -> recovery.RebuildReport:
-        """Reload memory from PostgreSQL and make Redis match it; see :mod:`toolkit.recovery`."""
+    def rebuild(self, *, progress: bool | None = None) -> recovery.RebuildReport:
+        """Reload memory from PostgreSQL and make Redis match it (what a new coordinator runs).
+
+        Parameters
+        ----------
+        progress
+            Show a progress bar (default: only for 50,000 live rows or more).
+
+        Returns
+        -------
+        RebuildReport
+            What was loaded and how long it took (also kept in ``last_rebuild``).
+        """
         self.last_rebuild = recovery.rebuild(self.db, self.redis, self.ns, self.memory,
                                              progress=progress)
         return self.last_rebuild
+
+    def _rebuild_from_db(self, *, progress: bool | None = None) -> recovery.RebuildReport:
+        """The seed's name for :meth:`rebuild`, kept working."""
+        return self.rebuild(progress=progress)
 
     def check_consistency(self) -> compare.ConsistencyReport:
         """Compare memory and Redis with PostgreSQL; one row per disagreement."""
@@ -1088,7 +1096,7 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
     heartbeat_ttl
         Seconds after the last heartbeat at which a worker counts as dead.
     rebuild
-        Call ``_rebuild_from_db()`` before returning.
+        Call :meth:`StateManager.rebuild` before returning.
 
     Raises
     ------
@@ -1105,7 +1113,7 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         sm.redis.call("ping", sm.redis.redis.ping)
         sm._listener.start()
         if rebuild:
-            report = sm._rebuild_from_db()
+            report = sm.rebuild()
             log.info("rebuilt from PostgreSQL: %s", report, extra={"action": "rebuild"})
     except BaseException:
         sm.close()

@@ -141,7 +141,7 @@ def test_rebuild_never_overwrites_a_newer_cached_value(sm: toolkit.StateManager,
     wipe_namespace(clean.redis_url, clean.namespace)
     newer = cache.encode(sm.get_job("j7")).decode().replace("1|", "99|", 1)
     raw_redis.set(keys.entity(clean.namespace, "job", "j7"), newer)
-    sm._rebuild_from_db()
+    sm.rebuild()
     assert raw_redis.get(keys.entity(clean.namespace, "job", "j7")) == newer
     assert raw_redis.get(keys.entity(clean.namespace, "job", "j8")) == cache.encode(
         sm.get_job("j8")).decode()
@@ -159,7 +159,7 @@ def test_rebuild_fill_falls_back_when_a_writer_got_there_first(
         dict.fromkeys(keys.ENTITY_KINDS, 0), {k: [] for k in keys.ENTITY_KINDS}))
     monkeypatch.setattr(recovery, "FILL_CHUNK", 7)
     sm.memory.clear()
-    sm._rebuild_from_db()
+    sm.rebuild()
     assert raw_redis.get(keys.entity(clean.namespace, "job", "j3")) == newer
     for i in range(30):
         if i != 3:
@@ -179,7 +179,7 @@ def test_rebuild_fills_a_partly_emptied_cache(sm: toolkit.StateManager, raw_redi
     raw_redis.unlink(*names[kept:])
     newer = expected[names[0]].replace("1|", "8|", 1)
     raw_redis.set(names[0], newer)
-    sm._rebuild_from_db()
+    sm.rebuild()
     assert {n: raw_redis.get(n) for n in names} == {**expected, names[0]: newer}
     assert raw_redis.ttl(names[-1]) == -1  # live entries never expire
 
@@ -187,10 +187,10 @@ def test_rebuild_fills_a_partly_emptied_cache(sm: toolkit.StateManager, raw_redi
 def test_rebuild_with_redis_intact_writes_nothing(sm: toolkit.StateManager, raw_redis,
                                                   clean) -> None:
     sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}"} for i in range(20)])
-    sm._rebuild_from_db()
+    sm.rebuild()
     before = {k: raw_redis.get(k) for k in raw_redis.scan_iter(
         match=keys.entity_pattern(clean.namespace, "job"))}
-    sm._rebuild_from_db()
+    sm.rebuild()
     after = {k: raw_redis.get(k) for k in raw_redis.scan_iter(
         match=keys.entity_pattern(clean.namespace, "job"))}
     assert before == after and len(after) == 20
@@ -203,7 +203,7 @@ def test_rebuild_reconciles_a_large_emptied_queue(sm: toolkit.StateManager, raw_
                                   for i in range(n)])
     expected = raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1, withscores=True)
     wipe_namespace(clean.redis_url, clean.namespace)
-    report = sm._rebuild_from_db()
+    report = sm.rebuild()
     assert report.queued == n
     assert raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1,
                             withscores=True) == expected
@@ -246,5 +246,5 @@ def test_rebuild_progress_counts_every_row(sm: toolkit.StateManager,
 
     monkeypatch.setattr(recovery, "_progress", progress)
     monkeypatch.setattr(recovery, "PROGRESS_STEP", 10)
-    sm._rebuild_from_db(progress=True)
+    sm.rebuild(progress=True)
     assert seen == {"total": 27, "done": 27, "closed": 1}

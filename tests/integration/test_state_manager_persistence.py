@@ -74,6 +74,10 @@ def test_rebuild_report_counts(sm: toolkit.StateManager) -> None:
     assert (report.workflows, report.workers, report.jobs, report.assignments, report.queued) == (
         1, 1, 20, 1, 19)
     assert report.seconds > 0
+    again = sm.rebuild()  # the public name of the same rebuild
+    assert sm.last_rebuild is again
+    assert (again.workflows, again.workers, again.jobs, again.assignments, again.queued) == (
+        1, 1, 20, 1, 19)
 
 
 def test_consistency_check_finds_and_repair_fixes(sm: toolkit.StateManager, raw_redis, clean) -> None:

@@ -223,7 +223,7 @@ def test_state_manager_runs_a_full_lifecycle_with_dml_only(private: Private, rol
         sm.register_worker("w2", queues=["default"])
         sm.heartbeat("w2")
         sm.deregister_worker("w1")  # its assigned job goes back to the queue
-        report = sm._rebuild_from_db()
+        report = sm.rebuild()
         assert report is not None
         assert sm.check_consistency().ok
         assert sm.repair().ok

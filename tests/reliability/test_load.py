@@ -88,9 +88,9 @@ def test_eight_processes_drain_2000_jobs_during_rebuilds_each_job_assigned_once(
 
     def rebuild_twice() -> None:
         time.sleep(1.0)
-        rebuilds.append(sm._rebuild_from_db())
+        rebuilds.append(sm.rebuild())
         time.sleep(1.0)
-        rebuilds.append(sm._rebuild_from_db())
+        rebuilds.append(sm.rebuild())
 
     rebuilder = threading.Thread(target=rebuild_twice, daemon=True)
     rebuilder.start()

@@ -98,7 +98,7 @@ def test_state_layer_works_through_pgbouncer_transaction_mode(
         with sm.lock("bounced", ttl=10) as lock:
             assert lock.fencing_token >= 1
         # Rebuild: server-side cursors inside one transaction through the pooler.
-        report = sm._rebuild_from_db()
+        report = sm.rebuild()
         assert report is not None
         assert_invariants(sm, private.raw_redis(), private.libpq_url)
         assert sm.check_consistency().ok

@@ -84,7 +84,7 @@ def test_state_layer_essentials_on_a_redis_cluster(private: Private, cluster: se
         assert sm.incr_metric("cl_metric", 2) == 2
         assert sm.get_metric("cl_metric") == 2
         sm.checkpoint_metrics()
-        report = sm._rebuild_from_db()
+        report = sm.rebuild()
         assert report is not None
         assert sm.check_consistency().ok
         assert sm.active_workers() == ["w1"]

@@ -43,7 +43,7 @@ def _lifecycle(sm: toolkit.StateManager) -> None:
     with sm.lock("tls-lock", ttl=5):
         pass
     assert sm.incr_metric("tls_metric") == 1
-    sm._rebuild_from_db()
+    sm.rebuild()
     assert sm.check_consistency().ok
     assert len(sm.inspector.jobs()) == 2 and len(sm.inspector.workers()) == 1
 
