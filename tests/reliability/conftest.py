@@ -33,7 +33,7 @@ import redis
 
 import toolkit
 from tests.conftest import unique
-from toolkit import config
+from toolkit import config, models
 from toolkit.tiers.redis import keys
 
 HERE = Path(__file__).resolve().parent
@@ -216,3 +216,25 @@ def assert_invariants(sm: toolkit.StateManager, raw: redis.Redis, libpq_url: str
     assert set(census) <= queued, set(census) - queued
     active = Counter(a.job_id for a in sm.list_assignments(status="active"))
     assert all(n == 1 for n in active.values()), active
+
+
+def pg_live_counts(libpq_url: str, schema: str) -> dict[str, int]:
+    """What a rebuild must load, counted straight from PostgreSQL (the report's fields)."""
+    final = sorted(str(s) for s in models.FINAL_JOB_STATUSES)
+    q = psycopg.sql.SQL(
+        "SELECT (SELECT count(*) FROM {s}.workflows), (SELECT count(*) FROM {s}.workers),"
+        " (SELECT count(*) FROM {s}.jobs WHERE status <> ALL(%(final)s)),"
+        " (SELECT count(*) FROM {s}.jobs WHERE status = 'queued'),"
+        " (SELECT count(*) FROM {s}.job_assignments WHERE status = 'active')"
+    ).format(s=psycopg.sql.Identifier(schema))
+    with psycopg.connect(libpq_url, autocommit=True) as conn:
+        row = conn.execute(q, {"final": final}).fetchone()
+    assert row is not None
+    return dict(zip(("workflows", "workers", "jobs", "queued", "assignments"), row, strict=True))
+
+
+def assert_rebuild_loaded_everything(report: toolkit.RebuildReport, libpq_url: str,
+                                     schema: str) -> None:
+    """The rebuild's counts equal the live rows in PostgreSQL, field by field."""
+    got = {k: getattr(report, k) for k in ("workflows", "workers", "jobs", "queued", "assignments")}
+    assert got == pg_live_counts(libpq_url, schema)

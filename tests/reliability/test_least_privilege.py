@@ -22,7 +22,7 @@ import redis
 from psycopg import sql
 
 import toolkit
-from tests.reliability.conftest import Private
+from tests.reliability.conftest import Private, assert_rebuild_loaded_everything
 from toolkit.tiers.postgres import migrate
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import keys
@@ -224,7 +224,7 @@ def test_state_manager_runs_a_full_lifecycle_with_dml_only(private: Private, rol
         sm.heartbeat("w2")
         sm.deregister_worker("w1")  # its assigned job goes back to the queue
         report = sm.rebuild()
-        assert report is not None
+        assert_rebuild_loaded_everything(report, private.libpq_url, sm.settings.schema)
         assert sm.check_consistency().ok
         assert sm.repair().ok
         purged = sm.purge(0.0, dry_run=True)
