@@ -22,7 +22,8 @@ from typing import Any
 
 import toolkit
 from benchmarks import harness
-from toolkit import validate
+from toolkit import models, validate
+from toolkit.manager import jobs
 from toolkit.tiers.postgres import store
 
 BATCH = 1000
@@ -39,13 +40,13 @@ def _postgres_part_run(sm: toolkit.StateManager, n: int) -> None:
     specs = harness.job_specs(BATCH)
     for start in range(0, n, BATCH):
         checked = validate.job_specs(specs[:min(BATCH, n - start)])
-        now = sm._now()
+        now = models.utcnow()
         wf: dict[str, Any] = {"id": uuid.uuid4().hex, "name": f"pg-{start}", "status": "pending",
                               "metadata": {}, "created_at": now, "updated_at": now, "version": 1}
         with sm.db.begin("bench: postgres part") as conn:
             store.insert(conn, "workflow", wf)
             seqs = iter(store.next_seqs(conn, len(checked)))
-            rows = [sm._job_row(wf["id"], s, now, seqs) for s in checked]
+            rows = [jobs.job_row(wf["id"], s, now, seqs) for s in checked]
             store.copy_jobs(conn, sm.db.schema, rows)
 
 

@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -291,11 +290,7 @@ def reconcile_queues(db: Database, client: Client, ns: str,
 
         def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
             pipe = client.pipeline()
-            for members in chunks(list(add.items()), PIPELINE_CHUNK):
-                pipe.zadd(keys.queue(ns, name), dict(members))
-            for chunk in chunks(extra, PIPELINE_CHUNK):
-                pipe.zrem(keys.queue(ns, name), *chunk)
-            pipe.sadd(keys.queues(ns), name)
+            queue.correct(ns, name, add, extra, pipe=pipe)
             pipe.execute()
 
         if add or extra or name in wanted:
@@ -374,21 +369,3 @@ def repair(db: Database, client: Client, ns: str, memory: Memory) -> compare.Con
         metrics.raise_to(client, ns, store.metric_checkpoints(conn))
     heartbeats.boot_time(client, ns, time.time())
     return report
-
-
-# -- metrics checkpoints --------------------------------------------------------------------
-
-def checkpoint_metrics(db: Database, client: Client, ns: str) -> None:
-    """Copy metric totals and their time buckets from Redis to PostgreSQL."""
-    totals = metrics.totals(client, ns)
-    if not totals:
-        return
-    series = metrics.buckets(client, ns, sorted(totals))
-    rows = [(name, datetime.fromtimestamp(start, UTC), value)
-            for name, buckets in series.items() for start, value in buckets.items()]
-    now = models.utcnow()
-    with db.begin("checkpoint metrics") as conn:
-        store.checkpoint_metrics(conn, totals, now)
-        for chunk in chunks(rows, 1000):
-            store.checkpoint_buckets(conn, chunk)
-

@@ -28,7 +28,7 @@ def test_cache_fill_never_overwrites_newer_version(sm: toolkit.StateManager, raw
     assert stale.version == 2
     key = keys.entity(clean.namespace, "workflow", "wf")
     raw_redis.set(key, "9|" + raw_redis.get(key).partition("|")[2])
-    sm._fill_redis([stale])
+    sm._pipe.fill_redis([stale])
     assert raw_redis.get(key).startswith("9|")
 
 

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toolkit import errors, models, state, validate
+from toolkit import errors, models, validate
+from toolkit.manager import pipeline
 from toolkit.tiers.redis import cache
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678900, tzinfo=UTC)
@@ -84,7 +85,7 @@ def _sequential(rows: list[tuple[str, dict[str, Any]]]) -> tuple[dict[tuple[str,
 def _batched(rows: list[tuple[str, dict[str, Any]]]) -> tuple[dict[tuple[str, str], float],
                                                                set[str]]:
     """All removals, then the pushes (what the write path now sends)."""
-    pushes, removes = state._queue_moves(rows)
+    pushes, removes = pipeline.queue_moves(rows)
     queued: dict[tuple[str, str], float] = {}
     for pair in removes:
         queued.pop(pair, None)

@@ -15,7 +15,7 @@ ever handed to two workers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from toolkit.tiers.redis import keys
@@ -86,6 +86,19 @@ def remove_many(ns: str, jobs: Iterable[tuple[str, str]], *, pipe: Any) -> None:
     for chunk in chunks(every, PUSH_CHUNK):
         pipe.zrem(keys.inflight(ns), *chunk)
         pipe.hdel(keys.inflight_meta(ns), *chunk)
+
+
+def correct(ns: str, queue_name: str, scores: Mapping[str, float], drop: Sequence[str], *,
+            pipe: Any) -> None:
+    """Queue setting the scores of ``scores`` and removing ``drop`` in one queue (repairs).
+
+    Unlike :func:`remove_many`, the in-flight set is left alone (the janitor owns it).
+    """
+    for members in chunks(list(scores.items()), PUSH_CHUNK):
+        pipe.zadd(keys.queue(ns, queue_name), dict(members))
+    for chunk in chunks(list(drop), PUSH_CHUNK):
+        pipe.zrem(keys.queue(ns, queue_name), *chunk)
+    pipe.sadd(keys.queues(ns), queue_name)
 
 
 def remove(ns: str, job_id: str, queue_name: str, *, pipe: Any) -> None:

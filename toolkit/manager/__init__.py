@@ -1,0 +1,16 @@
+"""The rooms behind :class:`toolkit.StateManager`, one concern each.
+
+``state.py`` is a thin facade: each public verb delegates to one of these.
+
+- ``pipeline``: the one write path (validate → one PostgreSQL transaction →
+  Redis → memory; its unit is a batch of changes) and the read path.
+- ``workflows``: create, read, move, cancel and delete workflows; the roll-up.
+- ``jobs``: create and read jobs; every status move, as named steps.
+- ``dispatch``: assignment and ``dequeue`` (the Redis claim, then PostgreSQL decides).
+- ``workers``: registration, heartbeats, liveness and the reaper.
+- ``counters``: metric counters, their checkpoints to PostgreSQL, and locks.
+- ``retention``: purging finished jobs.
+
+Each module may use the tiers only through ``pipeline`` and the tiers' own
+functions; none imports another concern except where its docstring says so.
+"""

@@ -1,0 +1,113 @@
+"""Dispatch: assign a queued job to a worker, directly or through the Redis queue.
+
+``dequeue`` pops the best job of the worker's queues into an in-flight set with
+a lease (one Lua script), then PostgreSQL decides under the job's status guard
+and the unique index of active assignments; a popped job that PostgreSQL
+refuses is settled, and an expired lease is returned by the janitor. So a job
+is never handed to two workers, and a coordinator that dies between the pop and
+the commit loses nothing.
+
+Uses ``workers`` (is the worker active?) and the pipeline; the in-flight set
+and the queue only through ``tiers/redis/queue.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from toolkit import failpoints, models, recovery, validate
+from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.manager.workers import Workers
+from toolkit.models import JobStatus as JS
+from toolkit.tiers.postgres import store
+from toolkit.tiers.redis import queue
+
+CLAIM_LEASE = 30.0
+"""Seconds a popped job may stay in flight before a janitor returns it to its queue."""
+
+
+def assign(conn: sa.Connection, ch: Changes, job_id: str, worker_id: str, pipe: Pipeline) -> bool:
+    """Assign a queued job in the caller's transaction; False when it is no longer queued."""
+    now = pipe.now()
+    row, wf_status = store.move_job(
+        conn, job_id, {"status": JS.ASSIGNED.value, "worker_id": worker_id,
+                       "attempts": store.INCREMENT},
+        statuses_in=[JS.QUEUED], now=now, event="assigned", lock_workflow=True)
+    if row is None:
+        return False
+    assignment = {"id": validate.new_id(), "job_id": job_id, "worker_id": worker_id,
+                  "status": models.AssignmentStatus.ACTIVE.value, "attempt": row["attempts"],
+                  "assigned_at": now, "finished_at": None}
+    store.insert(conn, "assignment", assignment)
+    ch.add("job", row)
+    ch.add("assignment", assignment)
+    if wf_status is not None:
+        ch.add("workflow", store.rollup_workflow(conn, row["workflow_id"], now))
+    ch.counters["jobs_assigned"] += 1
+    return True
+
+
+class Dispatch:
+    """The dispatch verbs of a StateManager."""
+
+    def __init__(self, pipe: Pipeline, workers: Workers) -> None:
+        self.pipe = pipe
+        self.workers = workers
+        self.claim_lease = CLAIM_LEASE
+        self._last_janitor = 0.0
+
+    def assign_job(self, job_id: str, worker_id: str) -> models.JobAssignment:
+        """Assign a queued job to a worker directly (bypassing the queue order)."""
+        validate.identifier("job_id", job_id)
+        self.workers.require_active(worker_id)
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            assign(conn, ch, job_id, worker_id, self.pipe)
+
+        written = self.pipe.write("assign job", tx)
+        return next(e for e in written if isinstance(e, models.JobAssignment))
+
+    def dequeue(self, worker_id: str, *, queues: Sequence[str] | None = None,
+                timeout: float = 0.0) -> models.Job | None:
+        """Take the best queued job of the worker's queues and assign it to the worker.
+
+        Highest priority first, FIFO within a priority. Waits up to ``timeout``
+        seconds for a job. A job is never handed to two workers: Redis pops it
+        into an in-flight set and PostgreSQL's status guard decides.
+        """
+        worker = self.workers.require_active(worker_id)
+        names = list(validate.names("queues", queues) if queues is not None else worker.queues)
+        deadline = time.monotonic() + validate.seconds("timeout", timeout, allow_zero=True)
+        self.janitor()
+        p = self.pipe
+        while True:
+            claim = queue.claim(p.redis, p.ns, names, time.time() + self.claim_lease)
+            if claim is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                time.sleep(min(0.05, left))
+                continue
+            failpoints.reach("after_claim", claim.job_id)
+            ch = Changes(action="dequeue")
+            try:
+                with p.db.begin("dequeue") as conn:
+                    won = assign(conn, ch, claim.job_id, worker_id, p)
+                    store.insert_events(conn, p.db.schema, ch.events)
+            except BaseException:
+                queue.settle(p.redis, p.ns, claim, requeue=True)
+                raise
+            if won:
+                return p.apply(ch)[0]  # type: ignore[return-value]
+            queue.settle(p.redis, p.ns, claim, requeue=False)
+
+    def janitor(self, *, force: bool = False) -> int:
+        """Return expired in-flight claims to their queues (at most once a second)."""
+        now = time.time()
+        if not force and now - self._last_janitor < 1.0:
+            return 0
+        self._last_janitor = now
+        return recovery.return_claims(self.pipe.db, self.pipe.redis, self.pipe.ns, before=now)

@@ -1,0 +1,285 @@
+"""Jobs: create and read them, and every status move, built from named steps.
+
+A move is one guarded ``UPDATE`` of the job (with its event row), followed by
+the steps its verb names: end the active assignment, release the dependents,
+roll the workflow up, count. A move with no step is a single statement that
+commits by itself.
+
+Touches the tiers only through :class:`~toolkit.manager.pipeline.Pipeline` and ``store``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from toolkit import errors, models, validate
+from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.models import JobStatus as JS
+from toolkit.tiers.postgres import store
+
+_EVENT_OF = {JS.QUEUED: "queued", JS.RUNNING: "started", JS.COMPLETED: "completed",
+             JS.CANCELLED: "cancelled"}
+
+
+def job_row(workflow_id: str, spec: Mapping[str, Any], now: datetime, seqs: Any) -> dict[str, Any]:
+    """The row of a new job from a validated spec (queued when it has no dependency)."""
+    queued = not spec["depends_on"]
+    return {
+        "id": spec["id"], "workflow_id": workflow_id, "name": spec["name"],
+        "status": JS.QUEUED.value if queued else JS.PENDING.value, "priority": spec["priority"],
+        "queue": spec["queue"], "payload": spec["payload"], "result": None, "error": None,
+        "attempts": 0, "max_attempts": spec["max_attempts"], "worker_id": None,
+        "depends_on": list(spec["depends_on"]), "enqueue_seq": next(seqs) if queued else None,
+        "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
+        "version": 1,
+    }
+
+
+def rollup(conn: sa.Connection, workflow_id: str, now: datetime) -> Mapping[str, Any] | None:
+    """Recompute a workflow's status from its jobs; return the new row if it changed.
+
+    Two statements: the row lock first, so that the roll-up's snapshot sees
+    every concurrent job move that committed before this one could proceed.
+    """
+    if store.lock_workflow(conn, workflow_id) is None:
+        return None
+    return store.rollup_workflow(conn, workflow_id, now)
+
+
+def attempt_guard(worker_id: str | None, attempt: int | None) -> dict[str, Any] | None:
+    """The columns a fenced call must still match (``StaleAttempt`` when they don't)."""
+    guard: dict[str, Any] = {}
+    if worker_id is not None:
+        guard["worker_id"] = validate.identifier("worker_id", worker_id)
+    if attempt is not None:
+        guard["attempts"] = validate.integer("attempt", attempt, low=1, high=10_000)
+    return guard or None
+
+
+# -- the steps that may follow a move --------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Moved:
+    """A job row just moved, in the transaction that moved it."""
+
+    row: Mapping[str, Any]
+    workflow_locked: bool
+    now: datetime
+
+
+Step = Callable[[sa.Connection, Changes, Moved], None]
+
+
+def end_assignment(ending: str) -> Step:
+    """End the job's active assignment as ``ending`` (completed, cancelled, ...)."""
+    def step(conn: sa.Connection, ch: Changes, m: Moved) -> None:
+        ch.add_all("assignment", store.end_assignments(conn, ending, m.now, job_ids=[m.row["id"]]))
+    return step
+
+
+def release_dependents(conn: sa.Connection, ch: Changes, m: Moved) -> None:
+    """Queue the pending jobs whose last unmet dependency this was."""
+    released = store.release_dependents(conn, m.row["workflow_id"], m.row["id"], m.now)
+    ch.add_all("job", released)
+    for r in released:
+        ch.event("queued", r, m.now, released_by=m.row["id"])
+
+
+def roll_up(conn: sa.Connection, ch: Changes, m: Moved) -> None:
+    """Recompute the workflow's status (its row was locked by the move)."""
+    if m.workflow_locked:
+        ch.add("workflow", store.rollup_workflow(conn, m.row["workflow_id"], m.now))
+
+
+def count(counter: str) -> Step:
+    """Add one to ``counter``."""
+    def step(conn: sa.Connection, ch: Changes, m: Moved) -> None:
+        ch.counters[counter] += 1
+    return step
+
+
+class _Now:
+    """Placeholder for 'the transaction's now' in update values."""
+
+
+NOW = _Now()
+
+
+class Jobs:
+    """The job verbs of a StateManager."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+
+    def create(self, workflow_id: str, name: str, *, priority: int = 0,
+               queue: str = "default", payload: Any = None, max_attempts: int = 3,
+               depends_on: Sequence[str] = (), job_id: str | None = None) -> models.Job:
+        """Add a job to a workflow; queued at once unless a dependency is not completed.
+
+        ``depends_on`` names jobs of the same workflow, by id or by name.
+        """
+        validate.identifier("workflow_id", workflow_id)
+        spec = validate.job_specs([{
+            "name": name, "priority": priority, "queue": queue, "payload": payload,
+            "max_attempts": max_attempts, "id": job_id,
+        }])[0]
+        deps = validate.names("depends_on", depends_on)
+        now = self.pipe.now()
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            dep_rows = _lock_and_resolve(conn, workflow_id, deps)
+            unmet = [r["id"] for r in dep_rows if r["status"] != JS.COMPLETED]
+            seqs = iter(store.next_seqs(conn, 0 if unmet else 1))
+            row = job_row(workflow_id, {**spec, "depends_on": unmet}, now, seqs)
+            row["depends_on"] = [r["id"] for r in dep_rows]
+            store.insert(conn, "job", row)
+            ch.add("job", row)
+            ch.event("created", row, now)
+            if row["status"] == JS.QUEUED:
+                ch.event("queued", row, now)
+            ch.counters["jobs_created"] += 1
+
+        return self.pipe.write("create job", tx)[0]  # type: ignore[return-value]
+
+    def get(self, job_id: str) -> models.Job | None:
+        """Return a job, or None when there is none with that id."""
+        return self.pipe.get("job", job_id)  # type: ignore[return-value]
+
+    def find(self, *, workflow_id: str | None = None, status: str | None = None,
+             worker_id: str | None = None) -> list[models.Job]:
+        """Return the jobs matching every filter given, oldest first."""
+        if status is not None:
+            status = validate.status("status", status, JS).value
+        for field, value in (("workflow_id", workflow_id), ("worker_id", worker_id)):
+            if value is not None:
+                validate.identifier(field, value)
+        return self.pipe.select("job", workflow_id=workflow_id, status=status, worker_id=worker_id)
+
+    def move(self, job_id: str, target: JS, values: Mapping[str, Any],
+             steps: Sequence[Step] = (), guard: Mapping[str, Any] | None = None) -> models.Job:
+        """Move a job to ``target`` under a status guard, then run ``steps``, in one transaction."""
+        validate.identifier("job_id", job_id)
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            vals = {k: (now if v is NOW else v) for k, v in values.items()}
+            row, wf_status = store.move_job(
+                conn, job_id, {"status": target.value, **vals}, statuses_in=models.job_sources(target),
+                now=now, event=_EVENT_OF[target], guard=guard, lock_workflow=roll_up in steps)
+            if row is None:
+                raise self.pipe.refusal(conn, "job", job_id, target, guard)
+            moved = Moved(row, wf_status is not None, now)
+            for step in steps:
+                step(conn, ch, moved)
+            ch.rows.insert(0, ("job", row))
+
+        # A bare move is one statement (the update, its event): it commits by itself.
+        return self.pipe.write(f"job -> {target.value}", tx,  # type: ignore[return-value]
+                               one_statement=not steps)[0]
+
+    def update_status(self, job_id: str, status: str, *, result: Any = None,
+                      error: str | None = None) -> models.Job:
+        """Move a job to ``status`` (the same rules as the dedicated methods).
+
+        ``assigned`` needs a worker: use ``assign_job`` or ``dequeue``.
+        """
+        target = validate.status("status", status, JS)
+        if target is JS.QUEUED:
+            return self.enqueue(job_id)
+        if target is JS.RUNNING:
+            return self.start(job_id)
+        if target is JS.COMPLETED:
+            return self.complete(job_id, result)
+        if target is JS.FAILED:
+            return self.fail(job_id, error or "failed", retry=False)
+        if target is JS.CANCELLED:
+            return self.cancel(job_id)
+        raise errors.ValidationError("status", status,
+                                     "a job is assigned through assign_job() or dequeue()")
+
+    def enqueue(self, job_id: str) -> models.Job:
+        """Queue a pending or failed job (pushed to its queue)."""
+        return self.move(job_id, JS.QUEUED, {"enqueue": True, "worker_id": None,
+                                             "finished_at": None}, steps=[roll_up])
+
+    def start(self, job_id: str, *, worker_id: str | None = None,
+              attempt: int | None = None) -> models.Job:
+        """Mark an assigned job running.
+
+        With ``worker_id`` and/or ``attempt`` (what the worker got from
+        ``dequeue``), a worker whose attempt was reclaimed meanwhile is
+        refused with :class:`~toolkit.errors.StaleAttempt`.
+        """
+        # No roll-up: assigned and running weigh the same in it, so it cannot change.
+        return self.move(job_id, JS.RUNNING, {"started_at": NOW},
+                         guard=attempt_guard(worker_id, attempt))
+
+    def complete(self, job_id: str, result: Any = None, *, worker_id: str | None = None,
+                 attempt: int | None = None) -> models.Job:
+        """Complete a running job, queue its ready dependents and roll the workflow up.
+
+        ``worker_id``/``attempt`` fence the call to one attempt, as in ``start_job``:
+        a stale attempt's result never overwrites the current attempt's.
+        """
+        result = validate.json_value("result", result)
+        return self.move(job_id, JS.COMPLETED, {"result": result, "finished_at": NOW},
+                         steps=[end_assignment("completed"), release_dependents, roll_up,
+                                count("jobs_completed")],
+                         guard=attempt_guard(worker_id, attempt))
+
+    def cancel(self, job_id: str) -> models.Job:
+        """Cancel a job that is not final."""
+        return self.move(job_id, JS.CANCELLED, {"finished_at": NOW},
+                         steps=[end_assignment("cancelled"), roll_up, count("jobs_cancelled")])
+
+    def fail(self, job_id: str, error: str, *, retry: bool = True, worker_id: str | None = None,
+             attempt: int | None = None) -> models.Job:
+        """Fail an assigned or running job; re-queue it while attempts remain (when ``retry``).
+
+        ``worker_id``/``attempt`` fence the call to one attempt, as in ``start_job``.
+        """
+        validate.identifier("job_id", job_id)
+        error = validate.text("error", error)
+        guard = attempt_guard(worker_id, attempt)
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            row = store.fail_job(conn, job_id, error, bool(retry), now, guard)
+            if row is None:
+                raise self.pipe.refusal(conn, "job", job_id, JS.FAILED, guard)
+            ch.rows.insert(0, ("job", row))
+            ended = store.end_assignments(conn, "failed", now, job_ids=[job_id])
+            ch.add_all("assignment", ended)
+            failed_by = ended[0]["worker_id"] if ended else None
+            ch.event("failed", {**row, "status": JS.FAILED.value}, now, worker_id=failed_by,
+                     error=error)
+            requeued = row["status"] == JS.QUEUED
+            if requeued:
+                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"])
+            ch.add("workflow", rollup(conn, row["workflow_id"], now))
+            ch.counters["jobs_failed"] += 1
+            if requeued:
+                ch.counters["jobs_retried"] += 1
+
+        return self.pipe.write("fail job", tx)[0]  # type: ignore[return-value]
+
+
+def _lock_and_resolve(conn: sa.Connection, workflow_id: str, deps: Sequence[str]
+                      ) -> list[Mapping[str, Any]]:
+    """Lock the workflow of a new job and find its dependencies (by id or name)."""
+    wf_status = store.lock_workflow(conn, workflow_id)
+    if wf_status is None:
+        raise errors.NotFound("workflow", workflow_id)
+    if wf_status in (models.WorkflowStatus.CANCELLED, models.WorkflowStatus.COMPLETED):
+        raise errors.ValidationError("workflow_id", workflow_id, f"the workflow is {wf_status}")
+    dep_rows = store.resolve_jobs(conn, workflow_id, deps)
+    if len(dep_rows) != len(deps):
+        found = {r["id"] for r in dep_rows} | {r["name"] for r in dep_rows}
+        missing = [d for d in deps if d not in found]
+        raise errors.ValidationError("depends_on", missing, "no such job in the workflow")
+    return dep_rows

@@ -1,0 +1,252 @@
+"""The write pipeline and the read path: the only code that moves data between the three tiers.
+
+Write: the caller validates, then :meth:`Pipeline.write` runs its transaction
+function in one PostgreSQL transaction (or one autocommitted statement), which
+records what it changed in a :class:`Changes` batch; after the commit the batch
+goes to Redis in one pipeline (versioned cache fills, queue moves, invalidation
+messages, counters), then to memory. A Redis failure after the commit does not
+fail the call: the write stands and Redis is left for ``repair()``. A batch is
+the unit: one job is a batch of one, and a batch commits once.
+
+Read: memory, then Redis, then PostgreSQL; each miss fills the tiers above it
+with versioned writes that never overwrite a newer entry.
+
+Touches: every tier, through its own functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from toolkit import config, errors, failpoints, models, validate
+from toolkit.models import JobStatus as JS
+from toolkit.tiers.memory import Memory
+from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres.db import Database
+from toolkit.tiers.redis import cache, metrics, queue
+from toolkit.tiers.redis.client import Client
+
+log = logging.getLogger(__name__)
+
+DELETED = 2**62
+"""Version announced when an entity is deleted: every cached copy is older."""
+
+
+@dataclasses.dataclass
+class Changes:
+    """A batch: what one committed transaction changed, to be pushed to Redis and memory."""
+
+    rows: list[tuple[str, Mapping[str, Any]]] = dataclasses.field(default_factory=list)
+    deleted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unqueue: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    counters: Counter[str] = dataclasses.field(default_factory=Counter)
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    action: str = ""
+
+    def add(self, kind: str, row: Mapping[str, Any] | None) -> None:
+        if row is not None:
+            self.rows.append((kind, row))
+
+    def add_all(self, kind: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self.rows.append((kind, row))
+
+    def event(self, name: str, job: Mapping[str, Any], at: datetime, *,
+              worker_id: str | None = None, **detail: Any) -> None:
+        """Log a job event (written in the same transaction as the change)."""
+        self.events.append({
+            "job_id": job["id"], "workflow_id": job["workflow_id"], "event": name,
+            "status": job["status"], "worker_id": worker_id or job.get("worker_id"),
+            "attempt": job.get("attempts"), "at": at, "detail": detail or None,
+        })
+
+
+Transaction = Callable[[sa.Connection, Changes], None]
+"""What a verb runs inside the transaction: statements, and the changes they made."""
+
+_ROW_BUILDERS = {kind: (models.row_builder(kind), models.field_names(kind))
+                 for kind in models.ENTITY_TYPES}
+"""Kind -> (fast positional constructor, field names), for :func:`build_entities`."""
+
+
+def build_entities(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[models.Entity]:
+    """Build the entities of committed rows (from PostgreSQL or validated input).
+
+    Uses the fast positional constructor: the rows were validated when written.
+    """
+    out: list[models.Entity] = []
+    append, builders = out.append, _ROW_BUILDERS
+    for kind, row in rows:
+        build, names = builders[kind]
+        get = row.get
+        append(build([get(n) for n in names]))
+    return out
+
+
+def queue_moves(rows: Sequence[tuple[str, Mapping[str, Any]]]
+                ) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, str]]]:
+    """Return the queue pushes and removals that job rows make, to send in bulk.
+
+    Sending every removal, then the pushes of the ``(job, queue)`` pairs whose
+    last row is queued, leaves what one push or removal per row in order left.
+    """
+    last: dict[tuple[str, str], Mapping[str, Any]] = {}
+    removes: list[tuple[str, str]] = []
+    for kind, row in rows:
+        if kind != "job":
+            continue
+        pair = (row["id"], row["queue"])
+        last[pair] = row
+        if row["status"] != JS.QUEUED:
+            removes.append(pair)
+    pushes = [(job_id, q, row["priority"], row["enqueue_seq"])
+              for (job_id, q), row in last.items() if row["status"] == JS.QUEUED]
+    return pushes, removes
+
+
+class Pipeline:
+    """The three tiers of one StateManager, and the paths through them."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.ns = settings.namespace
+        self.db = Database(settings.database_url, settings.schema)
+        self.redis = Client(settings.redis_url, namespace=settings.namespace)
+        self.memory = Memory()
+
+    @staticmethod
+    def now() -> datetime:
+        return models.utcnow()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def write(self, action: str, fn: Transaction, *, one_statement: bool = False
+              ) -> list[models.Entity]:
+        """Run ``fn(conn, changes)`` in one transaction, then apply the changes.
+
+        ``one_statement``: ``fn`` writes with a single statement (reads after it
+        are allowed), which then commits by itself, without BEGIN and COMMIT.
+        """
+        changes = Changes(action=action)
+        with self.db.autocommit(action) if one_statement else self.db.begin(action) as conn:
+            fn(conn, changes)
+            if one_statement:
+                assert not changes.events, "events need a transaction"
+            store.insert_events(conn, self.db.schema, changes.events)
+        return self.apply(changes)
+
+    def apply(self, changes: Changes) -> list[models.Entity]:
+        """Push committed changes to Redis (one pipeline), then memory. Never raises."""
+        entities = build_entities(changes.rows)
+        queued = sum(1 for kind, row in changes.rows if kind == "job" and row["status"] == JS.QUEUED)
+        if queued:
+            changes.counters["jobs_queued"] += queued
+        failpoints.reach("after_commit", changes.action)
+        try:
+            self._push_redis(changes, entities)
+        except Exception as exc:  # noqa: BLE001 - the write is committed: never report it failed
+            log.warning("committed to PostgreSQL but Redis was not updated (repair() will): %s",
+                        exc, extra={"action": "write_redis"})
+            self._drop_cached(entities, changes)
+        for e in entities:
+            self.memory.put(cache.kind_of(e), e)
+        for kind, entity_id in changes.deleted:
+            self.memory.drop(kind, entity_id)
+        return entities
+
+    def _push_redis(self, changes: Changes, entities: list[models.Entity]) -> None:
+        def go() -> None:
+            pipe = self.redis.pipeline()
+            cache.put(self.redis, self.ns, entities, pipe=pipe)
+            pushes, removes = queue_moves(changes.rows)
+            queue.remove_many(self.ns, removes, pipe=pipe)
+            queue.push_many(self.ns, pushes, pipe=pipe)
+            for kind, entity_id in changes.deleted:
+                cache.delete(self.ns, kind, [entity_id], pipe=pipe)
+            announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
+            announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
+            cache.publish_many(self.ns, announced, pipe=pipe)
+            queue.remove_many(self.ns, changes.unqueue, pipe=pipe)
+            now = time.time()
+            for name, amount in changes.counters.items():
+                metrics.incr(self.redis, self.ns, name, amount, now, pipe=pipe)
+            pipe.execute()
+
+        # Not idempotent as a whole (counters), so never re-sent.
+        self.redis.call("write-through", go, idempotent=False)
+
+    def _drop_cached(self, entities: list[models.Entity], changes: Changes) -> None:
+        """After a failed Redis update, try at least to remove the now-stale entries."""
+        try:
+            pipe = self.redis.pipeline()
+            for e in entities:
+                cache.delete(self.ns, cache.kind_of(e), [e.id], pipe=pipe)
+            for kind, entity_id in changes.deleted:
+                cache.delete(self.ns, kind, [entity_id], pipe=pipe)
+            self.redis.call("invalidate", pipe.execute)
+        except errors.StorageUnavailable:
+            pass
+
+    @staticmethod
+    def refusal(conn: sa.Connection, kind: str, entity_id: str, target: str,
+                guard: Mapping[str, Any] | None = None) -> errors.ToolkitError:
+        """The error for a guarded write that changed nothing: why, read from PostgreSQL."""
+        row = store.get(conn, kind, entity_id)
+        if row is None:
+            return errors.NotFound(kind, entity_id)
+        for column, value in (guard or {}).items():
+            if row[column] != value:
+                field = "attempt" if column == "attempts" else column
+                return errors.StaleAttempt(kind, entity_id, field, value, row[column])
+        return errors.InvalidTransition(kind, entity_id, row["status"], str(target))
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, kind: str, entity_id: Any) -> models.Entity | None:
+        """Memory, then Redis, then PostgreSQL; a miss fills the tiers above it."""
+        entity_id = validate.identifier(f"{kind}_id", entity_id)
+        found = self.memory.get(kind, entity_id)
+        if found is not None:
+            return found
+        try:
+            found = cache.get(self.redis, self.ns, kind, entity_id)
+        except errors.StorageUnavailable:
+            found = None
+        if found is None:
+            with self.db.autocommit(f"get {kind}") as conn:  # one SELECT: no BEGIN/COMMIT
+                row = store.get(conn, kind, entity_id)
+            if row is None:
+                return None
+            found = models.from_dict(kind, row)
+            self.fill_redis([found])
+        self.memory.put(kind, found)
+        return found
+
+    def require(self, kind: str, entity_id: Any) -> Any:
+        """Like :meth:`get`, but raise ``NotFound`` when there is no such entity."""
+        found = self.get(kind, entity_id)
+        if found is None:
+            raise errors.NotFound(kind, entity_id)
+        return found
+
+    def fill_redis(self, entities: list[models.Entity]) -> None:
+        try:
+            pipe = self.redis.pipeline()
+            cache.put(self.redis, self.ns, entities, pipe=pipe)
+            self.redis.call("cache fill", pipe.execute)
+        except errors.StorageUnavailable as exc:
+            log.debug("cache fill skipped: %s", exc, extra={"action": "cache_fill"})
+
+    def select(self, kind: str, **equal: Any) -> list[Any]:
+        """Every row of ``kind`` whose columns equal the non-None filters, from PostgreSQL."""
+        with self.db.begin(f"list {kind}s") as conn:
+            rows = store.select_where(conn, kind, **equal)
+        return [models.from_dict(kind, r) for r in rows]

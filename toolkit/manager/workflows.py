@@ -1,0 +1,143 @@
+"""Workflows: create (with their jobs, in one transaction), read, move, cancel, delete; the roll-up.
+
+Touches the tiers only through :class:`~toolkit.manager.pipeline.Pipeline` and
+``store``. Uses ``jobs.job_row`` to build the rows of a new workflow's jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from toolkit import errors, models, validate
+from toolkit.manager import jobs as jobs_room
+from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.tiers.postgres import store
+
+WS = models.WorkflowStatus
+
+
+class Workflows:
+    """The workflow verbs of a StateManager."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+
+    def create(self, name: str, *, jobs: Sequence[Mapping[str, Any]] = (),
+               metadata: Mapping[str, Any] | None = None,
+               workflow_id: str | None = None) -> models.Workflow:
+        """Create a workflow and its jobs in one PostgreSQL transaction.
+
+        Parameters
+        ----------
+        name
+            Workflow name.
+        jobs
+            Dicts with ``name`` and optional ``priority``, ``queue``, ``payload``,
+            ``max_attempts``, ``depends_on`` (names of jobs of this workflow).
+            Jobs with no dependency are queued at once, the others are pending.
+        metadata
+            JSON object stored with the workflow.
+        workflow_id
+            Id to use; a UUID by default.
+
+        Raises
+        ------
+        ValidationError
+            Bad input (named field and value), a duplicate id, an unknown or
+            cyclic dependency. Nothing is written.
+        StorageUnavailable
+            PostgreSQL failed; nothing is written.
+        """
+        now = self.pipe.now()
+        wf_row: dict[str, Any] = {
+            "id": validate.optional_id("workflow_id", workflow_id),
+            "name": validate.identifier("name", name),
+            "status": WS.PENDING.value,
+            "metadata": validate.json_object("metadata", metadata),
+            "created_at": now, "updated_at": now, "version": 1,
+        }
+        specs = validate.job_specs(jobs)
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            store.insert(conn, "workflow", wf_row)
+            seqs = iter(store.next_seqs(conn, sum(1 for s in specs if not s["depends_on"])))
+            rows = [jobs_room.job_row(wf_row["id"], s, now, seqs) for s in specs]
+            store.copy_jobs(conn, self.pipe.db.schema, rows)
+            ch.add("workflow", wf_row)
+            ch.add_all("job", rows)
+            for r in rows:
+                ch.event("created", r, now)
+                if r["status"] == models.JobStatus.QUEUED:
+                    ch.event("queued", r, now)
+            ch.counters["jobs_created"] += len(rows)
+            ch.counters["workflows_created"] += 1
+
+        self.pipe.write("create workflow", tx)
+        return self.pipe.require("workflow", wf_row["id"])  # type: ignore[no-any-return]
+
+    def get(self, workflow_id: str) -> models.Workflow | None:
+        """Return a workflow, or None when there is none with that id."""
+        return self.pipe.get("workflow", workflow_id)  # type: ignore[return-value]
+
+    def find(self, status: str | None = None) -> list[models.Workflow]:
+        """Return every workflow (with that status, when given), oldest first."""
+        if status is not None:
+            status = validate.status("status", status, WS).value
+        return self.pipe.select("workflow", status=status)
+
+    def update_status(self, workflow_id: str, status: str) -> models.Workflow:
+        """Set a workflow's status, following ``models.WORKFLOW_TRANSITIONS``."""
+        target = validate.status("status", status, WS)
+        validate.identifier("workflow_id", workflow_id)
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            row = store.update(conn, "workflow", workflow_id, {"status": target.value},
+                               statuses_in=models.workflow_sources(target), now=self.pipe.now())
+            if row is None:
+                raise self.pipe.refusal(conn, "workflow", workflow_id, target)
+            ch.add("workflow", row)
+
+        return self.pipe.write("update workflow", tx, one_statement=True)[0]  # type: ignore[return-value]
+
+    def cancel(self, workflow_id: str) -> models.Workflow:
+        """Cancel a workflow and every job of it that is not final."""
+        validate.identifier("workflow_id", workflow_id)
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            row = store.update(conn, "workflow", workflow_id, {"status": WS.CANCELLED.value},
+                               statuses_in=models.workflow_sources(WS.CANCELLED), now=now)
+            if row is None:
+                raise self.pipe.refusal(conn, "workflow", workflow_id, WS.CANCELLED)
+            jobs = store.cancel_workflow_jobs(conn, workflow_id, now)
+            ids = [j["id"] for j in jobs]
+            ch.add_all("assignment", store.end_assignments(conn, "cancelled", now, job_ids=ids)
+                       if ids else [])
+            ch.add_all("job", jobs)
+            for j in jobs:
+                ch.event("cancelled", j, now, reason="workflow cancelled")
+            ch.add("workflow", row)
+            ch.counters["jobs_cancelled"] += len(jobs)
+
+        return self.pipe.write("cancel workflow", tx)[-1]  # type: ignore[return-value]
+
+    def delete(self, workflow_id: str) -> None:
+        """Delete a workflow, its jobs and their assignments from every tier."""
+        validate.identifier("workflow_id", workflow_id)
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            wf, jobs, assignment_ids = store.delete_workflow(conn, workflow_id)
+            if wf is None:
+                raise errors.NotFound("workflow", workflow_id)
+            ch.deleted.append(("workflow", workflow_id))
+            ch.deleted.extend(("job", j["id"]) for j in jobs)
+            ch.deleted.extend(("assignment", a) for a in assignment_ids)
+            ch.unqueue.extend((j["id"], j["queue"]) for j in jobs)
+            now = self.pipe.now()
+            for j in jobs:
+                ch.event("deleted", {**j, "workflow_id": workflow_id, "status": j["status"]}, now)
+
+        self.pipe.write("delete workflow", tx)
