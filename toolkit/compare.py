@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from toolkit import models
+from toolkit.handles import Tiers
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import store
 from toolkit.tiers.postgres.db import Database
@@ -92,9 +93,9 @@ def _version(kind: str, row: Mapping[str, Any] | None) -> int | None:
     return models.entity_version(models.from_dict(kind, row))
 
 
-def _compare(db: Database, client: Client, ns: str, memory: Memory,
-             live: dict[str, dict[str, Mapping[str, Any]]], *,
+def _compare(t: Tiers, live: dict[str, dict[str, Mapping[str, Any]]], *,
              keep_consistent: bool = False) -> tuple[list[dict[str, Any]], int]:
+    db, client, ns, memory = t.db, t.redis, t.ns, t.memory
     problems: list[dict[str, Any]] = []
     checked = 0
     for kind in KINDS:
@@ -165,18 +166,17 @@ def _queue_row(job_id: str, why: str) -> dict[str, Any]:
             "postgres_version": None, "consistent": False, "problem": why}
 
 
-def compare_all(db: Database, client: Client, ns: str, memory: Memory, *,
-                with_memory: bool = True) -> list[dict[str, Any]]:
+def compare_all(t: Tiers, *, with_memory: bool = True) -> list[dict[str, Any]]:
     """One row per entity (consistent or not) across the tiers; reads only.
 
     With ``with_memory=False`` (an Inspector not bound to a StateManager) the
     memory columns are empty and memory is not judged.
     """
-    live, wanted = pg_versions(db)
-    rows, _ = _compare(db, client, ns, memory if with_memory else Memory(), live,
+    live, wanted = pg_versions(t.db)
+    rows, _ = _compare(t if with_memory else dataclasses.replace(t, memory=Memory()), live,
                        keep_consistent=True)
     by_id = {(r["entity"], r["id"]): r for r in rows}
-    for q in _queue_problems(client, ns, wanted):
+    for q in _queue_problems(t.redis, t.ns, wanted):
         row = by_id.get(("job", q["id"]))
         if row is None:
             rows.append(q)
@@ -189,7 +189,7 @@ def compare_all(db: Database, client: Client, ns: str, memory: Memory, *,
     return rows
 
 
-def check(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyReport:
+def check(t: Tiers) -> ConsistencyReport:
     """Compare memory and Redis with PostgreSQL. Reads only.
 
     The tiers are read one after the other, so a write landing in between can
@@ -197,13 +197,13 @@ def check(db: Database, client: Client, ns: str, memory: Memory) -> ConsistencyR
     PostgreSQL snapshot, then Redis and memory) and only what persists is reported.
     """
     start = time.perf_counter()
-    live, wanted = pg_versions(db)
-    problems, checked = _compare(db, client, ns, memory, live)
-    problems += _queue_problems(client, ns, wanted)
+    live, wanted = pg_versions(t.db)
+    problems, checked = _compare(t, live)
+    problems += _queue_problems(t.redis, t.ns, wanted)
     if problems:
-        live, wanted = pg_versions(db)
-        again, _ = _compare(db, client, ns, memory, live)
-        again += _queue_problems(client, ns, wanted)
+        live, wanted = pg_versions(t.db)
+        again, _ = _compare(t, live)
+        again += _queue_problems(t.redis, t.ns, wanted)
         first = {(p["entity"], p["id"]) for p in problems}
         problems = [p for p in again if (p["entity"], p["id"]) in first]
     return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start)

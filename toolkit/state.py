@@ -302,8 +302,7 @@ class StateManager:
         Returns what was loaded and how long it took (also kept in ``last_rebuild``);
         ``progress`` shows a bar (default: for 50,000 live rows or more).
         """
-        self.last_rebuild = recovery.rebuild(self.db, self.redis, self.ns, self.memory,
-                                             progress=progress)
+        self.last_rebuild = recovery.rebuild(self._pipe.tiers, progress=progress)
         return self.last_rebuild
 
     def _rebuild_from_db(self, *, progress: bool | None = None) -> recovery.RebuildReport:
@@ -312,11 +311,11 @@ class StateManager:
 
     def check_consistency(self) -> compare.ConsistencyReport:
         """Compare memory and Redis with PostgreSQL; one row per disagreement."""
-        return compare.check(self.db, self.redis, self.ns, self.memory)
+        return compare.check(self._pipe.tiers)
 
     def repair(self) -> compare.ConsistencyReport:
         """Make memory and Redis agree with PostgreSQL; return what was found and fixed."""
-        return recovery.repair(self.db, self.redis, self.ns, self.memory)
+        return recovery.repair(self._pipe.tiers)
 
 
 def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,

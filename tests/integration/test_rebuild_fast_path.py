@@ -17,7 +17,9 @@ import pytest
 
 import toolkit
 from tests.conftest import wipe_namespace
-from toolkit import compare, models, recovery
+from toolkit import compare, models
+from toolkit.recovery import queues as recovered_queues
+from toolkit.recovery import rebuilding
 from toolkit.tiers.postgres import store
 from toolkit.tiers.redis import cache, keys
 
@@ -155,9 +157,9 @@ def test_rebuild_fill_falls_back_when_a_writer_got_there_first(
     # and the chunk goes through the versioned path, which keeps the newer value.
     newer = cache.encode(sm.get_job("j3")).decode().replace("1|", "5|", 1)
     raw_redis.set(keys.entity(clean.namespace, "job", "j3"), newer)
-    monkeypatch.setattr(recovery, "_scan_cache", lambda client, ns, live: (
+    monkeypatch.setattr(rebuilding, "_scan_cache", lambda client, ns, live: (
         dict.fromkeys(keys.ENTITY_KINDS, 0), {k: [] for k in keys.ENTITY_KINDS}))
-    monkeypatch.setattr(recovery, "FILL_CHUNK", 7)
+    monkeypatch.setattr(rebuilding, "FILL_CHUNK", 7)
     sm.memory.clear()
     sm.rebuild()
     assert raw_redis.get(keys.entity(clean.namespace, "job", "j3")) == newer
@@ -172,7 +174,7 @@ def test_rebuild_fill_falls_back_when_a_writer_got_there_first(
 @pytest.mark.parametrize("kept", [3, 17])  # a few cached (MSETNX first), most cached (MGET)
 def test_rebuild_fills_a_partly_emptied_cache(sm: toolkit.StateManager, raw_redis, clean,
                                               kept: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recovery, "FILL_CHUNK", 4)
+    monkeypatch.setattr(rebuilding, "FILL_CHUNK", 4)
     sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}"} for i in range(20)])
     names = [keys.entity(clean.namespace, "job", f"j{i}") for i in range(20)]
     expected = {n: raw_redis.get(n) for n in names}
@@ -198,7 +200,7 @@ def test_rebuild_with_redis_intact_writes_nothing(sm: toolkit.StateManager, raw_
 
 def test_rebuild_reconciles_a_large_emptied_queue(sm: toolkit.StateManager, raw_redis,
                                                   clean) -> None:
-    n = recovery.WHOLE_QUEUE_AT + 50
+    n = recovered_queues.WHOLE_QUEUE_AT + 50
     sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}", "priority": i % 3}
                                   for i in range(n)])
     expected = raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1, withscores=True)
@@ -211,7 +213,7 @@ def test_rebuild_reconciles_a_large_emptied_queue(sm: toolkit.StateManager, raw_
 
 def test_whole_queue_recheck_drops_jobs_no_longer_queued(sm: toolkit.StateManager, raw_redis,
                                                          clean) -> None:
-    n = recovery.WHOLE_QUEUE_AT + 10
+    n = recovered_queues.WHOLE_QUEUE_AT + 10
     sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}"} for i in range(n)])
     with sm.db.begin("test: snapshot") as conn:
         wanted: dict[str, dict[str, float]] = {}
@@ -221,7 +223,7 @@ def test_whole_queue_recheck_drops_jobs_no_longer_queued(sm: toolkit.StateManage
     taken = sm.dequeue("w1")  # assigned after the "snapshot"
     assert taken is not None
     wipe_namespace(clean.redis_url, clean.namespace)
-    added, removed = recovery.reconcile_queues(sm.db, sm.redis, sm.ns, wanted)
+    added, removed = recovered_queues.reconcile(sm._pipe.tiers, wanted)
     members = set(raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1))
     assert taken.id not in members and added == n - 1 and removed == 0
     assert len(members) == n - 1
@@ -244,7 +246,7 @@ def test_rebuild_progress_counts_every_row(sm: toolkit.StateManager,
         seen["total"] = total
         return Bar()
 
-    monkeypatch.setattr(recovery, "_progress", progress)
-    monkeypatch.setattr(recovery, "PROGRESS_STEP", 10)
+    monkeypatch.setattr(rebuilding, "_progress", progress)
+    monkeypatch.setattr(rebuilding, "PROGRESS_STEP", 10)
     sm.rebuild(progress=True)
     assert seen == {"total": 27, "done": 27, "closed": 1}

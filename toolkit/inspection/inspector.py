@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from toolkit import compare, config, models, validate
+from toolkit.handles import Tiers
 from toolkit.inspection import analytics, frames
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
@@ -369,8 +370,8 @@ class Inspector(analytics.Analytics):
     def tiers(self) -> pd.DataFrame:
         """Per entity: present and version in memory (when bound), Redis and PostgreSQL."""
         memory = self._memory if self._memory is not None else Memory()
-        rows = compare.compare_all(self._db, self._redis, self.ns, memory,
-                                    with_memory=self._memory is not None)
+        rows = compare.compare_all(Tiers(self._db, self._redis, self.ns, memory),
+                                   with_memory=self._memory is not None)
         if not rows:
             return frames.empty("tiers")
         return frames.conform("tiers", pd.DataFrame(rows))

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from toolkit import failpoints, models, recovery, validate
+from toolkit import failpoints, models, validate
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
 from toolkit.models import JobStatus as JS
+from toolkit.recovery import queues as recovered_queues
 from toolkit.tiers.postgres import store
 from toolkit.tiers.redis import queue
 
@@ -110,4 +111,4 @@ class Dispatch:
         if not force and now - self._last_janitor < 1.0:
             return 0
         self._last_janitor = now
-        return recovery.return_claims(self.pipe.db, self.pipe.redis, self.pipe.ns, before=now)
+        return recovered_queues.return_claims(self.pipe.tiers, before=now)

@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit import config, errors, failpoints, models, validate
+from toolkit.handles import Tiers
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import store
@@ -121,6 +122,7 @@ class Pipeline:
         self.db = Database(settings.database_url, settings.schema)
         self.redis = Client(settings.redis_url, namespace=settings.namespace)
         self.memory = Memory()
+        self.tiers = Tiers(self.db, self.redis, self.ns, self.memory)
 
     @staticmethod
     def now() -> datetime:

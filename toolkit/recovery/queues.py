@@ -1,0 +1,83 @@
+"""The queues against PostgreSQL: claims left in flight, and every queue reconciled.
+
+Queue keys are written only through ``tiers/redis/queue.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sqlalchemy as sa
+
+from toolkit.handles import Tiers
+from toolkit.tiers.postgres import store
+from toolkit.tiers.redis import queue
+
+WHOLE_QUEUE_AT = 1_000
+"""Queue reconciliation reads a whole queue back when it checks at least this many
+jobs and at least half of the queue, instead of looking the ids up."""
+
+
+def return_claims(t: Tiers, *, before: float) -> int:
+    """End in-flight claims whose lease ends before ``before``; return how many went back.
+
+    A claim's job goes back to its queue when PostgreSQL still calls it queued
+    and is forgotten otherwise. Returning the claim of a live coordinator that
+    is about to commit is safe: PostgreSQL's status guard lets only one
+    assignment win, and the loser drops the stale queue entry.
+    """
+    claims = queue.expired_claims(t.redis, t.ns, before)
+    if not claims:
+        return 0
+    with t.db.begin("check in-flight jobs") as conn:
+        status = store.statuses(conn, "job", [c.job_id for c in claims])
+    moved = 0
+    for c in claims:
+        moved += queue.settle(t.redis, t.ns, c, requeue=status.get(c.job_id) == "queued")
+    return moved
+
+
+def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]]) -> tuple[int, int]:
+    """Make every queue hold exactly the jobs PostgreSQL calls queued; return (added, removed).
+
+    A job found in a queue that the snapshot did not call queued is checked
+    again in PostgreSQL before it is removed, so a job another coordinator
+    queued after the snapshot is left alone. Jobs in flight are left to the
+    janitor.
+    """
+    client, ns = t.redis, t.ns
+    inflight = queue.inflight_ids(client, ns)
+    added = removed = 0
+    for name in sorted(set(wanted) | queue.queue_names(client, ns)):
+        current = dict(queue.members(client, ns, name))
+        want = wanted.get(name, {})
+        add = {j: s for j, s in want.items() if current.get(j) != s and j not in inflight}
+        extra = [j for j in current if j not in want]
+        if extra or add:
+            # Read both sets again: another coordinator may have moved them since the snapshot.
+            with t.db.begin("reconcile queues") as conn:
+                still = _still_queued(conn, name, [*extra, *add], len(want))
+            extra = [j for j in extra if j not in still]
+            add = {j: s for j, s in add.items() if j in still}
+
+        def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
+            pipe = client.pipeline()
+            queue.correct(ns, name, add, extra, pipe=pipe)
+            pipe.execute()
+
+        if add or extra or name in wanted:
+            client.call("reconcile queues", go)
+        added += len(add)
+        removed += len(extra)
+    return added, removed
+
+
+def _still_queued(conn: sa.Connection, name: str, ids: list[str], expected: int) -> set[str]:
+    """Which of ``ids`` PostgreSQL calls queued on ``name`` now.
+
+    When they are most of the queue (``expected`` jobs at the snapshot; all
+    of them after Redis was emptied) the whole queue is read, else the ids are looked up.
+    """
+    if len(ids) >= WHOLE_QUEUE_AT and 2 * len(ids) >= expected:
+        return store.queued_ids(conn, name).intersection(ids)
+    return store.still_queued(conn, name, ids)
