@@ -410,8 +410,9 @@ def redis_loss(t: Target, *, workflows: int = 6, jobs_per_workflow: int = 20, wo
         sm.checkpoint_metrics()
         sim = simulator.Simulator(sm, workers=workers, failure_rate=0.0, job_seconds=0.02,
                                   prefix="rl-worker").start()
-        time.sleep(0.5)
+        _wait_for(lambda: sim.counts["completed"] >= workers, timeout=60)  # busy, on progress
         before = status_counts(sm)
+        checks["jobs were still unfinished when Redis was lost"] = _unfinished(before) > 0
         if t.stack is not None:
             say("Redis is restarted empty (kill -9 and a new server on the same port)")
             t.stack.restart_redis()
@@ -442,6 +443,22 @@ def redis_loss(t: Target, *, workflows: int = 6, jobs_per_workflow: int = 20, wo
         return ScenarioResult("Redis lost and rebuilt from PostgreSQL", checks, timings, before,
                               after, {"disagreements_found": len(report),
                                       "left_after_repair": after_repair.to_frame()})
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; return whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _unfinished(counts: pd.DataFrame) -> int:
+    """Jobs not in a final status in a :func:`status_counts` frame."""
+    final = {"completed", "failed", "cancelled"}
+    return int(counts.loc[[s for s in counts.index if s not in final], "jobs"].sum())
 
 
 def _retry(fn: Callable[[], Any], attempts: int = 5) -> Any:
