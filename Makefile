@@ -1,8 +1,11 @@
-# The README's two commands are `make demo` and `make test`; both create .venv when missing.
+# The README's two commands are `make demo` and `make test`. Every target that runs Python
+# creates .venv when missing (unless PYTHON names another interpreter, as .ci/run does).
 PYTHON ?= .venv/bin/python
 VENV_STAMP = .venv/.installed
+VENV = $(if $(filter .venv/bin/python,$(PYTHON)),$(VENV_STAMP))
 
-.PHONY: demo test test-slow lint typecheck up lab notebooks bench bench-quick clean
+.PHONY: venv demo test test-slow test-system lint typecheck up lab notebooks notebooks-check \
+	bench bench-quick clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -13,23 +16,29 @@ $(VENV_STAMP): pyproject.toml
 venv: $(VENV_STAMP)
 
 # The main job: the crash-and-rebuild demo on the embedded stack (or DATABASE_URL/REDIS_URL).
-demo: $(if $(filter .venv/bin/python,$(PYTHON)),$(VENV_STAMP))
+demo: $(VENV)
 	$(PYTHON) -m toolkit demo
 
-# The whole test suite: unit, integration and notebooks (nbval). Fails on any skip.
-test: $(if $(filter .venv/bin/python,$(PYTHON)),$(VENV_STAMP))
+# The test suite: unit, integration and notebooks (nbval); needs only Python. Fails on any skip.
+# Its last lines name the `system` tests it left out (they need Debian packages).
+test: $(VENV)
 	$(PYTHON) -m pytest
 
-test-slow: $(if $(filter .venv/bin/python,$(PYTHON)),$(VENV_STAMP))
+test-slow: $(VENV)
 	$(PYTHON) -m pytest -m slow
 
-lint:
+# The tests that need programs pip cannot install (apt-get install chromium pgbouncer
+# postgresql redis-server): the browser, PgBouncer, TLS Redis and SSL PostgreSQL.
+test-system: $(VENV)
+	$(PYTHON) -m pytest -m system
+
+lint: $(VENV)
 	$(PYTHON) -m ruff check toolkit tests benchmarks
 
-typecheck:
+typecheck: $(VENV)
 	$(PYTHON) -m mypy
 
-up:
+up: $(VENV)
 	$(PYTHON) -m toolkit up
 
 clean:
@@ -37,23 +46,21 @@ clean:
 
 # Benchmarks (benchmarks/README.md): toolkit vs the raw floor and its peers, same run, same servers.
 # bench: full N on both targets (tens of minutes); bench-quick: small N, one target, exits 0 on misses.
-bench:
+bench: $(VENV)
 	$(PYTHON) -m benchmarks.run --target both
 
-bench-quick:
+bench-quick: $(VENV)
 	$(PYTHON) -m benchmarks.run --quick
 
 # Notebooks: re-execute in place and normalize (twice in a row gives byte-identical files);
 # check that the stored ones are clean (no kernel); open them in JupyterLab.
 NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: notebooks-check
-
-notebooks:
+notebooks: $(VENV)
 	$(PYTHON) notebooks/tools.py run $(NOTEBOOKS)
 
-notebooks-check:
+notebooks-check: $(VENV)
 	$(PYTHON) notebooks/tools.py check $(NOTEBOOKS)
 
-lab:
+lab: $(VENV)
 	cd notebooks && $(abspath $(PYTHON)) -m jupyter lab --ip=127.0.0.1 --no-browser

@@ -52,6 +52,8 @@ IGNORE_OUTPUT = "# NBVAL_IGNORE_OUTPUT"
 """Timing cells carry this comment: nbval does not compare their output."""
 VARIES = re.compile(r"\d+\.\d+")
 """In a timing cell's stored output, decimal numbers become ``<varies>`` (a live run shows them)."""
+THIS_RUN = re.compile(r"^this run:.*$", re.MULTILINE)
+"""In such a cell, a line starting ``this run:`` holds run-to-run counts: all its numbers are masked."""
 SILENT_TAG = "no-output"
 """A code cell tagged with this is allowed to have no stored output."""
 
@@ -111,9 +113,14 @@ def _merge_streams(outputs: list[Any]) -> list[Any]:
 def _mask_numbers(outputs: list[Any]) -> None:
     for out in outputs:
         if out.output_type == "stream":
-            out.text = VARIES.sub("<varies>", _text(out.text))
+            out.text = _masked(_text(out.text))
         elif "text/plain" in out.get("data", {}):
-            out.data["text/plain"] = VARIES.sub("<varies>", _text(out.data["text/plain"]))
+            out.data["text/plain"] = _masked(_text(out.data["text/plain"]))
+
+
+def _masked(text: str) -> str:
+    text = VARIES.sub("<varies>", text)
+    return THIS_RUN.sub(lambda m: re.sub(r"\d+", "<varies>", m.group(0)), text)
 
 
 def _text(value: Any) -> str:

@@ -144,6 +144,28 @@ def raw_pg(servers: Servers) -> Iterator[psycopg.Connection]:
 
 
 _skipped: list[str] = []
+_left_out: dict[str, set[str]] = {}  # node id of a deselected `system` test -> its Debian packages
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    """Remember the deselected tests that need programs pip cannot install."""
+    for item in items:
+        marks = list(item.iter_markers("system"))
+        if marks:
+            _left_out[item.nodeid] = {str(p) for m in marks for p in m.args}
+
+
+def system_tests_line(left_out: dict[str, set[str]]) -> str:
+    """The one line that says which system tests a run left out and how to run them."""
+    packages = " ".join(sorted(set().union(*left_out.values())))
+    return (f"{len(left_out)} system test(s) left out: they need the Debian packages {packages} "
+            f"(apt-get install {packages}); run them with `make test-system`")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """End the run by naming the left-out system tests (the line is the last before the tally)."""
+    if _left_out:
+        terminalreporter.write_line(system_tests_line(_left_out), yellow=True)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -65,10 +66,17 @@ def test_help_everywhere(command: str) -> None:
 
 
 def test_demo_passes_on_the_servers_of_this_run(clean) -> None:
-    out = run("demo", "--workflows", "4", "--jobs", "10", "--run-seconds", "1",
+    out = run("demo", "--workflows", "4", "--jobs", "10",
               "--database-url", clean.database_url, "--redis-url", clean.redis_url)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASS" in out.stdout and "every acknowledged completion is there" in out.stdout
+    # The last words say, in plain numbers, what was in flight and what came back.
+    flying = re.search(r"when the coordinator was killed, (\d+) jobs were in flight", out.stdout)
+    reclaimed = re.search(r"it reclaimed (\d+) once", out.stdout)
+    checked = re.search(r"(\d+) acknowledged writes were checked against PostgreSQL: none was lost",
+                        out.stdout)
+    assert flying and reclaimed and checked, out.stdout
+    assert int(flying[1]) > 0 and int(reclaimed[1]) > 0 and int(checked[1]) > 0, out.stdout
 
 
 def test_version_is_exposed() -> None:

@@ -26,11 +26,20 @@ def test_scenario_passes(target, scenario) -> None:
     assert result.timings and all(v >= 0 for v in result.timings.values())
 
 
-def test_coordinator_crash_passes_and_reports_recovery_time(target) -> None:
-    result = scenarios.coordinator_crash(target, workflows=4, jobs_per_workflow=10, run_seconds=1.0)
+def test_coordinator_crash_kills_with_jobs_in_flight_and_reclaims_them(target) -> None:
+    """Killed on progress (about half acknowledged, jobs in flight), never after all work is done."""
+    result = scenarios.coordinator_crash(target, workflows=4, jobs_per_workflow=10)
     assert result.ok, str(result)
+    d = result.details
+    assert d["in_flight_at_kill"] > 0 and d["found_in_flight"] > 0, d
+    assert d["reclaimed"] > 0, d
+    assert d["reclaimed"] == d["reclaimed_completed_once"] + d["reclaimed_failed_by_attempts"], d
+    total = 4 * 10
+    assert total * 0.3 <= d["finished_at_kill"] < total, d  # about half, not all
     assert result.timings["recovery (connect + rebuild)"] < 10
-    assert result.details["acknowledged_writes"] > 0
+    assert d["acknowledged_writes"] > 0
+    assert "jobs in flight at the kill > 0" in result.checks
+    assert "jobs reclaimed > 0" in result.checks
 
 
 def test_a_broken_expectation_fails_the_verdict() -> None:

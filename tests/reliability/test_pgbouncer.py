@@ -26,6 +26,9 @@ import toolkit
 from tests.reliability import servers
 from tests.reliability.conftest import Private, assert_invariants
 
+# PgBouncer is not on PyPI: left out of `make test`, run by `make test-system`.
+pytestmark = pytest.mark.system("pgbouncer")
+
 
 @pytest.fixture
 def role(private: Private) -> Iterator[str]:
