@@ -173,21 +173,22 @@ def test_inspector_runs_every_frame_with_select_only_and_a_read_only_acl(
 def test_inspector_refusals_name_the_server_and_hide_the_password(private: Private, roles: Roles) -> None:
     with private.manager() as sm:
         _populate(sm)
+    # Refusals are setup mistakes (exit 4 in the CLI), not outages: SetupError, a ConfigurationError.
     # A namespace the ACL user may not read: NOPERM, reported without the password.
     with toolkit.Inspector(roles.reader_url, roles.acl_redis_url, namespace="not_mine",
-                           schema=private.schema) as ins, pytest.raises(toolkit.StorageUnavailable) as info:
+                           schema=private.schema) as ins, pytest.raises(toolkit.errors.SetupError) as info:
         ins.metrics()
     assert "127.0.0.1" in str(info.value)
     _assert_no_secret(info.value, roles.redis_password, roles.pg_password)
     # A wrong Redis password.
     wrong = roles.acl_redis_url.replace(roles.redis_password, "Wr0ng-" + roles.redis_password[::-1])
     with toolkit.Inspector(roles.reader_url, wrong, namespace=private.namespace,
-                           schema=private.schema) as ins, pytest.raises(toolkit.StorageUnavailable) as info:
+                           schema=private.schema) as ins, pytest.raises(toolkit.errors.SetupError) as info:
         ins.metrics()
     _assert_no_secret(info.value, roles.redis_password, "Wr0ng-")
     # A schema the reader has no USAGE on.
     with toolkit.Inspector(roles.reader_url, roles.acl_redis_url, namespace=private.namespace,
-                           schema="pg_toast_nope") as ins, pytest.raises(toolkit.StorageUnavailable) as info:
+                           schema="pg_toast_nope") as ins, pytest.raises(toolkit.errors.SetupError) as info:
         ins.jobs()
     _assert_no_secret(info.value, roles.pg_password)
     assert roles.pg_password not in repr(ins) and roles.redis_password not in repr(ins)
