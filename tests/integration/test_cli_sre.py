@@ -242,3 +242,12 @@ def test_metric_series_refuses_bad_input_alike_live_and_offline(sm, clean, tmp_p
     assert off.metric_series(["custom"], until=now - timedelta(hours=1)).empty
     with pytest.raises(toolkit.ValidationError, match="until"):
         ins.metric_series(["custom"], since=now, until=now - timedelta(hours=1))
+
+
+@pytest.mark.parametrize("command", ["events", "timeline", "wait-times", "heartbeat-gaps",
+                                     "metric-series", "snapshot", "purge"])
+def test_help_of_the_new_commands_and_the_exit_codes(command: str) -> None:
+    out = run(command, "--help")
+    assert out.returncode == 0 and "usage:" in out.stdout and "--database-url" in out.stdout
+    top = run("--help").stdout
+    assert "exit codes:" in top and "4    the servers answered but the setup is wrong" in top
