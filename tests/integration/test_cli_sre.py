@@ -231,6 +231,7 @@ def test_metric_series_refuses_bad_input_alike_live_and_offline(sm, clean, tmp_p
     pd.testing.assert_frame_equal(ins.metric_series("custom"), ins.metric_series(["custom"]))
     with pytest.raises(toolkit.ValidationError, match="'nope'"):
         ins.metric_series(["custom", "nope"])
+    assert ins.metric_series(["jobs_purged"])["jobs_purged"].sum() == 0  # automatic: known before use
     off = toolkit.Inspector.from_snapshot(ins.snapshot(tmp_path / "s"))
     for source in (ins, off):
         with pytest.raises(toolkit.ValidationError, match="multiple of 1min"):

@@ -4,7 +4,8 @@ Counters are kept in one-minute buckets (Redis and the PostgreSQL checkpoints;
 a snapshot stores the same). So ``freq`` must be a whole number of minutes (or
 a calendar frequency such as ``W``): a finer one would silently return
 one-minute buckets. ``names`` may be one name as a ``str``; an unknown name is
-refused by name. ``since``/``until`` cut the buckets to ``since <= start < until``.
+refused by name (the counters a StateManager keeps by itself, :data:`AUTOMATIC`,
+are always known: zero until their first event). ``since``/``until`` cut the buckets to ``since <= start < until``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from toolkit.inspection import analytics, frames
 
 BUCKET = "1min"
 """The width of a stored metric bucket."""
+AUTOMATIC = frozenset({"jobs_created", "jobs_queued", "jobs_assigned", "jobs_completed",
+                       "jobs_failed", "jobs_retried", "jobs_cancelled", "jobs_reclaimed",
+                       "jobs_purged", "workflows_created"})
+"""The counters a StateManager counts by itself (see the README)."""
 
 
 def wanted_names(names: str | Iterable[str] | None, known: Iterable[str]) -> list[str]:
@@ -27,6 +32,7 @@ def wanted_names(names: str | Iterable[str] | None, known: Iterable[str]) -> lis
     known_set = set(known)
     if names is None:
         return sorted(known_set)
+    known_set |= AUTOMATIC
     chosen = [names] if isinstance(names, str) else list(names)
     for n in chosen:
         validate.identifier("names", n)
