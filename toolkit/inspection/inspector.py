@@ -342,14 +342,7 @@ class Inspector(analytics.Analytics):
         start, end = series.window(since, until)
         live = metrics.buckets(self._redis, self.ns, wanted)
         saved = self._checkpointed_buckets(wanted)
-        columns = {}
-        for n in wanted:
-            merged = {**saved.get(n, {}), **{k: max(v, saved.get(n, {}).get(k, 0))
-                                             for k, v in live.get(n, {}).items()}}
-            s = pd.Series(merged, dtype="int64")
-            s.index = pd.to_datetime(s.index.astype("int64"), unit="s", utc=True)
-            columns[n] = s
-        frame = series.cut(pd.DataFrame(columns).sort_index(), start, end)
+        frame = series.cut(series.merge(wanted, saved, live), start, end)
         if frame.empty:
             return series.empty(wanted)
         frame = frame.fillna(0).resample(offset).sum().astype("Int64")

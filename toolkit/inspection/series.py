@@ -5,7 +5,8 @@ a snapshot stores the same). So ``freq`` must be a whole number of minutes (or
 a calendar frequency such as ``W``): a finer one would silently return
 one-minute buckets. ``names`` may be one name as a ``str``; an unknown name is
 refused by name (the counters a StateManager keeps by itself, :data:`AUTOMATIC`,
-are always known: zero until their first event). ``since``/``until`` cut the buckets to ``since <= start < until``.
+are always known: zero until their first event). ``since``/``until`` keep the
+buckets with ``since <= start < until``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def window(since: Any, until: Any) -> tuple[datetime | None, datetime | None]:
     if start is not None and end is not None and start >= end:
         raise errors.ValidationError("until", until, "must be later than since")
     return start, end
+
+
+def merge(names: list[str], saved: dict[str, dict[int, int]],
+          live: dict[str, dict[int, int]]) -> pd.DataFrame:
+    """One column per name of ``{bucket start (unix s): count}``, the larger count of the two sources."""
+    columns = {}
+    for n in names:
+        merged = {**saved.get(n, {}), **{k: max(v, saved.get(n, {}).get(k, 0))
+                                         for k, v in live.get(n, {}).items()}}
+        s = pd.Series(merged, dtype="int64")
+        s.index = pd.to_datetime(s.index.astype("int64"), unit="s", utc=True)
+        columns[n] = s
+    return pd.DataFrame(columns).sort_index()
 
 
 def cut(frame: pd.DataFrame, start: datetime | None, end: datetime | None) -> pd.DataFrame:
