@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from toolkit import errors, models, validate
-from toolkit.tiers.postgres import migrate, store
+from toolkit.tiers.postgres import store
 from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import keys
@@ -26,7 +26,11 @@ PURGEABLE = ("completed", "cancelled", "failed")
 
 def require_tables(db: Database) -> None:
     """Raise :class:`~toolkit.errors.SetupError` when ``db.schema`` has no toolkit tables."""
-    if not migrate.applied(db):
+    with db.begin("look for the toolkit's tables") as conn:
+        found = conn.execute(sa.text(
+            "SELECT to_regclass(format('%I.schema_migrations', CAST(:s AS text))) IS NOT NULL"),
+            {"s": db.schema}).scalar_one()
+    if not found:
         raise errors.SetupError(
             f"schema {db.schema!r} has no toolkit tables: check --schema/--database-url "
             "(nothing was created; init_state_manager creates them)")
