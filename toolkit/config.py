@@ -45,6 +45,34 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
+def scrub(text: str, url: str) -> str:
+    """Return ``text`` (a driver's error message) without any part of ``url``'s password.
+
+    A driver may echo part of a password it mis-parsed (an unencoded ``@``
+    makes libpq read ``PW@host`` as the host): the whole password and each of
+    its pieces between ``@``, ``:`` and ``/`` are replaced by ``***``.
+    """
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    if not password:
+        return text
+    pieces = {password, *re.split(r"[@:/]", password)}
+    for piece in sorted((p for p in pieces if len(p) >= 2), key=len, reverse=True):
+        text = text.replace(piece, "***")
+    return text
+
+
+def _check_port(field: str, url: str) -> None:
+    """Refuse a URL whose port is not a number (drivers raise a bare ValueError)."""
+    hosts = url.partition("://")[2].rpartition("@")[2].split("/", 1)[0].split("?", 1)[0]
+    for host in hosts.split(","):
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+        if port and not port.isdigit():
+            raise errors.ConfigurationError(
+                f"invalid {field}={mask_url(url)!r}: the port {port!r} is not a number")
+
+
 def host_port(url: str) -> str:
     """Return ``host:port`` of a URL for error messages (never the password)."""
     try:
@@ -74,6 +102,11 @@ def resolve_database_url(url: str | None) -> str:
             f"invalid database_url={mask_url(url)!r}: the scheme must be postgresql:// "
             "or postgresql+psycopg://"
         )
+    _check_port("database_url", url)
+    if rest.split("/", 1)[0].count("@") > 1:
+        raise errors.ConfigurationError(
+            f"invalid database_url={mask_url(url)!r}: the user or password holds an unencoded "
+            "'@'; percent-encode it as %40")
     return f"{_PG_SCHEMES[scheme]}://{rest}"
 
 
@@ -96,6 +129,8 @@ def resolve_redis_url(url: str | None) -> str:
             f"invalid redis_url={mask_url(url)!r}: the scheme must be redis://, rediss:// "
             "or unix://"
         )
+    if scheme != "unix":
+        _check_port("redis_url", url)
     return url
 
 

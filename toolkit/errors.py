@@ -4,6 +4,9 @@ Every error a public method raises is one of these::
 
     ToolkitError
      +-- ConfigurationError      bad or missing settings (URLs, namespace, schema)
+     |    +-- SetupError         the servers answered but the setup is wrong: no toolkit
+     |                           tables in the schema, unknown database or role, a refused
+     |                           password, permission denied
      +-- NotFound (KeyError)     no entity with that id
      +-- InvalidTransition       a status change the transition table forbids
      |    +-- StaleAttempt       a call fenced to an attempt that was reclaimed or superseded
@@ -45,6 +48,10 @@ class ToolkitError(Exception):
 
 class ConfigurationError(ToolkitError):
     """The toolkit is not configured correctly."""
+
+
+class SetupError(ConfigurationError):
+    """The servers answered, but the setup is wrong (schema, database, role or privileges)."""
 
 
 class NotFound(ToolkitError, KeyError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -31,7 +32,7 @@ def test_inspect_jobs_csv_and_json_round_trip(sm, clean, capsys) -> None:
     frame = pd.read_csv(io.StringIO(capsys.readouterr().out), index_col="job_id")
     assert sorted(frame.index) == ["a", "b"] and set(frame["status"]) == {"queued"}
     assert cli.main(["inspect", "jobs", "--format", "json", "--status", "queued", *base(clean)]) == 0
-    back = pd.read_json(io.StringIO(capsys.readouterr().out), orient="table")
+    back = pd.DataFrame(json.loads(capsys.readouterr().out)).set_index("job_id")
     assert sorted(back.index) == ["a", "b"] and back.loc["b", "priority"] == 4
 
 

@@ -243,7 +243,7 @@ def test_snapshot_reopens_with_no_server_and_refuses_live_calls(sm, ins, tmp_pat
     ins.close()
     off = toolkit.Inspector.from_snapshot(str(path))
     assert off.explain("c").facts["live_workers"] == []
-    with pytest.raises(toolkit.ToolkitError, match="live server"):
+    with pytest.raises(toolkit.ValidationError, match="multiple of 1min"):
         off.metric_series(freq="10s")
     with pytest.raises(toolkit.ToolkitError, match="live server"):
         off._db  # noqa: B018
@@ -304,7 +304,7 @@ def test_cli_metrics_formats(sm, clean, capsys) -> None:
     assert cli.main(["metrics", "--format", "prometheus", *base(clean)]) == 0
     assert families(capsys.readouterr().out)["toolkit_custom"].samples[0].value == 2
     assert cli.main(["metrics", "--format", "json", *base(clean)]) == 0
-    assert "custom" in pd.read_json(__import__("io").StringIO(capsys.readouterr().out), orient="table").index
+    assert "custom" in {r["name"] for r in json.loads(capsys.readouterr().out)}
 
 
 def free_port() -> int:

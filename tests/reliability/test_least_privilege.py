@@ -173,21 +173,22 @@ def test_inspector_runs_every_frame_with_select_only_and_a_read_only_acl(
 def test_inspector_refusals_name_the_server_and_hide_the_password(private: Private, roles: Roles) -> None:
     with private.manager() as sm:
         _populate(sm)
+    # Refusals are setup mistakes (exit 4 in the CLI), not outages: SetupError, a ConfigurationError.
     # A namespace the ACL user may not read: NOPERM, reported without the password.
     with toolkit.Inspector(roles.reader_url, roles.acl_redis_url, namespace="not_mine",
-                           schema=private.schema) as ins, pytest.raises(toolkit.StorageUnavailable) as info:
+                           schema=private.schema) as ins, pytest.raises(toolkit.errors.SetupError) as info:
         ins.metrics()
     assert "127.0.0.1" in str(info.value)
     _assert_no_secret(info.value, roles.redis_password, roles.pg_password)
     # A wrong Redis password.
     wrong = roles.acl_redis_url.replace(roles.redis_password, "Wr0ng-" + roles.redis_password[::-1])
     with toolkit.Inspector(roles.reader_url, wrong, namespace=private.namespace,
-                           schema=private.schema) as ins, pytest.raises(toolkit.StorageUnavailable) as info:
+                           schema=private.schema) as ins, pytest.raises(toolkit.errors.SetupError) as info:
         ins.metrics()
     _assert_no_secret(info.value, roles.redis_password, "Wr0ng-")
     # A schema the reader has no USAGE on.
     with toolkit.Inspector(roles.reader_url, roles.acl_redis_url, namespace=private.namespace,
-                           schema="pg_toast_nope") as ins, pytest.raises(toolkit.StorageUnavailable) as info:
+                           schema="pg_toast_nope") as ins, pytest.raises(toolkit.errors.SetupError) as info:
         ins.jobs()
     _assert_no_secret(info.value, roles.pg_password)
     assert roles.pg_password not in repr(ins) and roles.redis_password not in repr(ins)
@@ -302,3 +303,25 @@ def test_a_role_without_usage_on_the_schema_is_a_configuration_error(private: Pr
     msg = str(info.value)
     assert private.schema in msg and "permission denied" in msg, msg
     _assert_no_secret(info.value, roles.pg_password)
+
+
+def test_cli_refusals_are_setup_errors_with_exit_4(private: Private, roles: Roles, capsys) -> None:
+    """Permission denied and a wrong password are the setup (exit 4), not an outage (exit 3)."""
+    from toolkit import cli
+
+    with private.manager() as sm:
+        _populate(sm)
+    with psycopg.connect(private.libpq_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("REVOKE USAGE ON SCHEMA {} FROM {}").format(
+            sql.Identifier(private.schema), sql.Identifier(roles.reader)))
+    base = ["--namespace", private.namespace, "--schema", private.schema]
+    assert cli.main(["inspect", "jobs", "--database-url", roles.reader_url,
+                     "--redis-url", roles.acl_redis_url, *base]) == 4
+    err = capsys.readouterr().err
+    assert "permission denied" in err and "check the role" in err, err
+    wrong = roles.acl_redis_url.replace(roles.redis_password, "Wr0ng-" + roles.redis_password[::-1])
+    assert cli.main(["inspect", "queue", "--database-url", private.database_url,
+                     "--redis-url", wrong, *base]) == 4
+    err = capsys.readouterr().err
+    assert "check the user and password in the Redis URL" in err, err
+    assert roles.pg_password not in err and roles.redis_password not in err and "Wr0ng-" not in err

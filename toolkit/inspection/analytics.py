@@ -234,8 +234,12 @@ class Analytics:
 
         return explain.explain(self, job_id)
 
-    def snapshot(self, path: str | Path, *, events_since: datetime | None = None) -> Path:
+    def snapshot(self, path: str | Path, *, events_since: datetime | None = None,
+                 overwrite: bool = False) -> Path:
         """Write every frame to ``path`` (a folder of Parquet files plus ``manifest.json``).
+
+        A folder that exists and is not empty is refused (``ValidationError``)
+        unless ``overwrite=True``: an earlier snapshot is never replaced silently.
 
         Reopen it with :meth:`toolkit.Inspector.from_snapshot`, with no server.
         ``events_since`` keeps only the events from that time (default: all).
@@ -244,5 +248,6 @@ class Analytics:
         """
         from toolkit.inspection import snapshot
 
-        return snapshot.write(self, Path(path), events_since=check_since(events_since))
+        return snapshot.write(self, Path(path), events_since=check_since(events_since),
+                              overwrite=overwrite)
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from toolkit import compare, config, models, validate
 from toolkit.handles import Tiers
-from toolkit.inspection import analytics, frames
+from toolkit.inspection import analytics, frames, series, target
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
@@ -322,31 +322,30 @@ class Inspector(analytics.Analytics):
         return frames.conform("metrics", {"name": names, "value": [live.get(n) for n in names],
                                           "checkpoint": [saved.get(n) for n in names]})
 
-    def metric_series(self, names: Iterable[str] | None = None, freq: str = "1min") -> pd.DataFrame:
+    def metric_series(self, names: str | Iterable[str] | None = None, freq: str = "1min", *,
+                      since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
         """Counters over time: a UTC time index at ``freq``, one column per metric (counts per bin).
 
         Redis time buckets are merged with the PostgreSQL checkpoints, so the
-        history survives a Redis loss up to the last checkpoint.
+        history survives a Redis loss up to the last checkpoint. ``names`` is
+        one name or several (default: every counter); ``since``/``until``
+        (aware datetimes) keep the buckets with ``since <= start < until``.
+
+        Raises
+        ------
+        ValidationError
+            An unknown name (named in the message), ``freq`` not a whole number
+            of minutes (counters are kept per minute), or a bad window.
         """
-        wanted = sorted(names) if names is not None else sorted(
-            set(metrics.totals(self._redis, self.ns)) | set(self._checkpointed_names()))
-        for n in wanted:
-            validate.identifier("names", n)
-        offset = frames.parse_freq(freq)
+        known = set(metrics.totals(self._redis, self.ns)) | set(self._checkpointed_names())
+        wanted = series.wanted_names(names, known)
+        offset = series.offset(freq)
+        start, end = series.window(since, until)
         live = metrics.buckets(self._redis, self.ns, wanted)
         saved = self._checkpointed_buckets(wanted)
-        columns = {}
-        for n in wanted:
-            merged = {**saved.get(n, {}), **{k: max(v, saved.get(n, {}).get(k, 0))
-                                             for k, v in live.get(n, {}).items()}}
-            s = pd.Series(merged, dtype="int64")
-            s.index = pd.to_datetime(s.index.astype("int64"), unit="s", utc=True)
-            columns[n] = s
-        frame = pd.DataFrame(columns).sort_index()
+        frame = series.cut(series.merge(wanted, saved, live), start, end)
         if frame.empty:
-            out = pd.DataFrame({n: pd.Series([], dtype="Int64") for n in wanted})
-            out.index = pd.DatetimeIndex([], tz="UTC", name="time")
-            return out
+            return series.empty(wanted)
         frame = frame.fillna(0).resample(offset).sum().astype("Int64")
         frame.index.name = "time"
         return frame
@@ -364,6 +363,36 @@ class Inspector(analytics.Analytics):
             if n in names:
                 out.setdefault(n, {})[int(start) // 1_000_000] = int(v)
         return out
+
+    # -- what this Inspector points at -------------------------------------------------------
+
+    def check_target(self) -> list[str]:
+        """Check the schema and namespace this Inspector reads; return notes for the operator.
+
+        Reads only. The notes say in plain words when the namespace holds no
+        key in Redis or the schema no workflow, job or worker (a typo looks
+        like an outage otherwise: every worker ``alive=False``, every queue
+        empty). The CLI prints them to stderr.
+
+        Raises
+        ------
+        SetupError
+            The schema has no toolkit tables (nothing is created), or the
+            database, role or password is wrong.
+        """
+        target.require_tables(self._db)
+        return target.notes(self._db, self._redis, self.ns)
+
+    def check_consistency(self) -> compare.ConsistencyReport:
+        """Compare Redis with PostgreSQL, like ``StateManager.check_consistency`` but reads only.
+
+        There is no memory tier to judge: this Inspector belongs to no coordinator.
+        """
+        return compare.check(Tiers(self._db, self._redis, self.ns, Memory()))
+
+    def purgeable(self, older_than: float, statuses: list[str]) -> int:
+        """How many jobs ``StateManager.purge(older_than, statuses=...)`` would remove now."""
+        return target.purgeable(self._db, older_than, statuses, self._now().to_pydatetime())
 
     # -- across tiers ----------------------------------------------------------------------
 

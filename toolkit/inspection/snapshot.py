@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pandas as pd
 
 from toolkit import errors, models, validate
-from toolkit.inspection import analytics, frames
+from toolkit.inspection import analytics, frames, series
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -38,10 +38,16 @@ SERIES_FREQ = "1min"
 """The resolution ``metric_series`` is stored at; a snapshot can resample it coarser only."""
 
 
-def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None) -> Path:
+def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None,
+          overwrite: bool = False) -> Path:
     """Write ``ins``'s frames to ``path``; see :meth:`toolkit.Inspector.snapshot`."""
     import toolkit
 
+    if path.exists() and not path.is_dir():
+        raise errors.ValidationError("path", str(path), "is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise errors.ValidationError("path", str(path), "is not empty: choose a new folder, or "
+                                     "overwrite it (overwrite=True, CLI --force)")
     path.mkdir(parents=True, exist_ok=True)
     taken = pd.Timestamp.now(tz="UTC")
     data: dict[str, pd.DataFrame] = {name: getattr(ins, name)() for name in FRAMES if name != "events"}
@@ -197,24 +203,24 @@ class SnapshotInspector(analytics.Analytics):
                 df = df[df[column] == value]
         return df[df["at"] >= start] if start is not None else df
 
-    def metric_series(self, names: Iterable[str] | None = None, freq: str = SERIES_FREQ) -> pd.DataFrame:
-        """Stored ``Inspector.metric_series()``, resampled to a coarser ``freq`` when asked.
+    def metric_series(self, names: str | Iterable[str] | None = None, freq: str = SERIES_FREQ, *,
+                      since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.metric_series()``, checked and cut like the live one.
 
         Raises
         ------
-        ToolkitError
-            ``freq`` is finer than the stored 1 minute (that needs a live server).
+        ValidationError
+            As the live one: an unknown name, ``freq`` not a whole number of
+            minutes, or a bad window.
         """
-        wanted = sorted(names) if names is not None else list(self._series.columns)
-        for n in wanted:
-            validate.identifier("names", n)
-        offset = frames.parse_freq(freq)
-        out = self._series.reindex(columns=wanted, fill_value=0).astype("Int64")
-        base = pd.tseries.frequencies.to_offset(SERIES_FREQ)
-        if offset == base or out.empty:
+        wanted = series.wanted_names(names, [*self._series.columns, *self._get("metrics").index])
+        offset = series.offset(freq)
+        start, end = series.window(since, until)
+        out = series.cut(self._series.reindex(columns=wanted, fill_value=0).astype("Int64"), start, end)
+        if out.empty:
+            return series.empty(wanted)
+        if offset == pd.tseries.frequencies.to_offset(SERIES_FREQ):
             return out
-        if isinstance(offset, pd.offsets.Tick) and offset.nanos % base.nanos:
-            _live_only(f"metric_series(freq={freq!r}) finer than the stored {SERIES_FREQ}")
         resampled = out.resample(offset).sum().astype("Int64")
         resampled.index.name = "time"
         return resampled

@@ -51,6 +51,24 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         raise sa_exc.DisconnectionError(type(exc).__name__) from exc
 
 
+_SETUP_STATES = {"42P01": "tables", "3F000": "tables", "42501": "privilege",
+                 "3D000": "login", "28000": "login", "28P01": "login"}
+"""SQLSTATEs that mean the server answered but the setup is wrong (see :func:`setup_problem`)."""
+_SETUP_TEXTS = (("does not exist", "login"), ("password authentication failed", "login"),
+                ("no pg_hba.conf entry", "login"), ("permission denied", "privilege"))
+"""Fallbacks for connection failures, which carry no SQLSTATE in psycopg."""
+
+
+def setup_problem(orig: BaseException, first: str) -> str | None:
+    """Classify a driver error as a setup mistake: ``tables``, ``privilege``, ``login`` or None."""
+    state = getattr(orig, "sqlstate", None)
+    if state in _SETUP_STATES:
+        return _SETUP_STATES[state]
+    if (state is None and "FATAL" in first) or "permission denied" in first:
+        return next((kind for text, kind in _SETUP_TEXTS if text in first), None)
+    return None
+
+
 class Database:
     """A SQLAlchemy engine bound to one schema, translating driver errors.
 
@@ -120,6 +138,8 @@ class Database:
         except (sa_exc.DBAPIError, psycopg.Error) as exc:
             orig = getattr(exc, "orig", exc)
             first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+            first = config.scrub(first, self.url)
+            self._raise_if_setup(orig, first, action)
             raise errors.StorageUnavailable(
                 f"PostgreSQL at {self.where} failed during {action}: {first}"
             ) from exc
@@ -127,6 +147,20 @@ class Database:
             raise errors.StorageUnavailable(
                 f"PostgreSQL at {self.where} failed during {action}: {type(exc).__name__}"
             ) from exc
+
+    def _raise_if_setup(self, orig: BaseException, first: str, action: str) -> None:
+        """Raise :class:`~toolkit.errors.SetupError` when the server answered with a setup mistake."""
+        kind = setup_problem(orig, first)
+        if kind is None:
+            return
+        check = {
+            "tables": f"schema {self.schema!r} has no toolkit tables: check the schema and the "
+                      "database (--schema/--database-url); init_state_manager creates them",
+            "privilege": "this role lacks a privilege: check the role in the URL and its GRANTs",
+            "login": "check the database, role and password in the URL",
+        }[kind]
+        raise errors.SetupError(
+            f"PostgreSQL at {self.where} answered during {action}: {first}; {check}") from orig
 
     @contextlib.contextmanager
     def begin(self, action: str) -> Iterator[sa.Connection]:

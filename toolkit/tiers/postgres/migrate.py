@@ -31,9 +31,9 @@ def _refused_as_configuration(message: str) -> Iterator[None]:
     """Turn PostgreSQL's "permission denied" into a ConfigurationError (a role, not an outage)."""
     try:
         yield
-    except errors.StorageUnavailable as exc:
+    except (errors.StorageUnavailable, errors.SetupError) as exc:
         if "permission denied" in str(exc):
-            raise errors.ConfigurationError(f"{message}: {exc}") from exc
+            raise errors.SetupError(f"{message}: {exc}") from exc
         raise
 
 

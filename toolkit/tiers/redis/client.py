@@ -140,9 +140,14 @@ class Client:
             if isinstance(exc, redis.ConnectionError | redis.exceptions.NoScriptError) or (
                     "NOSCRIPT" in str(exc)):
                 self._scripts_loaded = False  # a new server, or flushed scripts: load them again
+            said = config.scrub(f"{type(exc).__name__}: {exc}", self.url)
+            if isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError) or (
+                    "NOPERM" in str(exc) or "NOAUTH" in str(exc)):
+                raise errors.SetupError(
+                    f"Redis at {self.where} answered during {action}: {said}; check the user "
+                    "and password in the Redis URL and its ACL") from exc
             raise errors.StorageUnavailable(
-                f"Redis at {self.where} failed during {action}: {type(exc).__name__}: {exc}"
-            ) from exc
+                f"Redis at {self.where} failed during {action}: {said}") from exc
 
     def call(self, action: str, fn: Callable[[], T], *, idempotent: bool = True) -> T:
         """Run ``fn`` against Redis, translating errors.

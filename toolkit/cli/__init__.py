@@ -1,0 +1,63 @@
+"""The command line: ``python -m toolkit`` (also installed as ``toolkit``).
+
+Global options (``--database-url``, ``--redis-url``, ``--namespace``, ``--schema``,
+``-v``) go before or after the command. Read commands (``check`` without
+``--repair``, ``purge --dry-run``, ``inspect``, ``explain``, ``snapshot``,
+``metrics``, ``serve-metrics``, ``events``, ``timeline``, ``wait-times``,
+``heartbeat-gaps``, ``metric-series``) never write, migrate or create anything.
+
+Exit codes scripts can rely on:
+
+- 0 success
+- 1 a check failed: ``check`` found a disagreement, ``demo`` lost a write, no such job
+- 2 bad usage or configuration: a flag, a URL (scheme, non-numeric port,
+  unencoded ``@`` in a PostgreSQL password), a value
+- 3 a server could not be reached, or failed while answering
+- 4 the servers answered but the setup is wrong: no toolkit tables in the schema,
+  unknown database or role, refused password, permission denied
+- 130 interrupted
+
+Modules: :mod:`~toolkit.cli.parser` (options, ages), :mod:`~toolkit.cli.output`
+(formats), :mod:`~toolkit.cli.read` (read commands), :mod:`~toolkit.cli.admin`
+(demo, up, check, snapshot, serve-metrics, purge).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from toolkit import errors
+from toolkit.cli import admin, read
+from toolkit.cli.parser import build, join_ages, parse_duration
+
+__all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_SETUP", "EXIT_UNAVAILABLE", "EXIT_USAGE", "main",
+           "parse_duration"]
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SETUP = 0, 1, 2, 3, 4
+COMMANDS = {**admin.COMMANDS, **read.COMMANDS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = build([admin.add_commands, read.add_commands])
+    args = parser.parse_args(join_ages(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except errors.SetupError as exc:
+        print(f"toolkit: setup: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except (errors.ConfigurationError, errors.ValidationError) as exc:
+        print(f"toolkit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.StorageUnavailable as exc:
+        print(f"toolkit: unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except errors.ToolkitError as exc:
+        print(f"toolkit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,166 @@
+"""The read commands: frames, explanations and analytics. None of them writes anything.
+
+Each opens a read-only :class:`~toolkit.Inspector` (or a snapshot folder), checks
+first that the schema holds toolkit tables (else exit 4, nothing created) and
+prints on stderr when the namespace or the schema is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pandas as pd
+
+from toolkit import errors
+from toolkit.cli import parser
+from toolkit.cli.output import emit_args, filter_status, say, warn
+from toolkit.inspection import frames
+
+SNAPSHOT_HELP = "read a snapshot folder instead of the servers"
+
+
+@contextlib.contextmanager
+def opened(args: argparse.Namespace) -> Iterator[Any]:
+    """The Inspector of a read command, its target checked and its notes printed."""
+    from toolkit.inspection.inspector import Inspector
+
+    if getattr(args, "snapshot", None):
+        with Inspector.from_snapshot(args.snapshot) as offline:
+            yield offline
+        return
+    with Inspector(args.database_url, args.redis_url, namespace=args.namespace,
+                   schema=args.schema) as ins:
+        for note in ins.check_target():
+            warn(note)
+        yield ins
+
+
+def add_commands(sub: Any, common: Callable[..., None]) -> None:
+    """Add the read commands to the subparsers ``sub``."""
+    ins = sub.add_parser("inspect", help="print one frame of the live state")
+    ins.add_argument("what", choices=sorted(frames.CLI_FRAMES))
+    common(ins)
+    parser.output_options(ins)
+    ins.add_argument("--workflow-id", help="jobs of this workflow only")
+    ins.add_argument("--status", help="rows with this status only (workflows, jobs, workers, "
+                     "assignments; an error for a frame without a status column)")
+    ins.add_argument("--snapshot", metavar="DIR", help=SNAPSHOT_HELP)
+
+    ex = sub.add_parser("explain", help="why is this job where it is? (exit 1: no such job)")
+    ex.add_argument("job_id")
+    common(ex)
+    ex.add_argument("--snapshot", metavar="DIR", help=SNAPSHOT_HELP)
+
+    met = sub.add_parser("metrics", help="counters, queues, workers and jobs as metrics")
+    common(met)
+    parser.output_options(met, ("prometheus", *parser.FORMATS))
+    _analytics_parsers(sub, common)
+
+
+def _analytics_parsers(sub: Any, common: Callable[..., None]) -> None:
+    def frame_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        common(sp)
+        parser.output_options(sp)
+        sp.add_argument("--snapshot", metavar="DIR", help=SNAPSHOT_HELP)
+        return sp
+
+    ev = frame_command("events", "the job event log, oldest first (which jobs failed, and why)")
+    ev.add_argument("--type", metavar="EVENT", help="only this event: " + ", ".join(frames.EVENTS))
+    ev.add_argument("--since", metavar="WHEN", help="an age (10m, 2h, 1d) or an ISO time")
+    for flag in ("--job-id", "--workflow-id", "--worker-id"):
+        ev.add_argument(flag)
+    tl = frame_command("timeline", "one job's events with the time spent in each state")
+    tl.add_argument("job_id")
+    wt = frame_command("wait-times", "queued-to-assigned waits: count, p50, p90, p99, max")
+    wt.add_argument("--by", choices=("priority", "queue"), default="priority")
+    wt.add_argument("--since", metavar="WHEN", help="an age (10m, 2h, 1d) or an ISO time")
+    frame_command("heartbeat-gaps", "per worker: gaps between heartbeats and a suggested TTL")
+    ms = frame_command("metric-series", "counters over time, one column per metric")
+    ms.add_argument("--names", metavar="A,B", help="these counters only (default: all)")
+    ms.add_argument("--freq", default="1min", help="bin width, a whole number of minutes "
+                    "(1min, 5min, 1h, 1D; default 1min)")
+    ms.add_argument("--since", metavar="WHEN", help="an age (10m, 2h, 1d) or an ISO time")
+    ms.add_argument("--until", metavar="WHEN", help="an age (10m, 2h, 1d) or an ISO time")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with opened(args) as ins:
+        if args.what == "jobs":
+            frame = ins.jobs(workflow_id=args.workflow_id, status=args.status)
+        else:
+            if args.workflow_id is not None:
+                raise errors.ValidationError("workflow_id", args.workflow_id, "applies to jobs only")
+            frame = filter_status(getattr(ins, args.what)(), args.what, args.status)
+    emit_args(frame, args)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    with opened(args) as ins:
+        say(str(ins.explain(args.job_id)))
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from toolkit.inspection import prometheus
+
+    with opened(args) as ins:
+        if args.format == "prometheus":
+            sys.stdout.write(prometheus.render(ins))
+        else:
+            emit_args(ins.metrics(), args)
+    return 0
+
+
+def _when(args: argparse.Namespace, field: str, now: pd.Timestamp) -> Any:
+    return parser.parse_time(field, getattr(args, field, None), now.to_pydatetime())
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    if args.type is not None and args.type not in frames.EVENTS:
+        raise errors.ValidationError("type", args.type, f"must be one of {', '.join(frames.EVENTS)}")
+    with opened(args) as ins:
+        frame = ins.events(since=_when(args, "since", ins._now()), job_id=args.job_id,
+                           workflow_id=args.workflow_id, worker_id=args.worker_id)
+    if args.type is not None:
+        frame = frame[frame["event"] == args.type]
+    emit_args(frame, args)
+    return 0
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    with opened(args) as ins:
+        emit_args(ins.timeline(args.job_id), args)
+    return 0
+
+
+def cmd_wait_times(args: argparse.Namespace) -> int:
+    with opened(args) as ins:
+        emit_args(ins.wait_times(args.by, since=_when(args, "since", ins._now())), args)
+    return 0
+
+
+def cmd_heartbeat_gaps(args: argparse.Namespace) -> int:
+    with opened(args) as ins:
+        emit_args(ins.heartbeat_gaps(), args)
+    return 0
+
+
+def cmd_metric_series(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
+    with opened(args) as ins:
+        now = ins._now()
+        frame = ins.metric_series(names, freq=args.freq, since=_when(args, "since", now),
+                                  until=_when(args, "until", now))
+    emit_args(frame, args)
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "explain": cmd_explain, "metrics": cmd_metrics,
+            "events": cmd_events, "timeline": cmd_timeline, "wait-times": cmd_wait_times,
+            "heartbeat-gaps": cmd_heartbeat_gaps, "metric-series": cmd_metric_series}
