@@ -62,5 +62,7 @@ notebooks: $(VENV)
 notebooks-check: $(VENV)
 	$(PYTHON) notebooks/tools.py check $(NOTEBOOKS)
 
+# Jupyter refuses to run as root unless told (containers often run as root).
 lab: $(VENV)
-	cd notebooks && $(abspath $(PYTHON)) -m jupyter lab --ip=127.0.0.1 --no-browser
+	cd notebooks && $(abspath $(PYTHON)) -m jupyter lab --ip=127.0.0.1 --no-browser \
+		$(if $(filter 0,$(shell id -u)),--allow-root)

@@ -224,6 +224,8 @@ def coordinator_crash(t: Target, *, workflows: int = 12, jobs_per_workflow: int 
        reclaimed job must then be completed exactly once, or failed by its
        attempts rule (``max_attempts`` used up).
     """
+    if not 0 < kill_at < 1:
+        raise errors.ValidationError("kill_at", kill_at, "must be a fraction between 0 and 1")
     ns, schema = fresh_names("crash")
     total = workflows * jobs_per_workflow
     say(f"1. starting a coordinator process: {workflows} workflows x {jobs_per_workflow} jobs, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import toolkit
 from toolkit import scenarios
 
 
@@ -48,3 +49,9 @@ def test_a_broken_expectation_fails_the_verdict() -> None:
     empty = pd.DataFrame({"jobs": []})
     result = scenarios.ScenarioResult("x", {"held": True, "broken": False}, {}, empty, empty)
     assert not result.ok and result.verdict == "FAIL" and "[FAILED] broken" in str(result)
+
+
+@pytest.mark.parametrize("kill_at", [0.0, 1.0, 1.5])
+def test_coordinator_crash_refuses_a_kill_point_that_cannot_leave_work_in_flight(target, kill_at) -> None:
+    with pytest.raises(toolkit.ValidationError):
+        scenarios.coordinator_crash(target, kill_at=kill_at)
