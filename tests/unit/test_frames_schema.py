@@ -35,7 +35,7 @@ PINNED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "tiers": ("id", S, [("entity", "category"), ("in_memory", B), ("in_redis", B), ("in_postgres", B),
                         ("memory_version", I64), ("redis_version", I64), ("postgres_version", I64),
                         ("consistent", B), ("problem", S)]),
-    "summary": ("item", S, [("value", F64)]),
+    "summary": ("item", S, [("value", I64)]),
     "events": ("event_id", I64, [("job_id", S), ("workflow_id", S), ("worker_id", S),
                                  ("event", "category"), ("status", "category"), ("attempt", I64),
                                  ("detail", S), ("at", T)]),

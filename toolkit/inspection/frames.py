@@ -77,7 +77,7 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
         "consistent": "boolean", "problem": STRING,
     }),
     "summary": ("item", {
-        "value": "Float64",
+        "value": "Int64",
     }),
     "events": ("event_id", {
         "job_id": STRING, "workflow_id": STRING, "worker_id": STRING, "event": EVENT,

@@ -376,7 +376,7 @@ class Inspector(analytics.Analytics):
         return frames.conform("tiers", pd.DataFrame(rows))
 
     def summary(self) -> pd.DataFrame:
-        """A status board as one column of numbers (index ``item``)."""
+        """A status board as one column of counts (index ``item``, ``value`` is ``Int64``)."""
         jobs = _to_pandas(export.select(self._db, "jobs", {"status": "status"},
                                         where=None))
         counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
@@ -384,15 +384,15 @@ class Inspector(analytics.Analytics):
         wf = _to_pandas(export.select(self._db, "workflows", {"status": "status"}))
         wf_counts = wf["status"].value_counts() if len(wf) else pd.Series(dtype="int64")
         q = self.queue()
-        items: dict[str, float] = {"workflows": float(len(wf))}
-        items.update({f"workflows_{s.value}": float(wf_counts.get(s.value, 0))
+        items: dict[str, int] = {"workflows": len(wf)}
+        items.update({f"workflows_{s.value}": int(wf_counts.get(s.value, 0))
                       for s in models.WorkflowStatus})
-        items["jobs"] = float(len(jobs))
-        items.update({f"jobs_{s.value}": float(counts.get(s.value, 0)) for s in models.JobStatus})
-        items["workers"] = float(len(workers))
-        items["workers_alive"] = float(workers["alive"].sum()) if len(workers) else 0.0
-        items["queue_depth"] = float((~q["in_flight"]).sum()) if len(q) else 0.0
-        items["in_flight"] = float(q["in_flight"].sum()) if len(q) else 0.0
+        items["jobs"] = len(jobs)
+        items.update({f"jobs_{s.value}": int(counts.get(s.value, 0)) for s in models.JobStatus})
+        items["workers"] = len(workers)
+        items["workers_alive"] = int(workers["alive"].sum()) if len(workers) else 0
+        items["queue_depth"] = int((~q["in_flight"]).sum()) if len(q) else 0
+        items["in_flight"] = int(q["in_flight"].sum()) if len(q) else 0
         return frames.conform("summary", {"item": list(items), "value": list(items.values())})
 
     def _repr_html_(self) -> str:
