@@ -607,24 +607,39 @@ def insert_events(conn: sa.Connection, schema: str, events: Sequence[Row]) -> No
 
 # -- retention ------------------------------------------------------------------------------
 
+FINISHED_WORKFLOW = ("completed", "cancelled")
+"""Workflow statuses nothing changes again: only their jobs are ever purged."""
+
+
+def _purgeable(statuses: Sequence[str], before: datetime) -> list[sa.ColumnElement[bool]]:
+    """The jobs a purge removes: a chosen status, finished before ``before``, in a finished workflow.
+
+    A pending, running or failed workflow is live (a manual re-queue of a failed
+    job resumes it), so none of its jobs is ever removed: its counts and its
+    jobs' dependencies stay whole.
+    """
+    j, w = t.jobs, t.workflows
+    finished = sa.exists().where(w.c.id == j.c.workflow_id,
+                                 w.c.status.in_(list(FINISHED_WORKFLOW)))
+    return [j.c.status.in_(list(statuses)), j.c.finished_at < before, finished]
+
+
 def purgeable(conn: sa.Connection, statuses: Sequence[str], before: datetime) -> int:
-    """Count the jobs a purge would remove."""
-    j = t.jobs
-    q = sa.select(sa.func.count()).select_from(j).where(j.c.status.in_(list(statuses)),
-                                                         j.c.finished_at < before)
+    """Count the jobs a purge would remove (the same rule as :func:`purge_batch`)."""
+    q = sa.select(sa.func.count()).select_from(t.jobs).where(*_purgeable(statuses, before))
     return int(conn.execute(q).scalar_one())
 
 
 def purge_batch(conn: sa.Connection, statuses: Sequence[str], before: datetime,
                 batch: int) -> tuple[list[Row], list[str]]:
-    """Delete up to ``batch`` finished jobs with their assignments and events.
+    """Delete up to ``batch`` purgeable jobs (:func:`_purgeable`) with their assignments and events.
 
     Returns the deleted jobs' ``id, queue`` and the deleted assignment ids.
     """
     j, a, e = t.jobs, t.job_assignments, t.job_events
     ids = [r[0] for r in conn.execute(
-        sa.select(j.c.id).where(j.c.status.in_(list(statuses)), j.c.finished_at < before)
-        .order_by(j.c.finished_at).limit(batch).with_for_update(skip_locked=True))]
+        sa.select(j.c.id).where(*_purgeable(statuses, before))
+        .order_by(j.c.finished_at).limit(batch).with_for_update(of=j, skip_locked=True))]
     if not ids:
         return [], []
     gone = [r[0] for r in conn.execute(sa.delete(a).where(a.c.job_id.in_(ids)).returning(a.c.id))]
