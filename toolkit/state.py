@@ -500,6 +500,8 @@ class StateManager:
             row["status"] = "pending" if unmet else "queued"
             store.insert(conn, "job", row)
             ch.add("job", row)
+            if wf_status == "failed":  # new work to do: the roll-up may make it running again
+                ch.add("workflow", store.rollup_workflow(conn, workflow_id, now))
             ch.event("created", row, now)
             if row["status"] == "queued":
                 ch.event("queued", row, now)

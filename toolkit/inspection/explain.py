@@ -19,8 +19,8 @@ from toolkit.inspection import analytics, frames
 if TYPE_CHECKING:
     from toolkit.inspection.analytics import Analytics
 
-KEY_FACTS = ("status", "queue", "priority", "attempts", "max_attempts", "worker_id", "position",
-             "queue_length", "higher_priority_ahead", "live_workers", "waited_s",
+KEY_FACTS = ("status", "workflow_status", "queue", "priority", "attempts", "max_attempts",
+             "worker_id", "position", "queue_length", "higher_priority_ahead", "live_workers", "waited_s",
              "queue_median_wait_s", "unmet_dependencies", "heartbeat_age_s", "heartbeat_ttl_s",
              "will_be_reclaimed", "error")
 """The facts ``str(explanation)`` prints after the verdict, when present."""
@@ -109,6 +109,9 @@ def explain(source: Analytics, job_id: str) -> Explanation:
     name = f"Job {facts['name']!r} ({job_id})"
     handler = _BY_STATUS.get(status, _finished)
     sentences = handler(source, facts, events, now)
+    workflow = _workflow(source, facts)
+    if workflow:
+        sentences.append(workflow)
     history = attempt_history(events)
     if history and (len(history) > 1 or any(a["ended"] in ("reclaimed", "failed") for a in history)):
         facts["attempt_history"] = history
@@ -124,6 +127,25 @@ def _find_job(source: Analytics, job_id: str, events: pd.DataFrame) -> pd.Series
         return None
     row = jobs.loc[job_id]
     return row if isinstance(row, pd.Series) else None
+
+
+def _workflow(source: Analytics, facts: dict[str, Any]) -> str:
+    """The workflow's status, and why, when a job of it failed for good (the roll-up's rule)."""
+    wf_id = str(facts["workflow_id"])
+    workflows = source.workflows()
+    if wf_id not in workflows.index:
+        return ""
+    row = workflows.loc[wf_id]
+    status = facts["workflow_status"] = str(row["status"])
+    failed = int(_scalar(row["jobs_failed"]) or 0)
+    progressing = sum(int(_scalar(row[f"jobs_{s}"]) or 0) for s in ("queued", "assigned", "running"))
+    if status == "failed":
+        return (f"Its workflow {wf_id!r} is failed: {failed} job(s) failed for good and no job of "
+                "it can progress until a failed job is re-queued (`sm.enqueue(job_id)`).")
+    if failed and status == "running":
+        return (f"Its workflow {wf_id!r} is running: {failed} job(s) failed for good, but "
+                f"{progressing} job(s) of it can still progress.")
+    return ""
 
 
 def _deleted(job_id: str, events: pd.DataFrame, timeline: pd.DataFrame) -> Explanation:

@@ -462,6 +462,9 @@ def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
 
 OPEN_JOB = ("pending", "queued", "assigned", "running", "failed")
 ACTIVE_JOB = ("assigned", "running", "completed")
+PROGRESSING_JOB = ("queued", "assigned", "running")
+"""Jobs that can still move by themselves. A pending job moves only when a dependency
+completes, so a workflow with none of these cannot progress without an operator."""
 
 
 def _rollup_statement() -> sa.Update:
@@ -473,13 +476,14 @@ def _rollup_statement() -> sa.Update:
                                  j.c.workflow_id == wf)
 
     # The probes, named once; PostgreSQL runs each as an InitPlan (at most once for the
-    # WHERE and once for the SET: eight index probes at worst, whatever the workflow's size).
+    # WHERE and once for the SET: ten index probes at worst, whatever the workflow's size).
     f = sa.select(has(*OPEN_JOB).label("open"), has("completed").label("completed"),
-                  has("failed").label("failed"), has(*ACTIVE_JOB).label("active")).subquery("f")
+                  has("failed").label("failed"), has(*ACTIVE_JOB).label("active"),
+                  has(*PROGRESSING_JOB).label("progressing")).subquery("f")
     new = sa.case(
         (sa.and_(~f.c.open, f.c.completed), "completed"),
-        (f.c.failed, "failed"),
-        (f.c.active, "running"),
+        (sa.and_(f.c.failed, ~f.c.progressing), "failed"),
+        (sa.or_(f.c.active, f.c.failed), "running"),
         (w.c.status == "failed", "running"),
         else_=w.c.status,
     )
@@ -496,6 +500,17 @@ _ROLLUP = _rollup_statement()
 
 def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> Row | None:
     """Set a workflow's status from its jobs' statuses; return the row if it changed.
+
+    The rules, in order (cancelled and completed workflows never change):
+
+    1. every job is final (completed or cancelled) and one completed: ``completed``;
+    2. a job failed for good and no job can still progress (none is queued,
+       assigned or running; a pending job waits for a dependency to complete,
+       so it cannot move either): ``failed``;
+    3. a job is assigned, running, completed or failed (work has begun and some
+       of it can still progress): ``running``;
+    4. a ``failed`` workflow whose failed job was re-queued: ``running``;
+    5. otherwise unchanged.
 
     One statement: each question ("a failed job?", "an open job?", ...) is an
     EXISTS probe on the ``(status, workflow_id)`` index, so the cost does not grow
