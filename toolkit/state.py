@@ -577,9 +577,33 @@ class StateManager:
                                      "a job is assigned through assign_job() or dequeue()")
 
     def enqueue(self, job_id: str) -> models.Job:
-        """Queue a pending or failed job (pushed to its queue)."""
-        return self._move(job_id, JS.QUEUED, {"enqueue": True, "worker_id": None,
-                                              "finished_at": None}, rollup=True)
+        """Queue a pending or failed job (pushed to its queue).
+
+        A manual re-queue never runs a job past its budget: a job that used up
+        its attempts is granted one more (``max_attempts`` becomes
+        ``attempts + 1``), a job with attempts left keeps its budget. A re-queue
+        of a job that ran before is logged as a ``retried`` event with
+        ``manual: true``, its ``max_attempts`` and ``attempts_left``.
+        """
+        validate.identifier("job_id", job_id)
+
+        def tx(conn: sa.Connection, ch: _Changes) -> None:
+            now = self._now()
+            row, wf_status = store.move_job(
+                conn, job_id, {"status": "queued", "enqueue": True, "worker_id": None,
+                               "finished_at": None, "max_attempts": store.ONE_MORE_ATTEMPT},
+                statuses_in=models.job_sources(JS.QUEUED), now=now, event="queued",
+                lock_workflow=True)
+            if row is None:
+                raise self._refusal(conn, "job", job_id, JS.QUEUED)
+            ch.rows.insert(0, ("job", row))
+            if row["attempts"]:
+                ch.event("retried", row, now, manual=True, max_attempts=row["max_attempts"],
+                         attempts_left=row["max_attempts"] - row["attempts"])
+            if wf_status is not None:
+                ch.add("workflow", store.rollup_workflow(conn, row["workflow_id"], now))
+
+        return self._write("job -> queued", tx)[0]  # type: ignore[return-value]
 
     def start_job(self, job_id: str, *, worker_id: str | None = None,
                   attempt: int | None = None) -> models.Job:

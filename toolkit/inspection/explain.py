@@ -70,8 +70,31 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _secs(value: float) -> str:
-    return f"{value:.1f}s"
+def human_seconds(value: float) -> str:
+    """A duration for people: ``under 0.1s``, ``4.2s``, ``42s``, ``3m 05s``, ``2h 07m``."""
+    if value < 0.05:
+        return "under 0.1s"
+    if round(value, 1) < 10:
+        return f"{value:.1f}s"
+    if value < 59.5:
+        return f"{round(value)}s"
+    whole = round(value)
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+_secs = human_seconds
+
+MEDIAN_FOR_RATIO_S = 1.0
+"""Below this median wait a ratio against it is noise, so ``explain`` gives none."""
+
+
+def ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``..."""
+    if 10 <= n % 100 <= 20:
+        return f"{n}th"
+    return f"{n}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _detail(text: Any) -> dict[str, Any]:
@@ -172,15 +195,24 @@ def _queued(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
         facts["position"] = int(q.loc[facts["job_id"], "position"])
         facts["queue_length"] = len(mine)
         facts["higher_priority_ahead"] = int((mine["priority"] > facts["priority"]).sum())
-        out.append(f"it is at position {facts['position']} of {len(mine)} in queue {name!r} "
-                   f"(0 pops next), with {facts['higher_priority_ahead']} job(s) of higher "
-                   "priority ahead of it.")
+        out.append(_place(facts, name))
     else:
         out.append(f"PostgreSQL says queued but it is not in the Redis queue {name!r}: "
                    "run `toolkit check --repair`.")
     out.append(_serving(source, facts, name))
     out.append(_waited(source, facts, events, now, name))
     return out
+
+
+def _place(facts: dict[str, Any], name: str) -> str:
+    """Where the job stands in its queue, in words (``position`` is 0 for the next pop)."""
+    n, ahead = int(facts["queue_length"]), int(facts["higher_priority_ahead"])
+    queued = f"{n} job{'s' if n != 1 else ''} queued"
+    if facts["position"] == 0:
+        return f"it is next in line in queue {name!r} ({queued})."
+    higher = f", {ahead} of them of higher priority" if ahead else ""
+    return (f"it is {ordinal(int(facts['position']) + 1)} of {n} in queue {name!r} "
+            f"({facts['position']} ahead of it{higher}).")
 
 
 def _serving(source: Analytics, facts: dict[str, Any], name: str) -> str:
@@ -210,8 +242,11 @@ def _waited(source: Analytics, facts: dict[str, Any], events: pd.DataFrame, now:
     text = f"It has waited {_secs(facts['waited_s'])}"
     if median is None:
         return text + f"; no job of queue {name!r} has been assigned yet, so there is no median wait."
-    ratio = facts["waited_s"] / median if median > 0 else float("inf")
-    return text + f" vs a median wait of {_secs(median)} in {name!r} ({ratio:.1f}x)."
+    if median < MEDIAN_FOR_RATIO_S:
+        return text + f" vs a median wait of {_secs(median)} in {name!r}."
+    ratio = facts["waited_s"] / median
+    shown = f"{ratio:.1f}" if ratio < 10 else f"{ratio:.0f}"
+    return text + f" vs a median wait of {_secs(median)} in {name!r} ({shown}x the median)."
 
 
 def _pending(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,

@@ -181,6 +181,9 @@ def next_seqs(conn: sa.Connection, n: int) -> list[int]:
 
 INCREMENT: Any = object()
 """An :func:`update` value meaning ``column = column + 1``."""
+ONE_MORE_ATTEMPT: Any = object()
+"""An :func:`update` value of ``max_attempts`` meaning ``greatest(max_attempts, attempts + 1)``:
+at least one attempt is left (a manual re-queue of a job that used up its attempts)."""
 
 
 # Statements on the hot path are built once per shape, with bound parameters, and
@@ -197,7 +200,7 @@ def _statuses_param() -> sa.BindParameter[Any]:
 @functools.lru_cache(maxsize=256)
 def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str, ...],
                      guards: tuple[str, ...], with_statuses: bool, with_now: bool,
-                     enqueue: bool) -> sa.Update:
+                     enqueue: bool, grant: bool = False) -> sa.Update:
     table = t.ENTITY_TABLES[kind]
     stmt = sa.update(table).where(table.c.id == sa.bindparam("_id"))
     for column in guards:
@@ -206,6 +209,8 @@ def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str,
         stmt = stmt.where(table.c.status == sa.any_(_statuses_param()))
     vals: dict[str, Any] = {c: _param(f"_v_{c}", table.c[c]) for c in columns}
     vals.update({c: table.c[c] + 1 for c in increments})
+    if grant:
+        vals["max_attempts"] = sa.func.greatest(table.c.max_attempts, table.c.attempts + 1)
     if "version" in table.c:
         vals["version"] = table.c.version + 1
     if with_now and "updated_at" in table.c:
@@ -215,7 +220,7 @@ def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str,
     return stmt.values(**vals)
 
 
-_Shape = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], bool, bool, bool]
+_Shape = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], bool, bool, bool, bool]
 
 
 def _update_shape(
@@ -226,11 +231,15 @@ def _update_shape(
     """The shape of this update (the key of its cached statement) and its parameters."""
     vals = dict(values)
     enqueue = bool(vals.pop("enqueue", False))
+    grant = vals.get("max_attempts") is ONE_MORE_ATTEMPT
+    if grant:
+        del vals["max_attempts"]
     increments = tuple(sorted(c for c, v in vals.items() if v is INCREMENT))
     columns = tuple(sorted(c for c, v in vals.items() if v is not INCREMENT))
     guard = guard or {}
     guards = tuple(sorted(guard))
-    shape = (kind, columns, increments, guards, statuses_in is not None, now is not None, enqueue)
+    shape = (kind, columns, increments, guards, statuses_in is not None, now is not None, enqueue,
+             grant)
     params: dict[str, Any] = {"_id": entity_id}
     params.update({f"_v_{c}": vals[c] for c in columns})
     params.update({f"_g_{c}": guard[c] for c in guards})
