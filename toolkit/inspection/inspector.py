@@ -149,6 +149,12 @@ class Inspector(analytics.Analytics):
     def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
         """One row per job (index ``job_id``), with ``wait_s`` and ``duration_s``.
 
+        ``wait_s`` is the queue wait of the job's latest attempt: from the event that
+        made it queued to its ``assigned`` event (what ``wait_times()`` measures),
+        never time pending on a dependency or spent in earlier attempts; NA for a
+        job that is pending or queued now, or was never assigned. ``duration_s`` is
+        ``finished_at - started_at``.
+
         ``payload``, ``result`` are JSON text; ``json.loads`` a cell, or
         ``frame.payload.map(json.loads)`` the column, when you want objects.
 
@@ -169,7 +175,11 @@ class Inspector(analytics.Analytics):
             return frames.empty("jobs")
         for col in ("created_at", "updated_at", "started_at", "finished_at"):
             df[col] = frames.epoch_us_to_utc(df[col])
-        df["wait_s"] = _seconds(df["started_at"], df["created_at"])
+        waits = _to_pandas(export.attempt_waits(self._db, workflow_id))
+        per_job = (pd.Series(waits["wait_s"].astype("Float64").array, index=waits["job_id"])
+                   if len(waits) else pd.Series([], dtype="Float64"))
+        df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
+        df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
         df["duration_s"] = _seconds(df["finished_at"], df["started_at"])
         return frames.conform("jobs", df)
 
