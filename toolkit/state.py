@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 CLAIM_LEASE = 30.0
 """Seconds a popped job may stay in flight before a janitor returns it to its queue."""
+DEFAULT_HEARTBEAT_TTL = 30.0
+"""Heartbeat TTL of a manager given none when none is recorded for its namespace."""
 DELETED = 2**62
 """Version announced when an entity is deleted: every cached copy is older."""
 
@@ -1081,6 +1084,36 @@ class StateManager:
                 if done < batch:
                     return removed
 
+    # -- settings that change the meaning of state ----------------------------------------
+
+    def _settle_settings(self, *, stated: bool) -> None:
+        """Record this manager's heartbeat TTL and claim lease in PostgreSQL, or adopt them.
+
+        A manager whose caller stated a TTL records it (the last writer wins; a
+        different value recorded before is logged as a warning, since two
+        coordinators of one namespace should judge liveness alike). A manager
+        given no TTL adopts the recorded one, and records the default only when
+        none is recorded. Inspectors in other processes read this row.
+        """
+        with self.db.begin("record settings") as conn:
+            found = None if stated else store.read_settings(conn, self.ns)
+            if found is not None:
+                self.settings = dataclasses.replace(self.settings,
+                                                    heartbeat_ttl=float(found["heartbeat_ttl"]))
+                return
+            row = {"namespace": self.ns, "heartbeat_ttl": self.settings.heartbeat_ttl,
+                   "claim_lease": self.claim_lease, "updated_at": self._now(),
+                   "written_by": f"{socket.gethostname()}:{os.getpid()}"}
+            before = store.record_settings(conn, row)
+        changed = {k: (before[k], row[k]) for k in ("heartbeat_ttl", "claim_lease")
+                   if before is not None and before[k] != row[k]}
+        if before is not None and changed:
+            log.warning("namespace %r: replacing settings recorded by %s at %s: %s; every "
+                        "coordinator of a namespace should run with the same settings",
+                        self.ns, before["written_by"], before["updated_at"].isoformat(),
+                        ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
+                        extra={"action": "record_settings"})
+
     # -- recovery -------------------------------------------------------------------------
 
     def _rebuild_from_db(self, *, progress: bool | None = None) -> recovery.RebuildReport:
@@ -1111,7 +1144,7 @@ _NOW = _Now()
 
 def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,
                        namespace: str = "wf", schema: str = "public",
-                       heartbeat_ttl: float = 30.0, rebuild: bool = True) -> StateManager:
+                       heartbeat_ttl: float | None = None, rebuild: bool = True) -> StateManager:
     """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
 
     Parameters
@@ -1124,6 +1157,10 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         PostgreSQL schema of the tables.
     heartbeat_ttl
         Seconds after the last heartbeat at which a worker counts as dead.
+        Recorded in PostgreSQL for the namespace (with the claim lease), where
+        Inspectors and CLI commands read it; the last coordinator to start
+        wins, and a warning is logged when it replaces a different value.
+        ``None``: adopt the recorded TTL, or use and record 30 s when none is.
     rebuild
         Call ``_rebuild_from_db()`` before returning.
 
@@ -1134,11 +1171,13 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
     StorageUnavailable
         PostgreSQL or Redis cannot be reached (the message names host and port).
     """
-    settings = config.load_settings(database_url, redis_url, namespace=namespace,
-                                    schema=schema, heartbeat_ttl=heartbeat_ttl)
+    settings = config.load_settings(database_url, redis_url, namespace=namespace, schema=schema,
+                                    heartbeat_ttl=DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None
+                                    else heartbeat_ttl)
     sm = StateManager(settings, listen=False)
     try:
         migrate.upgrade(sm.db)
+        sm._settle_settings(stated=heartbeat_ttl is not None)
         sm.redis.call("ping", sm.redis.redis.ping)
         sm._listener.start()
         if rebuild:

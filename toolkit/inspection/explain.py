@@ -275,6 +275,8 @@ def _held(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
     wid = facts["worker_id"]
     ttl = source.heartbeat_ttl
     facts["heartbeat_ttl_s"] = ttl
+    origin = str(getattr(source, "heartbeat_ttl_source", "the snapshot's manifest"))
+    facts["heartbeat_ttl_source"] = origin
     workers = source.workers()
     if wid is None or wid not in workers.index:
         facts["will_be_reclaimed"] = True
@@ -288,7 +290,8 @@ def _held(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
             f"{facts['max_attempts']}). ")
     if age is None:
         return [text + "That worker has never sent a heartbeat: the reaper will reclaim the job."]
-    text += f"Its last heartbeat was {_secs(float(age))} ago (heartbeat TTL {_secs(ttl)}): "
+    said = "" if not origin.startswith("default") else ", a default: no coordinator recorded one"
+    text += f"Its last heartbeat was {_secs(float(age))} ago (heartbeat TTL {_secs(ttl)}{said}): "
     if doomed:
         return [text + "the worker counts as dead, so the next reap_dead_workers() will reclaim "
                 "the job and re-queue it (or fail it when it is out of attempts)."]

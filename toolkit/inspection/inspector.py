@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from toolkit import config, models, recovery, validate
-from toolkit.inspection import analytics, frames
+from toolkit.inspection import analytics, frames, recorded
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
@@ -79,8 +79,11 @@ class Inspector(analytics.Analytics):
         The Redis namespace and PostgreSQL schema to look at.
     heartbeat_ttl
         Seconds without a heartbeat after which a worker counts as dead
-        (liveness in ``workers()``, ``explain()``); default the settings' 30.
-        An Inspector bound to a StateManager uses the manager's TTL.
+        (liveness in ``workers()``, ``explain()``, the dashboard, Prometheus).
+        Default: the TTL the coordinator recorded in PostgreSQL for this
+        namespace (re-read every few seconds), or 30 when none is recorded
+        (logged as a warning; ``heartbeat_ttl_source`` says which). An
+        Inspector bound to a StateManager uses the manager's TTL.
 
     Examples
     --------
@@ -99,8 +102,26 @@ class Inspector(analytics.Analytics):
         self._db = Database(self.settings.database_url, schema, read_only=True, pool_size=2)
         self._redis = Client(self.settings.redis_url, read_only=True, namespace=namespace)
         self._memory: Memory | None = None
-        self.heartbeat_ttl = (self.settings.heartbeat_ttl if heartbeat_ttl is None
-                              else float(heartbeat_ttl))
+        self._ttl_given = None if heartbeat_ttl is None else float(heartbeat_ttl)
+        self._recorded = recorded.Cache(self._db, namespace)
+
+    @property
+    def heartbeat_ttl(self) -> float:
+        """The heartbeat TTL liveness is judged with (given, or recorded by the coordinator)."""
+        if self._ttl_given is not None:
+            return self._ttl_given
+        return self._recorded.get().heartbeat_ttl
+
+    @heartbeat_ttl.setter
+    def heartbeat_ttl(self, value: float) -> None:
+        self._ttl_given = config.validate_seconds("heartbeat_ttl", value)
+
+    @property
+    def heartbeat_ttl_source(self) -> str:
+        """Where :attr:`heartbeat_ttl` comes from, in words."""
+        if self._ttl_given is not None:
+            return f"given: {self._ttl_given}s"
+        return self._recorded.get().source
 
     @classmethod
     def _bound(cls, sm: _Bound) -> Inspector:

@@ -672,6 +672,28 @@ def purge_batch(conn: sa.Connection, statuses: Sequence[str], before: datetime,
     return rows, gone
 
 
+# -- coordinator settings (0004) -------------------------------------------------------------
+
+def read_settings(conn: sa.Connection, namespace: str) -> Row | None:
+    """Return the settings recorded for ``namespace`` (None when none are)."""
+    s = t.settings
+    return _one(conn.execute(sa.select(s).where(s.c.namespace == namespace)))
+
+
+def record_settings(conn: sa.Connection, row: Row) -> Row | None:
+    """Record a coordinator's settings (last writer wins); return the row it replaced, if any."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    s = t.settings
+    before = _one(conn.execute(sa.select(s).where(s.c.namespace == row["namespace"])
+                               .with_for_update()))
+    stmt = pg_insert(s).values(**row)
+    stmt = stmt.on_conflict_do_update(index_elements=[s.c.namespace],
+                                      set_={c: stmt.excluded[c] for c in row if c != "namespace"})
+    conn.execute(stmt)
+    return before
+
+
 # -- lock fencing reservations --------------------------------------------------------------
 
 def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) -> tuple[int, int]:
