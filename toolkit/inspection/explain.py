@@ -290,7 +290,7 @@ def _held(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
             f"{facts['max_attempts']}). ")
     if age is None:
         return [text + "That worker has never sent a heartbeat: the reaper will reclaim the job."]
-    said = "" if not origin.startswith("default") else ", a default: no coordinator recorded one"
+    said = ", a default: no coordinator recorded one" if "default " in origin else ""
     text += f"Its last heartbeat was {_secs(float(age))} ago (heartbeat TTL {_secs(ttl)}{said}): "
     if doomed:
         return [text + "the worker counts as dead, so the next reap_dead_workers() will reclaim "
