@@ -17,6 +17,7 @@ from psycopg import sql
 
 import toolkit
 from tests.conftest import drop_schema, unique
+from toolkit import cli
 from toolkit.tiers.postgres import migrate
 from toolkit.tiers.postgres.db import Database
 
@@ -33,7 +34,7 @@ def settings_rows(raw_pg: psycopg.Connection, schema: str) -> list[tuple[Any, ..
 
 
 def test_inspector_uses_the_coordinators_ttl_and_agrees_with_the_reaper(
-        sm: toolkit.StateManager, clean: Any) -> None:
+        sm: toolkit.StateManager, clean: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert sm.settings.heartbeat_ttl == 2.0
     sm.register_worker("quiet")
     sm.create_workflow("w", jobs=[{"name": "a", "id": "a"}])
@@ -47,7 +48,11 @@ def test_inspector_uses_the_coordinators_ttl_and_agrees_with_the_reaper(
         assert not bool(ins.workers().loc["quiet", "alive"])
         ex = ins.explain("a")
         assert ex.facts["heartbeat_ttl_s"] == 2.0 and ex.facts["will_be_reclaimed"] is True, str(ex)
-        assert [j.id for j in sm.reap_dead_workers()] == ["a"]
+    assert cli.main(["explain", "a", "--database-url", clean.database_url, "--redis-url",
+                     clean.redis_url, "--namespace", clean.namespace, "--schema", clean.schema]) == 0
+    said = capsys.readouterr().out
+    assert "heartbeat TTL 2.0s)" in said and "counts as dead" in said, said
+    assert [j.id for j in sm.reap_dead_workers()] == ["a"]
 
 
 def test_two_coordinators_with_different_ttls_last_writer_wins_with_a_warning(
