@@ -18,6 +18,7 @@ from psycopg import sql
 import toolkit
 from tests.conftest import drop_schema, unique
 from toolkit import cli
+from toolkit.inspection import prometheus
 from toolkit.tiers.postgres import migrate
 from toolkit.tiers.postgres.db import Database
 
@@ -46,6 +47,7 @@ def test_inspector_uses_the_coordinators_ttl_and_agrees_with_the_reaper(
         assert ins.explain("a").facts["will_be_reclaimed"] is False
         time.sleep(2.6)  # the worker stops beating while it holds 'a'
         assert not bool(ins.workers().loc["quiet", "alive"])
+        assert 'toolkit_workers{state="unresponsive"} 1.0' in prometheus.render(ins)
         ex = ins.explain("a")
         assert ex.facts["heartbeat_ttl_s"] == 2.0 and ex.facts["will_be_reclaimed"] is True, str(ex)
     assert cli.main(["explain", "a", "--database-url", clean.database_url, "--redis-url",
