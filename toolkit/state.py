@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from toolkit import compare, config, errors, models, recovery
 from toolkit.lock import Lock
-from toolkit.manager import counters, dispatch, jobs, pipeline, retention, workers, workflows
+from toolkit.manager import (
+    counters,
+    dispatch,
+    jobs,
+    pipeline,
+    recorded,
+    retention,
+    workers,
+    workflows,
+)
 from toolkit.tiers.postgres import migrate
 
 if TYPE_CHECKING:
@@ -25,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CLAIM_LEASE = dispatch.CLAIM_LEASE
 DELETED = pipeline.DELETED
+DEFAULT_HEARTBEAT_TTL = recorded.DEFAULT_HEARTBEAT_TTL
 
 _inspector_factory: Callable[[StateManager], Inspector] | None = None
 """Builds ``sm.inspector``. The package layer (``toolkit/__init__.py``) registers it, so
@@ -59,7 +69,6 @@ class StateManager:
     """Fencing tokens reserved in PostgreSQL at a time (one PostgreSQL write per block)."""
 
     def __init__(self, settings: config.Settings, *, listen: bool = True) -> None:
-        self.settings = settings
         self._pipe = pipeline.Pipeline(settings)
         self.ns, self.db, self.redis, self.memory = (
             self._pipe.ns, self._pipe.db, self._pipe.redis, self._pipe.memory)
@@ -115,6 +124,11 @@ class StateManager:
             if self._inspector is None:
                 self._inspector = _inspector_factory(self)
             return self._inspector
+
+    @property
+    def settings(self) -> config.Settings:
+        """What this manager runs with (the heartbeat TTL as recorded for its namespace)."""
+        return self._pipe.settings
 
     @property
     def claim_lease(self) -> float:
@@ -320,7 +334,7 @@ class StateManager:
 
 def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,
                        namespace: str = "wf", schema: str = "public",
-                       heartbeat_ttl: float = 30.0, rebuild: bool = True) -> StateManager:
+                       heartbeat_ttl: float | None = None, rebuild: bool = True) -> StateManager:
     """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
 
     Parameters
@@ -333,6 +347,10 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         PostgreSQL schema of the tables.
     heartbeat_ttl
         Seconds after the last heartbeat at which a worker counts as dead.
+        Recorded in PostgreSQL for the namespace (with the claim lease), where
+        Inspectors and CLI commands read it; the last coordinator to start
+        wins, and a warning is logged when it replaces a different value.
+        ``None``: adopt the recorded TTL, or use and record 30 s when none is.
     rebuild
         Call :meth:`StateManager.rebuild` before returning.
 
@@ -343,11 +361,13 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
     StorageUnavailable
         PostgreSQL or Redis cannot be reached (the message names host and port).
     """
-    settings = config.load_settings(database_url, redis_url, namespace=namespace,
-                                    schema=schema, heartbeat_ttl=heartbeat_ttl)
+    settings = config.load_settings(
+        database_url, redis_url, namespace=namespace, schema=schema,
+        heartbeat_ttl=recorded.DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None else heartbeat_ttl)
     sm = StateManager(settings, listen=False)
     try:
         migrate.upgrade(sm.db)
+        recorded.settle(sm._pipe, stated=heartbeat_ttl is not None, claim_lease=sm.claim_lease)
         sm.redis.call("ping", sm.redis.redis.ping)
         sm._listener.start()
         if rebuild:

@@ -280,3 +280,25 @@ def _check_acyclic(by_name: Mapping[str, Mapping[str, Any]]) -> None:
             elif state.get(nxt) is None:
                 state[nxt] = 1
                 stack.append((nxt, iter(by_name[nxt]["depends_on"])))
+
+
+MAX_METRIC_NAME_LENGTH = 100
+_METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def metric_name(field: str, value: Any) -> str:
+    """Return ``value`` if it is a counter name: ``[a-z_][a-z0-9_]*``, 1-100 characters.
+
+    The same name then works as a Redis key part and, prefixed, as a Prometheus name.
+    """
+    if not isinstance(value, str):
+        raise errors.ValidationError(field, value, "must be a string")
+    if not 1 <= len(value) <= MAX_METRIC_NAME_LENGTH or _METRIC_NAME.fullmatch(value) is None:
+        raise errors.ValidationError(
+            field, value, f"must match [a-z_][a-z0-9_]* (1-{MAX_METRIC_NAME_LENGTH} characters)")
+    return value
+
+
+def metric_amount(field: str, value: Any) -> int:
+    """Return ``value`` if it is a positive int: a counter never goes down or stands still."""
+    return integer(field, value, low=1, high=2**53)

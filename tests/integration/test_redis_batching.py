@@ -209,10 +209,10 @@ def test_incr_metrics_returns_totals_and_fills_buckets(sm: toolkit.StateManager,
                                                        clean: Servers) -> None:
     names = [f"n{i}" for i in range(100)]
     assert sm.incr_metrics(dict.fromkeys(names, 1)) == dict.fromkeys(names, 1)
-    assert sm.incr_metrics({n: i for i, n in enumerate(names)}) == {
-        n: i + 1 for i, n in enumerate(names)}
-    assert sm.metrics() == {n: i + 1 for i, n in enumerate(names)}
+    assert sm.incr_metrics({n: i + 1 for i, n in enumerate(names)}) == {
+        n: i + 2 for i, n in enumerate(names)}
+    assert sm.metrics() == {n: i + 2 for i, n in enumerate(names)}
     for i, n in enumerate(names):
         counts = raw_redis.hgetall(keys.metric_buckets(clean.namespace, n))
-        assert sum(int(v) for v in counts.values()) == i + 1
+        assert sum(int(v) for v in counts.values()) == i + 2
         assert all(int(b) % metrics.BUCKET_SECONDS == 0 for b in counts)

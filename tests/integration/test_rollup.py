@@ -22,9 +22,12 @@ def reference(current: str, statuses: list[str]) -> str:
         return current
     if statuses and all(s in ("completed", "cancelled") for s in statuses) and "completed" in statuses:
         return "completed"
-    if "failed" in statuses:
+    # Failed only when no job can still progress: nothing queued, assigned or running
+    # (a pending job is released only when a dependency completes, so it cannot move either).
+    progressing = any(s in ("queued", "assigned", "running") for s in statuses)
+    if "failed" in statuses and not progressing:
         return "failed"
-    if any(s in ("assigned", "running", "completed") for s in statuses):
+    if "failed" in statuses or any(s in ("assigned", "running", "completed") for s in statuses):
         return "running"
     return "running" if current == "failed" else current
 

@@ -35,7 +35,7 @@ PINNED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "tiers": ("id", S, [("entity", "category"), ("in_memory", B), ("in_redis", B), ("in_postgres", B),
                         ("memory_version", I64), ("redis_version", I64), ("postgres_version", I64),
                         ("consistent", B), ("problem", S)]),
-    "summary": ("item", S, [("value", F64)]),
+    "summary": ("item", S, [("value", I64)]),
     "events": ("event_id", I64, [("job_id", S), ("workflow_id", S), ("worker_id", S),
                                  ("event", "category"), ("status", "category"), ("attempt", I64),
                                  ("detail", S), ("at", T)]),
@@ -85,3 +85,9 @@ def test_conform_keeps_an_integer_index_and_utc_times() -> None:
         "status": ["queued", "queued"], "at": pd.to_datetime([0, 1], unit="s", utc=True)}))
     assert list(got.index) == [3, 1] and str(got.index.dtype) == "Int64"
     assert str(got["at"].dtype) == T and got["worker_id"].isna().all()
+
+
+def test_column_docs_name_real_columns_and_define_wait_s_as_a_queue_wait() -> None:
+    for name, docs in frames.COLUMN_DOCS.items():
+        assert set(docs) <= set(frames.SCHEMAS[name][1]), name
+    assert "assigned" in frames.COLUMN_DOCS["jobs"]["wait_s"]

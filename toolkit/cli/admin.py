@@ -55,7 +55,8 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     srv.add_argument("--port", type=int, default=9464)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
 
-    pur = sub.add_parser("purge", help="remove old finished jobs, their assignments and events")
+    pur = sub.add_parser("purge", help="remove old finished jobs of finished (completed or "
+                         "cancelled) workflows, their assignments and events")
     common(pur)
     pur.add_argument("--older-than", required=True, metavar="AGE", help="30d, 12h, 15m, 90s")
     pur.add_argument("--statuses", default="completed,cancelled",

@@ -146,7 +146,7 @@ def wait_times_frame(events: pd.DataFrame, jobs: pd.DataFrame, by: str) -> pd.Da
 class Analytics:
     """The analyses every Inspector offers, computed from its frames.
 
-    A subclass provides the frames (``events``, ``jobs``, ``workers``,
+    A subclass provides the frames (``events``, ``jobs``, ``workflows``, ``workers``,
     ``queue``...), ``_heartbeat_times()``, ``_dependencies()``, ``_now()``
     and ``heartbeat_ttl``; the live :class:`~toolkit.Inspector` reads them
     from the servers, a snapshot from Parquet files.
@@ -159,6 +159,9 @@ class Analytics:
         raise NotImplementedError
 
     def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def workflows(self) -> pd.DataFrame:
         raise NotImplementedError
 
     def workers(self) -> pd.DataFrame:

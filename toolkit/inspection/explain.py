@@ -19,8 +19,8 @@ from toolkit.inspection import analytics, frames
 if TYPE_CHECKING:
     from toolkit.inspection.analytics import Analytics
 
-KEY_FACTS = ("status", "queue", "priority", "attempts", "max_attempts", "worker_id", "position",
-             "queue_length", "higher_priority_ahead", "live_workers", "waited_s",
+KEY_FACTS = ("status", "workflow_status", "queue", "priority", "attempts", "max_attempts",
+             "worker_id", "position", "queue_length", "higher_priority_ahead", "live_workers", "waited_s",
              "queue_median_wait_s", "unmet_dependencies", "heartbeat_age_s", "heartbeat_ttl_s",
              "will_be_reclaimed", "error")
 """The facts ``str(explanation)`` prints after the verdict, when present."""
@@ -70,8 +70,31 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _secs(value: float) -> str:
-    return f"{value:.1f}s"
+def human_seconds(value: float) -> str:
+    """A duration for people: ``under 0.1s``, ``4.2s``, ``42s``, ``3m 05s``, ``2h 07m``."""
+    if value < 0.05:
+        return "under 0.1s"
+    if round(value, 1) < 10:
+        return f"{value:.1f}s"
+    if value < 59.5:
+        return f"{round(value)}s"
+    whole = round(value)
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+_secs = human_seconds
+
+MEDIAN_FOR_RATIO_S = 1.0
+"""Below this median wait a ratio against it is noise, so ``explain`` gives none."""
+
+
+def ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``..."""
+    if 10 <= n % 100 <= 20:
+        return f"{n}th"
+    return f"{n}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _detail(text: Any) -> dict[str, Any]:
@@ -109,6 +132,9 @@ def explain(source: Analytics, job_id: str) -> Explanation:
     name = f"Job {facts['name']!r} ({job_id})"
     handler = _BY_STATUS.get(status, _finished)
     sentences = handler(source, facts, events, now)
+    workflow = _workflow(source, facts)
+    if workflow:
+        sentences.append(workflow)
     history = attempt_history(events)
     if history and (len(history) > 1 or any(a["ended"] in ("reclaimed", "failed") for a in history)):
         facts["attempt_history"] = history
@@ -124,6 +150,25 @@ def _find_job(source: Analytics, job_id: str, events: pd.DataFrame) -> pd.Series
         return None
     row = jobs.loc[job_id]
     return row if isinstance(row, pd.Series) else None
+
+
+def _workflow(source: Analytics, facts: dict[str, Any]) -> str:
+    """The workflow's status, and why, when a job of it failed for good (the roll-up's rule)."""
+    wf_id = str(facts["workflow_id"])
+    workflows = source.workflows()
+    if wf_id not in workflows.index:
+        return ""
+    row = workflows.loc[wf_id]
+    status = facts["workflow_status"] = str(row["status"])
+    failed = int(_scalar(row["jobs_failed"]) or 0)
+    progressing = sum(int(_scalar(row[f"jobs_{s}"]) or 0) for s in ("queued", "assigned", "running"))
+    if status == "failed":
+        return (f"Its workflow {wf_id!r} is failed: {failed} job(s) failed for good and no job of "
+                "it can progress until a failed job is re-queued (`sm.enqueue(job_id)`).")
+    if failed and status == "running":
+        return (f"Its workflow {wf_id!r} is running: {failed} job(s) failed for good, but "
+                f"{progressing} job(s) of it can still progress.")
+    return ""
 
 
 def _deleted(job_id: str, events: pd.DataFrame, timeline: pd.DataFrame) -> Explanation:
@@ -150,15 +195,24 @@ def _queued(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
         facts["position"] = int(q.loc[facts["job_id"], "position"])
         facts["queue_length"] = len(mine)
         facts["higher_priority_ahead"] = int((mine["priority"] > facts["priority"]).sum())
-        out.append(f"it is at position {facts['position']} of {len(mine)} in queue {name!r} "
-                   f"(0 pops next), with {facts['higher_priority_ahead']} job(s) of higher "
-                   "priority ahead of it.")
+        out.append(_place(facts, name))
     else:
         out.append(f"PostgreSQL says queued but it is not in the Redis queue {name!r}: "
                    "run `toolkit check --repair`.")
     out.append(_serving(source, facts, name))
     out.append(_waited(source, facts, events, now, name))
     return out
+
+
+def _place(facts: dict[str, Any], name: str) -> str:
+    """Where the job stands in its queue, in words (``position`` is 0 for the next pop)."""
+    n, ahead = int(facts["queue_length"]), int(facts["higher_priority_ahead"])
+    queued = f"{n} job{'s' if n != 1 else ''} queued"
+    if facts["position"] == 0:
+        return f"it is next in line in queue {name!r} ({queued})."
+    higher = f", {ahead} of them of higher priority" if ahead else ""
+    return (f"it is {ordinal(int(facts['position']) + 1)} of {n} in queue {name!r} "
+            f"({facts['position']} ahead of it{higher}).")
 
 
 def _serving(source: Analytics, facts: dict[str, Any], name: str) -> str:
@@ -188,8 +242,11 @@ def _waited(source: Analytics, facts: dict[str, Any], events: pd.DataFrame, now:
     text = f"It has waited {_secs(facts['waited_s'])}"
     if median is None:
         return text + f"; no job of queue {name!r} has been assigned yet, so there is no median wait."
-    ratio = facts["waited_s"] / median if median > 0 else float("inf")
-    return text + f" vs a median wait of {_secs(median)} in {name!r} ({ratio:.1f}x)."
+    if median < MEDIAN_FOR_RATIO_S:
+        return text + f" vs a median wait of {_secs(median)} in {name!r}."
+    ratio = facts["waited_s"] / median
+    shown = f"{ratio:.1f}" if ratio < 10 else f"{ratio:.0f}"
+    return text + f" vs a median wait of {_secs(median)} in {name!r} ({shown}x the median)."
 
 
 def _pending(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
@@ -218,6 +275,8 @@ def _held(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
     wid = facts["worker_id"]
     ttl = source.heartbeat_ttl
     facts["heartbeat_ttl_s"] = ttl
+    origin = str(getattr(source, "heartbeat_ttl_source", "the snapshot's manifest"))
+    facts["heartbeat_ttl_source"] = origin
     workers = source.workers()
     if wid is None or wid not in workers.index:
         facts["will_be_reclaimed"] = True
@@ -231,7 +290,8 @@ def _held(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
             f"{facts['max_attempts']}). ")
     if age is None:
         return [text + "That worker has never sent a heartbeat: the reaper will reclaim the job."]
-    text += f"Its last heartbeat was {_secs(float(age))} ago (heartbeat TTL {_secs(ttl)}): "
+    said = ", a default: no coordinator recorded one" if "default " in origin else ""
+    text += f"Its last heartbeat was {_secs(float(age))} ago (heartbeat TTL {_secs(ttl)}{said}): "
     if doomed:
         return [text + "the worker counts as dead, so the next reap_dead_workers() will reclaim "
                 "the job and re-queue it (or fail it when it is out of attempts)."]

@@ -77,7 +77,7 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
         "consistent": "boolean", "problem": STRING,
     }),
     "summary": ("item", {
-        "value": "Float64",
+        "value": "Int64",
     }),
     "events": ("event_id", {
         "job_id": STRING, "workflow_id": STRING, "worker_id": STRING, "event": EVENT,
@@ -101,6 +101,18 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     }),
 }
 """frame name -> (index name, {column: dtype}) in column order."""
+
+COLUMN_DOCS: Mapping[str, Mapping[str, str]] = {
+    "jobs": {
+        "wait_s": "queue wait of the latest attempt: from the event that made the job queued to "
+                  "its 'assigned' event (the measure of wait_times()); NA while pending or queued "
+                  "and for a job never assigned. Never includes time pending on a dependency.",
+        "duration_s": "finished_at - started_at (NA until both are set).",
+    },
+    "assignments": {"duration_s": "finished_at - assigned_at of the attempt."},
+    "workers": {"heartbeat_age_s": "seconds since the latest heartbeat seen in Redis or PostgreSQL."},
+}
+"""What the derived columns mean, frame -> {column: meaning}: one name, one meaning."""
 
 INDEX_DTYPES: Mapping[str, Any] = {"events": "Int64", "timeline": "Int64",
                                    "wait_times_priority": "Int64"}

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from toolkit import compare, config, models, validate
 from toolkit.handles import Tiers
-from toolkit.inspection import analytics, frames, series, target
+from toolkit.inspection import analytics, frames, recorded, series, target
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
@@ -36,8 +36,12 @@ if TYPE_CHECKING:
 class _Bound(Protocol):
     """What an Inspector needs of a StateManager: its settings and its memory tier."""
 
-    settings: config.Settings
-    memory: Memory
+    @property
+    def settings(self) -> config.Settings: ...
+
+    @property
+    def memory(self) -> Memory: ...
+
 
 SCAN_BUDGET = 100_000
 """At most this many keys are looked at by one SCAN-based frame (``locks()``)."""
@@ -80,8 +84,11 @@ class Inspector(analytics.Analytics):
         The Redis namespace and PostgreSQL schema to look at.
     heartbeat_ttl
         Seconds without a heartbeat after which a worker counts as dead
-        (liveness in ``workers()``, ``explain()``); default the settings' 30.
-        An Inspector bound to a StateManager uses the manager's TTL.
+        (liveness in ``workers()``, ``explain()``, the dashboard, Prometheus).
+        Default: the TTL the coordinator recorded in PostgreSQL for this
+        namespace (re-read every few seconds), or 30 when none is recorded
+        (logged as a warning; ``heartbeat_ttl_source`` says which). An
+        Inspector bound to a StateManager uses the manager's TTL.
 
     Examples
     --------
@@ -100,8 +107,26 @@ class Inspector(analytics.Analytics):
         self._db = Database(self.settings.database_url, schema, read_only=True, pool_size=2)
         self._redis = Client(self.settings.redis_url, read_only=True, namespace=namespace)
         self._memory: Memory | None = None
-        self.heartbeat_ttl = (self.settings.heartbeat_ttl if heartbeat_ttl is None
-                              else float(heartbeat_ttl))
+        self._ttl_given = None if heartbeat_ttl is None else float(heartbeat_ttl)
+        self._recorded = recorded.Cache(self._db, namespace)
+
+    @property
+    def heartbeat_ttl(self) -> float:
+        """The heartbeat TTL liveness is judged with (given, or recorded by the coordinator)."""
+        if self._ttl_given is not None:
+            return self._ttl_given
+        return self._recorded.get().heartbeat_ttl
+
+    @heartbeat_ttl.setter
+    def heartbeat_ttl(self, value: float) -> None:
+        self._ttl_given = config.validate_seconds("heartbeat_ttl", value)
+
+    @property
+    def heartbeat_ttl_source(self) -> str:
+        """Where :attr:`heartbeat_ttl` comes from, in words."""
+        if self._ttl_given is not None:
+            return f"given: {self._ttl_given}s"
+        return self._recorded.get().source
 
     @classmethod
     def _bound(cls, sm: _Bound) -> Inspector:
@@ -150,6 +175,12 @@ class Inspector(analytics.Analytics):
     def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
         """One row per job (index ``job_id``), with ``wait_s`` and ``duration_s``.
 
+        ``wait_s`` is the queue wait of the job's latest attempt: from the event that
+        made it queued to its ``assigned`` event (what ``wait_times()`` measures),
+        never time pending on a dependency or spent in earlier attempts; NA for a
+        job that is pending or queued now, or was never assigned. ``duration_s`` is
+        ``finished_at - started_at``.
+
         ``payload``, ``result`` are JSON text; ``json.loads`` a cell, or
         ``frame.payload.map(json.loads)`` the column, when you want objects.
 
@@ -170,7 +201,11 @@ class Inspector(analytics.Analytics):
             return frames.empty("jobs")
         for col in ("created_at", "updated_at", "started_at", "finished_at"):
             df[col] = frames.epoch_us_to_utc(df[col])
-        df["wait_s"] = _seconds(df["started_at"], df["created_at"])
+        waits = _to_pandas(export.attempt_waits(self._db, workflow_id))
+        per_job = (pd.Series(waits["wait_s"].astype("Float64").array, index=waits["job_id"])
+                   if len(waits) else pd.Series([], dtype="Float64"))
+        df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
+        df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
         df["duration_s"] = _seconds(df["finished_at"], df["started_at"])
         return frames.conform("jobs", df)
 
@@ -406,7 +441,7 @@ class Inspector(analytics.Analytics):
         return frames.conform("tiers", pd.DataFrame(rows))
 
     def summary(self) -> pd.DataFrame:
-        """A status board as one column of numbers (index ``item``)."""
+        """A status board as one column of counts (index ``item``, ``value`` is ``Int64``)."""
         jobs = _to_pandas(export.select(self._db, "jobs", {"status": "status"},
                                         where=None))
         counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
@@ -414,15 +449,15 @@ class Inspector(analytics.Analytics):
         wf = _to_pandas(export.select(self._db, "workflows", {"status": "status"}))
         wf_counts = wf["status"].value_counts() if len(wf) else pd.Series(dtype="int64")
         q = self.queue()
-        items: dict[str, float] = {"workflows": float(len(wf))}
-        items.update({f"workflows_{s.value}": float(wf_counts.get(s.value, 0))
+        items: dict[str, int] = {"workflows": len(wf)}
+        items.update({f"workflows_{s.value}": int(wf_counts.get(s.value, 0))
                       for s in models.WorkflowStatus})
-        items["jobs"] = float(len(jobs))
-        items.update({f"jobs_{s.value}": float(counts.get(s.value, 0)) for s in models.JobStatus})
-        items["workers"] = float(len(workers))
-        items["workers_alive"] = float(workers["alive"].sum()) if len(workers) else 0.0
-        items["queue_depth"] = float((~q["in_flight"]).sum()) if len(q) else 0.0
-        items["in_flight"] = float(q["in_flight"].sum()) if len(q) else 0.0
+        items["jobs"] = len(jobs)
+        items.update({f"jobs_{s.value}": int(counts.get(s.value, 0)) for s in models.JobStatus})
+        items["workers"] = len(workers)
+        items["workers_alive"] = int(workers["alive"].sum()) if len(workers) else 0
+        items["queue_depth"] = int((~q["in_flight"]).sum()) if len(q) else 0
+        items["in_flight"] = int(q["in_flight"].sum()) if len(q) else 0
         return frames.conform("summary", {"item": list(items), "value": list(items.values())})
 
     def _repr_html_(self) -> str:

@@ -2,7 +2,8 @@
 
 Layout of a snapshot folder::
 
-    manifest.json              time, namespace, schema, toolkit version, heartbeat_ttl,
+    manifest.json              time, namespace, schema, toolkit version, heartbeat_ttl (and
+                               where the Inspector got it),
                                events_since, row counts (never a URL)
     <frame>.parquet            workflows, jobs, workers, assignments, queue, locks, metrics,
                                metric_series (freq 1min), tiers, summary, events
@@ -68,6 +69,7 @@ def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None
         "namespace": getattr(ins, "ns", None),
         "schema": getattr(settings, "schema", None) if settings is not None else getattr(ins, "schema", None),
         "heartbeat_ttl": ins.heartbeat_ttl,
+        "heartbeat_ttl_source": getattr(ins, "heartbeat_ttl_source", None),
         "events_since": events_since.isoformat() if events_since is not None else None,
         "toolkit_version": toolkit.__version__,
         "rows": {name: len(frame) for name, frame in sorted(data.items())},
@@ -110,6 +112,8 @@ class SnapshotInspector(analytics.Analytics):
         self.ns = str(self.manifest["namespace"])
         self.schema = str(self.manifest["schema"])
         self.heartbeat_ttl = float(self.manifest["heartbeat_ttl"])
+        self.heartbeat_ttl_source = (f"the snapshot's manifest ("
+                                     f"{self.manifest.get('heartbeat_ttl_source') or 'source not kept'})")
         self.taken_at = pd.Timestamp(self.manifest["taken_at"]).tz_convert("UTC")
         self._frames: dict[str, pd.DataFrame] = {}
         for name in (*FRAMES, *frames.INTERNAL_FRAMES):

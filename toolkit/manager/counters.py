@@ -69,15 +69,22 @@ class Counters:
         Parameters
         ----------
         name
-            Counter name.
+            Counter name: ``[a-z_][a-z0-9_]*``, at most 100 characters (it becomes
+            part of a Redis key and of the Prometheus name ``toolkit_<name>_total``).
         amount
-            Integer to add (may be negative).
+            Integer to add, at least 1: a counter never goes down.
         at
             Timezone-aware time whose bucket gets the increment (default: now);
             for importing or backfilling a history.
+
+        Raises
+        ------
+        ValidationError
+            A bad name, an amount below 1 or a naive ``at`` (the field is
+            named); nothing is written.
         """
-        validate.identifier("name", name)
-        validate.integer("amount", amount, low=-(2**53), high=2**53)
+        validate.metric_name("name", name)
+        validate.metric_amount("amount", amount)
         if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
             raise errors.ValidationError("at", at, "must be a timezone-aware datetime")
         when = time.time() if at is None else at.timestamp()
@@ -88,13 +95,20 @@ class Counters:
     def incr_many(self, amounts: Mapping[str, int]) -> dict[str, int]:
         """Add to many counters at once (one Lua call per 1,000); return their new totals.
 
-        Like ``incr_metric``, sent once and never re-sent after a timeout.
+        Like ``incr_metric``, sent once and never re-sent after a timeout, with
+        the same rules for names and amounts; one bad item refuses the whole call.
+
+        Raises
+        ------
+        ValidationError
+            A name that is not ``[a-z_][a-z0-9_]*`` (1-100 characters) or an amount
+            below 1; nothing is written.
         """
         if not isinstance(amounts, Mapping):
             raise errors.ValidationError("amounts", amounts, "must be a mapping of name to integer")
         for name, amount in amounts.items():
-            validate.identifier("name", name)
-            validate.integer("amount", amount, low=-(2**53), high=2**53)
+            validate.metric_name("name", name)
+            validate.metric_amount("amount", amount)
         totals = metrics.incr_many(self.pipe.redis, self.pipe.ns, amounts, time.time())
         self._maybe_checkpoint()
         return totals

@@ -90,6 +90,13 @@ def release_dependents(conn: sa.Connection, ch: Changes, m: Moved) -> None:
         ch.event("queued", r, m.now, released_by=m.row["id"])
 
 
+def log_manual_retry(conn: sa.Connection, ch: Changes, m: Moved) -> None:
+    """Log a ``retried`` event (``manual: true``) when a job that ran before is re-queued."""
+    if m.row["attempts"]:
+        ch.event("retried", m.row, m.now, manual=True, max_attempts=m.row["max_attempts"],
+                 attempts_left=m.row["max_attempts"] - m.row["attempts"])
+
+
 def roll_up(conn: sa.Connection, ch: Changes, m: Moved) -> None:
     """Recompute the workflow's status (its row was locked by the move)."""
     if m.workflow_locked:
@@ -132,13 +139,15 @@ class Jobs:
         now = self.pipe.now()
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
-            dep_rows = _lock_and_resolve(conn, workflow_id, deps)
+            wf_status, dep_rows = _lock_and_resolve(conn, workflow_id, deps)
             unmet = [r["id"] for r in dep_rows if r["status"] != JS.COMPLETED]
             seqs = iter(store.next_seqs(conn, 0 if unmet else 1))
             row = job_row(workflow_id, {**spec, "depends_on": unmet}, now, seqs)
             row["depends_on"] = [r["id"] for r in dep_rows]
             store.insert(conn, "job", row)
             ch.add("job", row)
+            if wf_status == models.WorkflowStatus.FAILED:  # new work: it may be running again
+                ch.add("workflow", store.rollup_workflow(conn, workflow_id, now))
             ch.event("created", row, now)
             if row["status"] == JS.QUEUED:
                 ch.event("queued", row, now)
@@ -203,9 +212,18 @@ class Jobs:
                                      "a job is assigned through assign_job() or dequeue()")
 
     def enqueue(self, job_id: str) -> models.Job:
-        """Queue a pending or failed job (pushed to its queue)."""
+        """Queue a pending or failed job (pushed to its queue).
+
+        A manual re-queue never runs a job past its budget: a job that used up
+        its attempts is granted one more (``max_attempts`` becomes
+        ``attempts + 1``), a job with attempts left keeps its budget. A re-queue
+        of a job that ran before is logged as a ``retried`` event with
+        ``manual: true``, its ``max_attempts`` and ``attempts_left``.
+        """
         return self.move(job_id, JS.QUEUED, {"enqueue": True, "worker_id": None,
-                                             "finished_at": None}, steps=[roll_up])
+                                             "finished_at": None,
+                                             "max_attempts": store.ONE_MORE_ATTEMPT},
+                         steps=[log_manual_retry, roll_up])
 
     def start(self, job_id: str, *, worker_id: str | None = None,
               attempt: int | None = None) -> models.Job:
@@ -270,8 +288,8 @@ class Jobs:
 
 
 def _lock_and_resolve(conn: sa.Connection, workflow_id: str, deps: Sequence[str]
-                      ) -> list[Mapping[str, Any]]:
-    """Lock the workflow of a new job and find its dependencies (by id or name)."""
+                      ) -> tuple[str, list[Mapping[str, Any]]]:
+    """Lock the workflow of a new job; return its status and the dependencies (by id or name)."""
     wf_status = store.lock_workflow(conn, workflow_id)
     if wf_status is None:
         raise errors.NotFound("workflow", workflow_id)
@@ -282,4 +300,4 @@ def _lock_and_resolve(conn: sa.Connection, workflow_id: str, deps: Sequence[str]
         found = {r["id"] for r in dep_rows} | {r["name"] for r in dep_rows}
         missing = [d for d in deps if d not in found]
         raise errors.ValidationError("depends_on", missing, "no such job in the workflow")
-    return dep_rows
+    return wf_status, dep_rows

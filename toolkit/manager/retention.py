@@ -27,7 +27,13 @@ class Retention:
     def purge(self, older_than: float | timedelta, *,
               statuses: Sequence[str] = ("completed", "cancelled"), batch: int = 1000,
               dry_run: bool = False, progress: bool | None = None) -> int:
-        """Remove finished jobs, their assignments and their events, in batches.
+        """Remove finished jobs of finished workflows, their assignments and events, in batches.
+
+        Retention never changes a live workflow: only jobs of ``completed`` or
+        ``cancelled`` workflows are removed. A pending, running or failed
+        workflow keeps every job (a failed one may be resumed by re-queueing
+        its failed job), so its counts and its jobs' dependencies stay whole;
+        cancel or delete a failed workflow to let it go. The workflow rows stay.
 
         Parameters
         ----------
@@ -35,11 +41,12 @@ class Retention:
             Seconds (or a ``timedelta``) since the job finished.
         statuses
             Which finished statuses to remove: ``completed``, ``cancelled``
-            and/or ``failed`` (failed for good). A live job is never removed.
+            and/or ``failed`` (failed for good). A live job, and any job of a
+            live workflow, is never removed.
         batch
             Jobs per transaction.
         dry_run
-            Count what would be removed, remove nothing.
+            Count what would be removed (the same rule), remove nothing.
         progress
             Show a progress bar (default: when more than one batch).
 

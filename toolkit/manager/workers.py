@@ -41,10 +41,14 @@ class Workers:
 
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
-        self.ttl = pipe.settings.heartbeat_ttl
         self.lock = threading.Lock()
         self._pending_beats: dict[str, datetime] = {}
         self._last_flush = time.monotonic()
+
+    @property
+    def ttl(self) -> float:
+        """The heartbeat TTL (recorded in PostgreSQL when the manager started)."""
+        return self.pipe.settings.heartbeat_ttl
 
     def register(self, worker_id: str | None = None, *, hostname: str | None = None,
                  queues: Sequence[str] = ("default",), capacity: int = 1,

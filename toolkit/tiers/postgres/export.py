@@ -80,6 +80,37 @@ def job_events(db: Database, *, since: datetime | None = None,
     return copy_query(db, query, params, list(EVENT_COLUMNS.values()))
 
 
+_ATTEMPT_WAITS = """
+SELECT DISTINCT ON (job_id) job_id, extract(epoch FROM at - queued_at)::float8 AS wait_s
+FROM (
+    SELECT job_id, id, event, at,
+           max(CASE WHEN status = 'queued' AND NOT coalesce(after_queued, false) THEN at END)
+               OVER (PARTITION BY job_id ORDER BY id) AS queued_at
+    FROM (
+        SELECT job_id, id, event, status, at,
+               lag(status) OVER (PARTITION BY job_id ORDER BY id) = 'queued' AS after_queued
+        FROM {events} {where}
+    ) stays
+) marked
+WHERE event = 'assigned' AND queued_at IS NOT NULL
+ORDER BY job_id, id DESC
+"""
+
+
+def attempt_waits(db: Database, workflow_id: str | None = None) -> pa.Table:
+    """Each job's queue wait before its latest assignment (``job_id``, ``wait_s``), from the event log.
+
+    The wait runs from the event that made the job queued (the first of the run of
+    queued-status events before the assignment) to the ``assigned`` event: the
+    same measure as ``Inspector.wait_times()``. Jobs never assigned have no row.
+    """
+    where = sql.SQL("WHERE workflow_id = %s") if workflow_id is not None else sql.SQL("")
+    query = sql.SQL(_ATTEMPT_WAITS).format(events=sql.Identifier(db.schema, "job_events"),
+                                           where=where)
+    params = [workflow_id] if workflow_id is not None else []
+    return copy_query(db, query, params, ["job_id", "wait_s"])
+
+
 def dependencies(db: Database) -> pa.Table:
     """One row per dependency edge: ``job_id`` depends on ``depends_on`` (a job id)."""
     query = sql.SQL("SELECT id AS job_id, unnest(depends_on) AS depends_on FROM {} "

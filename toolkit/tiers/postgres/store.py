@@ -181,6 +181,9 @@ def next_seqs(conn: sa.Connection, n: int) -> list[int]:
 
 INCREMENT: Any = object()
 """An :func:`update` value meaning ``column = column + 1``."""
+ONE_MORE_ATTEMPT: Any = object()
+"""An :func:`update` value of ``max_attempts`` meaning ``greatest(max_attempts, attempts + 1)``:
+at least one attempt is left (a manual re-queue of a job that used up its attempts)."""
 
 
 # Statements on the hot path are built once per shape, with bound parameters, and
@@ -197,7 +200,7 @@ def _statuses_param() -> sa.BindParameter[Any]:
 @functools.lru_cache(maxsize=256)
 def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str, ...],
                      guards: tuple[str, ...], with_statuses: bool, with_now: bool,
-                     enqueue: bool) -> sa.Update:
+                     enqueue: bool, grant: bool = False) -> sa.Update:
     table = t.ENTITY_TABLES[kind]
     stmt = sa.update(table).where(table.c.id == sa.bindparam("_id"))
     for column in guards:
@@ -206,6 +209,8 @@ def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str,
         stmt = stmt.where(table.c.status == sa.any_(_statuses_param()))
     vals: dict[str, Any] = {c: _param(f"_v_{c}", table.c[c]) for c in columns}
     vals.update({c: table.c[c] + 1 for c in increments})
+    if grant:
+        vals["max_attempts"] = sa.func.greatest(table.c.max_attempts, table.c.attempts + 1)
     if "version" in table.c:
         vals["version"] = table.c.version + 1
     if with_now and "updated_at" in table.c:
@@ -215,7 +220,7 @@ def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str,
     return stmt.values(**vals)
 
 
-_Shape = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], bool, bool, bool]
+_Shape = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], bool, bool, bool, bool]
 
 
 def _update_shape(
@@ -226,11 +231,15 @@ def _update_shape(
     """The shape of this update (the key of its cached statement) and its parameters."""
     vals = dict(values)
     enqueue = bool(vals.pop("enqueue", False))
+    grant = vals.get("max_attempts") is ONE_MORE_ATTEMPT
+    if grant:
+        del vals["max_attempts"]
     increments = tuple(sorted(c for c, v in vals.items() if v is INCREMENT))
     columns = tuple(sorted(c for c, v in vals.items() if v is not INCREMENT))
     guard = guard or {}
     guards = tuple(sorted(guard))
-    shape = (kind, columns, increments, guards, statuses_in is not None, now is not None, enqueue)
+    shape = (kind, columns, increments, guards, statuses_in is not None, now is not None, enqueue,
+             grant)
     params: dict[str, Any] = {"_id": entity_id}
     params.update({f"_v_{c}": vals[c] for c in columns})
     params.update({f"_g_{c}": guard[c] for c in guards})
@@ -462,6 +471,9 @@ def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
 
 OPEN_JOB = ("pending", "queued", "assigned", "running", "failed")
 ACTIVE_JOB = ("assigned", "running", "completed")
+PROGRESSING_JOB = ("queued", "assigned", "running")
+"""Jobs that can still move by themselves. A pending job moves only when a dependency
+completes, so a workflow with none of these cannot progress without an operator."""
 
 
 def _rollup_statement() -> sa.Update:
@@ -473,13 +485,14 @@ def _rollup_statement() -> sa.Update:
                                  j.c.workflow_id == wf)
 
     # The probes, named once; PostgreSQL runs each as an InitPlan (at most once for the
-    # WHERE and once for the SET: eight index probes at worst, whatever the workflow's size).
+    # WHERE and once for the SET: ten index probes at worst, whatever the workflow's size).
     f = sa.select(has(*OPEN_JOB).label("open"), has("completed").label("completed"),
-                  has("failed").label("failed"), has(*ACTIVE_JOB).label("active")).subquery("f")
+                  has("failed").label("failed"), has(*ACTIVE_JOB).label("active"),
+                  has(*PROGRESSING_JOB).label("progressing")).subquery("f")
     new = sa.case(
         (sa.and_(~f.c.open, f.c.completed), "completed"),
-        (f.c.failed, "failed"),
-        (f.c.active, "running"),
+        (sa.and_(f.c.failed, ~f.c.progressing), "failed"),
+        (sa.or_(f.c.active, f.c.failed), "running"),
         (w.c.status == "failed", "running"),
         else_=w.c.status,
     )
@@ -496,6 +509,17 @@ _ROLLUP = _rollup_statement()
 
 def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> Row | None:
     """Set a workflow's status from its jobs' statuses; return the row if it changed.
+
+    The rules, in order (cancelled and completed workflows never change):
+
+    1. every job is final (completed or cancelled) and one completed: ``completed``;
+    2. a job failed for good and no job can still progress (none is queued,
+       assigned or running; a pending job waits for a dependency to complete,
+       so it cannot move either): ``failed``;
+    3. a job is assigned, running, completed or failed (work has begun and some
+       of it can still progress): ``running``;
+    4. a ``failed`` workflow whose failed job was re-queued: ``running``;
+    5. otherwise unchanged.
 
     One statement: each question ("a failed job?", "an open job?", ...) is an
     EXISTS probe on the ``(status, workflow_id)`` index, so the cost does not grow
@@ -607,30 +631,67 @@ def insert_events(conn: sa.Connection, schema: str, events: Sequence[Row]) -> No
 
 # -- retention ------------------------------------------------------------------------------
 
+FINISHED_WORKFLOW = ("completed", "cancelled")
+"""Workflow statuses nothing changes again: only their jobs are ever purged."""
+
+
+def _purgeable(statuses: Sequence[str], before: datetime) -> list[sa.ColumnElement[bool]]:
+    """The jobs a purge removes: a chosen status, finished before ``before``, in a finished workflow.
+
+    A pending, running or failed workflow is live (a manual re-queue of a failed
+    job resumes it), so none of its jobs is ever removed: its counts and its
+    jobs' dependencies stay whole.
+    """
+    j, w = t.jobs, t.workflows
+    finished = sa.exists().where(w.c.id == j.c.workflow_id,
+                                 w.c.status.in_(list(FINISHED_WORKFLOW)))
+    return [j.c.status.in_(list(statuses)), j.c.finished_at < before, finished]
+
+
 def purgeable(conn: sa.Connection, statuses: Sequence[str], before: datetime) -> int:
-    """Count the jobs a purge would remove."""
-    j = t.jobs
-    q = sa.select(sa.func.count()).select_from(j).where(j.c.status.in_(list(statuses)),
-                                                         j.c.finished_at < before)
+    """Count the jobs a purge would remove (the same rule as :func:`purge_batch`)."""
+    q = sa.select(sa.func.count()).select_from(t.jobs).where(*_purgeable(statuses, before))
     return int(conn.execute(q).scalar_one())
 
 
 def purge_batch(conn: sa.Connection, statuses: Sequence[str], before: datetime,
                 batch: int) -> tuple[list[Row], list[str]]:
-    """Delete up to ``batch`` finished jobs with their assignments and events.
+    """Delete up to ``batch`` purgeable jobs (:func:`_purgeable`) with their assignments and events.
 
     Returns the deleted jobs' ``id, queue`` and the deleted assignment ids.
     """
     j, a, e = t.jobs, t.job_assignments, t.job_events
     ids = [r[0] for r in conn.execute(
-        sa.select(j.c.id).where(j.c.status.in_(list(statuses)), j.c.finished_at < before)
-        .order_by(j.c.finished_at).limit(batch).with_for_update(skip_locked=True))]
+        sa.select(j.c.id).where(*_purgeable(statuses, before))
+        .order_by(j.c.finished_at).limit(batch).with_for_update(of=j, skip_locked=True))]
     if not ids:
         return [], []
     gone = [r[0] for r in conn.execute(sa.delete(a).where(a.c.job_id.in_(ids)).returning(a.c.id))]
     conn.execute(sa.delete(e).where(e.c.job_id.in_(ids)))
     rows = _all(conn.execute(sa.delete(j).where(j.c.id.in_(ids)).returning(j.c.id, j.c.queue)))
     return rows, gone
+
+
+# -- coordinator settings (0004) -------------------------------------------------------------
+
+def read_settings(conn: sa.Connection, namespace: str) -> Row | None:
+    """Return the settings recorded for ``namespace`` (None when none are)."""
+    s = t.settings
+    return _one(conn.execute(sa.select(s).where(s.c.namespace == namespace)))
+
+
+def record_settings(conn: sa.Connection, row: Row) -> Row | None:
+    """Record a coordinator's settings (last writer wins); return the row it replaced, if any."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    s = t.settings
+    before = _one(conn.execute(sa.select(s).where(s.c.namespace == row["namespace"])
+                               .with_for_update()))
+    stmt = pg_insert(s).values(**row)
+    stmt = stmt.on_conflict_do_update(index_elements=[s.c.namespace],
+                                      set_={c: stmt.excluded[c] for c in row if c != "namespace"})
+    conn.execute(stmt)
+    return before
 
 
 # -- lock fencing reservations --------------------------------------------------------------

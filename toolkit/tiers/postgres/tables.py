@@ -11,6 +11,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -150,6 +151,16 @@ lock_fences = Table(
     Column("name", Text, primary_key=True),
     Column("token", BigInteger, nullable=False),
 )
+
+settings = Table(
+    "settings", metadata,
+    Column("namespace", Text, primary_key=True),
+    Column("heartbeat_ttl", Double, nullable=False),
+    Column("claim_lease", Double, nullable=False),
+    Column("written_by", Text, nullable=False),
+    Column("updated_at", TZ, nullable=False),
+)
+"""The coordinator settings that change the meaning of state, per namespace (0004)."""
 
 ENTITY_TABLES = {
     "workflow": workflows,
