@@ -14,12 +14,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from toolkit import failpoints, simulator, state
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the coordinator until killed."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m toolkit._coordinator")
     p.add_argument("--namespace", required=True)
     p.add_argument("--schema", required=True)
@@ -35,7 +35,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="SIGKILL this process right after its first Redis pop, before PostgreSQL")
     p.add_argument("--claim-lease", type=float, default=None,
                    help="seconds a popped job stays in flight before it is returned")
-    args = p.parse_args(argv)
+    return p
+
+
+def _arm_crashes(args: argparse.Namespace, emit: Callable[[dict[str, str]], None]) -> None:
+    """Arm the fail points the arguments name: SIGKILL this process when one is reached."""
+    def crash(detail: str) -> None:
+        emit({"a": "crashing", "id": detail})
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if args.crash_after_commit:
+        failpoints.arm("after_commit",
+                       lambda action: crash(action) if action == args.crash_after_commit else None)
+    if args.crash_after_claim:
+        failpoints.arm("after_claim", crash)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the coordinator until killed."""
+    args = _parser().parse_args(argv)
     out = threading.Lock()
 
     def emit(record: dict[str, str]) -> None:
@@ -45,19 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sm = state.init_state_manager(namespace=args.namespace, schema=args.schema,
                                   heartbeat_ttl=args.heartbeat_ttl)
-    if args.crash_after_commit:
-        def crash(action: str) -> None:
-            if action == args.crash_after_commit:
-                emit({"a": "crashing", "id": action})
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        failpoints.arm("after_commit", crash)
-    if args.crash_after_claim:
-        def crash_claim(job_id: str) -> None:
-            emit({"a": "crashing", "id": job_id})
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        failpoints.arm("after_claim", crash_claim)
+    _arm_crashes(args, emit)
     if args.claim_lease is not None:
         sm.claim_lease = args.claim_lease
     for wf in simulator.make_workflows(sm, args.workflows, args.jobs, prefix="demo"):

@@ -242,7 +242,8 @@ class _Spawner:
         return future.result()
 
 
-def spawn(argv: list[str], log_path: Path, runas: RunAs | None, deathsig: int) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log_path: Path, runas: RunAs | None, deathsig: int, *,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``argv`` as a direct child with output appended to ``log_path``.
 
     The child gets its own session (a terminal's Ctrl-C does not reach it),
@@ -261,6 +262,7 @@ def spawn(argv: list[str], log_path: Path, runas: RunAs | None, deathsig: int) -
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                cwd=cwd,
                 preexec_fn=_deathsig_preexec(deathsig),
                 user=None if runas is None else runas.uid,
                 group=None if runas is None else runas.gid,

@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -44,41 +42,26 @@ LOOPBACK = "127.0.0.1"
 
 def free_port(exclude: set[int] | None = None) -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
-    exclude = exclude or set()
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((LOOPBACK, 0))
-            port = int(sock.getsockname()[1])
-        if port not in exclude:
-            return port
-    raise RuntimeError("no free TCP port on 127.0.0.1")
+    return _servers.free_port(exclude or set())
 
 
-@dataclass(frozen=True)
-class RunAs:
-    uid: int
-    gid: int
+RunAs = _servers.RunAs
 
 
 def run_as() -> RunAs | None:
     """``nobody`` when we are root (PostgreSQL and PgBouncer refuse root), else ``None``."""
-    if os.geteuid() != 0:
-        return None
-    entry = pwd.getpwnam("nobody")
-    return RunAs(entry.pw_uid, entry.pw_gid)
+    return _servers.unprivileged_user(Path(tempfile.gettempdir()) / "tk-no-such-cluster")
 
 
 def own_dir(runas: RunAs | None, prefix: str) -> Path:
     """A fresh temporary directory the server account owns and can reach."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o700)
-    if runas is not None:
-        os.chown(path, runas.uid, runas.gid)
-        # /tmp is world-traversable; nothing else to open up.
+    _servers.give_to(path, runas, 0o700)  # /tmp is world-traversable; nothing else to open up
     return path
 
 
 def give(path: Path, runas: RunAs | None, mode: int) -> None:
+    """Hand a file to the server account with ``mode``."""
     if runas is not None:
         os.chown(path, runas.uid, runas.gid)
     path.chmod(mode)
@@ -93,36 +76,16 @@ class Proc:
     log: Path
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return _servers.log_tail(self.log, lines=lines)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        _servers.stop_process(self.proc, sig, 10)
 
 
 def spawn(name: str, argv: list[str], log: Path, runas: RunAs | None = None,
           cwd: Path | None = None) -> Proc:
-    """Start ``argv`` in its own session with output appended to ``log``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, cwd=cwd,
-            user=None if runas is None else runas.uid,
-            group=None if runas is None else runas.gid,
-            extra_groups=None if runas is None else [],
-        )
+    """Start ``argv`` in its own session with output appended to ``log`` (killed if we die)."""
+    proc = _servers.spawn(argv, log, runas, signal.SIGKILL, cwd=cwd)
     if runas is not None:
         with contextlib.suppress(OSError):
             os.chown(log, runas.uid, runas.gid)
