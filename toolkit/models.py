@@ -80,8 +80,16 @@ JOB_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
 }
 """Allowed job status changes: ``JOB_TRANSITIONS[current]`` holds the targets."""
 
-FINAL_JOB_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.CANCELLED})
-"""Job statuses nothing leaves; every other job is live and kept in memory."""
+FINAL_JOB_STATUSES = frozenset(s for s, targets in JOB_TRANSITIONS.items() if not targets)
+"""Job statuses nothing leaves (completed, cancelled): a final job is never live again."""
+LIVE_JOB_STATUSES = frozenset(JobStatus) - FINAL_JOB_STATUSES
+"""Every other job status, ``failed`` included. A job failed for good can still be re-queued
+by an operator (which resumes its workflow), so it is live: kept in memory, reloaded by every
+rebuild, and its time in its last state keeps counting in ``Inspector.timeline``."""
+PURGEABLE_JOB_STATUSES = FINAL_JOB_STATUSES | {JobStatus.FAILED}
+"""Statuses ``purge`` may remove (failed means failed for good, in a finished workflow)."""
+PROGRESSING_JOB_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING})
+"""Jobs that can still move by themselves (a pending one waits for a dependency)."""
 
 _W = WorkflowStatus
 WORKFLOW_TRANSITIONS: Mapping[WorkflowStatus, frozenset[WorkflowStatus]] = {
@@ -92,6 +100,14 @@ WORKFLOW_TRANSITIONS: Mapping[WorkflowStatus, frozenset[WorkflowStatus]] = {
     _W.CANCELLED: frozenset(),
 }
 """Allowed workflow status changes (a failed workflow runs again on a retry)."""
+
+FINISHED_WORKFLOW_STATUSES = frozenset(s for s, t in WORKFLOW_TRANSITIONS.items() if not t)
+"""Workflow statuses nothing changes again (completed, cancelled): only their jobs are purged."""
+
+
+def values(statuses: frozenset[enum.StrEnum]) -> list[str]:
+    """The plain strings of a status set, sorted (for SQL parameters and messages)."""
+    return sorted(s.value for s in statuses)
 
 
 def job_sources(target: JobStatus) -> frozenset[JobStatus]:

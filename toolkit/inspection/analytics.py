@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from toolkit import errors, validate
+from toolkit import errors, models, validate
 from toolkit.inspection import frames
 
 if TYPE_CHECKING:
     from toolkit.inspection.explain import Explanation
 
-FINAL_STATUSES = frozenset({"completed", "cancelled", "failed"})
-"""A job whose last event leaves it in one of these is not waiting for anything."""
 TTL_MARGIN = 0.2
 """``suggested_ttl_s`` is the largest heartbeat gap plus this fraction, rounded up to 0.1 s."""
 WAIT_BY = ("priority", "queue")
@@ -51,12 +49,13 @@ def timeline_frame(events: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
     """One job's events in order with ``state_s``, the seconds spent in the state each event began.
 
     The last row counts until ``now`` when the job is still live (its last
-    status is not final and it was not deleted), else it is NA.
+    status is not final, ``models.FINAL_JOB_STATUSES``, and it was not deleted), else it is
+    NA. A job failed for good is live: it waits for an operator's re-queue.
     """
     ev = events.sort_values("at", kind="stable")
     state = (ev["at"].shift(-1) - ev["at"]).dt.total_seconds().astype("Float64")
     last = ev.iloc[-1]
-    live = last["event"] != "deleted" and last["status"] not in FINAL_STATUSES
+    live = last["event"] != "deleted" and last["status"] not in models.FINAL_JOB_STATUSES
     state.iloc[-1] = (now - last["at"]).total_seconds() if live else None
     out = ev.assign(state_s=state)
     return frames.conform("timeline", out.reset_index())

@@ -21,7 +21,7 @@ from toolkit.tiers.redis.client import Client
 
 SCAN_CALLS = 100
 """At most this many SCAN calls (1000 keys each) look for a key of an empty-looking namespace."""
-PURGEABLE = ("completed", "cancelled", "failed")
+PURGEABLE = tuple(models.values(models.PURGEABLE_JOB_STATUSES))
 
 
 def require_tables(db: Database) -> None:

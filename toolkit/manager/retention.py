@@ -13,9 +13,7 @@ from toolkit import errors, models, validate
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.tiers.postgres import store
 
-PURGEABLE = frozenset({models.JobStatus.COMPLETED, models.JobStatus.CANCELLED,
-                       models.JobStatus.FAILED})
-"""Statuses ``purge`` may remove (failed means failed for good: it is not queued again)."""
+PURGEABLE = models.PURGEABLE_JOB_STATUSES
 
 
 class Retention:

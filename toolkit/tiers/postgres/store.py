@@ -16,10 +16,10 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from toolkit import models
 from toolkit.tiers.postgres import tables as t
 
 Row = Mapping[str, Any]
-FINAL_JOB = ("completed", "cancelled")
 JOB_COPY_COLUMNS = (
     "id", "workflow_id", "name", "status", "priority", "queue", "payload", "result", "error",
     "attempts", "max_attempts", "worker_id", "depends_on", "enqueue_seq", "created_at",
@@ -351,7 +351,8 @@ def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -
     """Cancel every non-final job of a workflow; return the cancelled rows."""
     stmt = (
         sa.update(t.jobs)
-        .where(t.jobs.c.workflow_id == workflow_id, t.jobs.c.status.not_in(FINAL_JOB))
+        .where(t.jobs.c.workflow_id == workflow_id,
+               t.jobs.c.status.in_(models.values(models.LIVE_JOB_STATUSES)))
         .values(status="cancelled", finished_at=now, version=t.jobs.c.version + 1, updated_at=now)
         .returning(t.jobs)
     )
@@ -469,26 +470,26 @@ def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
     return conn.execute(_LOCK_WORKFLOW, {"_wf": workflow_id}).scalar_one_or_none()
 
 
-OPEN_JOB = ("pending", "queued", "assigned", "running", "failed")
-ACTIVE_JOB = ("assigned", "running", "completed")
-PROGRESSING_JOB = ("queued", "assigned", "running")
-"""Jobs that can still move by themselves. A pending job moves only when a dependency
-completes, so a workflow with none of these cannot progress without an operator."""
+_JS = models.JobStatus
+_BEGUN = frozenset({_JS.ASSIGNED, _JS.RUNNING, _JS.COMPLETED})
+"""Jobs whose work has begun: a workflow with one is running (or finished)."""
 
 
 def _rollup_statement() -> sa.Update:
     j, w = t.jobs, t.workflows
     wf = sa.bindparam("_wf", type_=sa.Text)
 
-    def has(*statuses: str) -> sa.Exists:
-        return sa.exists().where(j.c.status == sa.any_(sa.literal(list(statuses), ARRAY(sa.Text))),
-                                 j.c.workflow_id == wf)
+    def has(statuses: frozenset[models.JobStatus]) -> sa.Exists:
+        return sa.exists().where(
+            j.c.status == sa.any_(sa.literal(models.values(statuses), ARRAY(sa.Text))),
+            j.c.workflow_id == wf)
 
     # The probes, named once; PostgreSQL runs each as an InitPlan (at most once for the
     # WHERE and once for the SET: ten index probes at worst, whatever the workflow's size).
-    f = sa.select(has(*OPEN_JOB).label("open"), has("completed").label("completed"),
-                  has("failed").label("failed"), has(*ACTIVE_JOB).label("active"),
-                  has(*PROGRESSING_JOB).label("progressing")).subquery("f")
+    f = sa.select(has(models.LIVE_JOB_STATUSES).label("open"),
+                  has(frozenset({_JS.COMPLETED})).label("completed"),
+                  has(frozenset({_JS.FAILED})).label("failed"), has(_BEGUN).label("active"),
+                  has(models.PROGRESSING_JOB_STATUSES).label("progressing")).subquery("f")
     new = sa.case(
         (sa.and_(~f.c.open, f.c.completed), "completed"),
         (sa.and_(f.c.failed, ~f.c.progressing), "failed"),
@@ -498,7 +499,8 @@ def _rollup_statement() -> sa.Update:
     )
     return (
         sa.update(w)
-        .where(w.c.id == wf, w.c.status.not_in(("cancelled", "completed")), w.c.status != new)
+        .where(w.c.id == wf, w.c.status.not_in(models.values(models.FINISHED_WORKFLOW_STATUSES)),
+               w.c.status != new)
         .values(status=new, version=w.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
         .returning(w)
     )
@@ -631,10 +633,6 @@ def insert_events(conn: sa.Connection, schema: str, events: Sequence[Row]) -> No
 
 # -- retention ------------------------------------------------------------------------------
 
-FINISHED_WORKFLOW = ("completed", "cancelled")
-"""Workflow statuses nothing changes again: only their jobs are ever purged."""
-
-
 def _purgeable(statuses: Sequence[str], before: datetime) -> list[sa.ColumnElement[bool]]:
     """The jobs a purge removes: a chosen status, finished before ``before``, in a finished workflow.
 
@@ -644,7 +642,7 @@ def _purgeable(statuses: Sequence[str], before: datetime) -> list[sa.ColumnEleme
     """
     j, w = t.jobs, t.workflows
     finished = sa.exists().where(w.c.id == j.c.workflow_id,
-                                 w.c.status.in_(list(FINISHED_WORKFLOW)))
+                                 w.c.status.in_(models.values(models.FINISHED_WORKFLOW_STATUSES)))
     return [j.c.status.in_(list(statuses)), j.c.finished_at < before, finished]
 
 

@@ -1,0 +1,38 @@
+"""One vocabulary: final, live and the other status sets come from the transition tables."""
+
+from __future__ import annotations
+
+import re
+
+from toolkit import models
+from toolkit.models import JobStatus as JS
+from toolkit.tiers.postgres import tables
+
+
+def test_final_is_what_no_transition_leaves_and_live_is_the_rest() -> None:
+    assert {JS.COMPLETED, JS.CANCELLED} == models.FINAL_JOB_STATUSES
+    assert set(JS) - models.FINAL_JOB_STATUSES == models.LIVE_JOB_STATUSES
+    assert JS.FAILED in models.LIVE_JOB_STATUSES  # a failed job can be re-queued
+    finished = {models.WorkflowStatus.COMPLETED, models.WorkflowStatus.CANCELLED}
+    assert finished == models.FINISHED_WORKFLOW_STATUSES
+
+
+def test_the_partial_index_of_live_jobs_excludes_exactly_the_final_statuses() -> None:
+    text = str(tables.LIVE_JOB_CLAUSE)
+    assert set(re.findall(r"'(\w+)'", text)) == set(models.values(models.FINAL_JOB_STATUSES))
+    assert "NOT IN" in text
+
+
+def test_is_final_agrees_with_the_status_sets() -> None:
+    for status in JS:
+        job = models.from_dict("job", {
+            "id": "j", "workflow_id": "w", "name": "n", "status": status.value, "priority": 0,
+            "queue": "default", "payload": None, "result": None, "error": None, "attempts": 0,
+            "max_attempts": 3, "worker_id": None, "depends_on": [], "created_at": models.utcnow(),
+            "updated_at": models.utcnow(), "started_at": None, "finished_at": None, "version": 1})
+        assert models.is_final(job) is (status in models.FINAL_JOB_STATUSES), status
+
+
+def test_values_are_sorted_plain_strings() -> None:
+    assert models.values(models.PURGEABLE_JOB_STATUSES) == ["cancelled", "completed", "failed"]
+    assert all(type(v) is str for v in models.values(models.LIVE_JOB_STATUSES))
