@@ -12,7 +12,7 @@ import redis
 
 import toolkit
 from tests.conftest import Servers
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records
 from toolkit.tiers.redis import cache, keys, queue
 from toolkit.tiers.redis.client import Client
 
@@ -133,8 +133,8 @@ def test_binary_copy_of_events_keeps_every_field(sm: toolkit.StateManager, raw_p
                "detail": None if i % 2 else {"rule": "r", "age_s": 1.5, "n": [i]}}
               for i in range(30)]
     with sm.db.begin("test events") as conn:
-        store.insert_events(conn, sm.db.schema, events)
+        records.insert_events(conn, sm.db.schema, events)
     q = psycopg.sql.SQL("SELECT job_id, workflow_id, event, status, worker_id, attempt, at, detail "
                         "FROM {} ORDER BY id").format(psycopg.sql.Identifier(clean.schema, "job_events"))
     got = raw_pg.execute(q).fetchall()
-    assert got == [tuple(e[c] for c in store.EVENT_COPY_COLUMNS) for e in events]
+    assert got == [tuple(e[c] for c in records.EVENT_COPY_COLUMNS) for e in events]

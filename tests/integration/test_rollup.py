@@ -10,7 +10,7 @@ import pytest
 from psycopg import sql
 
 import toolkit
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import lifecycle
 
 JOB_STATUSES = ("pending", "queued", "assigned", "running", "completed", "failed", "cancelled")
 WORKFLOW_STATUSES = ("pending", "running", "failed", "completed", "cancelled")
@@ -54,8 +54,8 @@ def test_rollup_matches_the_rules_for_every_mix(sm: toolkit.StateManager, raw_pg
     wrong = []
     with sm.db.begin("test roll-up") as conn:
         for wf_id, (current, mix) in zip(wf_ids, cases, strict=True):
-            assert store.lock_workflow(conn, wf_id) == current
-            row = store.rollup_workflow(conn, wf_id, now)
+            assert lifecycle.lock_workflow(conn, wf_id) == current
+            row = lifecycle.rollup_workflow(conn, wf_id, now)
             got = row["status"] if row is not None else current
             if got != reference(current, mix):
                 wrong.append((current, mix, got))

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from toolkit import errors, models, validate
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records
 from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import keys
@@ -80,4 +80,4 @@ def purgeable(db: Database, older_than: float, statuses: list[str], now: datetim
     if not chosen or not set(chosen) <= set(PURGEABLE):
         raise errors.ValidationError("statuses", statuses, f"must be some of {sorted(PURGEABLE)}")
     with db.begin("purge: count") as conn:
-        return store.purgeable(conn, chosen, now - timedelta(seconds=age))
+        return records.purgeable(conn, chosen, now - timedelta(seconds=age))

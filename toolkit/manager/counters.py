@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from toolkit import errors, models, validate
 from toolkit.lock import Lock
 from toolkit.manager.pipeline import Pipeline
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import metrics
 from toolkit.tiers.redis.client import Client, chunks
@@ -39,9 +39,9 @@ def checkpoint(db: Database, client: Client, ns: str) -> None:
             for name, buckets in series.items() for start, value in buckets.items()]
     now = models.utcnow()
     with db.begin("checkpoint metrics") as conn:
-        store.checkpoint_metrics(conn, totals, now)
+        records.checkpoint_metrics(conn, totals, now)
         for chunk in chunks(rows, 1000):
-            store.checkpoint_buckets(conn, chunk)
+            records.checkpoint_buckets(conn, chunk)
 
 
 class Counters:
@@ -58,7 +58,7 @@ class Counters:
 
     def _reserve_fences(self, name: str, seen: int) -> tuple[int, int]:
         with self.pipe.db.begin("reserve fencing tokens") as conn:
-            return store.reserve_fences(conn, name, seen, FENCE_BLOCK)
+            return records.reserve_fences(conn, name, seen, FENCE_BLOCK)
 
     def incr(self, name: str, amount: int = 1, *, at: datetime | None = None) -> int:
         """Add ``amount`` to a counter (and its time bucket); return the new total.

@@ -23,7 +23,7 @@ from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
 from toolkit.models import JobStatus as JS
 from toolkit.recovery import queues as recovered_queues
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import lifecycle, records, store
 from toolkit.tiers.redis import queue
 
 CLAIM_LEASE = 30.0
@@ -46,7 +46,7 @@ def assign(conn: sa.Connection, ch: Changes, job_id: str, worker_id: str, pipe: 
     ch.add("job", row)
     ch.add("assignment", assignment)
     if wf_status is not None:
-        ch.add("workflow", store.rollup_workflow(conn, row["workflow_id"], now))
+        ch.add("workflow", lifecycle.rollup_workflow(conn, row["workflow_id"], now))
     ch.counters["jobs_assigned"] += 1
     return True
 
@@ -97,7 +97,7 @@ class Dispatch:
             try:
                 with p.db.begin("dequeue") as conn:
                     won = assign(conn, ch, claim.job_id, worker_id, p)
-                    store.insert_events(conn, p.db.schema, ch.events)
+                    records.insert_events(conn, p.db.schema, ch.events)
             except BaseException:
                 queue.settle(p.redis, p.ns, claim, requeue=True)
                 raise

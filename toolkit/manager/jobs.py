@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from toolkit import errors, models, validate
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.models import JobStatus as JS
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import lifecycle, store
 
 _EVENT_OF = {JS.QUEUED: "queued", JS.RUNNING: "started", JS.COMPLETED: "completed",
              JS.CANCELLED: "cancelled"}
@@ -46,9 +46,9 @@ def rollup(conn: sa.Connection, workflow_id: str, now: datetime) -> Mapping[str,
     Two statements: the row lock first, so that the roll-up's snapshot sees
     every concurrent job move that committed before this one could proceed.
     """
-    if store.lock_workflow(conn, workflow_id) is None:
+    if lifecycle.lock_workflow(conn, workflow_id) is None:
         return None
-    return store.rollup_workflow(conn, workflow_id, now)
+    return lifecycle.rollup_workflow(conn, workflow_id, now)
 
 
 def attempt_guard(worker_id: str | None, attempt: int | None) -> dict[str, Any] | None:
@@ -78,13 +78,13 @@ Step = Callable[[sa.Connection, Changes, Moved], None]
 def end_assignment(ending: str) -> Step:
     """End the job's active assignment as ``ending`` (completed, cancelled, ...)."""
     def step(conn: sa.Connection, ch: Changes, m: Moved) -> None:
-        ch.add_all("assignment", store.end_assignments(conn, ending, m.now, job_ids=[m.row["id"]]))
+        ch.add_all("assignment", lifecycle.end_assignments(conn, ending, m.now, job_ids=[m.row["id"]]))
     return step
 
 
 def release_dependents(conn: sa.Connection, ch: Changes, m: Moved) -> None:
     """Queue the pending jobs whose last unmet dependency this was."""
-    released = store.release_dependents(conn, m.row["workflow_id"], m.row["id"], m.now)
+    released = lifecycle.release_dependents(conn, m.row["workflow_id"], m.row["id"], m.now)
     ch.add_all("job", released)
     for r in released:
         ch.event("queued", r, m.now, released_by=m.row["id"])
@@ -100,7 +100,7 @@ def log_manual_retry(conn: sa.Connection, ch: Changes, m: Moved) -> None:
 def roll_up(conn: sa.Connection, ch: Changes, m: Moved) -> None:
     """Recompute the workflow's status (its row was locked by the move)."""
     if m.workflow_locked:
-        ch.add("workflow", store.rollup_workflow(conn, m.row["workflow_id"], m.now))
+        ch.add("workflow", lifecycle.rollup_workflow(conn, m.row["workflow_id"], m.now))
 
 
 def count(counter: str) -> Step:
@@ -147,7 +147,7 @@ class Jobs:
             store.insert(conn, "job", row)
             ch.add("job", row)
             if wf_status == models.WorkflowStatus.FAILED:  # new work: it may be running again
-                ch.add("workflow", store.rollup_workflow(conn, workflow_id, now))
+                ch.add("workflow", lifecycle.rollup_workflow(conn, workflow_id, now))
             ch.event("created", row, now)
             if row["status"] == JS.QUEUED:
                 ch.event("queued", row, now)
@@ -267,11 +267,11 @@ class Jobs:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            row = store.fail_job(conn, job_id, error, bool(retry), now, guard)
+            row = lifecycle.fail_job(conn, job_id, error, bool(retry), now, guard)
             if row is None:
                 raise self.pipe.refusal(conn, "job", job_id, JS.FAILED, guard)
             ch.rows.insert(0, ("job", row))
-            ended = store.end_assignments(conn, "failed", now, job_ids=[job_id])
+            ended = lifecycle.end_assignments(conn, "failed", now, job_ids=[job_id])
             ch.add_all("assignment", ended)
             failed_by = ended[0]["worker_id"] if ended else None
             ch.event("failed", {**row, "status": JS.FAILED.value}, now, worker_id=failed_by,
@@ -290,12 +290,12 @@ class Jobs:
 def _lock_and_resolve(conn: sa.Connection, workflow_id: str, deps: Sequence[str]
                       ) -> tuple[str, list[Mapping[str, Any]]]:
     """Lock the workflow of a new job; return its status and the dependencies (by id or name)."""
-    wf_status = store.lock_workflow(conn, workflow_id)
+    wf_status = lifecycle.lock_workflow(conn, workflow_id)
     if wf_status is None:
         raise errors.NotFound("workflow", workflow_id)
     if wf_status in (models.WorkflowStatus.CANCELLED, models.WorkflowStatus.COMPLETED):
         raise errors.ValidationError("workflow_id", workflow_id, f"the workflow is {wf_status}")
-    dep_rows = store.resolve_jobs(conn, workflow_id, deps)
+    dep_rows = lifecycle.resolve_jobs(conn, workflow_id, deps)
     if len(dep_rows) != len(deps):
         found = {r["id"] for r in dep_rows} | {r["name"] for r in dep_rows}
         missing = [d for d in deps if d not in found]

@@ -30,7 +30,7 @@ from toolkit import config, errors, failpoints, models, validate
 from toolkit.handles import Tiers
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.memory import Memory
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, metrics, queue
 from toolkit.tiers.redis.client import Client
@@ -142,7 +142,7 @@ class Pipeline:
             fn(conn, changes)
             if one_statement:
                 assert not changes.events, "events need a transaction"
-            store.insert_events(conn, self.db.schema, changes.events)
+            records.insert_events(conn, self.db.schema, changes.events)
         return self.apply(changes)
 
     def apply(self, changes: Changes) -> list[models.Entity]:

@@ -15,7 +15,7 @@ import os
 import socket
 
 from toolkit.manager.pipeline import Pipeline
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def settle(pipe: Pipeline, *, stated: bool, claim_lease: float) -> None:
     none is recorded.
     """
     with pipe.db.begin("record settings") as conn:
-        found = None if stated else store.read_settings(conn, pipe.ns)
+        found = None if stated else records.read_settings(conn, pipe.ns)
         if found is not None:
             pipe.settings = dataclasses.replace(pipe.settings,
                                                 heartbeat_ttl=float(found["heartbeat_ttl"]))
@@ -41,7 +41,7 @@ def settle(pipe: Pipeline, *, stated: bool, claim_lease: float) -> None:
         row = {"namespace": pipe.ns, "heartbeat_ttl": pipe.settings.heartbeat_ttl,
                "claim_lease": claim_lease, "updated_at": pipe.now(),
                "written_by": f"{socket.gethostname()}:{os.getpid()}"}
-        before = store.record_settings(conn, row)
+        before = records.record_settings(conn, row)
     changed = {k: (before[k], row[k]) for k in ("heartbeat_ttl", "claim_lease")
                if before is not None and before[k] != row[k]}
     if before is not None and changed:

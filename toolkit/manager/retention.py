@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from toolkit import errors, models, validate
 from toolkit.manager.pipeline import Changes, Pipeline
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records
 
 PURGEABLE = models.PURGEABLE_JOB_STATUSES
 
@@ -63,7 +63,7 @@ class Retention:
         batch = validate.integer("batch", batch, low=1, high=100_000)
         before = self.pipe.now() - timedelta(seconds=age)
         with self.pipe.db.begin("purge: count") as conn:
-            total = store.purgeable(conn, chosen, before)
+            total = records.purgeable(conn, chosen, before)
         if dry_run or not total:
             return total
         from tqdm.auto import tqdm
@@ -81,7 +81,7 @@ class Retention:
     def _purge_batch(self, chosen: list[str], before: datetime, batch: int) -> int:
         changes = Changes(action="purge")
         with self.pipe.db.begin("purge") as conn:
-            jobs, assignment_ids = store.purge_batch(conn, chosen, before, batch)
+            jobs, assignment_ids = records.purge_batch(conn, chosen, before, batch)
             changes.deleted.extend(("job", r["id"]) for r in jobs)
             changes.deleted.extend(("assignment", a) for a in assignment_ids)
             changes.unqueue.extend((r["id"], r["queue"]) for r in jobs)

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from toolkit import errors, models, validate
 from toolkit.manager import jobs
 from toolkit.manager.pipeline import Changes, Pipeline
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import lifecycle, store
 from toolkit.tiers.redis import heartbeats
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class Workers:
             return
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
-            ch.add_all("worker", store.record_heartbeats(conn, beats))
+            ch.add_all("worker", lifecycle.record_heartbeats(conn, beats))
 
         self.pipe.write("record heartbeats", tx)
 
@@ -223,8 +223,8 @@ class Workers:
                                statuses_in=[WS.ACTIVE.value] if how.only_if_active else None)
             if row is None:
                 return
-            ended = store.end_assignments(conn, "reclaimed", now, worker_id=worker_id)
-            reclaimed = store.reclaim_jobs(conn, [a["job_id"] for a in ended], now,
+            ended = lifecycle.end_assignments(conn, "reclaimed", now, worker_id=worker_id)
+            reclaimed = lifecycle.reclaim_jobs(conn, [a["job_id"] for a in ended], now,
                                            respect_attempts=how.respect_attempts)
             ch.add("worker", row)
             ch.add_all("assignment", ended)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from toolkit import errors, models, validate
 from toolkit.manager import jobs as jobs_room
 from toolkit.manager.pipeline import Changes, Pipeline
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import lifecycle, store
 
 WS = models.WorkflowStatus
 
@@ -112,9 +112,9 @@ class Workflows:
                                statuses_in=models.workflow_sources(WS.CANCELLED), now=now)
             if row is None:
                 raise self.pipe.refusal(conn, "workflow", workflow_id, WS.CANCELLED)
-            jobs = store.cancel_workflow_jobs(conn, workflow_id, now)
+            jobs = lifecycle.cancel_workflow_jobs(conn, workflow_id, now)
             ids = [j["id"] for j in jobs]
-            ch.add_all("assignment", store.end_assignments(conn, "cancelled", now, job_ids=ids)
+            ch.add_all("assignment", lifecycle.end_assignments(conn, "cancelled", now, job_ids=ids)
                        if ids else [])
             ch.add_all("job", jobs)
             for j in jobs:
@@ -129,7 +129,7 @@ class Workflows:
         validate.identifier("workflow_id", workflow_id)
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
-            wf, jobs, assignment_ids = store.delete_workflow(conn, workflow_id)
+            wf, jobs, assignment_ids = lifecycle.delete_workflow(conn, workflow_id)
             if wf is None:
                 raise errors.NotFound("workflow", workflow_id)
             ch.deleted.append(("workflow", workflow_id))

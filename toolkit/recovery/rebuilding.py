@@ -22,7 +22,7 @@ from toolkit import compare, models
 from toolkit.handles import Tiers
 from toolkit.recovery import queues, repairing
 from toolkit.tiers.memory import KINDS
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue
 from toolkit.tiers.redis.client import Client, chunks
@@ -75,7 +75,7 @@ def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[model
                 entities[kind] = _read_live(conn, kind, bar, wanted)
         finally:
             bar.close()
-        checkpoints = store.metric_checkpoints(conn)
+        checkpoints = records.metric_checkpoints(conn)
     return entities, wanted, checkpoints
 
 

@@ -7,7 +7,7 @@ import time
 from toolkit import compare, models
 from toolkit.handles import Tiers
 from toolkit.recovery import queues
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records, store
 from toolkit.tiers.redis import cache, heartbeats, metrics
 from toolkit.tiers.redis.client import chunks
 
@@ -70,6 +70,6 @@ def repair(t: Tiers) -> compare.ConsistencyReport:
     _, wanted = compare.pg_versions(t.db)
     queues.reconcile(t, wanted)
     with t.db.begin("repair: read metric checkpoints") as conn:
-        metrics.raise_to(t.redis, t.ns, store.metric_checkpoints(conn))
+        metrics.raise_to(t.redis, t.ns, records.metric_checkpoints(conn))
     heartbeats.boot_time(t.redis, t.ns, time.time())
     return report

@@ -16,7 +16,6 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from toolkit import models
 from toolkit.tiers.postgres import tables as t
 
 Row = Mapping[str, Any]
@@ -33,19 +32,19 @@ JOB_COPY_TYPES = (
 """PostgreSQL types of :data:`JOB_COPY_COLUMNS`, for the binary COPY."""
 
 
-def _in(column: Any, ids: Sequence[str]) -> sa.ColumnElement[bool]:
+def any_of(column: Any, ids: Sequence[str]) -> sa.ColumnElement[bool]:
     """``column = ANY(:ids)`` with the ids bound as ONE array parameter (any number of ids)."""
     clause: sa.ColumnElement[bool] = column == sa.any_(
         sa.bindparam(None, list(ids), type_=ARRAY(sa.Text)))
     return clause
 
 
-def _one(result: sa.CursorResult[Any]) -> Row | None:
+def one_row(result: sa.CursorResult[Any]) -> Row | None:
     row = result.mappings().first()
     return dict(row) if row is not None else None
 
 
-def _all(result: sa.CursorResult[Any]) -> list[Row]:
+def all_rows(result: sa.CursorResult[Any]) -> list[Row]:
     return [dict(r) for r in result.mappings()]
 
 
@@ -59,13 +58,13 @@ def _get_template(kind: str) -> sa.Select[Any]:
 
 def get(conn: sa.Connection, kind: str, entity_id: str) -> Row | None:
     """Return one row by primary key."""
-    return _one(conn.execute(_get_template(kind), {"_id": entity_id}))
+    return one_row(conn.execute(_get_template(kind), {"_id": entity_id}))
 
 
 def get_many(conn: sa.Connection, kind: str, ids: Sequence[str]) -> list[Row]:
     """Return the rows of many ids (one query)."""
     table = t.ENTITY_TABLES[kind]
-    return _all(conn.execute(sa.select(table).where(_in(table.c.id, ids))))
+    return all_rows(conn.execute(sa.select(table).where(any_of(table.c.id, ids))))
 
 
 def select_where(conn: sa.Connection, kind: str, **equal: Any) -> list[Row]:
@@ -76,7 +75,7 @@ def select_where(conn: sa.Connection, kind: str, **equal: Any) -> list[Row]:
         if value is not None:
             stmt = stmt.where(table.c[column] == value)
     order = next(table.c[c] for c in ("created_at", "registered_at", "assigned_at") if c in table.c)
-    return _all(conn.execute(stmt.order_by(order, table.c.id)))
+    return all_rows(conn.execute(stmt.order_by(order, table.c.id)))
 
 
 def stream_live(conn: sa.Connection, kind: str, columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
@@ -142,7 +141,7 @@ def count_live(conn: sa.Connection) -> dict[str, int]:
 def statuses(conn: sa.Connection, kind: str, ids: Sequence[str]) -> dict[str, str]:
     """Return id -> status for the ids that exist."""
     table = t.ENTITY_TABLES[kind]
-    rows = conn.execute(sa.select(table.c.id, table.c.status).where(_in(table.c.id, ids)))
+    rows = conn.execute(sa.select(table.c.id, table.c.status).where(any_of(table.c.id, ids)))
     return {r[0]: r[1] for r in rows}
 
 
@@ -189,11 +188,11 @@ at least one attempt is left (a manual re-queue of a job that used up its attemp
 # Statements on the hot path are built once per shape, with bound parameters, and
 # reused: building a SQLAlchemy statement costs more than its round trip to the server.
 
-def _param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+def param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=column.type)
 
 
-def _statuses_param() -> sa.BindParameter[Any]:
+def statuses_param() -> sa.BindParameter[Any]:
     return sa.bindparam("_statuses", type_=ARRAY(sa.Text))
 
 
@@ -204,17 +203,17 @@ def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str,
     table = t.ENTITY_TABLES[kind]
     stmt = sa.update(table).where(table.c.id == sa.bindparam("_id"))
     for column in guards:
-        stmt = stmt.where(table.c[column] == _param(f"_g_{column}", table.c[column]))
+        stmt = stmt.where(table.c[column] == param(f"_g_{column}", table.c[column]))
     if with_statuses:
-        stmt = stmt.where(table.c.status == sa.any_(_statuses_param()))
-    vals: dict[str, Any] = {c: _param(f"_v_{c}", table.c[c]) for c in columns}
+        stmt = stmt.where(table.c.status == sa.any_(statuses_param()))
+    vals: dict[str, Any] = {c: param(f"_v_{c}", table.c[c]) for c in columns}
     vals.update({c: table.c[c] + 1 for c in increments})
     if grant:
         vals["max_attempts"] = sa.func.greatest(table.c.max_attempts, table.c.attempts + 1)
     if "version" in table.c:
         vals["version"] = table.c.version + 1
     if with_now and "updated_at" in table.c:
-        vals["updated_at"] = _param("_now", table.c.updated_at)
+        vals["updated_at"] = param("_now", table.c.updated_at)
     if enqueue:
         vals["enqueue_seq"] = t.enqueue_seq.next_value()
     return stmt.values(**vals)
@@ -267,7 +266,7 @@ def update(
     """
     shape, params = _update_shape(kind, entity_id, values, statuses_in=statuses_in, now=now,
                                   guard=guard)
-    return _one(conn.execute(_update_returning(shape), params))
+    return one_row(conn.execute(_update_returning(shape), params))
 
 
 @functools.lru_cache(maxsize=64)
@@ -323,94 +322,10 @@ def upsert_worker(conn: sa.Connection, row: Row) -> Row:
     return dict(conn.execute(stmt.returning(t.workers)).mappings().one())
 
 
-def _release_statement() -> sa.Update:
-    dep = t.jobs.alias("dep")
-    unmet = (sa.select(sa.literal(1)).select_from(dep)
-             .where(dep.c.id == sa.any_(t.jobs.c.depends_on), dep.c.status != "completed"))
-    return (
-        sa.update(t.jobs)
-        .where(t.jobs.c.workflow_id == sa.bindparam("_wf", type_=sa.Text),
-               t.jobs.c.status == "pending",
-               sa.bindparam("_job", type_=sa.Text) == sa.any_(t.jobs.c.depends_on),
-               ~sa.exists(unmet))
-        .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
-                version=t.jobs.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
-        .returning(t.jobs)
-    )
-
-
-_RELEASE = _release_statement()
-
-
-def release_dependents(conn: sa.Connection, workflow_id: str, job_id: str, now: datetime) -> list[Row]:
-    """Queue the pending jobs of a workflow whose dependencies are now all completed."""
-    return _all(conn.execute(_RELEASE, {"_wf": workflow_id, "_job": job_id, "_now": now}))
-
-
-def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -> list[Row]:
-    """Cancel every non-final job of a workflow; return the cancelled rows."""
-    stmt = (
-        sa.update(t.jobs)
-        .where(t.jobs.c.workflow_id == workflow_id,
-               t.jobs.c.status.in_(models.values(models.LIVE_JOB_STATUSES)))
-        .values(status="cancelled", finished_at=now, version=t.jobs.c.version + 1, updated_at=now)
-        .returning(t.jobs)
-    )
-    return _all(conn.execute(stmt))
-
-
-_END_JOB_ASSIGNMENTS = (
-    sa.update(t.job_assignments)
-    .where(t.job_assignments.c.status == "active",
-           t.job_assignments.c.job_id == sa.any_(sa.bindparam("_jobs", type_=ARRAY(sa.Text))))
-    .values(status=sa.bindparam("_status", type_=sa.Text),
-            finished_at=sa.bindparam("_now", type_=t.TZ))
-    .returning(t.job_assignments)
-)
-
-
-def end_assignments(
-    conn: sa.Connection, status: str, now: datetime, *, job_ids: Sequence[str] = (),
-    worker_id: str | None = None,
-) -> list[Row]:
-    """End the active assignments of some jobs or of a worker; return the ended rows."""
-    a = t.job_assignments
-    if job_ids and worker_id is None:
-        return _all(conn.execute(_END_JOB_ASSIGNMENTS, {"_jobs": list(job_ids), "_status": status,
-                                                        "_now": now}))
-    stmt = sa.update(a).where(a.c.status == "active")
-    if job_ids:
-        stmt = stmt.where(_in(a.c.job_id, job_ids))
-    if worker_id is not None:
-        stmt = stmt.where(a.c.worker_id == worker_id)
-    return _all(conn.execute(stmt.values(status=status, finished_at=now).returning(a)))
-
-
-def delete_workflow(conn: sa.Connection, workflow_id: str) -> tuple[Row | None, list[Row], list[str]]:
-    """Delete a workflow (the jobs and assignments go by ON DELETE CASCADE).
-
-    Returns the deleted workflow row, its jobs' ``(id, queue, status)`` and
-    the ids of their assignments, read in the same transaction.
-    """
-    jobs = _all(conn.execute(
-        sa.select(t.jobs.c.id, t.jobs.c.queue, t.jobs.c.status)
-        .where(t.jobs.c.workflow_id == workflow_id)
-    ))
-    a = t.job_assignments
-    assignment_ids = [r[0] for r in conn.execute(
-        sa.select(a.c.id).join(t.jobs, t.jobs.c.id == a.c.job_id)
-        .where(t.jobs.c.workflow_id == workflow_id)
-    )]
-    wf = _one(conn.execute(
-        sa.delete(t.workflows).where(t.workflows.c.id == workflow_id).returning(t.workflows)
-    ))
-    return wf, jobs, assignment_ids
-
-
 def still_queued(conn: sa.Connection, queue_name: str, ids: Sequence[str]) -> set[str]:
     """Return which of ``ids`` PostgreSQL calls queued on ``queue_name`` now."""
     j = t.jobs
-    q = sa.select(j.c.id).where(_in(j.c.id, ids), j.c.status == "queued", j.c.queue == queue_name)
+    q = sa.select(j.c.id).where(any_of(j.c.id, ids), j.c.status == "queued", j.c.queue == queue_name)
     return {r[0] for r in conn.execute(q)}
 
 
@@ -419,299 +334,6 @@ def queued_jobs(conn: sa.Connection) -> list[tuple[str, str, int, int]]:
     q = (sa.select(t.jobs.c.id, t.jobs.c.queue, t.jobs.c.priority, t.jobs.c.enqueue_seq)
          .where(t.jobs.c.status == "queued"))
     return [(r[0], r[1], r[2], r[3]) for r in conn.execute(q)]
-
-
-# -- metrics -------------------------------------------------------------------------------
-
-def checkpoint_metrics(conn: sa.Connection, totals: Mapping[str, int], now: datetime) -> None:
-    """Store metric totals, never lowering a stored one."""
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-    if not totals:
-        return
-    m = t.metric_checkpoints
-    stmt = pg_insert(m).values([{"name": k, "value": v, "updated_at": now} for k, v in totals.items()])
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[m.c.name],
-        set_={"value": sa.func.greatest(m.c.value, stmt.excluded.value), "updated_at": now},
-    )
-    conn.execute(stmt)
-
-
-def checkpoint_buckets(conn: sa.Connection, rows: Sequence[tuple[str, datetime, int]]) -> None:
-    """Store metric time buckets, never lowering a stored one."""
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-    if not rows:
-        return
-    b = t.metric_buckets
-    stmt = pg_insert(b).values([{"name": n, "bucket_start": s, "value": v} for n, s, v in rows])
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[b.c.name, b.c.bucket_start],
-        set_={"value": sa.func.greatest(b.c.value, stmt.excluded.value)},
-    )
-    conn.execute(stmt)
-
-
-def metric_checkpoints(conn: sa.Connection) -> dict[str, int]:
-    """Return the checkpointed metric totals."""
-    m = t.metric_checkpoints
-    return {r[0]: r[1] for r in conn.execute(sa.select(m.c.name, m.c.value))}
-
-
-# -- job helpers used by the state manager -------------------------------------------------
-
-_LOCK_WORKFLOW = (sa.select(t.workflows.c.status)
-                  .where(t.workflows.c.id == sa.bindparam("_wf")).with_for_update())
-
-
-def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
-    """Lock a workflow row for this transaction; return its status (None: no such workflow)."""
-    return conn.execute(_LOCK_WORKFLOW, {"_wf": workflow_id}).scalar_one_or_none()
-
-
-_JS = models.JobStatus
-_BEGUN = frozenset({_JS.ASSIGNED, _JS.RUNNING, _JS.COMPLETED})
-"""Jobs whose work has begun: a workflow with one is running (or finished)."""
-
-
-def _rollup_statement() -> sa.Update:
-    j, w = t.jobs, t.workflows
-    wf = sa.bindparam("_wf", type_=sa.Text)
-
-    def has(statuses: frozenset[models.JobStatus]) -> sa.Exists:
-        return sa.exists().where(
-            j.c.status == sa.any_(sa.literal(models.values(statuses), ARRAY(sa.Text))),
-            j.c.workflow_id == wf)
-
-    # The probes, named once; PostgreSQL runs each as an InitPlan (at most once for the
-    # WHERE and once for the SET: ten index probes at worst, whatever the workflow's size).
-    f = sa.select(has(models.LIVE_JOB_STATUSES).label("open"),
-                  has(frozenset({_JS.COMPLETED})).label("completed"),
-                  has(frozenset({_JS.FAILED})).label("failed"), has(_BEGUN).label("active"),
-                  has(models.PROGRESSING_JOB_STATUSES).label("progressing")).subquery("f")
-    new = sa.case(
-        (sa.and_(~f.c.open, f.c.completed), "completed"),
-        (sa.and_(f.c.failed, ~f.c.progressing), "failed"),
-        (sa.or_(f.c.active, f.c.failed), "running"),
-        (w.c.status == "failed", "running"),
-        else_=w.c.status,
-    )
-    return (
-        sa.update(w)
-        .where(w.c.id == wf, w.c.status.not_in(models.values(models.FINISHED_WORKFLOW_STATUSES)),
-               w.c.status != new)
-        .values(status=new, version=w.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
-        .returning(w)
-    )
-
-
-_ROLLUP = _rollup_statement()
-
-
-def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> Row | None:
-    """Set a workflow's status from its jobs' statuses; return the row if it changed.
-
-    The rules, in order (cancelled and completed workflows never change):
-
-    1. every job is final (completed or cancelled) and one completed: ``completed``;
-    2. a job failed for good and no job can still progress (none is queued,
-       assigned or running; a pending job waits for a dependency to complete,
-       so it cannot move either): ``failed``;
-    3. a job is assigned, running, completed or failed (work has begun and some
-       of it can still progress): ``running``;
-    4. a ``failed`` workflow whose failed job was re-queued: ``running``;
-    5. otherwise unchanged.
-
-    One statement: each question ("a failed job?", "an open job?", ...) is an
-    EXISTS probe on the ``(status, workflow_id)`` index, so the cost does not grow
-    with the size of the workflow. The caller must hold the workflow's row lock
-    (:func:`lock_workflow`) from an earlier statement, so that this statement's
-    snapshot sees every job move committed before it. Cancelled and completed
-    workflows never change.
-    """
-    return _one(conn.execute(_ROLLUP, {"_wf": workflow_id, "_now": now}))
-
-
-def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> list[Row]:
-    """Return ``id, name, status`` of the jobs of a workflow named by id or by name."""
-    if not refs:
-        return []
-    j = t.jobs
-    q = (sa.select(j.c.id, j.c.name, j.c.status)
-         .where(j.c.workflow_id == workflow_id, sa.or_(j.c.id.in_(list(refs)), j.c.name.in_(list(refs)))))
-    return _all(conn.execute(q))
-
-
-def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: datetime,
-             guard: Mapping[str, Any] | None = None) -> Row | None:
-    """Fail an assigned or running job; with ``retry`` and attempts left, queue it again."""
-    j = t.jobs
-    again = sa.and_(sa.literal(retry), j.c.attempts < j.c.max_attempts)
-    stmt = (
-        sa.update(j)
-        .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"]),
-               *[j.c[k] == v for k, v in (guard or {}).items()])
-        .values(
-            status=sa.case((again, "queued"), else_="failed"),
-            enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
-            worker_id=sa.case((again, sa.null()), else_=j.c.worker_id),
-            finished_at=sa.case((again, sa.null()), else_=now),
-            error=error, version=j.c.version + 1, updated_at=now,
-        )
-        .returning(j)
-    )
-    return _one(conn.execute(stmt))
-
-
-def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
-                 respect_attempts: bool) -> list[Row]:
-    """Queue again the assigned or running jobs given (failed for good when out of attempts)."""
-    if not job_ids:
-        return []
-    j = t.jobs
-    again = sa.or_(sa.literal(not respect_attempts), j.c.attempts < j.c.max_attempts)
-    stmt = (
-        sa.update(j)
-        .where(_in(j.c.id, job_ids), j.c.status.in_(["assigned", "running"]))
-        .values(
-            status=sa.case((again, "queued"), else_="failed"),
-            enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
-            worker_id=sa.null(),
-            finished_at=sa.case((again, sa.null()), else_=now),
-            error=sa.case((again, j.c.error), else_="worker lost: out of attempts"),
-            version=j.c.version + 1, updated_at=now,
-        )
-        .returning(j)
-    )
-    return _all(conn.execute(stmt))
-
-
-def record_heartbeats(conn: sa.Connection, beats: Mapping[str, datetime]) -> list[Row]:
-    """Write many workers' last heartbeat in one statement; return the updated rows."""
-    w = t.workers
-    ids = list(beats)
-    values = sa.values(sa.column("id", sa.Text), sa.column("at", t.TZ), name="beats").data(
-        [(i, beats[i]) for i in ids]
-    )
-    stmt = (
-        sa.update(w)
-        .where(w.c.id == values.c.id)
-        .values(last_heartbeat=sa.func.greatest(w.c.last_heartbeat, values.c.at),
-                version=w.c.version + 1)
-        .returning(w)
-    )
-    return _all(conn.execute(stmt))
-
-
-# -- the job event log ----------------------------------------------------------------------
-
-EVENT_COPY_COLUMNS = ("job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at",
-                      "detail")
-EVENT_COPY_TYPES = ("text", "text", "text", "text", "text", "int4", "timestamptz", "jsonb")
-"""PostgreSQL types of :data:`EVENT_COPY_COLUMNS`, for the binary COPY."""
-
-
-def insert_events(conn: sa.Connection, schema: str, events: Sequence[Row]) -> None:
-    """Append job events: one INSERT for a few, one COPY for many."""
-    if not events:
-        return
-    if len(events) <= 20:
-        conn.execute(sa.insert(t.job_events), list(events))
-        return
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        pgsql.Identifier(schema, "job_events"),
-        pgsql.SQL(", ").join(map(pgsql.Identifier, EVENT_COPY_COLUMNS)))
-    with raw.cursor() as cur, cur.copy(stmt) as copy:
-        copy.set_types(list(EVENT_COPY_TYPES))
-        write = copy.write_row
-        for e in events:
-            write([e[c] for c in EVENT_COPY_COLUMNS])
-
-
-# -- retention ------------------------------------------------------------------------------
-
-def _purgeable(statuses: Sequence[str], before: datetime) -> list[sa.ColumnElement[bool]]:
-    """The jobs a purge removes: a chosen status, finished before ``before``, in a finished workflow.
-
-    A pending, running or failed workflow is live (a manual re-queue of a failed
-    job resumes it), so none of its jobs is ever removed: its counts and its
-    jobs' dependencies stay whole.
-    """
-    j, w = t.jobs, t.workflows
-    finished = sa.exists().where(w.c.id == j.c.workflow_id,
-                                 w.c.status.in_(models.values(models.FINISHED_WORKFLOW_STATUSES)))
-    return [j.c.status.in_(list(statuses)), j.c.finished_at < before, finished]
-
-
-def purgeable(conn: sa.Connection, statuses: Sequence[str], before: datetime) -> int:
-    """Count the jobs a purge would remove (the same rule as :func:`purge_batch`)."""
-    q = sa.select(sa.func.count()).select_from(t.jobs).where(*_purgeable(statuses, before))
-    return int(conn.execute(q).scalar_one())
-
-
-def purge_batch(conn: sa.Connection, statuses: Sequence[str], before: datetime,
-                batch: int) -> tuple[list[Row], list[str]]:
-    """Delete up to ``batch`` purgeable jobs (:func:`_purgeable`) with their assignments and events.
-
-    Returns the deleted jobs' ``id, queue`` and the deleted assignment ids.
-    """
-    j, a, e = t.jobs, t.job_assignments, t.job_events
-    ids = [r[0] for r in conn.execute(
-        sa.select(j.c.id).where(*_purgeable(statuses, before))
-        .order_by(j.c.finished_at).limit(batch).with_for_update(of=j, skip_locked=True))]
-    if not ids:
-        return [], []
-    gone = [r[0] for r in conn.execute(sa.delete(a).where(a.c.job_id.in_(ids)).returning(a.c.id))]
-    conn.execute(sa.delete(e).where(e.c.job_id.in_(ids)))
-    rows = _all(conn.execute(sa.delete(j).where(j.c.id.in_(ids)).returning(j.c.id, j.c.queue)))
-    return rows, gone
-
-
-# -- coordinator settings (0004) -------------------------------------------------------------
-
-def read_settings(conn: sa.Connection, namespace: str) -> Row | None:
-    """Return the settings recorded for ``namespace`` (None when none are)."""
-    s = t.settings
-    return _one(conn.execute(sa.select(s).where(s.c.namespace == namespace)))
-
-
-def record_settings(conn: sa.Connection, row: Row) -> Row | None:
-    """Record a coordinator's settings (last writer wins); return the row it replaced, if any."""
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-    s = t.settings
-    before = _one(conn.execute(sa.select(s).where(s.c.namespace == row["namespace"])
-                               .with_for_update()))
-    stmt = pg_insert(s).values(**row)
-    stmt = stmt.on_conflict_do_update(index_elements=[s.c.namespace],
-                                      set_={c: stmt.excluded[c] for c in row if c != "namespace"})
-    conn.execute(stmt)
-    return before
-
-
-# -- lock fencing reservations --------------------------------------------------------------
-
-def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) -> tuple[int, int]:
-    """Reserve ``block`` more fencing tokens for a lock.
-
-    Returns ``(floor, reserved)``: every token handed out so far is <= floor
-    (the previous reservation, or ``at_least``), and tokens up to ``reserved``
-    may now be handed out.
-    """
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-    f = t.lock_fences
-    floor = conn.execute(sa.select(f.c.token).where(f.c.name == name).with_for_update()
-                         ).scalar_one_or_none() or 0
-    floor = max(floor, at_least)
-    stmt = pg_insert(f).values(name=name, token=floor + block)
-    stmt = stmt.on_conflict_do_update(index_elements=[f.c.name],
-                                      set_={"token": sa.func.greatest(f.c.token, stmt.excluded.token)})
-    conn.execute(stmt)
-    return floor, floor + block
 
 
 # -- driver-level reads (the rebuild) ---------------------------------------------------------

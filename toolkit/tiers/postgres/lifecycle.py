@@ -1,0 +1,250 @@
+"""The statements of a job's and a workflow's life after a move: dependents released, jobs
+cancelled or reclaimed, assignments ended, the roll-up, failures and heartbeats.
+
+SQLAlchemy Core with bound parameters, built once where the shape is fixed; every function
+takes an open connection, so the caller decides the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from toolkit import models
+from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import tables as t
+
+
+def _release_statement() -> sa.Update:
+    dep = t.jobs.alias("dep")
+    unmet = (sa.select(sa.literal(1)).select_from(dep)
+             .where(dep.c.id == sa.any_(t.jobs.c.depends_on), dep.c.status != "completed"))
+    return (
+        sa.update(t.jobs)
+        .where(t.jobs.c.workflow_id == sa.bindparam("_wf", type_=sa.Text),
+               t.jobs.c.status == "pending",
+               sa.bindparam("_job", type_=sa.Text) == sa.any_(t.jobs.c.depends_on),
+               ~sa.exists(unmet))
+        .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
+                version=t.jobs.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
+        .returning(t.jobs)
+    )
+
+
+_RELEASE = _release_statement()
+
+
+def release_dependents(conn: sa.Connection, workflow_id: str, job_id: str, now: datetime) -> list[store.Row]:
+    """Queue the pending jobs of a workflow whose dependencies are now all completed."""
+    return store.all_rows(conn.execute(_RELEASE, {"_wf": workflow_id, "_job": job_id, "_now": now}))
+
+
+def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -> list[store.Row]:
+    """Cancel every non-final job of a workflow; return the cancelled rows."""
+    stmt = (
+        sa.update(t.jobs)
+        .where(t.jobs.c.workflow_id == workflow_id,
+               t.jobs.c.status.in_(models.values(models.LIVE_JOB_STATUSES)))
+        .values(status="cancelled", finished_at=now, version=t.jobs.c.version + 1, updated_at=now)
+        .returning(t.jobs)
+    )
+    return store.all_rows(conn.execute(stmt))
+
+
+_END_JOB_ASSIGNMENTS = (
+    sa.update(t.job_assignments)
+    .where(t.job_assignments.c.status == "active",
+           t.job_assignments.c.job_id == sa.any_(sa.bindparam("_jobs", type_=ARRAY(sa.Text))))
+    .values(status=sa.bindparam("_status", type_=sa.Text),
+            finished_at=sa.bindparam("_now", type_=t.TZ))
+    .returning(t.job_assignments)
+)
+
+
+def end_assignments(
+    conn: sa.Connection, status: str, now: datetime, *, job_ids: Sequence[str] = (),
+    worker_id: str | None = None,
+) -> list[store.Row]:
+    """End the active assignments of some jobs or of a worker; return the ended rows."""
+    a = t.job_assignments
+    if job_ids and worker_id is None:
+        return store.all_rows(conn.execute(_END_JOB_ASSIGNMENTS, {"_jobs": list(job_ids), "_status": status,
+                                                        "_now": now}))
+    stmt = sa.update(a).where(a.c.status == "active")
+    if job_ids:
+        stmt = stmt.where(store.any_of(a.c.job_id, job_ids))
+    if worker_id is not None:
+        stmt = stmt.where(a.c.worker_id == worker_id)
+    return store.all_rows(conn.execute(stmt.values(status=status, finished_at=now).returning(a)))
+
+
+def delete_workflow(conn: sa.Connection, workflow_id: str
+                    ) -> tuple[store.Row | None, list[store.Row], list[str]]:
+    """Delete a workflow (the jobs and assignments go by ON DELETE CASCADE).
+
+    Returns the deleted workflow row, its jobs' ``(id, queue, status)`` and
+    the ids of their assignments, read in the same transaction.
+    """
+    jobs = store.all_rows(conn.execute(
+        sa.select(t.jobs.c.id, t.jobs.c.queue, t.jobs.c.status)
+        .where(t.jobs.c.workflow_id == workflow_id)
+    ))
+    a = t.job_assignments
+    assignment_ids = [r[0] for r in conn.execute(
+        sa.select(a.c.id).join(t.jobs, t.jobs.c.id == a.c.job_id)
+        .where(t.jobs.c.workflow_id == workflow_id)
+    )]
+    wf = store.one_row(conn.execute(
+        sa.delete(t.workflows).where(t.workflows.c.id == workflow_id).returning(t.workflows)
+    ))
+    return wf, jobs, assignment_ids
+
+
+
+_LOCK_WORKFLOW = (sa.select(t.workflows.c.status)
+                  .where(t.workflows.c.id == sa.bindparam("_wf")).with_for_update())
+
+
+def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
+    """Lock a workflow row for this transaction; return its status (None: no such workflow)."""
+    return conn.execute(_LOCK_WORKFLOW, {"_wf": workflow_id}).scalar_one_or_none()
+
+
+_JS = models.JobStatus
+_BEGUN = frozenset({_JS.ASSIGNED, _JS.RUNNING, _JS.COMPLETED})
+"""Jobs whose work has begun: a workflow with one is running (or finished)."""
+
+
+def _rollup_statement() -> sa.Update:
+    j, w = t.jobs, t.workflows
+    wf = sa.bindparam("_wf", type_=sa.Text)
+
+    def has(statuses: frozenset[models.JobStatus]) -> sa.Exists:
+        return sa.exists().where(
+            j.c.status == sa.any_(sa.literal(models.values(statuses), ARRAY(sa.Text))),
+            j.c.workflow_id == wf)
+
+    # The probes, named once; PostgreSQL runs each as an InitPlan (at most once for the
+    # WHERE and once for the SET: ten index probes at worst, whatever the workflow's size).
+    f = sa.select(has(models.LIVE_JOB_STATUSES).label("open"),
+                  has(frozenset({_JS.COMPLETED})).label("completed"),
+                  has(frozenset({_JS.FAILED})).label("failed"), has(_BEGUN).label("active"),
+                  has(models.PROGRESSING_JOB_STATUSES).label("progressing")).subquery("f")
+    new = sa.case(
+        (sa.and_(~f.c.open, f.c.completed), "completed"),
+        (sa.and_(f.c.failed, ~f.c.progressing), "failed"),
+        (sa.or_(f.c.active, f.c.failed), "running"),
+        (w.c.status == "failed", "running"),
+        else_=w.c.status,
+    )
+    return (
+        sa.update(w)
+        .where(w.c.id == wf, w.c.status.not_in(models.values(models.FINISHED_WORKFLOW_STATUSES)),
+               w.c.status != new)
+        .values(status=new, version=w.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
+        .returning(w)
+    )
+
+
+_ROLLUP = _rollup_statement()
+
+
+def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> store.Row | None:
+    """Set a workflow's status from its jobs' statuses; return the row if it changed.
+
+    The rules, in order (cancelled and completed workflows never change):
+
+    1. every job is final (completed or cancelled) and one completed: ``completed``;
+    2. a job failed for good and no job can still progress (none is queued,
+       assigned or running; a pending job waits for a dependency to complete,
+       so it cannot move either): ``failed``;
+    3. a job is assigned, running, completed or failed (work has begun and some
+       of it can still progress): ``running``;
+    4. a ``failed`` workflow whose failed job was re-queued: ``running``;
+    5. otherwise unchanged.
+
+    One statement: each question ("a failed job?", "an open job?", ...) is an
+    EXISTS probe on the ``(status, workflow_id)`` index, so the cost does not grow
+    with the size of the workflow. The caller must hold the workflow's row lock
+    (:func:`lock_workflow`) from an earlier statement, so that this statement's
+    snapshot sees every job move committed before it. Cancelled and completed
+    workflows never change.
+    """
+    return store.one_row(conn.execute(_ROLLUP, {"_wf": workflow_id, "_now": now}))
+
+
+def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> list[store.Row]:
+    """Return ``id, name, status`` of the jobs of a workflow named by id or by name."""
+    if not refs:
+        return []
+    j = t.jobs
+    q = (sa.select(j.c.id, j.c.name, j.c.status)
+         .where(j.c.workflow_id == workflow_id, sa.or_(j.c.id.in_(list(refs)), j.c.name.in_(list(refs)))))
+    return store.all_rows(conn.execute(q))
+
+
+def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: datetime,
+             guard: Mapping[str, Any] | None = None) -> store.Row | None:
+    """Fail an assigned or running job; with ``retry`` and attempts left, queue it again."""
+    j = t.jobs
+    again = sa.and_(sa.literal(retry), j.c.attempts < j.c.max_attempts)
+    stmt = (
+        sa.update(j)
+        .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"]),
+               *[j.c[k] == v for k, v in (guard or {}).items()])
+        .values(
+            status=sa.case((again, "queued"), else_="failed"),
+            enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
+            worker_id=sa.case((again, sa.null()), else_=j.c.worker_id),
+            finished_at=sa.case((again, sa.null()), else_=now),
+            error=error, version=j.c.version + 1, updated_at=now,
+        )
+        .returning(j)
+    )
+    return store.one_row(conn.execute(stmt))
+
+
+def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
+                 respect_attempts: bool) -> list[store.Row]:
+    """Queue again the assigned or running jobs given (failed for good when out of attempts)."""
+    if not job_ids:
+        return []
+    j = t.jobs
+    again = sa.or_(sa.literal(not respect_attempts), j.c.attempts < j.c.max_attempts)
+    stmt = (
+        sa.update(j)
+        .where(store.any_of(j.c.id, job_ids), j.c.status.in_(["assigned", "running"]))
+        .values(
+            status=sa.case((again, "queued"), else_="failed"),
+            enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
+            worker_id=sa.null(),
+            finished_at=sa.case((again, sa.null()), else_=now),
+            error=sa.case((again, j.c.error), else_="worker lost: out of attempts"),
+            version=j.c.version + 1, updated_at=now,
+        )
+        .returning(j)
+    )
+    return store.all_rows(conn.execute(stmt))
+
+
+def record_heartbeats(conn: sa.Connection, beats: Mapping[str, datetime]) -> list[store.Row]:
+    """Write many workers' last heartbeat in one statement; return the updated rows."""
+    w = t.workers
+    ids = list(beats)
+    values = sa.values(sa.column("id", sa.Text), sa.column("at", t.TZ), name="beats").data(
+        [(i, beats[i]) for i in ids]
+    )
+    stmt = (
+        sa.update(w)
+        .where(w.c.id == values.c.id)
+        .values(last_heartbeat=sa.func.greatest(w.c.last_heartbeat, values.c.at),
+                version=w.c.version + 1)
+        .returning(w)
+    )
+    return store.all_rows(conn.execute(stmt))
+
+

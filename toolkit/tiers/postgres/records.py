@@ -1,0 +1,167 @@
+"""Records kept beside the entities: the job event log, metric checkpoints, retention,
+the coordinator's recorded settings and the fencing-token reservations of locks.
+
+SQLAlchemy Core with bound parameters (binary COPY for the event log); every function
+takes an open connection, so the caller decides the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from psycopg import sql as pgsql
+
+from toolkit import models
+from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import tables as t
+
+# -- the job event log ----------------------------------------------------------------------
+
+EVENT_COPY_COLUMNS = ("job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at",
+                      "detail")
+EVENT_COPY_TYPES = ("text", "text", "text", "text", "text", "int4", "timestamptz", "jsonb")
+"""PostgreSQL types of :data:`EVENT_COPY_COLUMNS`, for the binary COPY."""
+
+
+def insert_events(conn: sa.Connection, schema: str, events: Sequence[store.Row]) -> None:
+    """Append job events: one INSERT for a few, one COPY for many."""
+    if not events:
+        return
+    if len(events) <= 20:
+        conn.execute(sa.insert(t.job_events), list(events))
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    stmt = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        pgsql.Identifier(schema, "job_events"),
+        pgsql.SQL(", ").join(map(pgsql.Identifier, EVENT_COPY_COLUMNS)))
+    with raw.cursor() as cur, cur.copy(stmt) as copy:
+        copy.set_types(list(EVENT_COPY_TYPES))
+        write = copy.write_row
+        for e in events:
+            write([e[c] for c in EVENT_COPY_COLUMNS])
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+def checkpoint_metrics(conn: sa.Connection, totals: Mapping[str, int], now: datetime) -> None:
+    """Store metric totals, never lowering a stored one."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    if not totals:
+        return
+    m = t.metric_checkpoints
+    stmt = pg_insert(m).values([{"name": k, "value": v, "updated_at": now} for k, v in totals.items()])
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[m.c.name],
+        set_={"value": sa.func.greatest(m.c.value, stmt.excluded.value), "updated_at": now},
+    )
+    conn.execute(stmt)
+
+
+def checkpoint_buckets(conn: sa.Connection, rows: Sequence[tuple[str, datetime, int]]) -> None:
+    """Store metric time buckets, never lowering a stored one."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    if not rows:
+        return
+    b = t.metric_buckets
+    stmt = pg_insert(b).values([{"name": n, "bucket_start": s, "value": v} for n, s, v in rows])
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[b.c.name, b.c.bucket_start],
+        set_={"value": sa.func.greatest(b.c.value, stmt.excluded.value)},
+    )
+    conn.execute(stmt)
+
+
+def metric_checkpoints(conn: sa.Connection) -> dict[str, int]:
+    """Return the checkpointed metric totals."""
+    m = t.metric_checkpoints
+    return {r[0]: r[1] for r in conn.execute(sa.select(m.c.name, m.c.value))}
+
+
+# -- retention ------------------------------------------------------------------------------
+
+def _purgeable(statuses: Sequence[str], before: datetime) -> list[sa.ColumnElement[bool]]:
+    """The jobs a purge removes: a chosen status, finished before ``before``, in a finished workflow.
+
+    A pending, running or failed workflow is live (a manual re-queue of a failed
+    job resumes it), so none of its jobs is ever removed: its counts and its
+    jobs' dependencies stay whole.
+    """
+    j, w = t.jobs, t.workflows
+    finished = sa.exists().where(w.c.id == j.c.workflow_id,
+                                 w.c.status.in_(models.values(models.FINISHED_WORKFLOW_STATUSES)))
+    return [j.c.status.in_(list(statuses)), j.c.finished_at < before, finished]
+
+
+def purgeable(conn: sa.Connection, statuses: Sequence[str], before: datetime) -> int:
+    """Count the jobs a purge would remove (the same rule as :func:`purge_batch`)."""
+    q = sa.select(sa.func.count()).select_from(t.jobs).where(*_purgeable(statuses, before))
+    return int(conn.execute(q).scalar_one())
+
+
+def purge_batch(conn: sa.Connection, statuses: Sequence[str], before: datetime,
+                batch: int) -> tuple[list[store.Row], list[str]]:
+    """Delete up to ``batch`` purgeable jobs (:func:`_purgeable`) with their assignments and events.
+
+    Returns the deleted jobs' ``id, queue`` and the deleted assignment ids.
+    """
+    j, a, e = t.jobs, t.job_assignments, t.job_events
+    ids = [r[0] for r in conn.execute(
+        sa.select(j.c.id).where(*_purgeable(statuses, before))
+        .order_by(j.c.finished_at).limit(batch).with_for_update(of=j, skip_locked=True))]
+    if not ids:
+        return [], []
+    gone = [r[0] for r in conn.execute(sa.delete(a).where(a.c.job_id.in_(ids)).returning(a.c.id))]
+    conn.execute(sa.delete(e).where(e.c.job_id.in_(ids)))
+    rows = store.all_rows(conn.execute(sa.delete(j).where(j.c.id.in_(ids)).returning(j.c.id, j.c.queue)))
+    return rows, gone
+
+
+# -- coordinator settings (0004) -------------------------------------------------------------
+
+def read_settings(conn: sa.Connection, namespace: str) -> store.Row | None:
+    """Return the settings recorded for ``namespace`` (None when none are)."""
+    s = t.settings
+    return store.one_row(conn.execute(sa.select(s).where(s.c.namespace == namespace)))
+
+
+def record_settings(conn: sa.Connection, row: store.Row) -> store.Row | None:
+    """Record a coordinator's settings (last writer wins); return the row it replaced, if any."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    s = t.settings
+    before = store.one_row(conn.execute(sa.select(s).where(s.c.namespace == row["namespace"])
+                               .with_for_update()))
+    stmt = pg_insert(s).values(**row)
+    stmt = stmt.on_conflict_do_update(index_elements=[s.c.namespace],
+                                      set_={c: stmt.excluded[c] for c in row if c != "namespace"})
+    conn.execute(stmt)
+    return before
+
+
+# -- lock fencing reservations --------------------------------------------------------------
+
+def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) -> tuple[int, int]:
+    """Reserve ``block`` more fencing tokens for a lock.
+
+    Returns ``(floor, reserved)``: every token handed out so far is <= floor
+    (the previous reservation, or ``at_least``), and tokens up to ``reserved``
+    may now be handed out.
+    """
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    f = t.lock_fences
+    floor = conn.execute(sa.select(f.c.token).where(f.c.name == name).with_for_update()
+                         ).scalar_one_or_none() or 0
+    floor = max(floor, at_least)
+    stmt = pg_insert(f).values(name=name, token=floor + block)
+    stmt = stmt.on_conflict_do_update(index_elements=[f.c.name],
+                                      set_={"token": sa.func.greatest(f.c.token, stmt.excluded.token)})
+    conn.execute(stmt)
+    return floor, floor + block
+
+
