@@ -31,7 +31,7 @@ from toolkit.models import JobStatus as JS
 from toolkit.tiers import memory as memory_tier
 from toolkit.tiers.postgres import migrate, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, heartbeats, metrics, queue
+from toolkit.tiers.redis import cache, eviction, heartbeats, metrics, queue
 from toolkit.tiers.redis.client import Client
 
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ class StateManager:
         self._last_janitor = 0.0
         self._last_checkpoint = time.monotonic()
         self.last_rebuild: recovery.RebuildReport | None = None
+        self.eviction_risk: eviction.EvictionRisk | None = None
+        """What Redis said about evicting keys when this manager connected."""
         self._inspector: Inspector | None = None
         # Test hook: called with the action name after a PostgreSQL commit and
         # before Redis is touched (the fault-injection scenarios kill the process here).
@@ -1065,7 +1067,8 @@ _NOW = _Now()
 
 def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,
                        namespace: str = "wf", schema: str = "public",
-                       heartbeat_ttl: float = 30.0, rebuild: bool = True) -> StateManager:
+                       heartbeat_ttl: float = 30.0, rebuild: bool = True,
+                       require_noeviction: bool = False) -> StateManager:
     """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
 
     Parameters
@@ -1080,11 +1083,17 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         Seconds after the last heartbeat at which a worker counts as dead.
     rebuild
         Call ``_rebuild_from_db()`` before returning.
+    require_noeviction
+        Strict mode: refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``
+        (without it, such a Redis is only named in a warning, in the log and in
+        ``check_consistency().warnings``). A Redis that will not show its CONFIG is
+        warned about, not refused.
 
     Raises
     ------
     ConfigurationError
-        A URL is missing or malformed, or a setting is invalid.
+        A URL is missing or malformed, or a setting is invalid, or (strict mode)
+        Redis may evict keys.
     StorageUnavailable
         PostgreSQL or Redis cannot be reached (the message names host and port).
     """
@@ -1094,6 +1103,7 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
     try:
         migrate.upgrade(sm.db)
         sm.redis.call("ping", sm.redis.redis.ping)
+        _check_eviction(sm, require_noeviction)
         sm._listener.start()
         if rebuild:
             report = sm._rebuild_from_db()
@@ -1103,3 +1113,11 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         raise
     return sm
 
+
+
+def _check_eviction(sm: StateManager, strict: bool) -> None:
+    """Name a Redis that may evict our keys (log), or refuse it in strict mode."""
+    risk = sm.eviction_risk = eviction.read(sm.redis)
+    if strict and risk.policy is not None and risk.policy != eviction.SAFE_POLICY:
+        raise errors.ConfigurationError(f"require_noeviction: {risk.finding}")
+    eviction.announce(risk)
