@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import socket
 import threading
 import time
@@ -29,6 +30,7 @@ from toolkit import config, errors, models, recovery, validate
 from toolkit.lock import Lock
 from toolkit.models import JobStatus as JS
 from toolkit.tiers import memory as memory_tier
+from toolkit.tiers.postgres import db as pg_db
 from toolkit.tiers.postgres import migrate, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, eviction, heartbeats, metrics, queue
@@ -255,13 +257,30 @@ class StateManager:
         ``one_statement``: ``fn`` writes with a single statement (reads after it
         are allowed), which then commits by itself, without BEGIN and COMMIT.
         """
-        changes = _Changes(action=action)
-        with self.db.autocommit(action) if one_statement else self.db.begin(action) as conn:
-            fn(conn, changes)
-            if one_statement:
-                assert not changes.events, "events need a transaction"
-            store.insert_events(conn, self.db.schema, changes.events)
-        return self._apply(changes)
+        return self._apply(self._commit(action, fn, one_statement))
+
+    TX_ATTEMPTS = 3
+    """Runs of a write transaction that meets a serialization failure or a deadlock."""
+
+    def _commit(self, action: str, fn: Any, one_statement: bool) -> _Changes:
+        """Run ``fn`` in a transaction; run it again (fresh) after a serialization failure
+        or a deadlock, which PostgreSQL rolled back whole. Other errors raise at once."""
+        for attempt in range(1, self.TX_ATTEMPTS + 1):
+            changes = _Changes(action=action)
+            try:
+                with self.db.autocommit(action) if one_statement else self.db.begin(action) as conn:
+                    fn(conn, changes)
+                    if one_statement:
+                        assert not changes.events, "events need a transaction"
+                    store.insert_events(conn, self.db.schema, changes.events)
+                return changes
+            except errors.StorageUnavailable as exc:
+                if attempt == self.TX_ATTEMPTS or not pg_db.retryable(exc):
+                    raise
+                log.info("%s: %s; running it again (attempt %d)", action, exc, attempt + 1,
+                         extra={"action": "retry_transaction"})
+                time.sleep(random.uniform(0.0, 0.02 * attempt))
+        raise AssertionError("unreachable")
 
     # -- the read path --------------------------------------------------------------------
 
