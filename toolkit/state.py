@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from toolkit import config, errors, models, recovery, validate
+from toolkit import config, errors, models, recovery, single_flight, validate
 from toolkit.lock import Lock
 from toolkit.models import JobStatus as JS
 from toolkit.tiers import memory as memory_tier
@@ -133,6 +133,8 @@ class StateManager:
         self.db = Database(settings.database_url, settings.schema)
         self.redis = Client(settings.redis_url, namespace=settings.namespace)
         self.memory = memory_tier.Memory()
+        self._cold_reads: single_flight.SingleFlight[models.Entity | None] = \
+            single_flight.SingleFlight()
         self._closed = False
         self._beat_lock = threading.Lock()
         self._pending_beats: dict[str, datetime] = {}
@@ -289,6 +291,10 @@ class StateManager:
         found = self.memory.get(kind, entity_id)
         if found is not None:
             return found
+        return self._cold_reads.do((kind, entity_id), lambda: self._get_cold(kind, entity_id))
+
+    def _get_cold(self, kind: str, entity_id: str) -> models.Entity | None:
+        """Redis, then PostgreSQL; one at a time per entity in this process (single flight)."""
         try:
             found = cache.get(self.redis, self.ns, kind, entity_id)
         except errors.StorageUnavailable:
