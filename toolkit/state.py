@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from toolkit import config, errors, models, recovery, single_flight, validate
+from toolkit import config, errors, invalidation, models, recovery, single_flight, validate
 from toolkit.lock import Lock
 from toolkit.models import JobStatus as JS
 from toolkit.tiers import memory as memory_tier
@@ -120,6 +120,13 @@ def _queue_moves(rows: Sequence[tuple[str, Mapping[str, Any]]]
     return pushes, removes
 
 
+MEMORY_MAX_AGE = 5.0
+"""Seconds a memory entry may answer reads after it was stored: the worst-case staleness of
+a read, whatever invalidations were lost (see :mod:`toolkit.invalidation`)."""
+SUBSCRIBE_WAIT = 5.0
+"""Seconds ``init_state_manager`` waits for the invalidation subscription before rebuilding."""
+
+
 class StateManager:
     """The coordinator's state over memory, Redis and PostgreSQL.
 
@@ -151,7 +158,9 @@ class StateManager:
         # Test hook: called with the job id after a Redis pop, before PostgreSQL assigns it.
         self._after_claim: Callable[[str], None] | None = None
         self.claim_lease = CLAIM_LEASE
-        self._listener = recovery.InvalidationListener(self.redis, self.ns, self.memory)
+        self._listener = invalidation.InvalidationListener(self.redis, self.ns, self.memory,
+                                                         memory_tier.KINDS)
+        self.memory_max_age = MEMORY_MAX_AGE
         if listen:
             self._listener.start()
 
@@ -288,13 +297,15 @@ class StateManager:
 
     def _get(self, kind: str, entity_id: Any) -> models.Entity | None:
         entity_id = validate.identifier(f"{kind}_id", entity_id)
-        found = self.memory.get(kind, entity_id)
-        if found is not None:
-            return found
+        if self._listener.trusted:  # no invalidation missed since memory was emptied
+            found = self.memory.get_fresh(kind, entity_id, self.memory_max_age)
+            if found is not None:
+                return found
         return self._cold_reads.do((kind, entity_id), lambda: self._get_cold(kind, entity_id))
 
     def _get_cold(self, kind: str, entity_id: str) -> models.Entity | None:
         """Redis, then PostgreSQL; one at a time per entity in this process (single flight)."""
+        epoch = self._listener.epoch
         try:
             found = cache.get(self.redis, self.ns, kind, entity_id)
         except errors.StorageUnavailable:
@@ -306,7 +317,7 @@ class StateManager:
                 return None
             found = models.from_dict(kind, row)
             self._fill_redis([found])
-        self.memory.put(kind, found)
+        self._listener.put_if_current(kind, found, epoch)
         return found
 
     def _fill_redis(self, entities: list[models.Entity]) -> None:
@@ -1130,6 +1141,9 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         sm.redis.call("ping", sm.redis.redis.ping)
         _check_eviction(sm, require_noeviction)
         sm._listener.start()
+        if not sm._listener.wait_subscribed(SUBSCRIBE_WAIT):
+            log.warning("no invalidation subscription after %.0fs: memory is not used until "
+                        "there is one", SUBSCRIBE_WAIT, extra={"action": "invalidate"})
         if rebuild:
             report = sm._rebuild_from_db()
             log.info("rebuilt from PostgreSQL: %s", report, extra={"action": "rebuild"})
