@@ -15,20 +15,26 @@ a disconnect the listener can see, ``StateManager.memory_max_age`` in any case.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
 
 import toolkit
+import toolkit.state
 from tests.conftest import Servers, drop_schema, unique
 from tests.reliability.conftest import Private
 from tests.reliability.private_redis import redis_server
-from toolkit import config
+from toolkit import config, invalidation
+from toolkit.faults import TcpProxy
 from toolkit.tiers.redis import keys
 
 DETECTED_BOUND_S = 1.0
@@ -159,3 +165,58 @@ def test_a_frozen_reader_dropped_by_a_full_pubsub_buffer_is_not_served_stale(
             child.stdout.close()
             writer.close()
             drop_schema(servers.libpq_url, name)
+
+
+class StallingProxy(TcpProxy):
+    """A TCP proxy that can stop forwarding without closing anything: a silent network."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.stalled = threading.Event()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                while self.stalled.is_set():
+                    time.sleep(0.01)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("defence,bound", [("ping", invalidation.SILENT_AFTER + 1.0),
+                                           ("age", toolkit.state.MEMORY_MAX_AGE + 0.5)])
+def test_a_silent_subscription_is_not_served_stale_past_the_bound(
+        clean: Servers, make_sm: Callable[..., toolkit.StateManager],
+        monkeypatch: pytest.MonkeyPatch, defence: str, bound: float) -> None:
+    if defence == "age":  # the PING check off: the age bound alone must hold
+        monkeypatch.setattr(invalidation, "SILENT_AFTER", 3600.0)
+    where = TcpProxy.to_url(clean.redis_url).target
+    proxy = StallingProxy(*where).start()
+    reader = toolkit.init_state_manager(clean.database_url, proxy.url_for(clean.redis_url),
+                                        namespace=clean.namespace, schema=clean.schema)
+    writer = make_sm()
+    try:
+        writer.create_workflow("w", workflow_id="wf", jobs=[{"name": "a", "id": "a"}])
+        assert reader.get_job("a").status == "queued"
+        proxy.stalled.set()  # nothing reaches the reader any more, and nothing is closed
+        writer.cancel_job("a")
+        wrote = time.monotonic()
+        last_stale, answers = None, []
+        while time.monotonic() - wrote < bound + 6.0:
+            status = reader.get_job("a").status
+            answers.append(status)
+            if status == "queued":
+                last_stale = time.monotonic() - wrote
+            time.sleep(0.05)
+        print(f"\n{defence}: last stale answer {last_stale:.2f}s after the write, "
+              f"{answers.count('queued')} stale of {len(answers)} answers")
+        assert answers[-1] == "cancelled" and last_stale is not None and last_stale <= bound
+    finally:
+        proxy.stalled.clear()
+        proxy.cut()
+        reader.close()
