@@ -81,15 +81,18 @@ def test_a_killed_subscription_while_another_coordinator_writes_is_not_served_st
         make_sm: Callable[..., toolkit.StateManager], raw_redis: redis.Redis) -> None:
     reader, writer = make_sm(), make_sm()
     writer.create_workflow("w", workflow_id="wf", jobs=[{"name": "a", "id": "a"}])
+    writer.create_workflow("gone", workflow_id="gone")
     for _ in range(3):
-        assert reader.get_job("a").status == "queued"
+        assert reader.get_job("a").status == "queued" and reader.get_workflow("gone") is not None
     assert reader.memory.get("job", "a") is not None  # served from memory from now on
     assert _kill_subscriptions(raw_redis, reader) >= 1
     writer.cancel_job("a")  # published while the reader is not subscribed
+    writer.delete_workflow("gone")
     wrote = time.monotonic()
     seen = _staleness(lambda: reader.get_job("a").status, "cancelled", wrote)
     print(f"\nstale for {seen:.3f}s after a killed subscription")
     assert seen <= DETECTED_BOUND_S
+    assert reader.get_workflow("gone") is None  # a deleted entity is not served either
     again = writer.update_workflow_status("wf", "cancelled")  # heard normally once back
     time.sleep(0.5)
     assert reader.get_workflow("wf") == again
