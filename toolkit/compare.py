@@ -20,7 +20,7 @@ from toolkit.handles import Tiers
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, queue
+from toolkit.tiers.redis import cache, eviction, queue
 from toolkit.tiers.redis.client import Client
 
 if TYPE_CHECKING:
@@ -45,19 +45,22 @@ class ConsistencyReport:
     rows: tuple[Mapping[str, Any], ...]
     checked: int
     seconds: float
+    warnings: tuple[str, ...] = ()
+    """Findings that are not disagreements, such as a Redis that may evict our keys
+    (``maxmemory-policy`` other than ``noeviction``). They do not make ``ok`` false."""
 
     @property
     def ok(self) -> bool:
-        """True when every tier agrees with PostgreSQL."""
+        """True when every tier agrees with PostgreSQL (``warnings`` aside)."""
         return not self.rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __str__(self) -> str:
-        if self.ok:
-            return f"consistent: {self.checked} entities checked in {self.seconds:.3f}s"
-        return f"{len(self.rows)} disagreements among {self.checked} entities"
+        text = (f"consistent: {self.checked} entities checked in {self.seconds:.3f}s" if self.ok
+                else f"{len(self.rows)} disagreements among {self.checked} entities")
+        return "".join([text, *(f"\nwarning: {w}" for w in self.warnings)])
 
     def to_frame(self) -> pd.DataFrame:
         """Return the disagreements as a DataFrame with :data:`REPORT_COLUMNS`."""
@@ -206,4 +209,6 @@ def check(t: Tiers) -> ConsistencyReport:
         again += _queue_problems(t.redis, t.ns, wanted)
         first = {(p["entity"], p["id"]) for p in problems}
         problems = [p for p in again if (p["entity"], p["id"]) in first]
-    return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start)
+    risk = eviction.read(t.redis)
+    warnings = () if risk.finding is None else (risk.finding,)
+    return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start, warnings)

@@ -26,6 +26,7 @@ from toolkit.manager import (
     workflows,
 )
 from toolkit.tiers.postgres import migrate
+from toolkit.tiers.redis import eviction
 
 if TYPE_CHECKING:
     from toolkit.inspection.inspector import Inspector
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 CLAIM_LEASE = dispatch.CLAIM_LEASE
 DELETED = pipeline.DELETED
+MEMORY_MAX_AGE = pipeline.MEMORY_MAX_AGE
+SUBSCRIBE_WAIT = 5.0
+"""Seconds ``init_state_manager`` waits for the invalidation subscription before rebuilding."""
 DEFAULT_HEARTBEAT_TTL = recorded.DEFAULT_HEARTBEAT_TTL
 
 _inspector_factory: Callable[[StateManager], Inspector] | None = None
@@ -80,8 +84,10 @@ class StateManager:
         self._retention = retention.Retention(self._pipe)
         self._closed = False
         self.last_rebuild: recovery.RebuildReport | None = None
+        self.eviction_risk: eviction.EvictionRisk | None = None
+        """What Redis said about evicting keys when this manager connected."""
         self._inspector: Inspector | None = None
-        self._listener = recovery.InvalidationListener(self.redis, self.ns, self.memory)
+        self._listener = self._pipe.listener
         if listen:
             self._listener.start()
 
@@ -129,6 +135,15 @@ class StateManager:
     def settings(self) -> config.Settings:
         """What this manager runs with (the heartbeat TTL as recorded for its namespace)."""
         return self._pipe.settings
+
+    @property
+    def memory_max_age(self) -> float:
+        """Seconds a memory entry may answer reads after it was stored (the staleness bound)."""
+        return self._pipe.memory_max_age
+
+    @memory_max_age.setter
+    def memory_max_age(self, seconds: float) -> None:
+        self._pipe.memory_max_age = seconds
 
     @property
     def claim_lease(self) -> float:
@@ -334,7 +349,8 @@ class StateManager:
 
 def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,
                        namespace: str = "wf", schema: str = "public",
-                       heartbeat_ttl: float | None = None, rebuild: bool = True) -> StateManager:
+                       heartbeat_ttl: float | None = None, rebuild: bool = True,
+                       require_noeviction: bool = False) -> StateManager:
     """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
 
     Parameters
@@ -353,11 +369,17 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         ``None``: adopt the recorded TTL, or use and record 30 s when none is.
     rebuild
         Call :meth:`StateManager.rebuild` before returning.
+    require_noeviction
+        Strict mode: refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``
+        (without it, such a Redis is only named in a warning, in the log and in
+        ``check_consistency().warnings``). A Redis that will not show its CONFIG is
+        warned about, not refused.
 
     Raises
     ------
     ConfigurationError
-        A URL is missing or malformed, or a setting is invalid.
+        A URL is missing or malformed, or a setting is invalid, or (strict mode)
+        Redis may evict keys.
     StorageUnavailable
         PostgreSQL or Redis cannot be reached (the message names host and port).
     """
@@ -369,7 +391,11 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         migrate.upgrade(sm.db)
         recorded.settle(sm._pipe, stated=heartbeat_ttl is not None, claim_lease=sm.claim_lease)
         sm.redis.call("ping", sm.redis.redis.ping)
+        _check_eviction(sm, require_noeviction)
         sm._listener.start()
+        if not sm._listener.wait_subscribed(SUBSCRIBE_WAIT):
+            log.warning("no invalidation subscription after %.0fs: memory is not used until "
+                        "there is one", SUBSCRIBE_WAIT, extra={"action": "invalidate"})
         if rebuild:
             report = sm.rebuild()
             log.info("rebuilt from PostgreSQL: %s", report, extra={"action": "rebuild"})
@@ -377,3 +403,11 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         sm.close()
         raise
     return sm
+
+
+def _check_eviction(sm: StateManager, strict: bool) -> None:
+    """Name a Redis that may evict our keys (log), or refuse it in strict mode."""
+    risk = sm.eviction_risk = eviction.read(sm.redis)
+    if strict and risk.policy is not None and risk.policy != eviction.SAFE_POLICY:
+        raise errors.ConfigurationError(f"require_noeviction: {risk.finding}")
+    eviction.announce(risk)

@@ -17,8 +17,17 @@ MAX_JSON_DEPTH = 64
 PRIORITY_LIMIT = 1_000_000
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+"""Control characters, and lone surrogates (no UTF-8 form: neither tier can store them)."""
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+_JSON_UTF8 = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
+def _unencodable(value: str) -> bool:
+    """Whether ``value`` holds a lone surrogate (``sys.argv`` and ``os.fsdecode`` make them
+    from bytes that are not UTF-8; Redis and PostgreSQL cannot store them)."""
+    return not value.isascii() and _SURROGATE.search(value) is not None
 
 
 def new_id() -> str:
@@ -52,7 +61,8 @@ def identifier(field: str, value: Any) -> str:
     if not value or len(value) > MAX_ID_LENGTH:
         raise errors.ValidationError(field, value, f"must be 1-{MAX_ID_LENGTH} characters")
     if _CONTROL.search(value) is not None:
-        raise errors.ValidationError(field, value, "must not contain control characters")
+        raise errors.ValidationError(field, value, "must not contain control characters "
+                                     "or lone surrogates (invalid Unicode)")
     return value
 
 
@@ -99,6 +109,9 @@ def json_value(field: str, value: Any) -> Any:
         raise errors.ValidationError(field, value, "must have string keys")
     if "\\u0000" in text:
         raise errors.ValidationError(field, value, "must not contain the NUL character")
+    if "\\ud" in text and _unencodable(_JSON_UTF8.encode(value)):
+        raise errors.ValidationError(field, value, "must not contain lone surrogates "
+                                     "(invalid Unicode)")
     if len(text) > MAX_JSON_BYTES:
         raise errors.ValidationError(field, f"<{len(text)} bytes>", f"must be at most {MAX_JSON_BYTES} bytes")
     return value
@@ -124,12 +137,12 @@ def _is_plain_json(value: Any) -> bool:
         return False
     size = 2
     for k, v in value.items():
-        if type(k) is not str or "\x00" in k or "\\" in k:
+        if type(k) is not str or "\x00" in k or "\\" in k or _unencodable(k):
             return False
         size += 12 * len(k) + 4
         t = type(v)
         if t is str:
-            if "\x00" in v or "\\" in v:
+            if "\x00" in v or "\\" in v or _unencodable(v):
                 return False
             size += 12 * len(v) + 2
         elif t is int:
@@ -157,11 +170,13 @@ def json_object(field: str, value: Any) -> dict[str, Any]:
 
 
 def text(field: str, value: Any, *, max_length: int = 10_000) -> str:
-    """Return ``value`` if it is a string without NUL of at most ``max_length`` characters."""
+    """Return ``value`` if it is a string of at most ``max_length`` characters, without NUL
+    or lone surrogates."""
     if not isinstance(value, str):
         raise errors.ValidationError(field, value, "must be a string")
-    if "\x00" in value or len(value) > max_length:
-        raise errors.ValidationError(field, value, f"must be at most {max_length} characters, no NUL")
+    if "\x00" in value or len(value) > max_length or _unencodable(value):
+        raise errors.ValidationError(field, value, f"must be at most {max_length} characters, "
+                                     "no NUL, no lone surrogates")
     return value
 
 

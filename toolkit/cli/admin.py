@@ -8,6 +8,7 @@ they refuse a schema without toolkit tables rather than create one.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +37,10 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     up = sub.add_parser("up", help="start the embedded PostgreSQL and Redis and print their URLs")
     up.add_argument("--data-dir", help="keep PostgreSQL data here (default: throwaway)")
 
-    check = sub.add_parser("check", help="consistency report, reads only; exit 1 on any disagreement")
+    check = sub.add_parser("check", help="consistency report, reads only; exit 1 on any disagreement",
+                           description="Compare Redis with PostgreSQL (reads only). A Redis that "
+                           "may evict keys (maxmemory-policy other than noeviction) is named in "
+                           "a warning line; it is a finding, not a disagreement (exit 0).")
     common(check)
     check.add_argument("--repair", action="store_true",
                        help="also make memory and Redis agree (writes; the schema must exist)")
@@ -135,6 +139,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         with opened(args) as ins:
             report = ins.check_consistency()
+    if args.format != "table":  # the table's last lines carry them; keep CSV/JSON parseable
+        for warning in report.warnings:
+            print(f"toolkit: warning: {warning}", file=sys.stderr)
     if args.format != "table" or not report.ok:
         emit(report.to_frame().set_index(["entity", "id"]), args.format)
     if args.format == "table":

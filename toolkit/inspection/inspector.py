@@ -26,7 +26,7 @@ from toolkit.inspection import analytics, frames, recorded, series, target
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import heartbeats, keys, metrics, queue
+from toolkit.tiers.redis import eviction, heartbeats, keys, metrics, queue
 from toolkit.tiers.redis.client import Client
 
 if TYPE_CHECKING:
@@ -107,6 +107,7 @@ class Inspector(analytics.Analytics):
         self._db = Database(self.settings.database_url, schema, read_only=True, pool_size=2)
         self._redis = Client(self.settings.redis_url, read_only=True, namespace=namespace)
         self._memory: Memory | None = None
+        self._eviction: eviction.EvictionRisk | None = None
         self._ttl_given = None if heartbeat_ttl is None else float(heartbeat_ttl)
         self._recorded = recorded.Cache(self._db, namespace)
 
@@ -431,8 +432,24 @@ class Inspector(analytics.Analytics):
 
     # -- across tiers ----------------------------------------------------------------------
 
+    @property
+    def eviction_risk(self) -> eviction.EvictionRisk:
+        """What Redis says about evicting keys (read once, and logged once when risky).
+
+        Its ``finding`` names a ``maxmemory-policy`` other than ``noeviction``,
+        used memory near ``maxmemory``, or a CONFIG this client may not read.
+        """
+        if self._eviction is None:
+            self._eviction = eviction.read(self._redis)
+            eviction.announce(self._eviction)
+        return self._eviction
+
     def tiers(self) -> pd.DataFrame:
-        """Per entity: present and version in memory (when bound), Redis and PostgreSQL."""
+        """Per entity: present and version in memory (when bound), Redis and PostgreSQL.
+
+        Logs a warning first when Redis may evict keys (see :attr:`eviction_risk`).
+        """
+        self.eviction_risk  # noqa: B018 - read once: named before Redis is trusted
         memory = self._memory if self._memory is not None else Memory()
         rows = compare.compare_all(Tiers(self._db, self._redis, self.ns, memory),
                                    with_memory=self._memory is not None)

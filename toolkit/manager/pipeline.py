@@ -26,10 +26,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from toolkit import config, errors, failpoints, models, validate
+from toolkit import config, errors, failpoints, models, single_flight, validate
 from toolkit.handles import Tiers
 from toolkit.models import JobStatus as JS
-from toolkit.tiers.memory import Memory
+from toolkit.recovery import invalidation
+from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, metrics, queue
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 
 DELETED = 2**62
 """Version announced when an entity is deleted: every cached copy is older."""
+MEMORY_MAX_AGE = 5.0
+"""Seconds a memory entry may answer reads after it was stored: the worst-case staleness of
+a read, whatever invalidations were lost (see :mod:`toolkit.recovery.invalidation`)."""
+TX_ATTEMPTS = 3
+"""Runs of a write transaction that meets a serialization failure or a deadlock."""
 
 
 @dataclasses.dataclass
@@ -123,6 +129,11 @@ class Pipeline:
         self.redis = Client(settings.redis_url, namespace=settings.namespace)
         self.memory = Memory()
         self.tiers = Tiers(self.db, self.redis, self.ns, self.memory)
+        self.listener = invalidation.InvalidationListener(self.redis, self.ns, self.memory, KINDS)
+        self.memory_max_age = MEMORY_MAX_AGE
+        self.tx_attempts = TX_ATTEMPTS
+        self._cold_reads: single_flight.SingleFlight[models.Entity | None] = \
+            single_flight.SingleFlight()
 
     @staticmethod
     def now() -> datetime:
@@ -213,11 +224,22 @@ class Pipeline:
     # -- reads --------------------------------------------------------------------------
 
     def get(self, kind: str, entity_id: Any) -> models.Entity | None:
-        """Memory, then Redis, then PostgreSQL; a miss fills the tiers above it."""
+        """Memory, then Redis, then PostgreSQL; a miss fills the tiers above it.
+
+        Memory answers only while the invalidation listener hears every change, and
+        only for ``memory_max_age`` seconds after an entry was stored. Cold reads of one
+        entity are single-flight: concurrent readers in this process share one read.
+        """
         entity_id = validate.identifier(f"{kind}_id", entity_id)
-        found = self.memory.get(kind, entity_id)
-        if found is not None:
-            return found
+        if self.listener.trusted:  # no invalidation missed since memory was emptied
+            found = self.memory.get_fresh(kind, entity_id, self.memory_max_age)
+            if found is not None:
+                return found
+        return self._cold_reads.do((kind, entity_id), lambda: self._get_cold(kind, entity_id))
+
+    def _get_cold(self, kind: str, entity_id: str) -> models.Entity | None:
+        """Redis, then PostgreSQL; one at a time per entity in this process (single flight)."""
+        epoch = self.listener.epoch
         try:
             found = cache.get(self.redis, self.ns, kind, entity_id)
         except errors.StorageUnavailable:
@@ -229,7 +251,7 @@ class Pipeline:
                 return None
             found = models.from_dict(kind, row)
             self.fill_redis([found])
-        self.memory.put(kind, found)
+        self.listener.put_if_current(kind, found, epoch)
         return found
 
     def require(self, kind: str, entity_id: Any) -> Any:

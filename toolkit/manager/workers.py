@@ -57,7 +57,8 @@ class Workers:
         now = self.pipe.now()
         row = {
             "id": validate.optional_id("worker_id", worker_id),
-            "hostname": validate.identifier("hostname", hostname or socket.gethostname()),
+            "hostname": validate.identifier(
+                "hostname", socket.gethostname() if hostname is None else hostname),
             "status": WS.ACTIVE.value, "queues": list(validate.names("queues", queues)),
             "capacity": validate.integer("capacity", capacity, low=1, high=100_000),
             "metadata": validate.json_object("metadata", metadata),

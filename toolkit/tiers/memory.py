@@ -9,6 +9,7 @@ a newer version with an older one. Thread-safe.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -28,6 +29,7 @@ class Memory:
         self._live: dict[str, dict[str, models.Entity]] = {k: {} for k in KINDS}
         self._final: OrderedDict[tuple[str, str], models.Entity] = OrderedDict()
         self._final_size = final_lru_size
+        self._stored_at: dict[tuple[str, str], float] = {}
 
     def get(self, kind: str, entity_id: str) -> models.Entity | None:
         """Return the entity, or None."""
@@ -37,6 +39,14 @@ class Memory:
                 found = self._final.get((kind, entity_id))
                 if found is not None:
                     self._final.move_to_end((kind, entity_id))
+            return found
+
+    def get_fresh(self, kind: str, entity_id: str, max_age: float) -> models.Entity | None:
+        """Return the entity if it was stored at most ``max_age`` seconds ago, else None."""
+        with self._lock:
+            found = self.get(kind, entity_id)
+            if found is None or time.monotonic() - self._stored_at.get((kind, entity_id), 0.0) > max_age:
+                return None
             return found
 
     def put(self, kind: str, entity: models.Entity) -> bool:
@@ -56,12 +66,13 @@ class Memory:
 
     def _store(self, kind: str, entity: models.Entity) -> None:
         key = (kind, entity.id)
+        self._stored_at[key] = time.monotonic()
         if models.is_final(entity):
             self._live[kind].pop(entity.id, None)
             self._final[key] = entity
             self._final.move_to_end(key)
             while len(self._final) > self._final_size:
-                self._final.popitem(last=False)
+                self._stored_at.pop(self._final.popitem(last=False)[0], None)
         else:
             self._final.pop(key, None)
             self._live[kind][entity.id] = entity
@@ -76,6 +87,7 @@ class Memory:
                 return
             self._live[kind].pop(entity_id, None)
             self._final.pop((kind, entity_id), None)
+            self._stored_at.pop((kind, entity_id), None)
 
     def live(self, kind: str) -> list[models.Entity]:
         """Return a list of the live entities of ``kind``."""
@@ -94,6 +106,8 @@ class Memory:
             self._live[kind] = {}
             for key in [k for k in self._final if k[0] == kind]:
                 del self._final[key]
+            for key in [k for k in self._stored_at if k[0] == kind]:
+                del self._stored_at[key]
             for e in entities:
                 self._store(kind, e)
 
@@ -103,6 +117,7 @@ class Memory:
             for k in KINDS:
                 self._live[k] = {}
             self._final.clear()
+            self._stored_at.clear()
 
     def counts(self) -> dict[str, int]:
         """Return the number of live entities per kind."""

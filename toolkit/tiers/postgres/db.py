@@ -28,6 +28,32 @@ if the server went away in between, the call fails with ``StorageUnavailable``
 """
 
 
+ROLLED_BACK = {
+    "40001": "a serialization conflict with a concurrent transaction",
+    "40P01": "a deadlock with a concurrent transaction",
+    "57014": "statement_timeout or a cancel",
+    "55P03": "lock_timeout",
+}
+"""SQLSTATEs after which PostgreSQL has rolled the transaction back: nothing was written."""
+RETRYABLE = frozenset({"40001", "40P01"})
+"""SQLSTATEs a whole transaction may simply be run again for (PostgreSQL's advice)."""
+
+
+def sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a driver error, looked for along the ``__cause__`` chain."""
+    while exc is not None:
+        code = getattr(getattr(exc, "orig", exc), "sqlstate", None)
+        if isinstance(code, str):
+            return code
+        exc = exc.__cause__
+    return None
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a serialization failure or a deadlock: run the transaction again."""
+    return sqlstate(exc) in RETRYABLE
+
+
 def _session_utc(dbapi_connection: Any, record: Any) -> None:
     dbapi_connection.execute("SET TIME ZONE 'UTC'")
     dbapi_connection.commit()
@@ -140,6 +166,9 @@ class Database:
             first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
             first = config.scrub(first, self.url)
             self._raise_if_setup(orig, first, action)
+            why = ROLLED_BACK.get(sqlstate(exc) or "")
+            if why is not None:
+                first += f" ({why}; rolled back, nothing written)"
             raise errors.StorageUnavailable(
                 f"PostgreSQL at {self.where} failed during {action}: {first}"
             ) from exc
