@@ -6,7 +6,7 @@ Every error a public method raises is one of these::
      +-- ConfigurationError      bad or missing settings (URLs, namespace, schema)
      |    +-- SetupError         the servers answered but the setup is wrong: no toolkit
      |                           tables in the schema, unknown database or role, a refused
-     |                           password, permission denied
+     |                           password, permission denied (also a StorageUnavailable)
      +-- NotFound (KeyError)     no entity with that id
      +-- InvalidTransition       a status change the transition table forbids
      |    +-- StaleAttempt       a call fenced to an attempt that was reclaimed or superseded
@@ -48,10 +48,6 @@ class ToolkitError(Exception):
 
 class ConfigurationError(ToolkitError):
     """The toolkit is not configured correctly."""
-
-
-class SetupError(ConfigurationError):
-    """The servers answered, but the setup is wrong (schema, database, role or privileges)."""
 
 
 class NotFound(ToolkitError, KeyError):
@@ -109,3 +105,11 @@ class LockNotOwned(ToolkitError):
 
 class StorageUnavailable(ToolkitError):
     """A storage tier (PostgreSQL or Redis) is unavailable."""
+
+
+class SetupError(ConfigurationError, StorageUnavailable):
+    """The servers answered, but the setup is wrong (schema, database, role or privileges)."""
+
+    # Also a StorageUnavailable: the tier cannot be used as configured, and code that
+    # degrades on an unavailable tier (a Redis refusal after a PostgreSQL commit never
+    # un-does the write) keeps doing so. The CLI exits 4 for it, not 3.

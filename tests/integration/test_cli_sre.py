@@ -252,3 +252,20 @@ def test_help_of_the_new_commands_and_the_exit_codes(command: str) -> None:
     assert out.returncode == 0 and "usage:" in out.stdout and "--database-url" in out.stdout
     top = run("--help").stdout
     assert "exit codes:" in top and "4    the servers answered but the setup is wrong" in top
+
+
+def test_one_tier_down_still_shows_the_frames_of_the_other(sm, clean, capsys) -> None:
+    some_jobs(sm)
+    dead_redis = ["--database-url", clean.database_url, "--redis-url", "redis://127.0.0.1:1/0",
+                  "--namespace", clean.namespace, "--schema", clean.schema]
+    assert cli.main(["inspect", "jobs", "--format", "csv", *dead_redis]) == 0
+    captured = capsys.readouterr()
+    assert len(pd.read_csv(io.StringIO(captured.out))) == 5
+    assert captured.err == ""  # the command did not need Redis: no noise about it
+    assert cli.main(["inspect", "workers", *dead_redis]) == 3
+    assert "toolkit: unavailable: Redis at 127.0.0.1:1" in capsys.readouterr().err
+    dead_pg = ["--database-url", "postgresql://nobody:pw@127.0.0.1:1/x", "--redis-url", clean.redis_url,
+               "--namespace", clean.namespace, "--schema", clean.schema]
+    assert cli.main(["inspect", "queue", "--format", "csv", *dead_pg]) == 0
+    captured = capsys.readouterr()
+    assert len(pd.read_csv(io.StringIO(captured.out))) == 4 and captured.err == ""

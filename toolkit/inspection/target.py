@@ -8,6 +8,7 @@ empty namespace or schema is said in plain words.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -18,6 +19,8 @@ from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import keys
 from toolkit.tiers.redis.client import Client
+
+log = logging.getLogger(__name__)
 
 SCAN_CALLS = 100
 """At most this many SCAN calls (1000 keys each) look for a key of an empty-looking namespace."""
@@ -62,11 +65,21 @@ def _schema_has_rows(db: Database) -> bool:
 
 
 def notes(db: Database, client: Client, ns: str) -> list[str]:
-    """Plain-words notes about an empty namespace or schema (empty list: both hold data)."""
+    """Plain-words notes about an empty namespace or schema (empty list: both hold data).
+
+    An unreachable Redis is only logged: the PostgreSQL frames can still be read,
+    and a Redis frame reports the outage itself.
+    """
     out = []
-    if not _namespace_has_keys(client, ns):
-        out.append(f"namespace {ns!r} holds no keys in Redis: check --namespace (workers show "
-                   "alive=False and queues empty because nothing is there, not because of an outage)")
+    try:
+        if not _namespace_has_keys(client, ns):
+            out.append(f"namespace {ns!r} holds no keys in Redis: check --namespace (workers show "
+                       "alive=False and queues empty because nothing is there, not because of an "
+                       "outage)")
+    except errors.SetupError:
+        raise
+    except errors.StorageUnavailable as exc:  # the PostgreSQL frames can still be read
+        log.info("namespace %r not checked: %s", ns, exc, extra={"action": "check_target"})
     if not _schema_has_rows(db):
         out.append(f"schema {db.schema!r} holds no workflows, jobs or workers: check --schema")
     return out
