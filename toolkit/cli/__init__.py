@@ -24,11 +24,12 @@ Modules: :mod:`~toolkit.cli.parser` (options, ages), :mod:`~toolkit.cli.output`
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Sequence
 
-from toolkit import errors
+from toolkit import errors, validate
 from toolkit.cli import admin, read
 from toolkit.cli.parser import build, join_ages, parse_duration
 
@@ -39,6 +40,22 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SETUP = 0, 1, 2, 
 COMMANDS = {**admin.COMMANDS, **read.COMMANDS}
 
 
+_IDS = ("job_id", "workflow_id", "worker_id")
+"""Arguments that name an entity: checked as ids before any server is asked."""
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what no tier can store (lone surrogates, NUL, control characters, over-long
+    ids) before any server is contacted, so bad usage is exit 2 whatever the servers say."""
+    for name, value in vars(args).items():
+        if not isinstance(value, str) or name in ("database_url", "redis_url"):
+            continue
+        if name in _IDS:
+            validate.identifier(name, value)
+        else:
+            validate.text(name, value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = build([admin.add_commands, read.add_commands])
@@ -46,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_arguments(args)
         return COMMANDS[args.command](args)
     except errors.SetupError as exc:
         print(f"toolkit: setup: {exc}", file=sys.stderr)
