@@ -25,7 +25,6 @@ from toolkit.manager import (
     workers,
     workflows,
 )
-from toolkit.tiers.postgres import migrate
 from toolkit.tiers.redis import eviction
 
 if TYPE_CHECKING:
@@ -36,8 +35,6 @@ log = logging.getLogger(__name__)
 CLAIM_LEASE = dispatch.CLAIM_LEASE
 DELETED = pipeline.DELETED
 MEMORY_MAX_AGE = pipeline.MEMORY_MAX_AGE
-SUBSCRIBE_WAIT = 5.0
-"""Seconds ``init_state_manager`` waits for the invalidation subscription before rebuilding."""
 DEFAULT_HEARTBEAT_TTL = recorded.DEFAULT_HEARTBEAT_TTL
 
 _inspector_factory: Callable[[StateManager], Inspector] | None = None
@@ -347,67 +344,6 @@ class StateManager:
         return recovery.repair(self._pipe.tiers)
 
 
-def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,
-                       namespace: str = "wf", schema: str = "public",
-                       heartbeat_ttl: float | None = None, rebuild: bool = True,
-                       require_noeviction: bool = False) -> StateManager:
-    """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
+from toolkit.manager.startup import SUBSCRIBE_WAIT, init_state_manager  # noqa: E402 (needs StateManager)
 
-    Parameters
-    ----------
-    database_url, redis_url
-        Default to the environment variables ``DATABASE_URL`` and ``REDIS_URL``.
-    namespace
-        Prefix of every Redis key (as a hash tag).
-    schema
-        PostgreSQL schema of the tables.
-    heartbeat_ttl
-        Seconds after the last heartbeat at which a worker counts as dead.
-        Recorded in PostgreSQL for the namespace (with the claim lease), where
-        Inspectors and CLI commands read it; the last coordinator to start
-        wins, and a warning is logged when it replaces a different value.
-        ``None``: adopt the recorded TTL, or use and record 30 s when none is.
-    rebuild
-        Call :meth:`StateManager.rebuild` before returning.
-    require_noeviction
-        Strict mode: refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``
-        (without it, such a Redis is only named in a warning, in the log and in
-        ``check_consistency().warnings``). A Redis that will not show its CONFIG is
-        warned about, not refused.
-
-    Raises
-    ------
-    ConfigurationError
-        A URL is missing or malformed, or a setting is invalid, or (strict mode)
-        Redis may evict keys.
-    StorageUnavailable
-        PostgreSQL or Redis cannot be reached (the message names host and port).
-    """
-    settings = config.load_settings(
-        database_url, redis_url, namespace=namespace, schema=schema,
-        heartbeat_ttl=recorded.DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None else heartbeat_ttl)
-    sm = StateManager(settings, listen=False)
-    try:
-        migrate.upgrade(sm.db)
-        recorded.settle(sm._pipe, stated=heartbeat_ttl is not None, claim_lease=sm.claim_lease)
-        sm.redis.call("ping", sm.redis.redis.ping)
-        _check_eviction(sm, require_noeviction)
-        sm._listener.start()
-        if not sm._listener.wait_subscribed(SUBSCRIBE_WAIT):
-            log.warning("no invalidation subscription after %.0fs: memory is not used until "
-                        "there is one", SUBSCRIBE_WAIT, extra={"action": "invalidate"})
-        if rebuild:
-            report = sm.rebuild()
-            log.info("rebuilt from PostgreSQL: %s", report, extra={"action": "rebuild"})
-    except BaseException:
-        sm.close()
-        raise
-    return sm
-
-
-def _check_eviction(sm: StateManager, strict: bool) -> None:
-    """Name a Redis that may evict our keys (log), or refuse it in strict mode."""
-    risk = sm.eviction_risk = eviction.read(sm.redis)
-    if strict and risk.policy is not None and risk.policy != eviction.SAFE_POLICY:
-        raise errors.ConfigurationError(f"require_noeviction: {risk.finding}")
-    eviction.announce(risk)
+__all__ = ["SUBSCRIBE_WAIT", "StateManager", "init_state_manager", "register_inspector_factory"]

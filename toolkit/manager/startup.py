@@ -1,0 +1,90 @@
+"""Starting a StateManager: connect, migrate, record the settings, check Redis, rebuild.
+
+``init_state_manager`` is re-exported by ``toolkit.state`` and ``toolkit``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from toolkit import config, errors
+from toolkit.manager import recorded
+from toolkit.tiers.postgres import migrate
+from toolkit.tiers.redis import eviction
+
+if TYPE_CHECKING:
+    from toolkit import state
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_WAIT = 5.0
+"""Seconds ``init_state_manager`` waits for the invalidation subscription before rebuilding."""
+
+
+def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,
+                       namespace: str = "wf", schema: str = "public",
+                       heartbeat_ttl: float | None = None, rebuild: bool = True,
+                       require_noeviction: bool = False) -> state.StateManager:
+    """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
+
+    Parameters
+    ----------
+    database_url, redis_url
+        Default to the environment variables ``DATABASE_URL`` and ``REDIS_URL``.
+    namespace
+        Prefix of every Redis key (as a hash tag).
+    schema
+        PostgreSQL schema of the tables.
+    heartbeat_ttl
+        Seconds after the last heartbeat at which a worker counts as dead.
+        Recorded in PostgreSQL for the namespace (with the claim lease), where
+        Inspectors and CLI commands read it; the last coordinator to start
+        wins, and a warning is logged when it replaces a different value.
+        ``None``: adopt the recorded TTL, or use and record 30 s when none is.
+    rebuild
+        Call :meth:`StateManager.rebuild` before returning.
+    require_noeviction
+        Strict mode: refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``
+        (without it, such a Redis is only named in a warning, in the log and in
+        ``check_consistency().warnings``). A Redis that will not show its CONFIG is
+        warned about, not refused.
+
+    Raises
+    ------
+    ConfigurationError
+        A URL is missing or malformed, or a setting is invalid, or (strict mode)
+        Redis may evict keys.
+    StorageUnavailable
+        PostgreSQL or Redis cannot be reached (the message names host and port).
+    """
+    settings = config.load_settings(
+        database_url, redis_url, namespace=namespace, schema=schema,
+        heartbeat_ttl=recorded.DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None else heartbeat_ttl)
+    from toolkit.state import StateManager  # the facade imports this module
+
+    sm = StateManager(settings, listen=False)
+    try:
+        migrate.upgrade(sm.db)
+        recorded.settle(sm._pipe, stated=heartbeat_ttl is not None, claim_lease=sm.claim_lease)
+        sm.redis.call("ping", sm.redis.redis.ping)
+        _check_eviction(sm, require_noeviction)
+        sm._listener.start()
+        if not sm._listener.wait_subscribed(SUBSCRIBE_WAIT):
+            log.warning("no invalidation subscription after %.0fs: memory is not used until "
+                        "there is one", SUBSCRIBE_WAIT, extra={"action": "invalidate"})
+        if rebuild:
+            report = sm.rebuild()
+            log.info("rebuilt from PostgreSQL: %s", report, extra={"action": "rebuild"})
+    except BaseException:
+        sm.close()
+        raise
+    return sm
+
+
+def _check_eviction(sm: state.StateManager, strict: bool) -> None:
+    """Name a Redis that may evict our keys (log), or refuse it in strict mode."""
+    risk = sm.eviction_risk = eviction.read(sm.redis)
+    if strict and risk.policy is not None and risk.policy != eviction.SAFE_POLICY:
+        raise errors.ConfigurationError(f"require_noeviction: {risk.finding}")
+    eviction.announce(risk)
