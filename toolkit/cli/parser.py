@@ -84,9 +84,13 @@ def join_ages(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def global_options(p: argparse.ArgumentParser, *, top: bool, servers: bool = True,
-                   target: bool = True) -> None:
-    """Add the options accepted before or after the command.
+OPTION_GROUPS = ("servers", "target")
+"""``servers``: --database-url/--redis-url; ``target``: --namespace/--schema."""
+
+
+def global_options(p: argparse.ArgumentParser, *, top: bool,
+                   groups: Sequence[str] = OPTION_GROUPS) -> None:
+    """Add the options accepted before or after the command (``-v`` and ``groups``).
 
     On the top parser they carry the defaults; on a command's parser they are
     ``SUPPRESS``-ed so a value given before the command is not reset.
@@ -94,11 +98,11 @@ def global_options(p: argparse.ArgumentParser, *, top: bool, servers: bool = Tru
     def default(value: Any) -> Any:
         return value if top else argparse.SUPPRESS
 
-    if servers:
+    if "servers" in groups:
         p.add_argument("--database-url", default=default(None),
                        help="PostgreSQL URL (default: $DATABASE_URL)")
         p.add_argument("--redis-url", default=default(None), help="Redis URL (default: $REDIS_URL)")
-    if target:
+    if "target" in groups:
         p.add_argument("--namespace", default=default("wf"), help="Redis key namespace (default: wf)")
         p.add_argument("--schema", default=default("public"),
                        help="PostgreSQL schema (default: public)")
@@ -125,7 +129,7 @@ def build(add_commands: Sequence[Callable[[Any, Callable[..., None]], None]]) ->
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, *, embedded: bool = False) -> None:
-        global_options(sp, top=False, target=not embedded)
+        global_options(sp, top=False, groups=("servers",) if embedded else OPTION_GROUPS)
 
     for add in add_commands:
         add(sub, common)

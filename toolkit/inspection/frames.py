@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from toolkit import errors, models
 
@@ -184,3 +185,25 @@ def parse_freq(freq: str) -> Any:
         return pd.tseries.frequencies.to_offset(freq)
     except (ValueError, TypeError) as exc:
         raise errors.ValidationError("freq", freq, str(exc)) from None
+
+
+def from_arrow(table: pa.Table) -> pd.DataFrame:
+    """An Arrow table as a DataFrame with nullable pandas dtypes (string, Int64, Float64, boolean)."""
+    def mapper(t: pa.DataType) -> Any:
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return pd.StringDtype()
+        if pa.types.is_integer(t):
+            return pd.Int64Dtype()
+        if pa.types.is_floating(t):
+            return pd.Float64Dtype()
+        if pa.types.is_boolean(t):
+            return pd.BooleanDtype()
+        return None
+
+    frame: pd.DataFrame = table.to_pandas(types_mapper=mapper)
+    return frame
+
+
+def seconds_between(later: pd.Series, earlier: pd.Series) -> pd.Series:
+    """``later - earlier`` in float seconds (Float64, NA where either is missing)."""
+    return ((later - earlier).dt.total_seconds()).astype("Float64")

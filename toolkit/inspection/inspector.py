@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from toolkit import compare, config, models, validate
 from toolkit.handles import Tiers
@@ -51,26 +50,6 @@ _JOB_COLUMNS = {c: c for c in ("id", "workflow_id", "worker_id", "name", "status
                                "payload", "result", "created_at", "updated_at", "started_at",
                                "finished_at")}
 _JOB_COLUMNS["id"] = "job_id"
-
-
-def _to_pandas(table: pa.Table) -> pd.DataFrame:
-    def mapper(t: pa.DataType) -> Any:
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            return pd.StringDtype()
-        if pa.types.is_integer(t):
-            return pd.Int64Dtype()
-        if pa.types.is_floating(t):
-            return pd.Float64Dtype()
-        if pa.types.is_boolean(t):
-            return pd.BooleanDtype()
-        return None
-
-    frame: pd.DataFrame = table.to_pandas(types_mapper=mapper)
-    return frame
-
-
-def _seconds(later: pd.Series, earlier: pd.Series) -> pd.Series:
-    return ((later - earlier).dt.total_seconds()).astype("Float64")
 
 
 class Inspector(analytics.Analytics):
@@ -197,29 +176,29 @@ class Inspector(analytics.Analytics):
         table = export.select(self._db, "jobs", _JOB_COLUMNS,
                               where={"workflow_id": workflow_id, "status": status},
                               order=("created_at", "id"))
-        df = _to_pandas(table)
+        df = frames.from_arrow(table)
         if df.empty:
             return frames.empty("jobs")
         for col in ("created_at", "updated_at", "started_at", "finished_at"):
             df[col] = frames.epoch_us_to_utc(df[col])
-        waits = _to_pandas(export.attempt_waits(self._db, workflow_id))
+        waits = frames.from_arrow(export.attempt_waits(self._db, workflow_id))
         per_job = (pd.Series(waits["wait_s"].astype("Float64").array, index=waits["job_id"])
                    if len(waits) else pd.Series([], dtype="Float64"))
         df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
         df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
-        df["duration_s"] = _seconds(df["finished_at"], df["started_at"])
+        df["duration_s"] = frames.seconds_between(df["finished_at"], df["started_at"])
         return frames.conform("jobs", df)
 
     def workflows(self) -> pd.DataFrame:
         """One row per workflow (index ``workflow_id``) with its job counts per status."""
         cols = {"id": "workflow_id", "name": "name", "status": "status", "version": "version",
                 "metadata": "metadata", "created_at": "created_at", "updated_at": "updated_at"}
-        df = _to_pandas(export.select(self._db, "workflows", cols, order=("created_at", "id")))
+        df = frames.from_arrow(export.select(self._db, "workflows", cols, order=("created_at", "id")))
         if df.empty:
             return frames.empty("workflows")
         for col in ("created_at", "updated_at"):
             df[col] = frames.epoch_us_to_utc(df[col])
-        counts = _to_pandas(export.job_counts(self._db))
+        counts = frames.from_arrow(export.job_counts(self._db))
         table = (counts.pivot(index="workflow_id", columns="status", values="n") if len(counts)
                  else pd.DataFrame())
         for s in models.JobStatus:
@@ -234,7 +213,7 @@ class Inspector(analytics.Analytics):
                 "capacity": "capacity", "queues": "queues", "version": "version",
                 "metadata": "metadata", "last_heartbeat": "last_heartbeat",
                 "registered_at": "registered_at"}
-        df = _to_pandas(export.select(self._db, "workers", cols, order=("registered_at", "id")))
+        df = frames.from_arrow(export.select(self._db, "workers", cols, order=("registered_at", "id")))
         if df.empty:
             return frames.empty("workers")
         for col in ("last_heartbeat", "registered_at"):
@@ -247,7 +226,7 @@ class Inspector(analytics.Analytics):
         df["heartbeat_age_s"] = pd.Series([now - x if x else None for x in last], dtype="Float64")
         df["alive"] = pd.Series([w in seen and now - seen[w] <= self.heartbeat_ttl
                                  for w in df["worker_id"]], dtype="boolean")
-        active = _to_pandas(export.select(self._db, "job_assignments", {"worker_id": "worker_id"},
+        active = frames.from_arrow(export.select(self._db, "job_assignments", {"worker_id": "worker_id"},
                                           where={"status": "active"}))
         per = active["worker_id"].value_counts() if len(active) else pd.Series(dtype="int64")
         df["active_jobs"] = df["worker_id"].map(per).fillna(0).astype("Int64")
@@ -261,14 +240,14 @@ class Inspector(analytics.Analytics):
         cols = {"id": "assignment_id", "job_id": "job_id", "worker_id": "worker_id",
                 "status": "status", "attempt": "attempt", "assigned_at": "assigned_at",
                 "finished_at": "finished_at"}
-        df = _to_pandas(export.select(self._db, "job_assignments", cols,
+        df = frames.from_arrow(export.select(self._db, "job_assignments", cols,
                                       where={"job_id": job_id, "worker_id": worker_id},
                                       order=("assigned_at", "id")))
         if df.empty:
             return frames.empty("assignments")
         for col in ("assigned_at", "finished_at"):
             df[col] = frames.epoch_us_to_utc(df[col])
-        df["duration_s"] = _seconds(df["finished_at"], df["assigned_at"])
+        df["duration_s"] = frames.seconds_between(df["finished_at"], df["assigned_at"])
         return frames.conform("assignments", df)
 
     def events(self, since: datetime | None = None, job_id: str | None = None,
@@ -287,7 +266,7 @@ class Inspector(analytics.Analytics):
         """
         start = analytics.check_since(since)
         equal = analytics.check_event_filters(job_id, workflow_id, worker_id)
-        df = _to_pandas(export.job_events(self._db, since=start, equal=equal))
+        df = frames.from_arrow(export.job_events(self._db, since=start, equal=equal))
         if df.empty:
             return frames.empty("events")
         df["at"] = frames.epoch_us_to_utc(df["at"])
@@ -304,7 +283,7 @@ class Inspector(analytics.Analytics):
             "at": frames.epoch_us_to_utc([round(t * 1e6) for _, t in rows]).to_numpy()})
 
     def _dependencies(self) -> pd.DataFrame:
-        df = _to_pandas(export.dependencies(self._db))
+        df = frames.from_arrow(export.dependencies(self._db))
         return frames.conform("dependencies", df) if len(df) else frames.empty("dependencies")
 
     def _now(self) -> pd.Timestamp:
@@ -349,7 +328,7 @@ class Inspector(analytics.Analytics):
     def metrics(self) -> pd.DataFrame:
         """One row per counter (index ``name``): its value in Redis and its PostgreSQL checkpoint."""
         live = metrics.totals(self._redis, self.ns)
-        table = _to_pandas(export.select(self._db, "metric_checkpoints",
+        table = frames.from_arrow(export.select(self._db, "metric_checkpoints",
                                          {"name": "name", "value": "value"}))
         saved = dict(zip(table["name"], table["value"], strict=True)) if len(table) else {}
         names = sorted(set(live) | set(saved))
@@ -373,32 +352,18 @@ class Inspector(analytics.Analytics):
             An unknown name (named in the message), ``freq`` not a whole number
             of minutes (counters are kept per minute), or a bad window.
         """
-        known = set(metrics.totals(self._redis, self.ns)) | set(self._checkpointed_names())
+        known = set(metrics.totals(self._redis, self.ns)) | set(series.checkpointed_names(self._db))
         wanted = series.wanted_names(names, known)
         offset = series.offset(freq)
         start, end = series.window(since, until)
         live = metrics.buckets(self._redis, self.ns, wanted)
-        saved = self._checkpointed_buckets(wanted)
+        saved = series.checkpointed_buckets(self._db, wanted)
         frame = series.cut(series.merge(wanted, saved, live), start, end)
         if frame.empty:
             return series.empty(wanted)
         frame = frame.fillna(0).resample(offset).sum().astype("Int64")
         frame.index.name = "time"
         return frame
-
-    def _checkpointed_names(self) -> list[str]:
-        t = _to_pandas(export.select(self._db, "metric_checkpoints", {"name": "name"}))
-        return list(t["name"]) if len(t) else []
-
-    def _checkpointed_buckets(self, names: list[str]) -> dict[str, dict[int, int]]:
-        t = _to_pandas(export.select(self._db, "metric_buckets", {
-            "name": "name", "bucket_start": "bucket_start", "value": "value"}))
-        out: dict[str, dict[int, int]] = {}
-        for n, start, v in zip(t.get("name", []), t.get("bucket_start", []), t.get("value", []),
-                               strict=True):
-            if n in names:
-                out.setdefault(n, {})[int(start) // 1_000_000] = int(v)
-        return out
 
     # -- what this Inspector points at -------------------------------------------------------
 
@@ -459,11 +424,11 @@ class Inspector(analytics.Analytics):
 
     def summary(self) -> pd.DataFrame:
         """A status board as one column of counts (index ``item``, ``value`` is ``Int64``)."""
-        jobs = _to_pandas(export.select(self._db, "jobs", {"status": "status"},
+        jobs = frames.from_arrow(export.select(self._db, "jobs", {"status": "status"},
                                         where=None))
         counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
         workers = self.workers()
-        wf = _to_pandas(export.select(self._db, "workflows", {"status": "status"}))
+        wf = frames.from_arrow(export.select(self._db, "workflows", {"status": "status"}))
         wf_counts = wf["status"].value_counts() if len(wf) else pd.Series(dtype="int64")
         q = self.queue()
         items: dict[str, int] = {"workflows": len(wf)}

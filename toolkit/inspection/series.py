@@ -19,6 +19,8 @@ import pandas as pd
 
 from toolkit import errors, validate
 from toolkit.inspection import analytics, frames
+from toolkit.tiers.postgres import export
+from toolkit.tiers.postgres.db import Database
 
 BUCKET = "1min"
 """The width of a stored metric bucket."""
@@ -92,4 +94,22 @@ def empty(names: list[str]) -> pd.DataFrame:
     """The empty series frame: one ``Int64`` column per name, a UTC time index."""
     out = pd.DataFrame({n: pd.Series([], dtype="Int64") for n in names})
     out.index = pd.DatetimeIndex([], tz="UTC", name="time")
+    return out
+
+
+def checkpointed_names(db: Database) -> list[str]:
+    """Names of the counters checkpointed to PostgreSQL."""
+    t = frames.from_arrow(export.select(db, "metric_checkpoints", {"name": "name"}))
+    return list(t["name"]) if len(t) else []
+
+
+def checkpointed_buckets(db: Database, names: list[str]) -> dict[str, dict[int, int]]:
+    """The one-minute buckets checkpointed to PostgreSQL: name -> {epoch second: value}."""
+    t = frames.from_arrow(export.select(db, "metric_buckets", {
+        "name": "name", "bucket_start": "bucket_start", "value": "value"}))
+    out: dict[str, dict[int, int]] = {}
+    for n, start, v in zip(t.get("name", []), t.get("bucket_start", []), t.get("value", []),
+                           strict=True):
+        if n in names:
+            out.setdefault(n, {})[int(start) // 1_000_000] = int(v)
     return out

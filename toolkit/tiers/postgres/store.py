@@ -10,7 +10,7 @@ import contextlib
 import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from psycopg import sql as pgsql
@@ -196,30 +196,38 @@ def statuses_param() -> sa.BindParameter[Any]:
     return sa.bindparam("_statuses", type_=ARRAY(sa.Text))
 
 
+class _Shape(NamedTuple):
+    """What an update statement looks like (the key of its cached, compiled form)."""
+
+    kind: str
+    columns: tuple[str, ...]
+    increments: tuple[str, ...]
+    guards: tuple[str, ...]
+    with_statuses: bool
+    with_now: bool
+    enqueue: bool
+    grant: bool
+
+
 @functools.lru_cache(maxsize=256)
-def _update_template(kind: str, columns: tuple[str, ...], increments: tuple[str, ...],
-                     guards: tuple[str, ...], with_statuses: bool, with_now: bool,
-                     enqueue: bool, grant: bool = False) -> sa.Update:
-    table = t.ENTITY_TABLES[kind]
+def _update_template(shape: _Shape) -> sa.Update:
+    table = t.ENTITY_TABLES[shape.kind]
     stmt = sa.update(table).where(table.c.id == sa.bindparam("_id"))
-    for column in guards:
+    for column in shape.guards:
         stmt = stmt.where(table.c[column] == param(f"_g_{column}", table.c[column]))
-    if with_statuses:
+    if shape.with_statuses:
         stmt = stmt.where(table.c.status == sa.any_(statuses_param()))
-    vals: dict[str, Any] = {c: param(f"_v_{c}", table.c[c]) for c in columns}
-    vals.update({c: table.c[c] + 1 for c in increments})
-    if grant:
+    vals: dict[str, Any] = {c: param(f"_v_{c}", table.c[c]) for c in shape.columns}
+    vals.update({c: table.c[c] + 1 for c in shape.increments})
+    if shape.grant:
         vals["max_attempts"] = sa.func.greatest(table.c.max_attempts, table.c.attempts + 1)
     if "version" in table.c:
         vals["version"] = table.c.version + 1
-    if with_now and "updated_at" in table.c:
+    if shape.with_now and "updated_at" in table.c:
         vals["updated_at"] = param("_now", table.c.updated_at)
-    if enqueue:
+    if shape.enqueue:
         vals["enqueue_seq"] = t.enqueue_seq.next_value()
     return stmt.values(**vals)
-
-
-_Shape = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], bool, bool, bool, bool]
 
 
 def _update_shape(
@@ -237,8 +245,8 @@ def _update_shape(
     columns = tuple(sorted(c for c, v in vals.items() if v is not INCREMENT))
     guard = guard or {}
     guards = tuple(sorted(guard))
-    shape = (kind, columns, increments, guards, statuses_in is not None, now is not None, enqueue,
-             grant)
+    shape = _Shape(kind, columns, increments, guards, statuses_in is not None, now is not None,
+                   enqueue, grant)
     params: dict[str, Any] = {"_id": entity_id}
     params.update({f"_v_{c}": vals[c] for c in columns})
     params.update({f"_g_{c}": guard[c] for c in guards})
@@ -251,7 +259,7 @@ def _update_shape(
 
 @functools.lru_cache(maxsize=256)
 def _update_returning(shape: _Shape) -> sa.Update:
-    return _update_template(*shape).returning(t.ENTITY_TABLES[shape[0]])
+    return _update_template(shape).returning(t.ENTITY_TABLES[shape[0]])
 
 
 def update(
@@ -272,7 +280,7 @@ def update(
 @functools.lru_cache(maxsize=64)
 def _move_template(shape: _Shape, lock_workflow: bool) -> sa.Select[Any]:
     j, w, e = t.jobs, t.workflows, t.job_events
-    moved = _update_template(*shape).returning(*j.c).cte("moved")
+    moved = _update_template(shape).returning(*j.c).cte("moved")
     logged = sa.insert(e).from_select(
         ["job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at"],
         sa.select(moved.c.id, moved.c.workflow_id, sa.bindparam("_event", type_=sa.Text),
