@@ -13,8 +13,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
 from toolkit import models
 from toolkit.handles import Tiers
 from toolkit.tiers.memory import KINDS, Memory
@@ -80,7 +78,7 @@ def pg_versions(db: Database) -> tuple[dict[str, dict[str, Mapping[str, Any]]],
     rows: dict[str, dict[str, Mapping[str, Any]]] = {}
     wanted: dict[str, dict[str, float]] = {}
     with db.begin("check: read PostgreSQL") as conn:
-        conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        store.begin_snapshot(conn)
         for kind in KINDS:
             columns = live_columns(kind)
             rows[kind] = {r[0]: dict(zip(columns, r, strict=True))

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from toolkit import errors, models, validate
-from toolkit.tiers.postgres import records
+from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import keys
@@ -30,9 +30,7 @@ PURGEABLE = tuple(models.values(models.PURGEABLE_JOB_STATUSES))
 def require_tables(db: Database) -> None:
     """Raise :class:`~toolkit.errors.SetupError` when ``db.schema`` has no toolkit tables."""
     with db.begin("look for the toolkit's tables") as conn:
-        found = conn.execute(sa.text(
-            "SELECT to_regclass(format('%I.schema_migrations', CAST(:s AS text))) IS NOT NULL"),
-            {"s": db.schema}).scalar_one()
+        found = store.has_toolkit_tables(conn, db.schema)
     if not found:
         raise errors.SetupError(
             f"schema {db.schema!r} has no toolkit tables: check --schema/--database-url "

@@ -67,7 +67,7 @@ def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[model
     entities: dict[str, list[models.Entity]] = {}
     wanted: dict[str, dict[str, float]] = {}
     with db.begin("rebuild: read PostgreSQL") as conn:
-        conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        store.begin_snapshot(conn)
         counts = store.count_live(conn)
         bar = _progress(sum(counts.values()), progress)
         try:

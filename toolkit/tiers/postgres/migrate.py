@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 
 from toolkit import errors
-from toolkit.tiers.postgres import tables
+from toolkit.tiers.postgres import store, tables
 from toolkit.tiers.postgres.db import Database
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,7 @@ def available() -> list[tuple[int, str, str]]:
 def applied(db: Database) -> list[int]:
     """Return the versions applied to the schema (empty when it has no migration table)."""
     with db.begin("read schema version") as conn:
-        exists = conn.execute(
-            sa.text("SELECT to_regclass(format('%I.schema_migrations', CAST(:s AS text))) IS NOT NULL"),
-            {"s": db.schema},
-        ).scalar_one()
-        if not exists:
+        if not store.has_toolkit_tables(conn, db.schema):
             return []
         rows = conn.execute(sa.select(tables.schema_migrations.c.version))
         return sorted(r[0] for r in rows)

@@ -372,3 +372,20 @@ def _driver_sql(conn: sa.Connection, stmt: sa.Select[Any]) -> tuple[pgsql.SQL, d
     compiled = stmt.compile(dialect=conn.dialect, schema_translate_map=schema_map,
                             render_schema_translate=True)
     return pgsql.SQL(str(compiled)), dict(compiled.params)
+
+
+# -- transactions and the catalog -----------------------------------------------------------
+
+_SNAPSHOT = sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+_HAS_TABLES = sa.text(
+    "SELECT to_regclass(format('%I.schema_migrations', CAST(:s AS text))) IS NOT NULL")
+
+
+def begin_snapshot(conn: sa.Connection) -> None:
+    """Make the caller's transaction one read-only snapshot (call it first in the transaction)."""
+    conn.execute(_SNAPSHOT)
+
+
+def has_toolkit_tables(conn: sa.Connection, schema: str) -> bool:
+    """Whether ``schema`` holds the toolkit's tables (reads the catalog; creates nothing)."""
+    return bool(conn.execute(_HAS_TABLES, {"s": schema}).scalar_one())
