@@ -6,6 +6,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._open = threading.Event()
+        self.stalled = threading.Event()
+        """While set, bytes are held back and nothing is closed: a silent network."""
 
     @classmethod
     def to_url(cls, url: str) -> TcpProxy:
@@ -92,6 +95,8 @@ class TcpProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while chunk := src.recv(65536):
+                while self.stalled.is_set():
+                    time.sleep(0.01)
                 dst.sendall(chunk)
         except OSError:
             pass

@@ -34,6 +34,7 @@ import redis
 import toolkit
 from tests.conftest import unique
 from toolkit import config, models
+from toolkit.tiers.memory import KINDS
 from toolkit.tiers.redis import keys
 
 HERE = Path(__file__).resolve().parent
@@ -238,3 +239,20 @@ def assert_rebuild_loaded_everything(report: toolkit.RebuildReport, libpq_url: s
     """The rebuild's counts equal the live rows in PostgreSQL, field by field."""
     got = {k: getattr(report, k) for k in ("workflows", "workers", "jobs", "queued", "assignments")}
     assert got == pg_live_counts(libpq_url, schema)
+
+
+def everything(sm: toolkit.StateManager, servers: Any) -> tuple[Any, ...]:
+    """Every PostgreSQL row, Redis key (heartbeats aside) and memory entry of ``sm``'s schema
+    and namespace: what a write that was refused or rolled back must leave as it was."""
+    client = redis.Redis.from_url(servers.redis_url)
+    try:
+        names = sorted(client.scan_iter(match=keys.namespace_pattern(sm.ns), count=1000))
+        rds = {k: client.dump(k) for k in names if b"heartbeat" not in k and b":hb" not in k}
+    finally:
+        client.close()
+    with psycopg.connect(servers.libpq_url, autocommit=True) as conn:
+        pg = {t: conn.execute(psycopg.sql.SQL("SELECT * FROM {} ORDER BY 1").format(
+            psycopg.sql.Identifier(sm.settings.schema, t))).fetchall()
+            for t in ("workflows", "jobs", "workers", "job_assignments", "job_events")}
+    mem = {kind: sorted((e.id, repr(e)) for e in sm.memory.all(kind)) for kind in KINDS}
+    return pg, rds, mem

@@ -15,13 +15,10 @@ a disconnect the listener can see, ``StateManager.memory_max_age`` in any case.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -171,27 +168,6 @@ def test_a_frozen_reader_dropped_by_a_full_pubsub_buffer_is_not_served_stale(
             drop_schema(servers.libpq_url, name)
 
 
-class StallingProxy(TcpProxy):
-    """A TCP proxy that can stop forwarding without closing anything: a silent network."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.stalled = threading.Event()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                while self.stalled.is_set():
-                    time.sleep(0.01)
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.mark.parametrize("defence,bound", [("ping", invalidation.SILENT_AFTER + 1.0),
                                            ("age", toolkit.state.MEMORY_MAX_AGE + 0.5)])
 def test_a_silent_subscription_is_not_served_stale_past_the_bound(
@@ -200,7 +176,7 @@ def test_a_silent_subscription_is_not_served_stale_past_the_bound(
     if defence == "age":  # the PING check off: the age bound alone must hold
         monkeypatch.setattr(invalidation, "SILENT_AFTER", 3600.0)
     where = TcpProxy.to_url(clean.redis_url).target
-    proxy = StallingProxy(*where).start()
+    proxy = TcpProxy(*where).start()
     reader = toolkit.init_state_manager(clean.database_url, proxy.url_for(clean.redis_url),
                                         namespace=clean.namespace, schema=clean.schema)
     writer = make_sm()

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
@@ -27,9 +26,7 @@ from psycopg import sql
 
 import toolkit
 from tests.conftest import Servers
-from tests.reliability.conftest import assert_invariants
-from toolkit.tiers.memory import KINDS
-from toolkit.tiers.redis import keys
+from tests.reliability.conftest import assert_invariants, everything
 
 TIMEOUT_MS = 300
 
@@ -51,21 +48,6 @@ def strict_sm(clean: Servers) -> Iterator[toolkit.StateManager]:
         sm.close()
 
 
-def _state(sm: toolkit.StateManager, servers: Servers) -> tuple[Any, ...]:
-    client = redis.Redis.from_url(servers.redis_url)
-    try:
-        names = sorted(client.scan_iter(match=keys.namespace_pattern(sm.ns), count=1000))
-        rds = {k: client.dump(k) for k in names if b"heartbeat" not in k and b":hb" not in k}
-    finally:
-        client.close()
-    with psycopg.connect(servers.libpq_url, autocommit=True) as conn:
-        pg = {t: conn.execute(sql.SQL("SELECT * FROM {} ORDER BY 1").format(
-            sql.Identifier(sm.settings.schema, t))).fetchall()
-            for t in ("workflows", "jobs", "job_assignments", "job_events")}
-    mem = {kind: sorted((e.id, e) for e in sm.memory.all(kind)) for kind in KINDS}
-    return pg, rds, mem
-
-
 def _started(sm: toolkit.StateManager) -> None:
     sm.create_workflow("w", workflow_id="wf", jobs=[{"name": "a", "id": "a"},
                                                     {"name": "b", "id": "b"}])
@@ -79,7 +61,7 @@ def test_a_statement_timeout_mid_write_is_a_clear_error_and_nothing_is_half_appl
         strict_sm: toolkit.StateManager, clean: Servers, raw_redis: redis.Redis) -> None:
     sm = strict_sm
     _started(sm)
-    before = _state(sm, clean)
+    before = everything(sm, clean)
     holder = psycopg.connect(clean.libpq_url)
     try:  # another session blocks every insert into job_events: the last statement of a write
         holder.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
@@ -103,7 +85,7 @@ def test_a_statement_timeout_mid_write_is_a_clear_error_and_nothing_is_half_appl
     finally:
         holder.rollback()
         holder.close()
-    assert _state(sm, clean) == before
+    assert everything(sm, clean) == before
     assert_invariants(sm, raw_redis, clean.libpq_url)
     sm.create_job("wf", "d", depends_on=["a"])  # the same writes go through once unblocked
     assert sm.cancel_job("b").status == "cancelled"
@@ -153,11 +135,11 @@ def test_a_serialization_failure_past_the_retries_is_a_clear_error_and_changes_n
     sm = strict_sm
     _started(sm)
     sm._pipe.tx_attempts = 1
-    before = _state(sm, clean)
+    before = everything(sm, clean)
     writer = _concurrent_update(clean, "b", commit_after=0.1)
     with pytest.raises(toolkit.StorageUnavailable) as info:
         sm.cancel_job("b")
     writer.join(5)
     assert "serialization conflict" in str(info.value) and "nothing written" in str(info.value)
-    assert _state(sm, clean) == before
+    assert everything(sm, clean) == before
     assert_invariants(sm, raw_redis, clean.libpq_url)

@@ -14,16 +14,14 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import toolkit
 import toolkit.cli
 from tests.conftest import Servers
-from toolkit.tiers.redis import keys
+from tests.reliability.conftest import everything
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -55,21 +53,6 @@ def _nested(leaf: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.recursive(leaf, lambda inner: st.lists(inner, min_size=1, max_size=2)
                         | st.dictionaries(st.text(max_size=4), inner, min_size=1, max_size=2),
                         max_leaves=4)
-
-
-def _snapshot(sm: toolkit.StateManager, servers: Servers) -> tuple[Any, ...]:
-    """Every PostgreSQL row, Redis key and memory entry of ``sm``'s schema and namespace."""
-    client = redis.Redis.from_url(servers.redis_url)
-    try:
-        names = sorted(client.scan_iter(match=keys.namespace_pattern(sm.ns), count=1000))
-        rds = {k: client.dump(k) for k in names if b"heartbeat" not in k and b":hb" not in k}
-    finally:
-        client.close()
-    with psycopg.connect(servers.libpq_url, autocommit=True) as conn:
-        pg = {t: conn.execute(psycopg.sql.SQL("SELECT * FROM {} ORDER BY 1").format(
-            psycopg.sql.Identifier(sm.settings.schema, t))).fetchall()
-            for t in ("workflows", "jobs", "workers", "job_assignments", "job_events")}
-    return pg, rds
 
 
 @pytest.fixture
@@ -119,7 +102,7 @@ def _field_of(label: str) -> str:
 @given(bad=BAD_IDS)
 def test_unstorable_ids_and_names_are_refused_naming_the_field_and_write_nothing(
         busy: toolkit.StateManager, clean: Servers, bad: Any) -> None:
-    before = _snapshot(busy, clean)
+    before = everything(busy, clean)
     for label, call in _id_verbs(busy, bad).items():
         with pytest.raises(toolkit.ValidationError) as info:
             call()
@@ -127,19 +110,19 @@ def test_unstorable_ids_and_names_are_refused_naming_the_field_and_write_nothing
     lock = busy.lock("ok")
     assert lock.acquire(blocking=False)
     lock.release()
-    assert _snapshot(busy, clean)[0] == before[0]
+    assert everything(busy, clean)[0] == before[0]
 
 
 @SETTINGS
 @given(bad=UNSTORABLE | st.integers(10_001, 10_050).map(lambda n: "e" * n))
 def test_unstorable_error_texts_are_refused_and_the_job_stays_running(
         busy: toolkit.StateManager, clean: Servers, bad: str) -> None:
-    before = _snapshot(busy, clean)
+    before = everything(busy, clean)
     with pytest.raises(toolkit.ValidationError) as info:
         busy.fail_job("a", bad, worker_id="w1")
     assert "error" in str(info.value)
     assert busy.get_job("a").status == "running"
-    assert _snapshot(busy, clean) == before
+    assert everything(busy, clean) == before
 
 
 @SETTINGS
@@ -147,7 +130,7 @@ def test_unstorable_error_texts_are_refused_and_the_job_stays_running(
                                                           max_size=1)))
 def test_unstorable_payload_result_and_metadata_at_any_depth_are_refused(
         busy: toolkit.StateManager, clean: Servers, bad: Any) -> None:
-    before = _snapshot(busy, clean)
+    before = everything(busy, clean)
     calls = {
         "jobs[0].payload": lambda: busy.create_workflow("x", jobs=[{"name": "p", "payload": bad}]),
         "payload": lambda: busy.create_job("wf", "p", payload={"k": bad}),
@@ -159,7 +142,7 @@ def test_unstorable_payload_result_and_metadata_at_any_depth_are_refused(
         with pytest.raises(toolkit.ValidationError) as info:
             call()
         assert field.strip() in str(info.value), (field, str(info.value)[:200])
-    assert _snapshot(busy, clean) == before
+    assert everything(busy, clean) == before
 
 
 @SETTINGS

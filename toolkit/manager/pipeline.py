@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +32,7 @@ from toolkit.handles import Tiers
 from toolkit.models import JobStatus as JS
 from toolkit.recovery import invalidation
 from toolkit.tiers.memory import KINDS, Memory
+from toolkit.tiers.postgres import db as pg_db
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, metrics, queue
@@ -148,13 +150,27 @@ class Pipeline:
         ``one_statement``: ``fn`` writes with a single statement (reads after it
         are allowed), which then commits by itself, without BEGIN and COMMIT.
         """
-        changes = Changes(action=action)
-        with self.db.autocommit(action) if one_statement else self.db.begin(action) as conn:
-            fn(conn, changes)
-            if one_statement:
-                assert not changes.events, "events need a transaction"
-            records.insert_events(conn, self.db.schema, changes.events)
-        return self.apply(changes)
+        return self.apply(self._commit(action, fn, one_statement))
+
+    def _commit(self, action: str, fn: Transaction, one_statement: bool) -> Changes:
+        """Run ``fn`` in a transaction; run it again (fresh) after a serialization failure
+        or a deadlock, which PostgreSQL rolled back whole. Other errors raise at once."""
+        for attempt in range(1, self.tx_attempts + 1):
+            changes = Changes(action=action)
+            try:
+                with self.db.autocommit(action) if one_statement else self.db.begin(action) as conn:
+                    fn(conn, changes)
+                    if one_statement:
+                        assert not changes.events, "events need a transaction"
+                    records.insert_events(conn, self.db.schema, changes.events)
+                return changes
+            except errors.StorageUnavailable as exc:
+                if attempt == self.tx_attempts or not pg_db.retryable(exc):
+                    raise
+                log.info("%s: %s; running it again (attempt %d)", action, exc, attempt + 1,
+                         extra={"action": "retry_transaction"})
+                time.sleep(random.uniform(0.0, 0.02 * attempt))
+        raise AssertionError("unreachable")
 
     def apply(self, changes: Changes) -> list[models.Entity]:
         """Push committed changes to Redis (one pipeline), then memory. Never raises."""
