@@ -19,6 +19,9 @@ FINAL_LRU_SIZE = 10_000
 """How many final jobs and ended assignments memory keeps, most recently used first."""
 
 KINDS = ("workflow", "job", "worker", "assignment")
+STAMP_RESOLUTION = 0.05
+"""Entries stored within this many seconds share one time stamp (one float object): the
+earlier one, so an entry may expire up to this much early, never late."""
 
 
 class Memory:
@@ -29,7 +32,11 @@ class Memory:
         self._live: dict[str, dict[str, models.Entity]] = {k: {} for k in KINDS}
         self._final: OrderedDict[tuple[str, str], models.Entity] = OrderedDict()
         self._final_size = final_lru_size
-        self._stored_at: dict[tuple[str, str], float] = {}
+        # When each entry was stored (time.monotonic()), per kind: the age bound of reads.
+        # One float per kind and id, the id string shared with the entity; a bulk store
+        # shares one float object, so a rebuild adds only the dict slots.
+        self._stored_at: dict[str, dict[str, float]] = {k: {} for k in KINDS}
+        self._tick = time.monotonic()
 
     def get(self, kind: str, entity_id: str) -> models.Entity | None:
         """Return the entity, or None."""
@@ -44,8 +51,13 @@ class Memory:
     def get_fresh(self, kind: str, entity_id: str, max_age: float) -> models.Entity | None:
         """Return the entity if it was stored at most ``max_age`` seconds ago, else None."""
         with self._lock:
-            found = self.get(kind, entity_id)
-            if found is None or time.monotonic() - self._stored_at.get((kind, entity_id), 0.0) > max_age:
+            found = self._live[kind].get(entity_id)
+            if found is None:
+                found = self._final.get((kind, entity_id))
+                if found is None:
+                    return None
+                self._final.move_to_end((kind, entity_id))
+            if time.monotonic() - self._stored_at[kind].get(entity_id, 0.0) > max_age:
                 return None
             return found
 
@@ -64,18 +76,26 @@ class Memory:
             for e in entities:
                 self.put(kind, e)
 
-    def _store(self, kind: str, entity: models.Entity) -> None:
+    def _store(self, kind: str, entity: models.Entity, now: float | None = None) -> None:
         key = (kind, entity.id)
-        self._stored_at[key] = time.monotonic()
+        self._stored_at[kind][entity.id] = self._stamp() if now is None else now
         if models.is_final(entity):
             self._live[kind].pop(entity.id, None)
             self._final[key] = entity
             self._final.move_to_end(key)
             while len(self._final) > self._final_size:
-                self._stored_at.pop(self._final.popitem(last=False)[0], None)
+                (old_kind, old_id), _ = self._final.popitem(last=False)
+                self._stored_at[old_kind].pop(old_id, None)
         else:
             self._final.pop(key, None)
             self._live[kind][entity.id] = entity
+
+    def _stamp(self) -> float:
+        """Now, as the shared stamp of this :data:`STAMP_RESOLUTION` window."""
+        now = time.monotonic()
+        if now - self._tick >= STAMP_RESOLUTION:
+            self._tick = now
+        return self._tick
 
     def drop(self, kind: str, entity_id: str, *, below_version: int | None = None) -> None:
         """Forget an entity (only if its version is below ``below_version``, when given)."""
@@ -87,7 +107,7 @@ class Memory:
                 return
             self._live[kind].pop(entity_id, None)
             self._final.pop((kind, entity_id), None)
-            self._stored_at.pop((kind, entity_id), None)
+            self._stored_at[kind].pop(entity_id, None)
 
     def live(self, kind: str) -> list[models.Entity]:
         """Return a list of the live entities of ``kind``."""
@@ -106,10 +126,10 @@ class Memory:
             self._live[kind] = {}
             for key in [k for k in self._final if k[0] == kind]:
                 del self._final[key]
-            for key in [k for k in self._stored_at if k[0] == kind]:
-                del self._stored_at[key]
+            self._stored_at[kind] = {}
+            now = self._stamp()
             for e in entities:
-                self._store(kind, e)
+                self._store(kind, e, now)
 
     def clear(self) -> None:
         """Forget everything."""
@@ -117,7 +137,8 @@ class Memory:
             for k in KINDS:
                 self._live[k] = {}
             self._final.clear()
-            self._stored_at.clear()
+            for k in KINDS:
+                self._stored_at[k] = {}
 
     def counts(self) -> dict[str, int]:
         """Return the number of live entities per kind."""
