@@ -24,7 +24,7 @@ from psycopg import sql
 
 import toolkit
 from tests.reliability import servers
-from tests.reliability.conftest import Private, assert_invariants
+from tests.reliability.conftest import Private, assert_invariants, assert_rebuild_loaded_everything
 
 # PgBouncer is not on PyPI: left out of `make test`, run by `make test-system`.
 pytestmark = pytest.mark.system("pgbouncer")
@@ -102,7 +102,7 @@ def test_state_layer_works_through_pgbouncer_transaction_mode(
             assert lock.fencing_token >= 1
         # Rebuild: server-side cursors inside one transaction through the pooler.
         report = sm.rebuild()
-        assert report is not None
+        assert_rebuild_loaded_everything(report, private.libpq_url, sm.settings.schema)
         assert_invariants(sm, private.raw_redis(), private.libpq_url)
         assert sm.check_consistency().ok
         ins = sm.inspector

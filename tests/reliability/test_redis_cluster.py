@@ -23,7 +23,7 @@ from redis.cluster import RedisCluster
 
 import toolkit
 from tests.reliability import servers
-from tests.reliability.conftest import Private
+from tests.reliability.conftest import Private, assert_rebuild_loaded_everything
 from toolkit.tiers.redis import keys
 
 
@@ -85,7 +85,7 @@ def test_state_layer_essentials_on_a_redis_cluster(private: Private, cluster: se
         assert sm.get_metric("cl_metric") == 2
         sm.checkpoint_metrics()
         report = sm.rebuild()
-        assert report is not None
+        assert_rebuild_loaded_everything(report, private.libpq_url, sm.settings.schema)
         assert sm.check_consistency().ok
         assert sm.active_workers() == ["w1"]
         # The keys really are in the cluster, in one slot on a node other than the URL's.
