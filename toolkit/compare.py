@@ -69,7 +69,7 @@ class ConsistencyReport:
             frame[col] = frame[col].astype("Int64")
         for col in ("in_memory", "in_redis", "in_postgres", "consistent"):
             frame[col] = frame[col].astype(bool)
-        frame["entity"] = frame["entity"].astype(pd.CategoricalDtype(list(KINDS)))
+        frame["entity"] = frame["entity"].astype(pd.CategoricalDtype([k.value for k in KINDS]))
         return frame
 
 

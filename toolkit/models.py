@@ -68,6 +68,19 @@ class AssignmentStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class EntityKind(enum.StrEnum):
+    """The four kinds of entity every tier keeps (a memory map, a cache key prefix, a table)."""
+
+    WORKFLOW = "workflow"
+    JOB = "job"
+    WORKER = "worker"
+    ASSIGNMENT = "assignment"
+
+
+ENTITY_KINDS: tuple[EntityKind, ...] = tuple(EntityKind)
+"""Every entity kind, in dependency order (a job's workflow before the job)."""
+
+
 _J = JobStatus
 JOB_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     _J.PENDING: frozenset({_J.QUEUED, _J.CANCELLED}),

@@ -1,20 +1,19 @@
-"""StateManager: a thin facade over the rooms in ``toolkit/manager/``, one short method per verb.
+"""StateManager: a thin facade over the rooms in ``toolkit/manager/``, one line per verb.
 
-The write and read paths are in ``manager/pipeline.py``; each verb's behaviour
-is in the room it delegates to, whose docstring :func:`_doc` copies here (so
-``help(sm.create_workflow)`` shows it). ARCHITECTURE.md follows one call through.
+The write and read paths are in ``manager/pipeline.py``; each verb is the
+method of the room that owns it (:class:`_Verb`), with that method's signature
+and docstring, so ``help(sm.create_workflow)`` shows them and a new verb is one
+line here. ARCHITECTURE.md follows one call through.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from toolkit import compare, config, errors, models, recovery
-from toolkit.lock import Lock
+from toolkit import compare, config, errors, recovery
 from toolkit.manager import (
     counters,
     dispatch,
@@ -24,6 +23,7 @@ from toolkit.manager import (
     retention,
     workers,
     workflows,
+    working,
 )
 from toolkit.tiers.redis import eviction
 
@@ -48,15 +48,34 @@ def register_inspector_factory(factory: Callable[[StateManager], Inspector]) -> 
     _inspector_factory = factory
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def _doc(source: Callable[..., Any]) -> Callable[[F], F]:
-    """Give a facade method the docstring of the room's method it delegates to."""
-    def decorate(method: F) -> F:
-        method.__doc__ = source.__doc__
-        return method
-    return decorate
+class _Verb(Generic[P, R]):
+    """A facade verb: ``sm.verb(...)`` is ``sm.<room>.<method>(...)``, same signature and doc.
+
+    The first lookup on an instance stores the room's bound method in the
+    instance, so later calls cost what a direct call to the room costs.
+    """
+
+    def __init__(self, room: str, method: Callable[Concatenate[Any, P], R]) -> None:
+        self.room, self.method, self.__doc__ = room, method, method.__doc__
+        self.name = method.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Callable[Concatenate[Any, P], R]: ...
+    @overload
+    def __get__(self, obj: object, owner: type) -> Callable[P, R]: ...
+    def __get__(self, obj: object | None, owner: type) -> Callable[..., R]:
+        if obj is None:
+            return self.method
+        bound: Callable[P, R] = getattr(getattr(obj, self.room), self.method.__name__)
+        obj.__dict__[self.name] = bound
+        return bound
 
 
 class StateManager:
@@ -79,6 +98,7 @@ class StateManager:
         self._dispatch = dispatch.Dispatch(self._pipe, self._workers)
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
+        self._working = working.Working(self._jobs, self._dispatch, self._workers)
         self._closed = False
         self.last_rebuild: recovery.RebuildReport | None = None
         self.eviction_risk: eviction.EvictionRisk | None = None
@@ -151,176 +171,50 @@ class StateManager:
     def claim_lease(self, seconds: float) -> None:
         self._dispatch.claim_lease = seconds
 
-    # -- workflows ------------------------------------------------------------------------
+    # -- the verbs: each is the room's method (its signature and docstring) --------------
 
-    @_doc(workflows.Workflows.create)
-    def create_workflow(self, name: str, *, jobs: Sequence[Mapping[str, Any]] = (),
-                        metadata: Mapping[str, Any] | None = None,
-                        workflow_id: str | None = None) -> models.Workflow:
-        return self._workflows.create(name, jobs=jobs, metadata=metadata, workflow_id=workflow_id)
+    create_workflow = _Verb("_workflows", workflows.Workflows.create)
+    get_workflow = _Verb("_workflows", workflows.Workflows.get)
+    list_workflows = _Verb("_workflows", workflows.Workflows.find)
+    update_workflow_status = _Verb("_workflows", workflows.Workflows.update_status)
+    cancel_workflow = _Verb("_workflows", workflows.Workflows.cancel)
+    delete_workflow = _Verb("_workflows", workflows.Workflows.delete)
 
-    @_doc(workflows.Workflows.get)
-    def get_workflow(self, workflow_id: str) -> models.Workflow | None:
-        return self._workflows.get(workflow_id)
+    create_job = _Verb("_jobs", jobs.Jobs.create)
+    get_job = _Verb("_jobs", jobs.Jobs.get)
+    list_jobs = _Verb("_jobs", jobs.Jobs.find)
+    update_job_status = _Verb("_jobs", jobs.Jobs.update_status)
+    enqueue = _Verb("_jobs", jobs.Jobs.enqueue)
+    start_job = _Verb("_jobs", jobs.Jobs.start)
+    complete_job = _Verb("_jobs", jobs.Jobs.complete)
+    cancel_job = _Verb("_jobs", jobs.Jobs.cancel)
+    fail_job = _Verb("_jobs", jobs.Jobs.fail)
 
-    @_doc(workflows.Workflows.find)
-    def list_workflows(self, status: str | None = None) -> list[models.Workflow]:
-        return self._workflows.find(status)
+    assign_job = _Verb("_dispatch", dispatch.Dispatch.assign_job)
+    dequeue = _Verb("_dispatch", dispatch.Dispatch.dequeue)
+    list_assignments = _Verb("_workers", workers.Workers.assignments)
 
-    @_doc(workflows.Workflows.update_status)
-    def update_workflow_status(self, workflow_id: str, status: str) -> models.Workflow:
-        return self._workflows.update_status(workflow_id, status)
+    register_worker = _Verb("_workers", workers.Workers.register)
+    get_worker = _Verb("_workers", workers.Workers.get)
+    list_workers = _Verb("_workers", workers.Workers.find)
+    heartbeat = _Verb("_workers", workers.Workers.heartbeat)
+    heartbeat_many = _Verb("_workers", workers.Workers.heartbeat_many)
+    active_workers = _Verb("_workers", workers.Workers.active)
+    inactive_workers = _Verb("_workers", workers.Workers.inactive)
+    deregister_worker = _Verb("_workers", workers.Workers.deregister)
+    reap_dead_workers = _Verb("_dispatch", dispatch.Dispatch.reap_dead_workers)
+    run_worker = _Verb("_working", working.Working.run_worker)
 
-    @_doc(workflows.Workflows.cancel)
-    def cancel_workflow(self, workflow_id: str) -> models.Workflow:
-        return self._workflows.cancel(workflow_id)
+    lock = _Verb("_counters", counters.Counters.lock)
+    incr_metric = _Verb("_counters", counters.Counters.incr)
+    incr_metrics = _Verb("_counters", counters.Counters.incr_many)
+    get_metric = _Verb("_counters", counters.Counters.get)
+    metrics = _Verb("_counters", counters.Counters.all)
+    checkpoint_metrics = _Verb("_counters", counters.Counters.checkpoint)
 
-    @_doc(workflows.Workflows.delete)
-    def delete_workflow(self, workflow_id: str) -> None:
-        self._workflows.delete(workflow_id)
+    purge = _Verb("_retention", retention.Retention.purge)
 
-    # -- jobs -----------------------------------------------------------------------------
-
-    @_doc(jobs.Jobs.create)
-    def create_job(self, workflow_id: str, name: str, *, priority: int = 0,
-                   queue: str = "default", payload: Any = None, max_attempts: int = 3,
-                   depends_on: Sequence[str] = (), job_id: str | None = None) -> models.Job:
-        return self._jobs.create(workflow_id, name, priority=priority, queue=queue, payload=payload,
-                                 max_attempts=max_attempts, depends_on=depends_on, job_id=job_id)
-
-    @_doc(jobs.Jobs.get)
-    def get_job(self, job_id: str) -> models.Job | None:
-        return self._jobs.get(job_id)
-
-    @_doc(jobs.Jobs.find)
-    def list_jobs(self, *, workflow_id: str | None = None, status: str | None = None,
-                  worker_id: str | None = None) -> list[models.Job]:
-        return self._jobs.find(workflow_id=workflow_id, status=status, worker_id=worker_id)
-
-    @_doc(jobs.Jobs.update_status)
-    def update_job_status(self, job_id: str, status: str, *, result: Any = None,
-                          error: str | None = None) -> models.Job:
-        return self._jobs.update_status(job_id, status, result=result, error=error)
-
-    @_doc(jobs.Jobs.enqueue)
-    def enqueue(self, job_id: str) -> models.Job:
-        return self._jobs.enqueue(job_id)
-
-    @_doc(jobs.Jobs.start)
-    def start_job(self, job_id: str, *, worker_id: str | None = None,
-                  attempt: int | None = None) -> models.Job:
-        return self._jobs.start(job_id, worker_id=worker_id, attempt=attempt)
-
-    @_doc(jobs.Jobs.complete)
-    def complete_job(self, job_id: str, result: Any = None, *, worker_id: str | None = None,
-                     attempt: int | None = None) -> models.Job:
-        return self._jobs.complete(job_id, result, worker_id=worker_id, attempt=attempt)
-
-    @_doc(jobs.Jobs.cancel)
-    def cancel_job(self, job_id: str) -> models.Job:
-        return self._jobs.cancel(job_id)
-
-    @_doc(jobs.Jobs.fail)
-    def fail_job(self, job_id: str, error: str, *, retry: bool = True, worker_id: str | None = None,
-                 attempt: int | None = None) -> models.Job:
-        return self._jobs.fail(job_id, error, retry=retry, worker_id=worker_id, attempt=attempt)
-
-    # -- dispatch -------------------------------------------------------------------------
-
-    @_doc(dispatch.Dispatch.assign_job)
-    def assign_job(self, job_id: str, worker_id: str) -> models.JobAssignment:
-        return self._dispatch.assign_job(job_id, worker_id)
-
-    @_doc(dispatch.Dispatch.dequeue)
-    def dequeue(self, worker_id: str, *, queues: Sequence[str] | None = None,
-                timeout: float = 0.0) -> models.Job | None:
-        return self._dispatch.dequeue(worker_id, queues=queues, timeout=timeout)
-
-    @_doc(workers.Workers.assignments)
-    def list_assignments(self, *, job_id: str | None = None, worker_id: str | None = None,
-                         status: str | None = None) -> list[models.JobAssignment]:
-        return self._workers.assignments(job_id=job_id, worker_id=worker_id, status=status)
-
-    # -- workers --------------------------------------------------------------------------
-
-    @_doc(workers.Workers.register)
-    def register_worker(self, worker_id: str | None = None, *, hostname: str | None = None,
-                        queues: Sequence[str] = ("default",), capacity: int = 1,
-                        metadata: Mapping[str, Any] | None = None) -> models.Worker:
-        return self._workers.register(worker_id, hostname=hostname, queues=queues,
-                                      capacity=capacity, metadata=metadata)
-
-    @_doc(workers.Workers.get)
-    def get_worker(self, worker_id: str) -> models.Worker | None:
-        return self._workers.get(worker_id)
-
-    @_doc(workers.Workers.find)
-    def list_workers(self, *, status: str | None = None) -> list[models.Worker]:
-        return self._workers.find(status=status)
-
-    def heartbeat(self, worker_id: str) -> None:
-        """Record that a worker is alive (a Redis key with TTL ``heartbeat_ttl``).
-
-        PostgreSQL's ``last_heartbeat`` is written in batches at a throttled
-        rate. A heartbeat from an inactive worker makes it active again.
-        """
-        self._workers.heartbeat_many([worker_id])
-
-    @_doc(workers.Workers.heartbeat_many)
-    def heartbeat_many(self, worker_ids: Sequence[str]) -> None:
-        self._workers.heartbeat_many(worker_ids)
-
-    @_doc(workers.Workers.active)
-    def active_workers(self) -> list[str]:
-        return self._workers.active()
-
-    @_doc(workers.Workers.inactive)
-    def inactive_workers(self) -> list[str]:
-        return self._workers.inactive()
-
-    @_doc(workers.Workers.deregister)
-    def deregister_worker(self, worker_id: str) -> models.Worker:
-        return self._workers.deregister(worker_id)
-
-    @_doc(workers.Workers.reap_dead)
-    def reap_dead_workers(self) -> list[models.Job]:
-        self._dispatch.janitor(force=True)
-        return self._workers.reap_dead()
-
-    # -- locks and metrics ----------------------------------------------------------------
-
-    @_doc(counters.Counters.lock)
-    def lock(self, name: str, *, ttl: float = 30.0, blocking_timeout: float | None = None) -> Lock:
-        return self._counters.lock(name, ttl=ttl, blocking_timeout=blocking_timeout)
-
-    @_doc(counters.Counters.incr)
-    def incr_metric(self, name: str, amount: int = 1, *, at: datetime | None = None) -> int:
-        return self._counters.incr(name, amount, at=at)
-
-    @_doc(counters.Counters.incr_many)
-    def incr_metrics(self, amounts: Mapping[str, int]) -> dict[str, int]:
-        return self._counters.incr_many(amounts)
-
-    @_doc(counters.Counters.get)
-    def get_metric(self, name: str) -> int:
-        return self._counters.get(name)
-
-    @_doc(counters.Counters.all)
-    def metrics(self) -> dict[str, int]:
-        return self._counters.all()
-
-    @_doc(counters.Counters.checkpoint)
-    def checkpoint_metrics(self) -> None:
-        self._counters.checkpoint()
-
-    # -- retention and recovery -----------------------------------------------------------
-
-    @_doc(retention.Retention.purge)
-    def purge(self, older_than: float | timedelta, *,
-              statuses: Sequence[str] = ("completed", "cancelled"), batch: int = 1000,
-              dry_run: bool = False, progress: bool | None = None) -> int:
-        return self._retention.purge(older_than, statuses=statuses, batch=batch, dry_run=dry_run,
-                                     progress=progress)
+    # -- recovery -------------------------------------------------------------------------
 
     def rebuild(self, *, progress: bool | None = None) -> recovery.RebuildReport:
         """Reload memory from PostgreSQL and make Redis match it (what a new coordinator runs).

@@ -36,3 +36,15 @@ def test_is_final_agrees_with_the_status_sets() -> None:
 def test_values_are_sorted_plain_strings() -> None:
     assert models.values(models.PURGEABLE_JOB_STATUSES) == ["cancelled", "completed", "failed"]
     assert all(type(v) is str for v in models.values(models.LIVE_JOB_STATUSES))
+
+
+def test_entity_kinds_are_defined_once_and_every_tier_uses_them() -> None:
+    from toolkit.tiers import memory
+    from toolkit.tiers.redis import keys
+
+    assert memory.KINDS is models.ENTITY_KINDS
+    assert keys.ENTITY_KINDS is models.ENTITY_KINDS
+    assert [k.value for k in models.ENTITY_KINDS] == ["workflow", "job", "worker", "assignment"]
+    for kind in models.EntityKind:
+        assert models.field_names(kind), kind  # the model knows every kind
+        assert keys.entity("ns", kind, "x") == f"{{ns}}:{kind.value}:x"

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 from toolkit import failpoints, models, validate
+from toolkit.manager import jobs
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
 from toolkit.models import JobStatus as JS
@@ -104,6 +105,38 @@ class Dispatch:
             if won:
                 return p.apply(ch)[0]  # type: ignore[return-value]
             queue.settle(p.redis, p.ns, claim, requeue=False)
+
+    def reap_dead_workers(self) -> list[models.Job]:
+        self.janitor(force=True)
+        return self.workers.reap_dead()
+
+    reap_dead_workers.__doc__ = Workers.reap_dead.__doc__
+
+    def return_unstarted(self, worker_id: str, job_ids: Sequence[str]) -> list[models.Job]:
+        """Put back jobs a worker claimed and will not start (it is stopping).
+
+        Only jobs still assigned to ``worker_id`` move: back to ``queued`` at the
+        head of their priority, the attempt given back, the assignment ended as
+        ``reclaimed`` (event rule: "returned unstarted"). Returns the jobs moved.
+        """
+        validate.identifier("worker_id", worker_id)
+        ids = [validate.identifier("job_ids", j) for j in job_ids]
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            moved = lifecycle.unclaim_jobs(conn, ids, worker_id, now)
+            ended = lifecycle.end_assignments(conn, "reclaimed", now,
+                                              job_ids=[r["id"] for r in moved])
+            ch.add_all("job", moved)
+            ch.add_all("assignment", ended)
+            for row in moved:
+                ch.event("reclaimed", row, now, worker_id=worker_id, rule="returned unstarted")
+            for wf in sorted({r["workflow_id"] for r in moved}):
+                ch.add("workflow", jobs.rollup(conn, wf, now))
+
+        if not ids:
+            return []
+        return [e for e in self.pipe.write("return claims", tx) if isinstance(e, models.Job)]
 
     def janitor(self, *, force: bool = False) -> int:
         """Return expired in-flight claims to their queues (at most once a second)."""

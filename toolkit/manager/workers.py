@@ -104,6 +104,14 @@ class Workers:
 
     # -- heartbeats -----------------------------------------------------------------------
 
+    def heartbeat(self, worker_id: str) -> None:
+        """Record that a worker is alive (a Redis key with TTL ``heartbeat_ttl``).
+
+        PostgreSQL's ``last_heartbeat`` is written in batches at a throttled
+        rate. A heartbeat from an inactive worker makes it active again.
+        """
+        self.heartbeat_many([worker_id])
+
     def heartbeat_many(self, worker_ids: Sequence[str]) -> None:
         """Record heartbeats of many workers at once (one Redis round trip).
 

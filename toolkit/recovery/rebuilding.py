@@ -115,7 +115,7 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
     entities, wanted, checkpoints = _snapshot(t.db, progress)
     for kind in KINDS:
         t.memory.replace(kind, entities[kind])
-    live = {kind: {e.id for e in entities[kind]} for kind in KINDS}
+    live: dict[str, set[str]] = {kind: {e.id for e in entities[kind]} for kind in KINDS}
     cached, others = _scan_cache(t.redis, t.ns, live)
     for kind in KINDS:
         _fill(t.redis, t.ns, kind, entities[kind], cached[kind])
@@ -141,7 +141,7 @@ def _scan_cache(client: Client, ns: str, live: Mapping[str, set[str]]
     """One SCAN of the namespace: per kind, how many live entities are cached, and
     the ids of the cached entities that are not live."""
     heads = {kind: keys.entity(ns, kind, "") for kind in KINDS}
-    cached = dict.fromkeys(KINDS, 0)
+    cached: dict[str, int] = dict.fromkeys(KINDS, 0)
     others: dict[str, set[str]] = {kind: set() for kind in KINDS}
     with client.translate("cache scan"):
         for key in client.redis.scan_iter(match=keys.namespace_pattern(ns), count=SCAN_COUNT):

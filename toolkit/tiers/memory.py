@@ -18,7 +18,7 @@ from toolkit import models
 FINAL_LRU_SIZE = 10_000
 """How many final jobs and ended assignments memory keeps, most recently used first."""
 
-KINDS = ("workflow", "job", "worker", "assignment")
+KINDS = models.ENTITY_KINDS
 STAMP_RESOLUTION = 0.05
 """Entries stored within this many seconds share one time stamp (one float object): the
 earlier one, so an entry may expire up to this much early, never late."""

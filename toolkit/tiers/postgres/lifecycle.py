@@ -231,6 +231,25 @@ def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
     return store.all_rows(conn.execute(stmt))
 
 
+def unclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], worker_id: str, now: datetime
+                 ) -> list[store.Row]:
+    """Queue again jobs assigned to ``worker_id`` and never started, giving their attempt back.
+
+    They keep their enqueue sequence, so they return to the head of their priority.
+    """
+    if not job_ids:
+        return []
+    j = t.jobs
+    stmt = (
+        sa.update(j)
+        .where(store.any_of(j.c.id, job_ids), j.c.status == "assigned", j.c.worker_id == worker_id)
+        .values(status="queued", attempts=j.c.attempts - 1, worker_id=sa.null(),
+                version=j.c.version + 1, updated_at=now)
+        .returning(j)
+    )
+    return store.all_rows(conn.execute(stmt))
+
+
 def record_heartbeats(conn: sa.Connection, beats: Mapping[str, datetime]) -> list[store.Row]:
     """Write many workers' last heartbeat in one statement; return the updated rows."""
     w = t.workers

@@ -33,7 +33,9 @@ key                                    type        holds
 
 from __future__ import annotations
 
-ENTITY_KINDS = ("workflow", "job", "worker", "assignment")
+from toolkit import models
+
+ENTITY_KINDS = models.ENTITY_KINDS
 
 
 def prefix(ns: str) -> str:
