@@ -18,6 +18,7 @@ from toolkit.manager import (
     counters,
     dispatch,
     jobs,
+    operations,
     pipeline,
     recorded,
     retention,
@@ -98,6 +99,7 @@ class StateManager:
         self._dispatch = dispatch.Dispatch(self._pipe, self._workers)
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
+        self._operations = operations.Operations(self._pipe)
         self._working = working.Working(self._jobs, self._dispatch, self._workers)
         self._closed = False
         self.last_rebuild: recovery.RebuildReport | None = None
@@ -213,6 +215,7 @@ class StateManager:
     checkpoint_metrics = _Verb("_counters", counters.Counters.checkpoint)
 
     purge = _Verb("_retention", retention.Retention.purge)
+    edit_job = _Verb("_operations", operations.Operations.edit_job)
 
     # -- recovery -------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ def test_status_categories_hold_every_status(name: str, column: str, enum: type)
 
 def test_event_category_holds_every_event_name() -> None:
     assert list(frames.EVENTS) == ["created", "queued", "assigned", "started", "completed", "failed",
-                                   "retried", "reclaimed", "cancelled", "deleted"]
+                                   "retried", "reclaimed", "cancelled", "deleted", "edited"]
     for name in ("events", "timeline"):
         assert list(frames.empty(name)["event"].cat.categories) == list(frames.EVENTS)
 

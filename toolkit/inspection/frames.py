@@ -33,7 +33,7 @@ WORKER_STATUS = status_dtype(models.WorkerStatus)
 ASSIGNMENT_STATUS = status_dtype(models.AssignmentStatus)
 ENTITY = pd.CategoricalDtype(["workflow", "job", "worker", "assignment"])
 EVENTS = ("created", "queued", "assigned", "started", "completed", "failed", "retried",
-          "reclaimed", "cancelled", "deleted")
+          "reclaimed", "cancelled", "deleted", "edited")
 """Every event name of the job event log (``job_events.event``), in lifecycle order."""
 EVENT = pd.CategoricalDtype(list(EVENTS), ordered=False)
 

@@ -231,6 +231,12 @@ def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
     return store.all_rows(conn.execute(stmt))
 
 
+def lock_job(conn: sa.Connection, job_id: str) -> store.Row | None:
+    """Read a job's row and lock it for the rest of the transaction (None: no such job)."""
+    j = t.jobs
+    return store.one_row(conn.execute(sa.select(j).where(j.c.id == job_id).with_for_update()))
+
+
 def unclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], worker_id: str, now: datetime
                  ) -> list[store.Row]:
     """Queue again jobs assigned to ``worker_id`` and never started, giving their attempt back.
