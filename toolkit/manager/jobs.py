@@ -125,7 +125,8 @@ class Jobs:
 
     def create(self, workflow_id: str, name: str, *, priority: int = 0,
                queue: str = "default", payload: Any = None, max_attempts: int = 3,
-               depends_on: Sequence[str] = (), job_id: str | None = None) -> models.Job:
+               depends_on: Sequence[str] = (), job_id: str | None = None,
+               idempotency_key: str | None = None) -> models.Job:
         """Add a job to a workflow; queued at once unless a dependency is not completed.
 
         ``depends_on`` names jobs of the same workflow, by id or by name.

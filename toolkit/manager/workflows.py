@@ -27,7 +27,8 @@ class Workflows:
 
     def create(self, name: str, *, jobs: Sequence[Mapping[str, Any]] = (),
                metadata: Mapping[str, Any] | None = None,
-               workflow_id: str | None = None) -> models.Workflow:
+               workflow_id: str | None = None,
+               idempotency_key: str | None = None) -> models.Workflow:
         """Create a workflow and its jobs in one PostgreSQL transaction.
 
         Parameters
