@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 log = logging.getLogger(__name__)
 
 PG_COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"
-"""A ``COMMIT`` as libpq sends it on the wire (a simple Query message), for :meth:`TcpProxy.lose_next_reply`."""
+"""A ``COMMIT`` as libpq sends it (a simple Query message): see :meth:`TcpProxy.lose_next_reply`."""
 
 
 class TcpProxy:

@@ -33,7 +33,7 @@ JOBS: list[dict[str, Any]] = [
 
 def _pg_counts(clean: Servers) -> dict[str, int]:
     """Rows per table in this run's schema, counted straight from PostgreSQL."""
-    tables = ("workflows", "jobs", "job_events")
+    tables = ("workflows", "jobs", "job_events", "idempotency_keys")
     with psycopg.connect(clean.libpq_url, autocommit=True) as conn:
         return {t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
             sql.Identifier(clean.schema, t))).fetchone()[0] for t in tables}  # type: ignore[index]
@@ -47,7 +47,7 @@ def test_a_repeated_workflow_create_returns_the_first_and_writes_nothing(
                                idempotency_key="etl-2026-11-29")
     assert again.id == first.id and again == sm.get_workflow(first.id)
     assert everything(sm, clean) == before  # no row, no event, no queue push, no counter
-    assert _pg_counts(clean) == {"workflows": 1, "jobs": 2, "job_events": 3}
+    assert _pg_counts(clean) == {"workflows": 1, "jobs": 2, "job_events": 3, "idempotency_keys": 1}
     assert_invariants(sm, raw_redis, clean.libpq_url)
 
 
@@ -59,7 +59,7 @@ def test_a_repeated_job_create_returns_the_first_and_writes_nothing(
     again = sm.create_job("wf", "a", payload={"n": 1}, queue="q", idempotency_key="job-a")
     assert again == first == sm.get_job(first.id)
     assert everything(sm, clean) == before
-    assert _pg_counts(clean) == {"workflows": 1, "jobs": 1, "job_events": 2}
+    assert _pg_counts(clean) == {"workflows": 1, "jobs": 1, "job_events": 2, "idempotency_keys": 1}
     assert_invariants(sm, raw_redis, clean.libpq_url)
 
 
@@ -74,6 +74,15 @@ def test_a_repeat_after_the_entity_moved_on_returns_it_as_it_is_now(
     again = sm.create_workflow("w", workflow_id="wf", jobs=[{"name": "a", "id": "a"}],
                                idempotency_key="wf-key")
     assert again.status == "completed" and again == sm.get_workflow("wf")
+
+
+def test_deleting_the_entity_frees_its_key(sm: toolkit.StateManager, clean: Servers) -> None:
+    first = sm.create_workflow("w", jobs=JOBS, idempotency_key="k")
+    sm.create_job(first.id, "extra", idempotency_key="k-job")
+    sm.delete_workflow(first.id)
+    assert _pg_counts(clean)["idempotency_keys"] == 0
+    second = sm.create_workflow("other", idempotency_key="k")  # a new request under the freed key
+    assert second.id != first.id and sm.get_workflow(first.id) is None
 
 
 def _conflicts(sm: toolkit.StateManager) -> dict[str, Callable[[], object]]:
@@ -102,7 +111,7 @@ def test_a_different_request_under_a_used_key_is_a_conflict_and_writes_nothing(
     sm.create_workflow("other", workflow_id="wf-other")
     sm.create_workflow("third", workflow_id="wf-third")
     job = sm.create_job("wf-other", "j", payload=1, idempotency_key="k-job")
-    before = everything(sm, clean)
+    before, counts = everything(sm, clean), _pg_counts(clean)
     for case, create in _conflicts(sm).items():
         with pytest.raises(toolkit.IdempotencyConflict) as info:
             create()
@@ -113,7 +122,7 @@ def test_a_different_request_under_a_used_key_is_a_conflict_and_writes_nothing(
         owner = wf.id if key == "k-wf" else job.id
         assert key in message and owner in message and "different request" in message, (case, message)
         assert info.value.entity_id == owner, case
-    assert everything(sm, clean) == before
+    assert everything(sm, clean) == before and _pg_counts(clean) == counts
     assert_invariants(sm, raw_redis, clean.libpq_url)
 
 
@@ -126,13 +135,13 @@ HOSTILE = [("", "1-255 characters"), ("k" * 256, "1-255 characters"), (42, "must
 def test_a_hostile_key_is_refused_and_nothing_is_written(
         sm: toolkit.StateManager, clean: Servers, key: Any, reason: str) -> None:
     sm.create_workflow("w", workflow_id="wf")
-    before = everything(sm, clean)
+    before, counts = everything(sm, clean), _pg_counts(clean)
     for create in (lambda: sm.create_workflow("x", jobs=JOBS, idempotency_key=key),
                    lambda: sm.create_job("wf", "y", idempotency_key=key)):
         with pytest.raises(toolkit.ValidationError) as info:
             create()
         assert info.value.field == "idempotency_key" and reason in str(info.value), str(info.value)
-    assert everything(sm, clean) == before
+    assert everything(sm, clean) == before and _pg_counts(clean) == counts
 
 
 THREADS = 8
@@ -147,7 +156,7 @@ def _race(create: Callable[[], Any]) -> list[Any]:
         gate.wait()
         try:
             out[i] = create()
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+        except Exception as exc:  # reported by the assertion below
             out[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
@@ -174,7 +183,7 @@ def test_concurrent_creates_under_one_key_make_one_workflow(
     got = _race(create)
     assert all(isinstance(g, toolkit.Workflow) for g in got), got
     assert len({g.id for g in got}) == 1
-    assert _pg_counts(clean) == {"workflows": 1, "jobs": 2, "job_events": 3}
+    assert _pg_counts(clean) == {"workflows": 1, "jobs": 2, "job_events": 3, "idempotency_keys": 1}
     assert sm.metrics()["workflows_created"] == 1 and sm.metrics()["jobs_created"] == 2
     assert_invariants(sm, raw_redis, clean.libpq_url)
 
@@ -185,7 +194,7 @@ def test_concurrent_job_creates_under_one_key_make_one_job(
     got = _race(lambda: sm.create_job("wf", "a", idempotency_key="race-job"))
     assert all(isinstance(g, toolkit.Job) for g in got), got
     assert len({g.id for g in got}) == 1
-    assert _pg_counts(clean) == {"workflows": 1, "jobs": 1, "job_events": 2}
+    assert _pg_counts(clean) == {"workflows": 1, "jobs": 1, "job_events": 2, "idempotency_keys": 1}
     assert_invariants(sm, raw_redis, clean.libpq_url)
 
 
@@ -201,8 +210,9 @@ def test_a_create_whose_commit_reply_is_lost_is_retried_once_under_its_key(
             sm.create_workflow("etl", jobs=JOBS, idempotency_key="lost-reply")
         assert _pg_counts(clean)["workflows"] == 2, "the COMMIT did not land: no reply was lost"
         wf = sm.create_workflow("etl", jobs=JOBS, idempotency_key="lost-reply")  # the retry
-        assert _pg_counts(clean) == {"workflows": 2, "jobs": 2, "job_events": 3}
-        assert [j.name for j in sm.list_jobs(workflow_id=wf.id)] == ["extract", "load"]
+        assert _pg_counts(clean) == {"workflows": 2, "jobs": 2, "job_events": 3,
+                                     "idempotency_keys": 1}
+        assert sorted(j.name for j in sm.list_jobs(workflow_id=wf.id)) == ["extract", "load"]
         sm.register_worker("w1")
         job = sm.dequeue("w1")  # the first call never reached Redis: the retry queued its job
         assert job is not None and job.workflow_id == wf.id and job.name == "extract"

@@ -118,6 +118,15 @@ def dependencies(db: Database) -> pa.Table:
     return copy_query(db, query, (), ["job_id", "depends_on"])
 
 
+def idempotency_keys(db: Database, kind: str) -> pa.Table:
+    """The idempotency key of each ``kind`` (``workflow`` or ``job``) made under one: ``entity_id, key``."""
+    column, made = (("job_id", sql.SQL("job_id IS NOT NULL")) if kind == "job"
+                    else ("workflow_id", sql.SQL("job_id IS NULL")))
+    query = sql.SQL("SELECT {} AS entity_id, key FROM {} WHERE {}").format(
+        sql.Identifier(column), sql.Identifier(db.schema, "idempotency_keys"), made)
+    return copy_query(db, query, (), ["entity_id", "key"])
+
+
 def job_counts(db: Database) -> pa.Table:
     """Jobs per (workflow, status), counted by PostgreSQL."""
     query = sql.SQL("SELECT workflow_id, status, count(*) AS n FROM {} GROUP BY 1, 2").format(
