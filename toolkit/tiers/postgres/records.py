@@ -1,4 +1,4 @@
-"""Records kept beside the entities: the job event log, metric checkpoints, retention,
+"""Records kept beside the entities: the job event log, metric checkpoints, retention, idempotency keys,
 the coordinator's recorded settings and the fencing-token reservations of locks.
 
 SQLAlchemy Core with bound parameters (binary COPY for the event log); every function
