@@ -143,8 +143,8 @@ class Jobs:
         }])[0]
         deps = validate.names("depends_on", depends_on)
         now = self.pipe.now()
-        digest = taken and idempotency.request_hash(
-            idempotency.job_request(workflow_id, spec, deps, job_id))
+        digest = idempotency.request_hash(
+            idempotency.job_request(workflow_id, spec, deps, job_id)) if taken else None
         replay: idempotency.Rows = []
 
         def tx(conn: sa.Connection, ch: Changes) -> None:

@@ -74,8 +74,8 @@ class Workflows:
             "created_at": now, "updated_at": now, "version": 1,
         }
         specs = validate.job_specs(jobs)
-        digest = taken and idempotency.request_hash(idempotency.workflow_request(
-            wf_row["name"], wf_row["metadata"], workflow_id, jobs, specs))
+        digest = idempotency.request_hash(idempotency.workflow_request(
+            wf_row["name"], wf_row["metadata"], workflow_id, jobs, specs)) if taken else None
         replay: idempotency.Rows = []
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
