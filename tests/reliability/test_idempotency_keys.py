@@ -222,6 +222,29 @@ def test_a_create_whose_commit_reply_is_lost_is_retried_once_under_its_key(
         proxy.cut()
 
 
+def test_a_job_create_whose_commit_reply_is_lost_is_retried_once_under_its_key(
+        clean: Servers, raw_redis: redis.Redis) -> None:
+    proxy = TcpProxy.to_url(clean.database_url).start()
+    sm = toolkit.init_state_manager(proxy.url_for(clean.database_url), clean.redis_url,
+                                    namespace=clean.namespace, schema=clean.schema)
+    try:
+        sm.create_workflow("w", workflow_id="wf")
+        proxy.lose_next_reply()
+        with pytest.raises(toolkit.StorageUnavailable):
+            sm.create_job("wf", "a", payload={"n": 1}, idempotency_key="lost-job")
+        assert _pg_counts(clean)["jobs"] == 1, "the COMMIT did not land: no reply was lost"
+        job = sm.create_job("wf", "a", payload={"n": 1}, idempotency_key="lost-job")
+        assert _pg_counts(clean) == {"workflows": 1, "jobs": 1, "job_events": 2,
+                                     "idempotency_keys": 1}
+        sm.register_worker("w1")
+        got = sm.dequeue("w1")
+        assert got is not None and got.id == job.id
+        assert_invariants(sm, raw_redis, clean.libpq_url)
+    finally:
+        sm.close()
+        proxy.cut()
+
+
 def test_the_inspector_shows_the_keys(sm: toolkit.StateManager) -> None:
     sm.create_workflow("keyed", workflow_id="wf1", jobs=[{"name": "a", "id": "a"}],
                        idempotency_key="wf-key")
@@ -233,3 +256,25 @@ def test_the_inspector_shows_the_keys(sm: toolkit.StateManager) -> None:
     jobs = sm.inspector.jobs()
     assert jobs.loc["b", "idempotency_key"] == "job-key"
     assert pd.isna(jobs.loc["a", "idempotency_key"])
+
+
+def test_an_inspector_on_a_schema_without_keys_shows_none(clean: Servers) -> None:
+    """A schema a coordinator has not migrated to 0005 yet: the frames read, with NA keys."""
+    from tests.conftest import drop_schema, unique
+    from toolkit.tiers.postgres import migrate
+    from toolkit.tiers.postgres.db import Database
+
+    old = unique("tk_old")
+    db = Database(clean.database_url, old)
+    try:
+        migrate.upgrade(db, target=4)
+        with psycopg.connect(clean.libpq_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("INSERT INTO {} VALUES ('wf', 'w', 'pending', '{{}}', now(), "
+                                 "now(), 1)").format(sql.Identifier(old, "workflows")))
+        with toolkit.Inspector(clean.database_url, clean.redis_url, namespace=old,
+                               schema=old) as ins:
+            assert pd.isna(ins.workflows().loc["wf", "idempotency_key"])
+            assert ins.jobs().empty
+    finally:
+        db.dispose()
+        drop_schema(clean.libpq_url, old)
