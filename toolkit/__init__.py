@@ -10,6 +10,7 @@ from toolkit import state
 from toolkit.compare import ConsistencyReport
 from toolkit.errors import (
     ConfigurationError,
+    IdempotencyConflict,
     InvalidTransition,
     LockNotOwned,
     NotFound,
@@ -42,6 +43,7 @@ __all__ = [
     "AssignmentStatus",
     "ConfigurationError",
     "ConsistencyReport",
+    "IdempotencyConflict",
     "Inspector",
     "InvalidTransition",
     "Job",

@@ -11,6 +11,7 @@ Every error a public method raises is one of these::
      +-- InvalidTransition       a status change the transition table forbids
      |    +-- StaleAttempt       a call fenced to an attempt that was reclaimed or superseded
      +-- ValidationError (ValueError)  bad input, refused before any I/O
+     |    +-- IdempotencyConflict  an idempotency key already used for a different request
      +-- LockNotOwned            release/extend of a lock this caller does not hold
      +-- StorageUnavailable      PostgreSQL or Redis could not be reached or failed
 
@@ -97,6 +98,19 @@ class ValidationError(ToolkitError, ValueError):
         self.reason = reason
         shown = _short_repr(value)
         super().__init__(f"invalid {field}={shown}: {reason}")
+
+
+class IdempotencyConflict(ValidationError):
+    """That idempotency key was already used for a different request."""
+
+    def __init__(self, key: str, entity: str, entity_id: str) -> None:
+        self.key = key
+        self.entity = entity
+        self.entity_id = entity_id
+        super().__init__("idempotency_key", key,
+                         f"already used for a different request, which made {entity} "
+                         f"{entity_id!r}; a retry must repeat its request exactly, and a new "
+                         "request needs a new key")
 
 
 class LockNotOwned(ToolkitError):

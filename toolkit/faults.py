@@ -11,6 +11,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
+PG_COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+"""A ``COMMIT`` as libpq sends it (a simple Query message): see :meth:`TcpProxy.lose_next_reply`."""
+
 
 class TcpProxy:
     """A loopback TCP proxy to one server; :meth:`cut` drops every connection and refuses new ones.
@@ -28,6 +31,7 @@ class TcpProxy:
         self._open = threading.Event()
         self.stalled = threading.Event()
         """While set, bytes are held back and nothing is closed: a silent network."""
+        self._lose: bytes | None = None
 
     @classmethod
     def to_url(cls, url: str) -> TcpProxy:
@@ -75,6 +79,25 @@ class TcpProxy:
 
     stop = cut
 
+    def lose_next_reply(self, message: bytes = PG_COMMIT) -> None:
+        """Lose the answer to the next client message that contains ``message``.
+
+        The message reaches the server, which carries it out and answers; the
+        answer is dropped and that connection is cut, so the client sees the
+        connection fail *after* the server acted (a reply lost after a COMMIT).
+        One-shot: other connections and later messages pass untouched.
+        """
+        with self._lock:
+            self._lose = message
+
+    def _losing(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` (client to server) is the armed message; disarms when it is."""
+        with self._lock:
+            if self._lose is None or self._lose not in chunk:
+                return False
+            self._lose = None
+            return True
+
     def _accept(self, lst: socket.socket) -> None:
         while self._open.is_set():
             try:
@@ -89,14 +112,20 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._conns.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            lost = threading.Event()  # set: the server's next answer on this pair is dropped
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up, lost), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool,
+              lost: threading.Event) -> None:
         try:
             while chunk := src.recv(65536):
                 while self.stalled.is_set():
                     time.sleep(0.01)
+                if upstream and self._lose is not None and self._losing(chunk):
+                    lost.set()  # before the server can answer
+                elif not upstream and lost.is_set():
+                    break  # the answer is dropped; both sockets are shut below
                 dst.sendall(chunk)
         except OSError:
             pass

@@ -8,7 +8,8 @@ import sys
 import toolkit
 
 EXPECTED = [
-    "AssignmentStatus", "ConfigurationError", "ConsistencyReport", "Inspector", "InvalidTransition",
+    "AssignmentStatus", "ConfigurationError", "ConsistencyReport", "IdempotencyConflict", "Inspector",
+    "InvalidTransition",
     "Job", "JobAssignment", "JobStatus", "LocalStack", "Lock", "LockNotOwned", "NotFound",
     "RebuildReport", "StaleAttempt", "StateManager", "StorageUnavailable", "ToolkitError", "ValidationError",
     "Worker", "WorkerStatus", "Workflow", "WorkflowStatus", "__version__", "init_state_manager",

@@ -44,13 +44,14 @@ _JOB_COUNTS = {f"jobs_{s.value}": "Int64" for s in models.JobStatus}
 SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "workflows": ("workflow_id", {
         "name": STRING, "status": WORKFLOW_STATUS, "jobs_total": "Int64", **_JOB_COUNTS,
-        "version": "Int64", "metadata": STRING, "created_at": UTC_TIME, "updated_at": UTC_TIME,
+        "version": "Int64", "metadata": STRING, "idempotency_key": STRING, "created_at": UTC_TIME,
+        "updated_at": UTC_TIME,
     }),
     "jobs": ("job_id", {
         "workflow_id": STRING, "worker_id": STRING, "name": STRING, "status": JOB_STATUS,
         "queue": STRING, "priority": "Int64", "attempts": "Int64", "max_attempts": "Int64",
         "version": "Int64", "error": STRING, "payload": STRING, "result": STRING,
-        "wait_s": "Float64", "duration_s": "Float64", "created_at": UTC_TIME,
+        "idempotency_key": STRING, "wait_s": "Float64", "duration_s": "Float64", "created_at": UTC_TIME,
         "updated_at": UTC_TIME, "started_at": UTC_TIME, "finished_at": UTC_TIME,
     }),
     "workers": ("worker_id", {
@@ -185,6 +186,14 @@ def parse_freq(freq: str) -> Any:
         return pd.tseries.frequencies.to_offset(freq)
     except (ValueError, TypeError) as exc:
         raise errors.ValidationError("freq", freq, str(exc)) from None
+
+
+def key_column(ids: pd.Series, keys: pa.Table) -> pd.Series:
+    """The idempotency key of each id in ``ids`` (NA for none), from ``export.idempotency_keys``."""
+    table = from_arrow(keys)
+    by_id = pd.Series(table["key"].array, index=table["entity_id"]) if len(table) else \
+        pd.Series([], dtype=STRING)
+    return ids.map(by_id).astype(STRING)
 
 
 def from_arrow(table: pa.Table) -> pd.DataFrame:

@@ -187,6 +187,7 @@ class Inspector(analytics.Analytics):
         df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
         df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
         df["duration_s"] = frames.seconds_between(df["finished_at"], df["started_at"])
+        df["idempotency_key"] = frames.key_column(df["job_id"], export.idempotency_keys(self._db, "job"))
         return frames.conform("jobs", df)
 
     def workflows(self) -> pd.DataFrame:
@@ -205,6 +206,8 @@ class Inspector(analytics.Analytics):
             per_status = table[s.value] if s.value in table else pd.Series(dtype="Int64")
             df[f"jobs_{s.value}"] = df["workflow_id"].map(per_status).fillna(0).astype("Int64")
         df["jobs_total"] = df[[f"jobs_{s.value}" for s in models.JobStatus]].sum(axis=1)
+        df["idempotency_key"] = frames.key_column(df["workflow_id"],
+                                                  export.idempotency_keys(self._db, "workflow"))
         return frames.conform("workflows", df)
 
     def workers(self) -> pd.DataFrame:

@@ -7,6 +7,7 @@
   while the invalidation listener is trusted, single-flight cold reads).
 - ``workflows``: create, read, move, cancel and delete workflows; the roll-up.
 - ``jobs``: create and read jobs; every status move, as named steps.
+- ``idempotency``: creates under an idempotency key (the key taken first, a repeat replayed).
 - ``dispatch``: assignment and ``dequeue`` (the Redis claim, then PostgreSQL decides).
 - ``workers``: registration, heartbeats, liveness and the reaper.
 - ``counters``: metric counters, their checkpoints to PostgreSQL, and locks.

@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit import errors, models, validate
+from toolkit.manager import idempotency
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import lifecycle, store
@@ -125,20 +126,32 @@ class Jobs:
 
     def create(self, workflow_id: str, name: str, *, priority: int = 0,
                queue: str = "default", payload: Any = None, max_attempts: int = 3,
-               depends_on: Sequence[str] = (), job_id: str | None = None) -> models.Job:
+               depends_on: Sequence[str] = (), job_id: str | None = None,
+               idempotency_key: str | None = None) -> models.Job:
         """Add a job to a workflow; queued at once unless a dependency is not completed.
 
-        ``depends_on`` names jobs of the same workflow, by id or by name.
+        ``depends_on`` names jobs of the same workflow, by id or by name. With
+        ``idempotency_key``, a repeat of the call returns the job the first call
+        made and writes nothing; a different request under the key raises
+        ``IdempotencyConflict`` (as in ``create_workflow``).
         """
         validate.identifier("workflow_id", workflow_id)
+        taken = idempotency.key(idempotency_key)
         spec = validate.job_specs([{
             "name": name, "priority": priority, "queue": queue, "payload": payload,
             "max_attempts": max_attempts, "id": job_id,
         }])[0]
         deps = validate.names("depends_on", depends_on)
         now = self.pipe.now()
+        digest = idempotency.request_hash(
+            idempotency.job_request(workflow_id, spec, deps, job_id)) if taken else None
+        replay: idempotency.Rows = []
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
+            if taken and digest:  # first: a replay returns the job whatever its workflow is now
+                replay[:] = idempotency.claim(conn, taken, digest, workflow_id, spec["id"], now) or []
+                if replay:
+                    return
             wf_status, dep_rows = _lock_and_resolve(conn, workflow_id, deps)
             unmet = [r["id"] for r in dep_rows if r["status"] != JS.COMPLETED]
             seqs = iter(store.next_seqs(conn, 0 if unmet else 1))
@@ -153,7 +166,8 @@ class Jobs:
                 ch.event("queued", row, now)
             ch.counters["jobs_created"] += 1
 
-        return self.pipe.write("create job", tx)[0]  # type: ignore[return-value]
+        written = self.pipe.write("create job", tx)
+        return (self.pipe.restore(replay) if replay else written)[0]  # type: ignore[return-value]
 
     def get(self, job_id: str) -> models.Job | None:
         """Return a job, or None when there is none with that id."""

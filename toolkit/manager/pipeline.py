@@ -212,6 +212,28 @@ class Pipeline:
         # Not idempotent as a whole (counters), so never re-sent.
         self.redis.call("write-through", go, idempotent=False)
 
+    def restore(self, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[models.Entity]:
+        """Bring Redis up to rows read from PostgreSQL without writing them (a replayed create).
+
+        Fills the cache (versioned: never over a newer entry) and puts each job that the
+        rows call queued back in its queue when no queue holds it and it is not in flight
+        (``ZADD NX``): what the lost first call's Redis update would have done. Best
+        effort, like every Redis step after a commit; returns the entities.
+        """
+        entities = build_entities(rows)
+        self.fill_redis(entities)
+        pushes, _ = queue_moves(rows)
+        if pushes:
+            try:
+                inflight = queue.inflight_ids(self.redis, self.ns)
+                pipe = self.redis.pipeline()
+                queue.push_missing(self.ns, [p for p in pushes if p[0] not in inflight], pipe=pipe)
+                self.redis.call("restore queued jobs", pipe.execute)
+            except errors.StorageUnavailable as exc:
+                log.warning("queued jobs not restored to Redis (repair() will): %s", exc,
+                            extra={"action": "restore_queued"})
+        return entities
+
     def _drop_cached(self, entities: list[models.Entity], changes: Changes) -> None:
         """After a failed Redis update, try at least to remove the now-stale entries."""
         try:

@@ -1,17 +1,19 @@
 """Workflows: create (with their jobs, in one transaction), read, move, cancel, delete; the roll-up.
 
 Touches the tiers only through :class:`~toolkit.manager.pipeline.Pipeline` and
-``store``. Uses ``jobs.job_row`` to build the rows of a new workflow's jobs.
+``store``. Uses ``jobs.job_row`` to build the rows of a new workflow's jobs, and
+``idempotency`` for a create under an idempotency key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
 from toolkit import errors, models, validate
+from toolkit.manager import idempotency
 from toolkit.manager import jobs as jobs_room
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.tiers.postgres import lifecycle, store
@@ -27,7 +29,8 @@ class Workflows:
 
     def create(self, name: str, *, jobs: Sequence[Mapping[str, Any]] = (),
                metadata: Mapping[str, Any] | None = None,
-               workflow_id: str | None = None) -> models.Workflow:
+               workflow_id: str | None = None,
+               idempotency_key: str | None = None) -> models.Workflow:
         """Create a workflow and its jobs in one PostgreSQL transaction.
 
         Parameters
@@ -42,16 +45,27 @@ class Workflows:
             JSON object stored with the workflow.
         workflow_id
             Id to use; a UUID by default.
+        idempotency_key
+            When given (1-255 characters, no control characters), a repeat of this
+            call with the same key returns the workflow the first call made, as it is
+            now, and writes nothing (see ``toolkit.manager.idempotency``). Unique in
+            the schema, across workflows and jobs, for as long as its workflow exists.
 
         Raises
         ------
         ValidationError
             Bad input (named field and value), a duplicate id, an unknown or
             cyclic dependency. Nothing is written.
+        IdempotencyConflict
+            The key was used by a different request. Nothing is written.
         StorageUnavailable
-            PostgreSQL failed; nothing is written.
+            PostgreSQL failed; nothing is written. (When the reply to the COMMIT was
+            lost, it may have been written: a retry under the same key says which.)
         """
         now = self.pipe.now()
+        taken = idempotency.key(idempotency_key)
+        if isinstance(jobs, Iterator):
+            jobs = list(jobs)  # read twice with a key: validated, then hashed
         wf_row: dict[str, Any] = {
             "id": validate.optional_id("workflow_id", workflow_id),
             "name": validate.identifier("name", name),
@@ -60,8 +74,15 @@ class Workflows:
             "created_at": now, "updated_at": now, "version": 1,
         }
         specs = validate.job_specs(jobs)
+        digest = idempotency.request_hash(idempotency.workflow_request(
+            wf_row["name"], wf_row["metadata"], workflow_id, jobs, specs)) if taken else None
+        replay: idempotency.Rows = []
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
+            if taken and digest:
+                replay[:] = idempotency.claim(conn, taken, digest, wf_row["id"], None, now) or []
+                if replay:
+                    return
             store.insert(conn, "workflow", wf_row)
             seqs = iter(store.next_seqs(conn, sum(1 for s in specs if not s["depends_on"])))
             rows = [jobs_room.job_row(wf_row["id"], s, now, seqs) for s in specs]
@@ -76,6 +97,8 @@ class Workflows:
             ch.counters["workflows_created"] += 1
 
         self.pipe.write("create workflow", tx)
+        if replay:
+            return self.pipe.restore(replay)[0]  # type: ignore[return-value]
         return self.pipe.require("workflow", wf_row["id"])  # type: ignore[no-any-return]
 
     def get(self, workflow_id: str) -> models.Workflow | None:

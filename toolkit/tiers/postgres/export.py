@@ -118,6 +118,23 @@ def dependencies(db: Database) -> pa.Table:
     return copy_query(db, query, (), ["job_id", "depends_on"])
 
 
+_HAS_KEYS = sql.SQL("SELECT to_regclass(format('%%I.idempotency_keys', %s::text)) IS NOT NULL")
+
+
+def idempotency_keys(db: Database, kind: str) -> pa.Table:
+    """The idempotency key of each ``kind`` (``workflow`` or ``job``) made under one: ``entity_id, key``.
+
+    No rows from a schema not yet migrated to 0005 (an Inspector newer than the coordinator).
+    """
+    if not scalar_rows(db, _HAS_KEYS, [db.schema])[0][0]:
+        return pa.table({"entity_id": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+    column, made = (("job_id", sql.SQL("job_id IS NOT NULL")) if kind == "job"
+                    else ("workflow_id", sql.SQL("job_id IS NULL")))
+    query = sql.SQL("SELECT {} AS entity_id, key FROM {} WHERE {}").format(
+        sql.Identifier(column), sql.Identifier(db.schema, "idempotency_keys"), made)
+    return copy_query(db, query, (), ["entity_id", "key"])
+
+
 def job_counts(db: Database) -> pa.Table:
     """Jobs per (workflow, status), counted by PostgreSQL."""
     query = sql.SQL("SELECT workflow_id, status, count(*) AS n FROM {} GROUP BY 1, 2").format(

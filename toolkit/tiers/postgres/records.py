@@ -1,4 +1,4 @@
-"""Records kept beside the entities: the job event log, metric checkpoints, retention,
+"""Records kept beside the entities: the job event log, metric checkpoints, retention, idempotency keys,
 the coordinator's recorded settings and the fencing-token reservations of locks.
 
 SQLAlchemy Core with bound parameters (binary COPY for the event log); every function
@@ -141,6 +141,29 @@ def record_settings(conn: sa.Connection, row: store.Row) -> store.Row | None:
                                       set_={c: stmt.excluded[c] for c in row if c != "namespace"})
     conn.execute(stmt)
     return before
+
+
+# -- idempotency keys (0005) ------------------------------------------------------------------
+
+def claim_key(conn: sa.Connection, row: store.Row) -> store.Row | None:
+    """Take an idempotency key for a create; return None, or the row of the create that has it.
+
+    One ``INSERT ... ON CONFLICT DO NOTHING``: a transaction that holds the same key
+    uncommitted makes this wait until it ends (committed: the key is taken; rolled
+    back: it is ours). The entity the row names is checked at COMMIT (deferred
+    foreign keys), so this may run before the entity is written.
+    """
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    k = t.idempotency_keys
+    for _ in range(3):  # the holder may be deleted between the two statements: try again
+        taken = pg_insert(k).values(**row).on_conflict_do_nothing(index_elements=[k.c.key])
+        if conn.execute(taken.returning(k.c.key)).first() is not None:
+            return None
+        found = store.one_row(conn.execute(sa.select(k).where(k.c.key == row["key"])))
+        if found is not None:
+            return found
+    raise AssertionError(f"idempotency key {row['key']!r} neither free nor taken")
 
 
 # -- lock fencing reservations --------------------------------------------------------------

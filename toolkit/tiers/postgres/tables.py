@@ -162,6 +162,20 @@ settings = Table(
 )
 """The coordinator settings that change the meaning of state, per namespace (0004)."""
 
+idempotency_keys = Table(
+    "idempotency_keys", metadata,
+    Column("key", Text, primary_key=True),
+    Column("workflow_id", Text, ForeignKey("workflows.id", ondelete="CASCADE", deferrable=True,
+                                           initially="DEFERRED"), nullable=False),
+    Column("job_id", Text, ForeignKey("jobs.id", ondelete="CASCADE", deferrable=True,
+                                      initially="DEFERRED")),
+    Column("request_hash", Text, nullable=False),
+    Column("created_at", TZ, nullable=False),
+    Index(None, "workflow_id"),
+    Index(None, "job_id"),
+)
+"""The idempotency key of each create made under one, and its request's hash (0005)."""
+
 ENTITY_TABLES = {
     "workflow": workflows,
     "job": jobs,

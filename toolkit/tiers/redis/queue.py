@@ -70,6 +70,21 @@ def push_many(ns: str, jobs: Iterable[tuple[str, str, int, int]], *, pipe: Any) 
         pipe.sadd(keys.queues(ns), *by_queue)
 
 
+def push_missing(ns: str, jobs: Iterable[tuple[str, str, int, int]], *, pipe: Any) -> None:
+    """Queue adding the ``(job id, queue, priority, seq)`` that their queue lacks (``ZADD NX``).
+
+    A job already queued keeps its place, whatever its score.
+    """
+    by_queue: dict[str, dict[str, float]] = {}
+    for job_id, queue_name, priority, seq in jobs:
+        by_queue.setdefault(queue_name, {})[job_id] = score(priority, seq)
+    for queue_name, members in by_queue.items():
+        for chunk in chunks(list(members.items()), PUSH_CHUNK):
+            pipe.zadd(keys.queue(ns, queue_name), dict(chunk), nx=True)
+    if by_queue:
+        pipe.sadd(keys.queues(ns), *by_queue)
+
+
 def remove_many(ns: str, jobs: Iterable[tuple[str, str]], *, pipe: Any) -> None:
     """Queue removing many ``(job id, queue)`` from their queues and the in-flight set.
 
