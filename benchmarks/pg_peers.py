@@ -90,8 +90,8 @@ def pg_peer_drain(bench: harness.Bench, python: Path, peer: str, n: int,
     schema = f"benchpeer_{uuid.uuid4().hex[:10]}"
     env = {**peers._env(bench.target.redis_url, schema),
            "BENCH_PG_DSN": harness.pg_dsn(bench.target.database_url)}
+    _schema_sql(bench, "CREATE SCHEMA {}", schema)  # fails on a name in use: never drop another's
     try:
-        _schema_sql(bench, "CREATE SCHEMA {}", schema)
         subprocess.run([str(python), str(APP), "enqueue", peer, str(n)], env=env, cwd=peers.HERE,
                        check=True)
         proc = _worker(python, peer, batch, env)
