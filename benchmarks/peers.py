@@ -33,18 +33,27 @@ from benchmarks import harness, queues
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".peers-venv"
 STAMP = VENV / ".installed"
-PEER_PACKAGES = ("celery[redis]>=5.3,<6", "rq>=1.16", "redis>=5")
+# pgqueuer and procrastinate are the PostgreSQL-backed peers of ``benchmarks.pg_peers``.
+PEER_PACKAGES = ("celery[redis]>=5.3,<6", "rq>=1.16", "redis>=5",
+                 "pgqueuer[asyncpg]>=1.6,<2", "procrastinate>=3.10,<4")
 PEER_TIMEOUT = 600.0
 
 
 def peer_python() -> Path:
-    """The peers' interpreter, creating their venv on first use."""
+    """The peers' interpreter: their venv, created on first use, topped up when PEER_PACKAGES changes.
+
+    The stamp file holds the package list it was installed with; a venv whose
+    stamp differs (or an older, empty stamp) gets the list installed again.
+    """
     python = VENV / "bin" / "python"
-    if not STAMP.exists():
-        print("   creating benchmarks/.peers-venv (Celery, RQ)", flush=True)
+    wanted = "\n".join(PEER_PACKAGES) + "\n"
+    if not python.exists():
+        print("   creating benchmarks/.peers-venv", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if not STAMP.exists() or STAMP.read_text() != wanted:
+        print(f"   installing into benchmarks/.peers-venv: {', '.join(PEER_PACKAGES)}", flush=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
-        STAMP.touch()
+        STAMP.write_text(wanted)
     return python
 
 
