@@ -19,6 +19,7 @@ from toolkit.manager import (
     dispatch,
     jobs,
     pipeline,
+    queues,
     recorded,
     retention,
     workers,
@@ -96,6 +97,7 @@ class StateManager:
         self._jobs = jobs.Jobs(self._pipe)
         self._workers = workers.Workers(self._pipe)
         self._dispatch = dispatch.Dispatch(self._pipe, self._workers)
+        self._queues = queues.Queues(self._pipe)
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
         self._working = working.Working(self._jobs, self._dispatch, self._workers)
@@ -193,6 +195,8 @@ class StateManager:
     assign_job = _Verb("_dispatch", dispatch.Dispatch.assign_job)
     dequeue = _Verb("_dispatch", dispatch.Dispatch.dequeue)
     list_assignments = _Verb("_workers", workers.Workers.assignments)
+    pause_queue = _Verb("_queues", queues.Queues.pause)
+    resume_queue = _Verb("_queues", queues.Queues.resume)
 
     register_worker = _Verb("_workers", workers.Workers.register)
     get_worker = _Verb("_workers", workers.Workers.get)

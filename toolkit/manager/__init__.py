@@ -8,6 +8,7 @@
 - ``workflows``: create, read, move, cancel and delete workflows; the roll-up.
 - ``jobs``: create and read jobs; every status move, as named steps.
 - ``dispatch``: assignment and ``dequeue`` (the Redis claim, then PostgreSQL decides).
+- ``queues``: pausing and resuming a queue (PostgreSQL's record, Redis's mirror).
 - ``workers``: registration, heartbeats, liveness and the reaper.
 - ``counters``: metric counters, their checkpoints to PostgreSQL, and locks.
 - ``retention``: purging finished jobs.

@@ -162,6 +162,15 @@ settings = Table(
 )
 """The coordinator settings that change the meaning of state, per namespace (0004)."""
 
+paused_queues = Table(
+    "paused_queues", metadata,
+    Column("queue", Text, primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("paused_at", TZ, nullable=False),
+)
+"""Queues an operator paused: no job is handed out of them until resumed (0006)."""
+
 ENTITY_TABLES = {
     "workflow": workflows,
     "job": jobs,
