@@ -147,3 +147,24 @@ def test_prometheus_has_a_paused_gauge_per_queue(sm) -> None:
     assert 'toolkit_queue_paused{queue="default"} 0.0' in text
     names = {f.name for f in text_string_to_metric_families(text)}
     assert "toolkit_queue_paused" in names
+
+
+def test_cli_pause_and_resume_round_trip(sm, clean, capsys) -> None:
+    from tests.integration.test_cli import base
+    from toolkit import cli
+
+    two_queues(sm)
+    argv = ["pause", "reports", "--reason", "upstream API down", "--actor", "sre-bot", "--yes"]
+    assert cli.main([*argv, *base(clean)]) == 0
+    assert "queue 'reports' paused" in capsys.readouterr().out
+    assert sm.dequeue("w").id == "d1" and sm.dequeue("w") is None
+    assert cli.main([*argv, *base(clean)]) == 0  # again: nothing changes, and it says so
+    out = capsys.readouterr().out
+    assert "already paused" in out and "by sre-bot: upstream API down" in out
+    assert cli.main(["inspect", "queues", "--format", "json", *base(clean)]) == 0
+    assert '"paused": true' in capsys.readouterr().out
+    assert cli.main(["resume", "reports", "--yes", *base(clean)]) == 0
+    assert "queue 'reports' resumed" in capsys.readouterr().out
+    assert sm.dequeue("w").id == "r1"
+    assert cli.main(["resume", "reports", "--yes", *base(clean)]) == 0
+    assert "was not paused" in capsys.readouterr().out
