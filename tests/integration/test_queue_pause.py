@@ -168,3 +168,16 @@ def test_cli_pause_and_resume_round_trip(sm, clean, capsys) -> None:
     assert sm.dequeue("w").id == "r1"
     assert cli.main(["resume", "reports", "--yes", *base(clean)]) == 0
     assert "was not paused" in capsys.readouterr().out
+
+
+def test_a_snapshot_keeps_the_pause_and_an_older_one_reads_as_none(sm, tmp_path) -> None:
+    two_queues(sm)
+    sm.pause_queue("reports", reason="upstream API down", actor="alice")
+    path = sm.inspector.snapshot(tmp_path / "snap")
+    off = toolkit.Inspector.from_snapshot(path)
+    assert bool(off.queues().loc["reports", "paused"])
+    assert "paused since " in str(off.explain("r1")) and "by alice" in str(off.explain("r1"))
+    assert 'toolkit_queue_paused{queue="reports"} 1.0' in prometheus.render(off)
+    (path / "paused.parquet").unlink()  # a snapshot taken before pausing existed
+    older = toolkit.Inspector.from_snapshot(path)
+    assert not older.queues()["paused"].any() and "paused" not in str(older.explain("r1"))
