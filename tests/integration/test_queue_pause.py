@@ -181,3 +181,15 @@ def test_a_snapshot_keeps_the_pause_and_an_older_one_reads_as_none(sm, tmp_path)
     (path / "paused.parquet").unlink()  # a snapshot taken before pausing existed
     older = toolkit.Inspector.from_snapshot(path)
     assert not older.queues()["paused"].any() and "paused" not in str(older.explain("r1"))
+
+
+def test_cli_check_names_a_lost_mirror_and_repair_fixes_it(sm, clean, raw_redis, capsys) -> None:
+    from tests.integration.test_cli import base
+    from toolkit import cli
+
+    sm.pause_queue("reports", reason="x")
+    raw_redis.delete(keys.paused_queues(clean.namespace))
+    assert cli.main(["check", *base(clean)]) == 1
+    assert "paused: queue 'reports' is paused in PostgreSQL but not in Redis" in capsys.readouterr().out
+    assert cli.main(["check", "--repair", *base(clean)]) == 0
+    assert cli.main(["check", *base(clean)]) == 0
