@@ -21,7 +21,7 @@ import socket
 from toolkit import errors, validate
 from toolkit.manager.pipeline import Pipeline
 from toolkit.tiers.postgres import records
-from toolkit.tiers.redis import queue
+from toolkit.tiers.redis import queue as redis_queue
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Queues:
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
 
-    def pause(self, queue_name: str, *, reason: str, actor: str | None = None) -> bool:
+    def pause(self, queue: str, *, reason: str, actor: str | None = None) -> bool:
         """Pause a queue: no job of it is handed out until :meth:`resume`.
 
         Recorded in PostgreSQL (survives a restart and a Redis loss) and
@@ -63,8 +63,8 @@ class Queues:
 
         Parameters
         ----------
-        queue_name
-            The queue (it need not hold jobs yet).
+        queue
+            The queue's name (it need not hold jobs yet).
         reason
             Why, in words (required, not blank, at most 1000 characters).
         actor
@@ -82,19 +82,19 @@ class Queues:
         StorageUnavailable
             PostgreSQL failed (nothing is paused).
         """
-        validate.identifier("queue", queue_name)
+        validate.identifier("queue", queue)
         reason = check_reason(reason)
         actor = default_actor() if actor is None else validate.identifier("actor", actor)
-        row = {"queue": queue_name, "reason": reason, "actor": actor, "paused_at": self.pipe.now()}
+        row = {"queue": queue, "reason": reason, "actor": actor, "paused_at": self.pipe.now()}
         with self.pipe.db.begin("pause queue") as conn:
             changed = records.insert_pause(conn, row)
-        self._mirror(queue_name, paused=True)
+        self._mirror(queue, paused=True)
         if changed:
-            log.warning("queue %r paused by %s: %s", queue_name, actor, reason,
+            log.warning("queue %r paused by %s: %s", queue, actor, reason,
                         extra={"action": "pause_queue"})
         return changed
 
-    def resume(self, queue_name: str, *, actor: str | None = None) -> bool:
+    def resume(self, queue: str, *, actor: str | None = None) -> bool:
         """Resume a paused queue: its jobs are handed out again.
 
         Returns
@@ -109,13 +109,13 @@ class Queues:
         StorageUnavailable
             PostgreSQL failed (the queue stays paused).
         """
-        validate.identifier("queue", queue_name)
+        validate.identifier("queue", queue)
         actor = default_actor() if actor is None else validate.identifier("actor", actor)
         with self.pipe.db.begin("resume queue") as conn:
-            changed = records.delete_pause(conn, queue_name)
-        self._mirror(queue_name, paused=False)
+            changed = records.delete_pause(conn, queue)
+        self._mirror(queue, paused=False)
         if changed:
-            log.warning("queue %r resumed by %s", queue_name, actor, extra={"action": "resume_queue"})
+            log.warning("queue %r resumed by %s", queue, actor, extra={"action": "resume_queue"})
         return changed
 
     def _mirror(self, queue_name: str, *, paused: bool) -> None:
@@ -124,7 +124,7 @@ class Queues:
 
         def go() -> None:
             pipe = client.pipeline()
-            (queue.mark_paused if paused else queue.mark_resumed)(ns, queue_name, pipe=pipe)
+            (redis_queue.mark_paused if paused else redis_queue.mark_resumed)(ns, queue_name, pipe=pipe)
             pipe.execute()
 
         try:
