@@ -38,20 +38,20 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     pause = sub.add_parser(
         "pause", help="pause a queue: it hands out no job until resumed (writes)", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pause QUEUE: no worker is handed a job of it (its other queues still "
-        "serve; work in flight finishes). Recorded in PostgreSQL with the reason, who and "
-        "when, so it survives a coordinator restart and a Redis loss. Pausing a paused "
+        description="Pause QUEUE: no worker is handed a job of it (its other queues still\n"
+        "serve; work in flight finishes). Recorded in PostgreSQL with the reason, who and\n"
+        "when, so it survives a coordinator restart and a Redis loss. Pausing a paused\n"
         "queue changes nothing and keeps the first reason.")
-    pause.add_argument("queue", metavar="QUEUE")
+    pause.add_argument("queue", metavar="QUEUE", help="the queue's name")
     pause.add_argument("--reason", required=True, metavar="TEXT", help="why (required, shown by "
                        "inspect queues, explain and Prometheus' toolkit_queue_paused)")
     _shared(pause, common)
     resume = sub.add_parser(
         "resume", help="resume a paused queue: its jobs are handed out again (writes)",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Resume QUEUE, paused by `toolkit pause`: workers are handed its jobs "
+        description="Resume QUEUE, paused by `toolkit pause`: workers are handed its jobs\n"
         "again. Resuming a queue that is not paused changes nothing.")
-    resume.add_argument("queue", metavar="QUEUE")
+    resume.add_argument("queue", metavar="QUEUE", help="the queue's name")
     _shared(resume, common)
 
 
