@@ -20,6 +20,7 @@ from toolkit.manager import (
     jobs,
     operations,
     pipeline,
+    queues,
     recorded,
     retention,
     workers,
@@ -97,6 +98,7 @@ class StateManager:
         self._jobs = jobs.Jobs(self._pipe)
         self._workers = workers.Workers(self._pipe)
         self._dispatch = dispatch.Dispatch(self._pipe, self._workers)
+        self._queues = queues.Queues(self._pipe)
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
         self._operations = operations.Operations(self._pipe)
@@ -195,6 +197,8 @@ class StateManager:
     assign_job = _Verb("_dispatch", dispatch.Dispatch.assign_job)
     dequeue = _Verb("_dispatch", dispatch.Dispatch.dequeue)
     list_assignments = _Verb("_workers", workers.Workers.assignments)
+    pause_queue = _Verb("_queues", queues.Queues.pause)
+    resume_queue = _Verb("_queues", queues.Queues.resume)
 
     register_worker = _Verb("_workers", workers.Workers.register)
     get_worker = _Verb("_workers", workers.Workers.get)

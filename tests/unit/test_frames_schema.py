@@ -49,6 +49,9 @@ PINNED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "wait_times_queue": ("queue", S, WAITS),
     "heartbeat_times": ("worker_id", S, [("at", T)]),
     "dependencies": ("job_id", S, [("depends_on", S)]),
+    "paused": ("queue", S, [("reason", S), ("paused_by", S), ("paused_since", T)]),
+    "queues": ("queue", S, [("depth", I64), ("paused", B), ("reason", S), ("paused_by", S),
+                            ("paused_since", T)]),
 }
 
 

@@ -146,7 +146,7 @@ class Analytics:
     """The analyses every Inspector offers, computed from its frames.
 
     A subclass provides the frames (``events``, ``jobs``, ``workflows``, ``workers``,
-    ``queue``...), ``_heartbeat_times()``, ``_dependencies()``, ``_now()``
+    ``queue``...), ``_heartbeat_times()``, ``_dependencies()``, ``_paused()``, ``_now()``
     and ``heartbeat_ttl``; the live :class:`~toolkit.Inspector` reads them
     from the servers, a snapshot from Parquet files.
     """
@@ -173,6 +173,9 @@ class Analytics:
         raise NotImplementedError
 
     def _dependencies(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def _paused(self) -> pd.DataFrame:
         raise NotImplementedError
 
     def _now(self) -> pd.Timestamp:
@@ -207,6 +210,17 @@ class Analytics:
         ``frame.attrs["suggested_ttl_s"]`` (None without two beats of any worker).
         """
         return heartbeat_gaps_frame(self._heartbeat_times(), self.workers().index)
+
+    def queues(self) -> pd.DataFrame:
+        """One row per queue with a job waiting or a pause (index ``queue``).
+
+        ``depth`` counts the jobs waiting in Redis; ``paused``, ``reason``,
+        ``paused_by`` and ``paused_since`` come from PostgreSQL's record of
+        ``sm.pause_queue`` (``toolkit pause``): a paused queue hands out no job.
+        """
+        from toolkit.inspection import paused
+
+        return paused.queues_frame(self.queue(), self._paused())
 
     def wait_times(self, by: str = "priority", *, since: datetime | None = None) -> pd.DataFrame:
         """How long jobs waited in a queue, from the event log, per ``priority`` or ``queue``.

@@ -101,6 +101,13 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "dependencies": ("job_id", {
         "depends_on": STRING,
     }),
+    "paused": ("queue", {
+        "reason": STRING, "paused_by": STRING, "paused_since": UTC_TIME,
+    }),
+    "queues": ("queue", {
+        "depth": "Int64", "paused": "boolean", "reason": STRING, "paused_by": STRING,
+        "paused_since": UTC_TIME,
+    }),
 }
 """frame name -> (index name, {column: dtype}) in column order."""
 
@@ -113,6 +120,8 @@ COLUMN_DOCS: Mapping[str, Mapping[str, str]] = {
     },
     "assignments": {"duration_s": "finished_at - assigned_at of the attempt."},
     "workers": {"heartbeat_age_s": "seconds since the latest heartbeat seen in Redis or PostgreSQL."},
+    "queues": {"depth": "jobs waiting in the Redis queue (in-flight pops excluded).",
+               "paused": "an operator paused the queue (sm.pause_queue): no job of it is handed out."},
 }
 """What the derived columns mean, frame -> {column: meaning}: one name, one meaning."""
 
@@ -125,8 +134,8 @@ INTERNAL_FRAMES = ("heartbeat_times", "dependencies")
 ``heartbeat_times`` (one row per remembered heartbeat, index ``worker_id``, not unique) and
 ``dependencies`` (one row per dependency edge, index ``job_id``, not unique)."""
 
-CLI_FRAMES = ("workflows", "jobs", "workers", "assignments", "queue", "locks", "metrics", "tiers",
-              "summary")
+CLI_FRAMES = ("workflows", "jobs", "workers", "assignments", "queue", "queues", "locks", "metrics",
+              "tiers", "summary")
 """Frames ``toolkit inspect`` can print."""
 
 

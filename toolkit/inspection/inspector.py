@@ -21,7 +21,7 @@ import pandas as pd
 
 from toolkit import compare, config, models, validate
 from toolkit.handles import Tiers
-from toolkit.inspection import analytics, frames, recorded, series, target
+from toolkit.inspection import analytics, frames, paused, recorded, series, target
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
@@ -292,6 +292,9 @@ class Inspector(analytics.Analytics):
     def _now(self) -> pd.Timestamp:
         return pd.Timestamp.now(tz="UTC")
 
+    def _paused(self) -> pd.DataFrame:
+        return paused.read(self._db)
+
     # -- Redis frames -----------------------------------------------------------------------
 
     def queue(self) -> pd.DataFrame:
@@ -426,9 +429,8 @@ class Inspector(analytics.Analytics):
         return frames.conform("tiers", pd.DataFrame(rows))
 
     def summary(self) -> pd.DataFrame:
-        """A status board as one column of counts (index ``item``, ``value`` is ``Int64``)."""
-        jobs = frames.from_arrow(export.select(self._db, "jobs", {"status": "status"},
-                                        where=None))
+        """A status board of counts (index ``item``, ``value`` Int64); ``queues()`` names the paused."""
+        jobs = frames.from_arrow(export.select(self._db, "jobs", {"status": "status"}))
         counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
         workers = self.workers()
         wf = frames.from_arrow(export.select(self._db, "workflows", {"status": "status"}))
@@ -443,6 +445,7 @@ class Inspector(analytics.Analytics):
         items["workers_alive"] = int(workers["alive"].sum()) if len(workers) else 0
         items["queue_depth"] = int((~q["in_flight"]).sum()) if len(q) else 0
         items["in_flight"] = int(q["in_flight"].sum()) if len(q) else 0
+        items["queues_paused"] = len(self._paused())
         return frames.conform("summary", {"item": list(items), "value": list(items.values())})
 
     def _repr_html_(self) -> str:

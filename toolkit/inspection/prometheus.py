@@ -8,6 +8,9 @@ Families (every sample is read through the Inspector, so it is read-only):
     Prometheus name cannot hold become ``_``.
 ``toolkit_queue_depth{queue, priority}`` (gauge)
     Jobs waiting in each queue at each priority (in-flight pops excluded).
+``toolkit_queue_paused{queue}`` (gauge)
+    1 for a queue an operator paused (no job of it is handed out), 0 for one with jobs
+    waiting and no pause.
 ``toolkit_jobs_in_flight`` (gauge)
     Jobs popped from a queue whose assignment is not yet committed.
 ``toolkit_workers{state}`` (gauge)
@@ -51,6 +54,7 @@ class InspectorCollector(Collector):
         """Yield the counter and gauge families described in the module docstring."""
         yield from self._counters()
         yield from self._queue()
+        yield self._paused()
         yield self._workers()
         yield self._jobs()
 
@@ -82,6 +86,13 @@ class InspectorCollector(Collector):
                                    "jobs popped whose assignment is not committed yet")
         flight.add_metric([], float(q["in_flight"].astype(bool).sum()) if len(q) else 0.0)
         yield flight
+
+    def _paused(self) -> Metric:
+        family = GaugeMetricFamily(f"{PREFIX}_queue_paused", "1 when an operator paused the "
+                                   "queue (it hands out no job)", labels=["queue"])
+        for name, row in self.inspector.queues().iterrows():
+            family.add_metric([str(name)], 1.0 if bool(row["paused"]) else 0.0)
+        return family
 
     def _workers(self) -> Metric:
         w = self.inspector.workers()

@@ -1,4 +1,5 @@
-"""The queues against PostgreSQL: claims left in flight, and every queue reconciled.
+"""The queues against PostgreSQL: claims left in flight, every queue reconciled, and the
+mirror of the paused queues restored.
 
 Queue keys are written only through ``tiers/redis/queue.py``.
 """
@@ -10,12 +11,33 @@ from collections.abc import Mapping
 import sqlalchemy as sa
 
 from toolkit.handles import Tiers
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records, store
 from toolkit.tiers.redis import queue
 
 WHOLE_QUEUE_AT = 1_000
 """Queue reconciliation reads a whole queue back when it checks at least this many
 jobs and at least half of the queue, instead of looking the ids up."""
+
+
+def restore_paused(t: Tiers) -> tuple[int, int]:
+    """Make Redis's set of paused queues equal PostgreSQL's table; return (added, removed).
+
+    Run before the queues are reconciled, so a refilled queue is never served
+    while its pause is still missing. The set is replaced in one MULTI/EXEC.
+    """
+    with t.db.begin("read paused queues") as conn:
+        wanted = set(records.paused_queues(conn, t.db.schema))
+    current = queue.paused(t.redis, t.ns)
+    if current == wanted:
+        return 0, 0
+
+    def go() -> None:
+        pipe = t.redis.redis.pipeline(transaction=True)
+        queue.set_paused(t.ns, wanted, pipe=pipe)
+        pipe.execute()
+
+    t.redis.call("restore paused queues", go)
+    return len(wanted - current), len(current - wanted)
 
 
 def return_claims(t: Tiers, *, before: float) -> int:

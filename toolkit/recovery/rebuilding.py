@@ -5,7 +5,8 @@ chunked query per entity kind, as tuples built into entities by
 ``models.from_row``), replaces memory, and reconciles Redis: cache fills that
 never overwrite a newer version (``MSETNX`` per chunk into an emptied cache,
 else MGET and versioned fills), every queued job in its queue exactly once,
-nothing else in any queue, metric totals raised to their checkpoints.
+nothing else in any queue, the paused queues mirrored, metric totals raised to their
+checkpoints.
 Its cost grows with the live state, not with the finished history.
 """
 
@@ -126,6 +127,7 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
     # A coordinator that crashed between a pop and its commit left claims in
     # flight: return them now rather than after their lease.
     queues.return_claims(t, before=float("inf"))
+    queues.restore_paused(t)
     queues.reconcile(t, wanted)
     metrics.raise_to(t.redis, t.ns, checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())

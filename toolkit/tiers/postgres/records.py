@@ -1,5 +1,5 @@
-"""Records kept beside the entities: the job event log, metric checkpoints, retention, idempotency keys,
-the coordinator's recorded settings and the fencing-token reservations of locks.
+"""Records kept beside the entities: the job event log, metric checkpoints, retention, idempotency
+keys, the coordinator's recorded settings, paused queues and the fencing-token reservations of locks.
 
 SQLAlchemy Core with bound parameters (binary COPY for the event log); every function
 takes an open connection, so the caller decides the transaction.
@@ -164,6 +164,32 @@ def claim_key(conn: sa.Connection, row: store.Row) -> store.Row | None:
         if found is not None:
             return found
     raise AssertionError(f"idempotency key {row['key']!r} neither free nor taken")
+
+
+# -- paused queues (0006) -------------------------------------------------------------------
+
+def insert_pause(conn: sa.Connection, row: store.Row) -> bool:
+    """Record a pause; False (and nothing written) when the queue is already paused."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    p = t.paused_queues
+    stmt = pg_insert(p).values(**row).on_conflict_do_nothing(index_elements=[p.c.queue])
+    return conn.execute(stmt.returning(p.c.queue)).first() is not None
+
+
+def delete_pause(conn: sa.Connection, queue_name: str) -> bool:
+    """Remove a pause; False when the queue was not paused."""
+    p = t.paused_queues
+    return conn.execute(sa.delete(p).where(p.c.queue == queue_name).returning(p.c.queue)
+                        ).first() is not None
+
+
+def paused_queues(conn: sa.Connection, schema: str) -> list[str]:
+    """Return the names of the paused queues, sorted (none in a schema from before 0006)."""
+    p = t.paused_queues
+    if not store.has_table(conn, schema, p.name):
+        return []
+    return [r[0] for r in conn.execute(sa.select(p.c.queue).order_by(p.c.queue))]
 
 
 # -- lock fencing reservations --------------------------------------------------------------

@@ -14,6 +14,8 @@ key                                    type        holds
 ``{ns}:assignment:<id>``               string      cached active assignment: ``<version>|<json>``
 ``{ns}:queue:<name>``                  zset        queued job ids; score = -priority*1e12 + seq
 ``{ns}:queues``                        set         names of queues that were ever used
+``{ns}:paused``                        set         names of paused queues (mirror of PostgreSQL's
+                                                   ``paused_queues``; the claim script skips them)
 ``{ns}:inflight``                      zset        job ids popped but not yet committed;
                                                    score = lease deadline (unix seconds)
 ``{ns}:inflight:meta``                 hash        job id -> ``<queue>|<score>`` to put it back
@@ -76,6 +78,11 @@ def queue(ns: str, name: str) -> str:
 def queues(ns: str) -> str:
     """Return the set of known queue names."""
     return f"{prefix(ns)}queues"
+
+
+def paused_queues(ns: str) -> str:
+    """Return the set of paused queue names (a mirror of PostgreSQL's ``paused_queues``)."""
+    return f"{prefix(ns)}paused"
 
 
 def inflight(ns: str) -> str:
