@@ -9,6 +9,7 @@ line here. ARCHITECTURE.md follows one call through.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
@@ -109,8 +110,11 @@ class StateManager:
         """What Redis said about evicting keys when this manager connected."""
         self._inspector: Inspector | None = None
         self._listener = self._pipe.listener
+        self.last_fast_start: recovery.FastStartReport | None = None
+        """What the fast start checked, when ``init_state_manager(fast_start=True)`` could use one."""
         if listen:
             self._listener.start()
+            self._pipe.watermark.start()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class StateManager:
             except errors.StorageUnavailable as exc:
                 log.warning("on close: %s", exc, extra={"action": "close"})
         self._listener.stop()
+        self._pipe.watermark.stop()
         if self._inspector is not None:
             self._inspector.close()
         self.db.dispose()
@@ -229,7 +234,9 @@ class StateManager:
         Returns what was loaded and how long it took (also kept in ``last_rebuild``);
         ``progress`` shows a bar (default: for 50,000 live rows or more).
         """
+        started = time.time()
         self.last_rebuild = recovery.rebuild(self._pipe.tiers, progress=progress)
+        self._pipe.watermark.repaired(started)
         return self.last_rebuild
 
     def _rebuild_from_db(self, *, progress: bool | None = None) -> recovery.RebuildReport:
@@ -242,7 +249,10 @@ class StateManager:
 
     def repair(self) -> compare.ConsistencyReport:
         """Make memory and Redis agree with PostgreSQL; return what was found and fixed."""
-        return recovery.repair(self._pipe.tiers)
+        started = time.time()
+        report = recovery.repair(self._pipe.tiers)
+        self._pipe.watermark.repaired(started)
+        return report
 
 
 from toolkit.manager.startup import SUBSCRIBE_WAIT, init_state_manager  # noqa: E402 (needs StateManager)

@@ -25,7 +25,7 @@ from toolkit.recovery import queues, repairing
 from toolkit.tiers.memory import KINDS
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue
+from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue, watermark
 from toolkit.tiers.redis.client import Client, chunks
 
 FILL_CHUNK = 2_000
@@ -131,6 +131,7 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
     queues.reconcile(t, wanted)
     metrics.raise_to(t.redis, t.ns, checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
+    watermark.mark_rebuilt(t.redis, t.ns, time.time())
     return RebuildReport(
         workflows=len(entities["workflow"]), jobs=len(entities["job"]),
         workers=len(entities["worker"]), assignments=len(entities["assignment"]),

@@ -214,3 +214,22 @@ def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) ->
     return floor, floor + block
 
 
+
+
+# -- what changed since a time (a fast start) ------------------------------------------------
+
+def changed_since(conn: sa.Connection, since: datetime) -> dict[str, list[str]]:
+    """Ids of the entities that may have changed at or after ``since``, per kind.
+
+    Jobs from the event log (every job change logs an event; ``ix_job_events_at``),
+    workflows by ``updated_at``, the assignments of those jobs or assigned or
+    finished since, and every worker (a small table whose rows carry no change time).
+    """
+    e, w, a = t.job_events, t.workflows, t.job_assignments
+    jobs = sorted({r[0] for r in conn.execute(sa.select(e.c.job_id).where(e.c.at >= since))})
+    workflows = [r[0] for r in conn.execute(sa.select(w.c.id).where(w.c.updated_at >= since))]
+    assignments = [r[0] for r in conn.execute(sa.select(a.c.id).where(sa.or_(
+        store.any_of(a.c.job_id, jobs), a.c.assigned_at >= since, a.c.finished_at >= since)))]
+    workers = [r[0] for r in conn.execute(sa.select(t.workers.c.id))]
+    return {models.EntityKind.JOB: jobs, models.EntityKind.WORKFLOW: workflows,
+            models.EntityKind.ASSIGNMENT: assignments, models.EntityKind.WORKER: workers}

@@ -23,6 +23,12 @@ key                                    type        holds
 ``{ns}:heartbeats``                    zset        worker id -> last heartbeat (unix seconds)
 ``{ns}:hbhist:<worker_id>``            list        the worker's recent heartbeat times, newest first
 ``{ns}:boot``                          string      when this namespace's Redis data began
+``{ns}:applied``                       hash        coordinator -> ``<safe>|<refreshed>|<run_id>``:
+                                                   its commits before ``safe`` are all in Redis
+``{ns}:rebuilt``                       string      when a rebuild last made Redis whole (a Redis
+                                                   without it lost data: no fast start)
+``{ns}:deleting``                      set         ``<kind>|<id>`` being deleted (noted before
+                                                   the commit, removed when Redis has the delete)
 ``{ns}:lock:<name>``                   string      lock owner token, with PX expiry
 ``{ns}:fence:<name>``                  string      fencing counter of a lock (INCR)
 ``{ns}:fence:<name>:reserved``         string      tokens reserved in PostgreSQL up to here
@@ -68,6 +74,21 @@ def escape_glob(text: str) -> str:
             out.append("\\")
         out.append(ch)
     return "".join(out)
+
+
+def applied(ns: str) -> str:
+    """Return the hash of each coordinator's applied watermark."""
+    return f"{prefix(ns)}applied"
+
+
+def rebuilt(ns: str) -> str:
+    """Return the key a rebuild sets when it has made Redis whole."""
+    return f"{prefix(ns)}rebuilt"
+
+
+def deleting(ns: str) -> str:
+    """Return the set of entities whose delete may not have reached Redis yet."""
+    return f"{prefix(ns)}deleting"
 
 
 def queue(ns: str, name: str) -> str:
