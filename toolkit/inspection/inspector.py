@@ -50,7 +50,7 @@ _JOB_COLUMNS = {c: c for c in ("id", "workflow_id", "worker_id", "name", "status
 _JOB_COLUMNS["id"] = "job_id"
 
 
-class Inspector(analytics.Analytics, live.RedisFrames):
+class Inspector(live.RedisFrames, analytics.Analytics):
     """Read-only views of the coordinator's state as DataFrames.
 
     Parameters
