@@ -197,3 +197,31 @@ def test_bad_dequeue_many_sizes(sm: toolkit.StateManager) -> None:
         with pytest.raises(toolkit.ValidationError):
             sm.dequeue_many(w, n)  # type: ignore[arg-type]
     assert sm.dequeue_many(w, 5) == []
+
+
+def test_a_crash_between_the_batch_claim_and_the_commit_loses_no_job(sm: toolkit.StateManager,
+                                                                     raw_pg, clean) -> None:
+    from toolkit import failpoints
+
+    _flat(sm, 3)
+    w = sm.register_worker("w1").id
+    sm.claim_lease = 0.2
+
+    def crash(detail: str) -> None:
+        raise RuntimeError(f"coordinator died after claiming {detail}")
+
+    failpoints.arm("after_claim", crash)
+    try:
+        with pytest.raises(RuntimeError, match="coordinator died"):
+            sm.dequeue_many(w, 3)
+    finally:
+        failpoints.disarm("after_claim")
+    q = sql.SQL("SELECT count(*) FROM {} WHERE status = 'queued'").format(
+        sql.Identifier(clean.schema, "jobs"))
+    assert raw_pg.execute(q).fetchone() == (3,)
+    sm.reap_dead_workers()  # runs the janitor now; the leases have not expired yet
+    import time
+
+    time.sleep(0.3)
+    sm.reap_dead_workers()  # the leases expired: the janitor returns the claims
+    assert len(sm.dequeue_many(w, 3)) == 3

@@ -24,7 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from toolkit import errors, models, validate
+from toolkit import errors, failpoints, models, validate
 from toolkit.manager.dispatch import Dispatch
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
@@ -113,6 +113,13 @@ class _Batch:
         self.refused: dict[str, errors.ToolkitError] = {}
         self.workflows: set[str] = set()
 
+    def lock(self, conn: sa.Connection, workflow_ids: set[str]) -> None:
+        """Lock the workflows not yet locked by this transaction (to be rolled up at its end)."""
+        new = workflow_ids - self.workflows
+        if new:
+            pgb.lock_workflows(conn, new)
+            self.workflows |= new
+
     def outcomes(self, items: Sequence[pgb.Item], written: Iterable[models.Entity]
                  ) -> list[Outcome]:
         jobs = {e.id: e for e in written if isinstance(e, models.Job)}
@@ -136,8 +143,7 @@ def _completed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mappi
         ch.event("completed", r, now)
     ch.add_all("assignment", lifecycle.end_assignments(conn, "completed", now, job_ids=ids))
     wfs = {r["workflow_id"] for r in rows}
-    pgb.lock_workflows(conn, wfs)
-    b.workflows |= wfs
+    b.lock(conn, wfs)
     done = set(ids)
     for r in pgb.release_dependents(conn, wfs, ids, now):
         ch.add("job", r)
@@ -163,8 +169,7 @@ def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue
         if start:
             ch.event("started", r, now)
     wfs = {r["workflow_id"] for r in rows}
-    pgb.lock_workflows(conn, wfs)
-    b.workflows |= wfs
+    b.lock(conn, wfs)
     ch.counters["jobs_assigned"] += len(rows)
 
 
@@ -190,7 +195,10 @@ class Batches:
 
     def _pop(self, names: list[str], n: int) -> list[queue.Claim]:
         p = self.pipe
-        return queue.claim_many(p.redis, p.ns, names, n, time.time() + self.dispatch.claim_lease)
+        claims = queue.claim_many(p.redis, p.ns, names, n, time.time() + self.dispatch.claim_lease)
+        if claims:  # a crash from here to the commit leaves them in flight, for the janitor
+            failpoints.reach("after_claim", ",".join(c.job_id for c in claims))
+        return claims
 
     def _settle(self, claims: Iterable[queue.Claim], *, requeue: bool) -> None:
         for c in claims:
@@ -388,8 +396,7 @@ def _failed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mapping[
             ch.event("retried", r, now, attempts_left=r["max_attempts"] - r["attempts"])
             ch.counters["jobs_retried"] += 1
     wfs = {r["workflow_id"] for r in rows}
-    pgb.lock_workflows(conn, wfs)
-    b.workflows |= wfs
+    b.lock(conn, wfs)
     ch.counters["jobs_failed"] += len(rows)
 
 
