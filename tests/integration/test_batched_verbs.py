@@ -225,3 +225,28 @@ def test_a_crash_between_the_batch_claim_and_the_commit_loses_no_job(sm: toolkit
     time.sleep(0.3)
     sm.reap_dead_workers()  # the leases expired: the janitor returns the claims
     assert len(sm.dequeue_many(w, 3)) == 3
+
+
+def test_two_concurrent_batches_completing_the_last_two_dependencies_release_the_job(
+        sm: toolkit.StateManager, make_sm) -> None:
+    other = make_sm()
+    for round_ in range(8):
+        wf = sm.create_workflow(f"dag{round_}", jobs=[
+            {"name": "a", "queue": f"q{round_}"}, {"name": "b", "queue": f"q{round_}"},
+            {"name": "c", "depends_on": ["a", "b"], "queue": f"q{round_}"}])
+        w = sm.register_worker(f"w{round_}", queues=[f"q{round_}"]).id
+        a, b = sm.dequeue_many(w, 2, start=True)
+        barrier = threading.Barrier(2)
+
+        def finish(m: toolkit.StateManager, job: toolkit.Job) -> None:
+            barrier.wait()
+            m.complete_jobs([(job.id, None)])
+
+        threads = [threading.Thread(target=finish, args=(sm, a)),
+                   threading.Thread(target=finish, args=(other, b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        c = next(j for j in sm.list_jobs(workflow_id=wf.id) if j.name == "c")
+        assert c.status is toolkit.JobStatus.QUEUED, f"round {round_}: c is {c.status}"

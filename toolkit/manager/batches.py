@@ -107,18 +107,19 @@ def _guard(item: pgb.Item) -> dict[str, Any] | None:
 # -- the steps inside a transaction ----------------------------------------------------------
 
 class _Batch:
-    """What one batch transaction decided: the moved rows and each refusal."""
+    """What one batch transaction did: each refusal, the jobs completed, the workflows touched."""
 
     def __init__(self) -> None:
         self.refused: dict[str, errors.ToolkitError] = {}
+        self.completed: list[str] = []
         self.workflows: set[str] = set()
 
-    def lock(self, conn: sa.Connection, workflow_ids: set[str]) -> None:
-        """Lock the workflows not yet locked by this transaction (to be rolled up at its end)."""
-        new = workflow_ids - self.workflows
-        if new:
-            pgb.lock_workflows(conn, new)
-            self.workflows |= new
+    def reset(self) -> _Batch:
+        """Forget a rolled-back run (the transaction runs again after a deadlock)."""
+        self.refused.clear()
+        self.completed.clear()
+        self.workflows.clear()
+        return self
 
     def outcomes(self, items: Sequence[pgb.Item], written: Iterable[models.Entity]
                  ) -> list[Outcome]:
@@ -137,17 +138,13 @@ def _refuse(pipe: Pipeline, conn: sa.Connection, b: _Batch, items: Sequence[pgb.
 
 def _completed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],
                now: datetime) -> None:
-    """After completing ``rows``: end their assignments, lock their workflows, release dependents."""
+    """After completing ``rows``: end their assignments (dependents wait for :func:`_finish`)."""
     ids = [r["id"] for r in rows]
     for r in rows:
         ch.event("completed", r, now)
     ch.add_all("assignment", lifecycle.end_assignments(conn, "completed", now, job_ids=ids))
-    wfs = {r["workflow_id"] for r in rows}
-    b.lock(conn, wfs)
-    done = set(ids)
-    for r in pgb.release_dependents(conn, wfs, ids, now):
-        ch.add("job", r)
-        ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
+    b.completed += ids
+    b.workflows |= {r["workflow_id"] for r in rows}
     ch.counters["jobs_completed"] += len(rows)
 
 
@@ -168,13 +165,25 @@ def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue
         ch.event("assigned", {**r, "status": JS.ASSIGNED.value}, now)
         if start:
             ch.event("started", r, now)
-    wfs = {r["workflow_id"] for r in rows}
-    b.lock(conn, wfs)
+    b.workflows |= {r["workflow_id"] for r in rows}
     ch.counters["jobs_assigned"] += len(rows)
 
 
-def _roll_up(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime) -> None:
-    """Roll each workflow the batch touched up once (their rows are locked)."""
+def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime) -> None:
+    """Lock every workflow the batch touched (one statement, in id order: two batches never
+    deadlock on them), release the dependents of the completed jobs, roll each workflow up once.
+
+    The release and the roll-ups run after the locks, so their snapshots see every move of
+    these workflows committed before (two batches completing two dependencies of one job:
+    the second releases it)."""
+    if not b.workflows:
+        return
+    pgb.lock_workflows(conn, b.workflows)
+    done = set(b.completed)
+    if done:
+        for r in pgb.release_dependents(conn, b.workflows, b.completed, now):
+            ch.add("job", r)
+            ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
     for wf in sorted(b.workflows):
         ch.add("workflow", lifecycle.rollup_workflow(conn, wf, now))
 
@@ -244,7 +253,7 @@ class Batches:
                 now = self.pipe.now()
                 b = _Batch()
                 _claimed(conn, ch, b, claims, worker_id, bool(start), now)
-                _roll_up(conn, ch, b, now)
+                _finish(conn, ch, b, now)
 
             written = self._write_with_claims("dequeue", claims, tx)
             jobs = {e.id: e for e in written if isinstance(e, models.Job)}
@@ -282,7 +291,7 @@ class Batches:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            b.refused.clear()
+            b.reset()
             rows = pgb.start_jobs(conn, parsed, models.values(models.job_sources(JS.RUNNING)), now)
             _refuse(self.pipe, conn, b, parsed, rows, JS.RUNNING)
             ch.add_all("job", rows)
@@ -305,10 +314,9 @@ class Batches:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            b.refused.clear()
-            b.workflows.clear()
+            b.reset()
             self._complete(conn, ch, b, parsed, now)
-            _roll_up(conn, ch, b, now)
+            _finish(conn, ch, b, now)
 
         return b.outcomes(parsed, self.pipe.write("complete jobs", tx))
 
@@ -333,13 +341,12 @@ class Batches:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            b.refused.clear()
-            b.workflows.clear()
+            b.reset()
             rows = pgb.fail_jobs(conn, parsed, bool(retry), now)
             _refuse(self.pipe, conn, b, parsed, rows, JS.FAILED)
             ch.add_all("job", rows)
             _failed(conn, ch, b, rows, {i.job_id: i.value for i in parsed}, now)
-            _roll_up(conn, ch, b, now)
+            _finish(conn, ch, b, now)
 
         return b.outcomes(parsed, self.pipe.write("fail jobs", tx))
 
@@ -365,13 +372,12 @@ class Batches:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            b.refused.clear()
-            b.workflows.clear()
+            b.reset()
+            _claimed(conn, ch, b, claims, worker_id, bool(start), now)
             self._complete(conn, ch, b, item, now)
             if b.refused:
                 raise b.refused[job_id]
-            _claimed(conn, ch, b, claims, worker_id, bool(start), now)
-            _roll_up(conn, ch, b, now)
+            _finish(conn, ch, b, now)
 
         written = self._write_with_claims("complete and dequeue", claims, tx)
         jobs = {e.id: e for e in written if isinstance(e, models.Job)}
@@ -395,8 +401,7 @@ def _failed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mapping[
         if r["status"] == JS.QUEUED:
             ch.event("retried", r, now, attempts_left=r["max_attempts"] - r["attempts"])
             ch.counters["jobs_retried"] += 1
-    wfs = {r["workflow_id"] for r in rows}
-    b.lock(conn, wfs)
+    b.workflows |= {r["workflow_id"] for r in rows}
     ch.counters["jobs_failed"] += len(rows)
 
 
