@@ -238,7 +238,8 @@ def test_two_concurrent_batches_completing_the_last_two_dependencies_release_the
         a, b = sm.dequeue_many(w, 2, start=True)
         barrier = threading.Barrier(2)
 
-        def finish(m: toolkit.StateManager, job: toolkit.Job) -> None:
+        def finish(m: toolkit.StateManager, job: toolkit.Job,
+                   barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             m.complete_jobs([(job.id, None)])
 
