@@ -251,3 +251,21 @@ def test_two_concurrent_batches_completing_the_last_two_dependencies_release_the
             t.join()
         c = next(j for j in sm.list_jobs(workflow_id=wf.id) if j.name == "c")
         assert c.status is toolkit.JobStatus.QUEUED, f"round {round_}: c is {c.status}"
+
+
+def test_claimed_jobs_postgresql_refuses_are_forgotten_and_the_rest_assigned(
+        sm: toolkit.StateManager, raw_redis, raw_pg, clean) -> None:
+    from toolkit.tiers.redis import keys
+
+    _flat(sm, 3)
+    w = sm.register_worker("w1").id
+    gone = sm.dequeue(w)
+    assert gone is not None
+    sm.cancel_job(gone.id)
+    raw_redis.zadd(keys.queue(sm.ns, "default"), {gone.id: -1e12})  # a stale entry, popped first
+    got = sm.dequeue_many(w, 3)
+    assert len(got) == 2 and gone.id not in {j.id for j in got}
+    assert _pg_status(raw_pg, clean.schema, gone.id) == "cancelled"
+    assert raw_redis.zscore(keys.queue(sm.ns, "default"), gone.id) is None
+    assert raw_redis.zscore(keys.inflight(sm.ns), gone.id) is None
+    assert sm.check_consistency().ok
