@@ -150,15 +150,14 @@ def _completed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mappi
 
 def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue.Claim],
              worker_id: str, start: bool, now: datetime) -> None:
-    """Assign (or start) the claimed jobs still queued; one statement for the assignments."""
-    found = {r["id"]: r for r in pgb.claim_jobs(conn, [c.job_id for c in claims], worker_id, now,
-                                                 start=start)}
+    """Assign (or start) the claimed jobs still queued, with their assignments: one statement."""
+    aids = dict(zip((c.job_id for c in claims), validate.new_ids(len(claims)), strict=True))
+    found = {r["id"]: r for r in pgb.claim_jobs(conn, list(aids), list(aids.values()), worker_id,
+                                                 now, start=start)}
     rows = [found[c.job_id] for c in claims if c.job_id in found]
-    ids = validate.new_ids(len(rows))
-    assignments = [{"id": aid, "job_id": r["id"], "worker_id": worker_id,
+    assignments = [{"id": aids[r["id"]], "job_id": r["id"], "worker_id": worker_id,
                     "status": models.AssignmentStatus.ACTIVE.value, "attempt": r["attempts"],
-                    "assigned_at": now, "finished_at": None} for aid, r in zip(ids, rows, strict=True)]
-    pgb.insert_assignments(conn, assignments)
+                    "assigned_at": now, "finished_at": None} for r in rows]
     ch.add_all("job", rows)
     ch.add_all("assignment", assignments)
     for r in rows:

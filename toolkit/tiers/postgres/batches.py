@@ -100,48 +100,39 @@ def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: date
     return store.all_rows(conn.execute(_FAIL, {**params, "_retry": bool(retry)}))
 
 
-_CLAIM = (
-    sa.update(j)
-    .where(j.c.id == sa.any_(_array("_ids", sa.Text)), j.c.status == "queued")
-    .values(status=sa.bindparam("_status", type_=sa.Text),
-            worker_id=sa.bindparam("_worker", type_=sa.Text), attempts=j.c.attempts + 1,
-            started_at=sa.case((sa.bindparam("_start", type_=sa.Boolean), _NOW),
-                               else_=j.c.started_at),
-            version=j.c.version + 1, updated_at=_NOW)
-    .returning(j)
-)
-
-
-def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], worker_id: str, now: datetime, *,
-               start: bool) -> list[store.Row]:
-    """Assign (``start``: straight to running) the jobs of ``job_ids`` still queued."""
-    params = {"_ids": list(job_ids), "_worker": worker_id, "_start": start, "_now": now,
-              "_status": "running" if start else "assigned"}
-    return store.all_rows(conn.execute(_CLAIM, params))
-
-
-def _insert_assignments() -> sa.Insert:
+def _claim_statement() -> sa.Select[Any]:
     a = t.job_assignments
-    u = sa.func.unnest(_array("_ids", sa.Text), _array("_jobs", sa.Text),
-                       _array("_attempts", sa.Integer)).table_valued(
-        sa.column("id", sa.Text), sa.column("job", sa.Text), sa.column("attempt", sa.Integer)
-    ).render_derived(name="u")
-    rows = sa.select(u.c.id, u.c.job, sa.bindparam("_worker", type_=sa.Text),
-                     sa.literal("active", sa.Text), u.c.attempt, _NOW).select_from(u)
-    return sa.insert(a).from_select(
-        ["id", "job_id", "worker_id", "status", "attempt", "assigned_at"], rows)
+    moved = (
+        sa.update(j)
+        .where(j.c.id == sa.any_(_array("_ids", sa.Text)), j.c.status == "queued")
+        .values(status=sa.bindparam("_status", type_=sa.Text),
+                worker_id=sa.bindparam("_worker", type_=sa.Text), attempts=j.c.attempts + 1,
+                started_at=sa.case((sa.bindparam("_start", type_=sa.Boolean), _NOW),
+                                   else_=j.c.started_at),
+                version=j.c.version + 1, updated_at=_NOW)
+        .returning(*j.c)
+    ).cte("moved")
+    u = sa.func.unnest(_array("_ids", sa.Text), _array("_aids", sa.Text)).table_valued(
+        sa.column("job", sa.Text), sa.column("aid", sa.Text)).render_derived(name="u")
+    assigned = sa.insert(a).from_select(
+        ["id", "job_id", "worker_id", "status", "attempt", "assigned_at"],
+        sa.select(u.c.aid, moved.c.id, sa.bindparam("_worker", type_=sa.Text),
+                  sa.literal("active", sa.Text), moved.c.attempts, _NOW)
+        .select_from(moved.join(u, u.c.job == moved.c.id)),
+    ).cte("assigned")
+    return sa.select(*moved.c).add_cte(assigned)
 
 
-_INSERT_ASSIGNMENTS = _insert_assignments()
+_CLAIM = _claim_statement()
 
 
-def insert_assignments(conn: sa.Connection, rows: Sequence[store.Row]) -> None:
-    """Insert active assignments of one worker (``id``, ``job_id``, ``attempt``): one statement."""
-    if rows:
-        conn.execute(_INSERT_ASSIGNMENTS, {
-            "_ids": [r["id"] for r in rows], "_jobs": [r["job_id"] for r in rows],
-            "_attempts": [r["attempt"] for r in rows], "_worker": rows[0]["worker_id"],
-            "_now": rows[0]["assigned_at"]})
+def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequence[str],
+               worker_id: str, now: datetime, *, start: bool) -> list[store.Row]:
+    """Assign (``start``: straight to running) the jobs of ``job_ids`` still queued, and insert
+    their active assignments (ids from ``assignment_ids``, in the same order): ONE statement."""
+    params = {"_ids": list(job_ids), "_aids": list(assignment_ids), "_worker": worker_id,
+              "_start": start, "_now": now, "_status": "running" if start else "assigned"}
+    return store.all_rows(conn.execute(_CLAIM, params))
 
 
 def _release_statement() -> sa.Update:
