@@ -58,6 +58,8 @@ def test_a_batch_with_stale_items_refuses_those_alone(sm: toolkit.StateManager, 
     assert [_pg_status(raw_pg, clean.schema, j.id) for j in got] == [
         "completed", "assigned", "assigned", "completed"]
     assert sm.get_job(a.id).result == {"n": 1}  # type: ignore[union-attr]
+    assert [x.status.value for x in sm.list_assignments(job_id=a.id)] == ["completed"]
+    assert [x.status.value for x in sm.list_assignments(job_id=b.id)] == ["active"]
     assert _events(raw_pg, clean.schema, a.id) == ["created", "queued", "assigned", "started",
                                                    "completed"]
     assert sm.check_consistency().ok
@@ -73,6 +75,7 @@ def test_fail_jobs_retries_and_fails_per_item(sm: toolkit.StateManager, raw_pg, 
     assert isinstance(out[1], toolkit.Job) and out[1].status is toolkit.JobStatus.FAILED
     assert out[1].error == "boom b"
     assert isinstance(out[2], toolkit.NotFound)
+    assert [x.status.value for x in sm.list_assignments(job_id=a.id)] == ["failed"]
     assert sm.get_workflow(a.workflow_id).status is toolkit.WorkflowStatus.RUNNING  # type: ignore[union-attr]
     assert sm.dequeue(w).id == a.id  # type: ignore[union-attr]
     assert sm.check_consistency().ok

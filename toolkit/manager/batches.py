@@ -136,14 +136,11 @@ def _refuse(pipe: Pipeline, conn: sa.Connection, b: _Batch, items: Sequence[pgb.
             b.refused[item.job_id] = pipe.refusal(conn, "job", item.job_id, target, _guard(item))
 
 
-def _completed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],
-               now: datetime) -> None:
-    """After completing ``rows``: end their assignments (dependents wait for :func:`_finish`)."""
-    ids = [r["id"] for r in rows]
+def _completed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """After completing ``rows``: their events (dependents wait for :func:`_finish`)."""
     for r in rows:
         ch.event("completed", r, now)
-    ch.add_all("assignment", lifecycle.end_assignments(conn, "completed", now, job_ids=ids))
-    b.completed += ids
+    b.completed += [r["id"] for r in rows]
     b.workflows |= {r["workflow_id"] for r in rows}
     ch.counters["jobs_completed"] += len(rows)
 
@@ -321,11 +318,12 @@ class Batches:
 
     def _complete(self, conn: sa.Connection, ch: Changes, b: _Batch, items: Sequence[pgb.Item],
                   now: datetime) -> None:
-        rows = pgb.complete_jobs(conn, items, models.values(models.job_sources(JS.COMPLETED)), now)
+        rows, ended = pgb.complete_jobs(conn, items,
+                                        models.values(models.job_sources(JS.COMPLETED)), now)
         _refuse(self.pipe, conn, b, items, rows, JS.COMPLETED)
         ch.add_all("job", rows)
-        if rows:
-            _completed(conn, ch, b, rows, now)
+        ch.add_all("assignment", ended)
+        _completed(ch, b, rows, now)
 
     def fail_jobs(self, items: Sequence[Any], *, retry: bool = True,
                   worker_id: str | None = None) -> list[Outcome]:
@@ -341,10 +339,11 @@ class Batches:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
             b.reset()
-            rows = pgb.fail_jobs(conn, parsed, bool(retry), now)
+            rows, ended = pgb.fail_jobs(conn, parsed, bool(retry), now)
             _refuse(self.pipe, conn, b, parsed, rows, JS.FAILED)
             ch.add_all("job", rows)
-            _failed(conn, ch, b, rows, {i.job_id: i.value for i in parsed}, now)
+            ch.add_all("assignment", ended)
+            _failed(ch, b, rows, ended, {i.job_id: i.value for i in parsed}, now)
             _finish(conn, ch, b, now)
 
         return b.outcomes(parsed, self.pipe.write("fail jobs", tx))
@@ -386,13 +385,10 @@ class Batches:
         return jobs[job_id], nxt
 
 
-def _failed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],
-            errors_of: Mapping[str, str | None], now: datetime) -> None:
-    """After failing ``rows``: end their assignments, log failed (and retried), lock workflows."""
-    if not rows:
-        return
-    ended = lifecycle.end_assignments(conn, "failed", now, job_ids=[r["id"] for r in rows])
-    ch.add_all("assignment", ended)
+def _failed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],
+            ended: Sequence[Mapping[str, Any]], errors_of: Mapping[str, str | None],
+            now: datetime) -> None:
+    """After failing ``rows``: log failed (and retried) with the worker whose attempt failed."""
     by_job = {a["job_id"]: a["worker_id"] for a in ended}
     for r in rows:
         ch.event("failed", {**r, "status": JS.FAILED.value}, now, worker_id=by_job.get(r["id"]),
@@ -402,5 +398,4 @@ def _failed(conn: sa.Connection, ch: Changes, b: _Batch, rows: Sequence[Mapping[
             ch.counters["jobs_retried"] += 1
     b.workflows |= {r["workflow_id"] for r in rows}
     ch.counters["jobs_failed"] += len(rows)
-
 

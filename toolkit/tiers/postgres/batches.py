@@ -55,23 +55,57 @@ def _move(values: dict[str, Any]) -> sa.Update:
     )
 
 
+def _ending(values: dict[str, Any], ending: str) -> sa.Select[Any]:
+    """:func:`_move`, and the moved jobs' active assignments ended as ``ending``: ONE statement.
+
+    Each job row carries its ended assignment's ``_a_id``, ``_a_worker``, ``_a_attempt``,
+    ``_a_assigned_at`` (NULL when it had none; at most one is active per job)."""
+    a = t.job_assignments
+    moved = _move(values).cte("moved")
+    ended = (sa.update(a)
+             .where(a.c.status == "active", a.c.job_id.in_(sa.select(moved.c.id)))
+             .values(status=ending, finished_at=_NOW)
+             .returning(a.c.id, a.c.job_id, a.c.worker_id, a.c.attempt, a.c.assigned_at)
+             ).cte("ended")
+    return (sa.select(*moved.c, ended.c.id.label("_a_id"), ended.c.worker_id.label("_a_worker"),
+                      ended.c.attempt.label("_a_attempt"),
+                      ended.c.assigned_at.label("_a_assigned_at"))
+            .select_from(moved.outerjoin(ended, ended.c.job_id == moved.c.id)))
+
+
 _START = _move({"status": "running", "started_at": _NOW})
-_COMPLETE = _move({"status": "completed", "finished_at": _NOW,
-                   "result": sa.cast(_U.c.val, JSONB(none_as_null=True))})
+_COMPLETE = _ending({"status": "completed", "finished_at": _NOW,
+                     "result": sa.cast(_U.c.val, JSONB(none_as_null=True))}, "completed")
 
 
-def _fail_statement() -> sa.Update:
+def _fail_statement() -> sa.Select[Any]:
     again = sa.and_(sa.bindparam("_retry", type_=sa.Boolean), j.c.attempts < j.c.max_attempts)
-    return _move({
+    return _ending({
         "status": sa.case((again, "queued"), else_="failed"),
         "enqueue_seq": sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
         "worker_id": sa.case((again, sa.null()), else_=j.c.worker_id),
         "finished_at": sa.case((again, sa.null()), else_=_NOW),
         "error": _U.c.val,
-    })
+    }, "failed")
 
 
 _FAIL = _fail_statement()
+
+
+def split_ended(rows: Sequence[store.Row], ending: str, now: datetime
+                ) -> tuple[list[store.Row], list[store.Row]]:
+    """The job rows and the ended assignment rows of a :func:`complete_jobs` or :func:`fail_jobs`."""
+    jobs: list[store.Row] = []
+    ended: list[store.Row] = []
+    for r in rows:
+        row = dict(r)
+        aid, worker, attempt, at = (row.pop(k) for k in ("_a_id", "_a_worker", "_a_attempt",
+                                                          "_a_assigned_at"))
+        jobs.append(row)
+        if aid is not None:
+            ended.append({"id": aid, "job_id": row["id"], "worker_id": worker, "status": ending,
+                          "attempt": attempt, "assigned_at": at, "finished_at": now})
+    return jobs, ended
 
 
 def _params(items: Sequence[Item], statuses: Sequence[str], now: datetime) -> dict[str, Any]:
@@ -87,17 +121,21 @@ def start_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[st
 
 
 def complete_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[str],
-                  now: datetime) -> list[store.Row]:
-    """Complete the matching jobs, each with its result (``value``: JSON text or None)."""
-    return store.all_rows(conn.execute(_COMPLETE, _params(items, statuses, now)))
+                  now: datetime) -> tuple[list[store.Row], list[store.Row]]:
+    """Complete the matching jobs, each with its result (``value``: JSON text or None), and
+    end their active assignments; return the job rows and the ended assignment rows."""
+    rows = store.all_rows(conn.execute(_COMPLETE, _params(items, statuses, now)))
+    return split_ended(rows, "completed", now)
 
 
 def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: datetime
-              ) -> list[store.Row]:
-    """Fail the matching assigned or running jobs (``value``: the error); with ``retry``,
-    a job with attempts left is queued again instead."""
+              ) -> tuple[list[store.Row], list[store.Row]]:
+    """Fail the matching assigned or running jobs (``value``: the error; with ``retry``, a
+    job with attempts left is queued again instead) and end their active assignments;
+    return the job rows and the ended assignment rows."""
     params = _params(items, ["assigned", "running"], now)
-    return store.all_rows(conn.execute(_FAIL, {**params, "_retry": bool(retry)}))
+    rows = store.all_rows(conn.execute(_FAIL, {**params, "_retry": bool(retry)}))
+    return split_ended(rows, "failed", now)
 
 
 def _claim_statement() -> sa.Select[Any]:
