@@ -34,7 +34,7 @@ if mode == "fused":
         print(json.dumps({"acked": [done.id]}), flush=True)
 else:
     while True:
-        jobs = sm.dequeue_many(worker, 20, start=True)
+        jobs = sm.dequeue_many(worker, 10, start=True)
         if not jobs:
             break
         out = sm.complete_jobs([{"job_id": j.id, "result": {"by": worker}, "attempt": j.attempts}
@@ -75,17 +75,17 @@ def test_batched_and_fused_loops_killed_at_random_lose_no_acked_completion(
     setup = make_sm(heartbeat_ttl=1.0)
     for k in range(2):  # the second half of each workflow waits for the first (releases)
         setup.create_workflow(f"wf{k}", jobs=[
-            {"name": f"j{i}", "max_attempts": 20, "depends_on": [f"j{i - 150}"] if i >= 150 else []}
-            for i in range(300)])
+            {"name": f"j{i}", "max_attempts": 20, "depends_on": [f"j{i - 250}"] if i >= 250 else []}
+            for i in range(500)])
     setup.close()
     acked: dict[str, str] = {}
     for round_ in range(8):
         mode = "fused" if round_ % 2 else "batch"
         worker = f"{mode}-{round_}"
-        for job_id in _run_and_kill(clean, mode, worker, rng.uniform(0.2, 1.5)):
+        for job_id in _run_and_kill(clean, mode, worker, rng.uniform(0.05, 0.8)):
             assert job_id not in acked, f"{job_id} acked twice"
             acked[job_id] = worker
-    assert acked, "no loop acknowledged anything before it was killed"
+    assert len(set(acked.values())) >= 4, "most loops acknowledged nothing before they were killed"
 
     time.sleep(1.3)  # the killed workers' heartbeats and claim leases expire
     sm = make_sm(heartbeat_ttl=1.0)  # a new coordinator: rebuild from PostgreSQL
@@ -100,9 +100,9 @@ def test_batched_and_fused_loops_killed_at_random_lose_no_acked_completion(
             "SELECT job_id FROM {}.job_events WHERE event = 'completed'").format(schema)))
         finished = Counter(r[0] for r in conn.execute(sql.SQL(
             "SELECT job_id FROM {}.job_assignments WHERE status = 'completed'").format(schema)))
-    assert len(results) == 600
+    assert len(results) == 1000
     for job_id, worker in acked.items():  # every acknowledged completion stands, as acked
         assert results[job_id] == worker, (job_id, worker, results[job_id])
-    assert set(completions.values()) == {1} and len(completions) == 600
-    assert set(finished.values()) == {1} and len(finished) == 600
+    assert set(completions.values()) == {1} and len(completions) == 1000
+    assert set(finished.values()) == {1} and len(finished) == 1000
     assert_invariants(sm, raw_redis, clean.libpq_url)
