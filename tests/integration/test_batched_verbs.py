@@ -272,3 +272,17 @@ def test_claimed_jobs_postgresql_refuses_are_forgotten_and_the_rest_assigned(
     assert raw_redis.zscore(keys.queue(sm.ns, "default"), gone.id) is None
     assert raw_redis.zscore(keys.inflight(sm.ns), gone.id) is None
     assert sm.check_consistency().ok
+
+
+def test_batch_and_fused_claims_skip_a_paused_queue(sm: toolkit.StateManager) -> None:
+    sm.create_workflow("wf", jobs=[{"name": f"h{i}", "queue": "held", "priority": 9}
+                                   for i in range(3)] + [{"name": "o", "queue": "open"}])
+    w = sm.register_worker("w1", queues=["held", "open"]).id
+    sm.pause_queue("held", reason="maintenance")
+    got = sm.dequeue_many(w, 10, start=True)
+    assert [j.name for j in got] == ["o"]
+    assert sm.dequeue_many(w, 10) == []
+    done, nxt = sm.complete_and_dequeue(got[0].id, None, worker_id=w)
+    assert done.status is toolkit.JobStatus.COMPLETED and nxt is None
+    sm.resume_queue("held")
+    assert sorted(j.name for j in sm.dequeue_many(w, 10)) == ["h0", "h1", "h2"]

@@ -142,8 +142,10 @@ def claim(client: Client, ns: str, queue_names: list[str], lease_deadline: float
 def claim_many(client: Client, ns: str, queue_names: list[str], n: int,
                lease_deadline: float) -> list[Claim]:
     """Pop up to ``n`` of the best jobs of ``queue_names`` into the in-flight set, best first,
-    in one script (the order ``n`` calls of :func:`claim` would give; never re-sent)."""
-    ks = [keys.inflight(ns), keys.inflight_meta(ns)] + [keys.queue(ns, q) for q in queue_names]
+    in one script (the order ``n`` calls of :func:`claim` would give, paused queues skipped
+    as there; never re-sent)."""
+    ks = [keys.inflight(ns), keys.inflight_meta(ns), keys.paused_queues(ns)]
+    ks += [keys.queue(ns, q) for q in queue_names]
     res = client.call(
         "dequeue",
         lambda: run_script(client, "claim_jobs", ks, [lease_deadline, n, *queue_names]),
