@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 
 from toolkit import compare, config, errors, recovery
 from toolkit.manager import (
+    batches,
     counters,
     dispatch,
     jobs,
@@ -100,6 +101,7 @@ class StateManager:
         self._workers = workers.Workers(self._pipe)
         self._dispatch = dispatch.Dispatch(self._pipe, self._workers)
         self._queues = queues.Queues(self._pipe)
+        self._batches = batches.Batches(self._pipe, self._workers, self._dispatch)
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
         self._operations = operations.Operations(self._pipe)
@@ -200,7 +202,12 @@ class StateManager:
     fail_job = _Verb("_jobs", jobs.Jobs.fail)
 
     assign_job = _Verb("_dispatch", dispatch.Dispatch.assign_job)
-    dequeue = _Verb("_dispatch", dispatch.Dispatch.dequeue)
+    dequeue = _Verb("_batches", batches.Batches.dequeue)
+    dequeue_many = _Verb("_batches", batches.Batches.dequeue_many)
+    start_jobs = _Verb("_batches", batches.Batches.start_jobs)
+    complete_jobs = _Verb("_batches", batches.Batches.complete_jobs)
+    fail_jobs = _Verb("_batches", batches.Batches.fail_jobs)
+    complete_and_dequeue = _Verb("_batches", batches.Batches.complete_and_dequeue)
     list_assignments = _Verb("_workers", workers.Workers.assignments)
     pause_queue = _Verb("_queues", queues.Queues.pause)
     resume_queue = _Verb("_queues", queues.Queues.resume)
