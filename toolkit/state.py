@@ -105,7 +105,8 @@ class StateManager:
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
         self._operations = operations.Operations(self._pipe)
-        self._working = working.Working(self._jobs, self._dispatch, self._workers)
+        self._working = working.Working(self._jobs, self._dispatch, self._workers,
+                                        self._batches)
         self._closed = False
         self.last_rebuild: recovery.RebuildReport | None = None
         self.eviction_risk: eviction.EvictionRisk | None = None
