@@ -14,7 +14,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from toolkit import compare, config, errors, recovery
+from toolkit import compare, config, errors, recovery, validate
 from toolkit.manager import (
     batches,
     counters,
@@ -173,6 +173,17 @@ class StateManager:
     @memory_max_age.setter
     def memory_max_age(self, seconds: float) -> None:
         self._pipe.memory_max_age = seconds
+
+    @property
+    def orphan_cap(self) -> int:
+        """A job whose worker died this many times while holding it is failed for good by
+        ``reap_dead_workers`` (error ``orphan cap: ...``, counter ``jobs_orphan_capped``)
+        instead of queued again: a poison pill stops there. Default 3."""
+        return self._workers.orphan_cap
+
+    @orphan_cap.setter
+    def orphan_cap(self, times: int) -> None:
+        self._workers.orphan_cap = validate.integer("orphan_cap", times, low=1, high=1_000_000)
 
     @property
     def claim_lease(self) -> float:

@@ -231,6 +231,34 @@ def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
     return store.all_rows(conn.execute(stmt))
 
 
+def orphan_counts(conn: sa.Connection, job_ids: Sequence[str]) -> dict[str, int]:
+    """How many times each job was reclaimed from a dead worker (its ``orphaned`` events)."""
+    if not job_ids:
+        return {}
+    e = t.job_events
+    stmt = (sa.select(e.c.job_id, sa.func.count())
+            .where(store.any_of(e.c.job_id, job_ids), e.c.event == "reclaimed",
+                   e.c.detail["orphaned"].as_boolean().is_(True))
+            .group_by(e.c.job_id))
+    return {job_id: n for job_id, n in conn.execute(stmt)}
+
+
+def abandon_jobs(conn: sa.Connection, job_ids: Sequence[str], error: str, now: datetime
+                 ) -> list[store.Row]:
+    """Fail for good the assigned or running jobs given (a worker keeps dying on them)."""
+    if not job_ids:
+        return []
+    j = t.jobs
+    stmt = (
+        sa.update(j)
+        .where(store.any_of(j.c.id, job_ids), j.c.status.in_(["assigned", "running"]))
+        .values(status="failed", worker_id=sa.null(), finished_at=now, error=error,
+                version=j.c.version + 1, updated_at=now)
+        .returning(j)
+    )
+    return store.all_rows(conn.execute(stmt))
+
+
 def lock_job(conn: sa.Connection, job_id: str) -> store.Row | None:
     """Read a job's row and lock it for the rest of the transaction (None: no such job)."""
     j = t.jobs
