@@ -1,5 +1,6 @@
-"""The batched and the fused worker loops, SIGKILLed at random points: no acknowledged completion
-is lost, and no job is handed to two workers (issue 18's reliability criterion, items 1-2)."""
+"""The batched and the fused worker loops and the worker helper, SIGKILLed at random points: no
+acknowledged completion is lost, and no job is handed to two workers (issue 18's reliability
+criterion, items 1, 2 and 5)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ sm = toolkit.init_state_manager(namespace=ns, schema=schema, heartbeat_ttl=1.0)
 sm.claim_lease = 1.0
 sm.register_worker(worker)
 print(json.dumps({"ready": worker}), flush=True)
-if mode == "fused":
+if mode.startswith("worker"):
+    def handler(job):
+        print(json.dumps({"ran": job.id}), flush=True)
+        return {"by": worker}
+    sm.run_worker(worker, handler, batch=int(mode[len("worker"):]), idle_timeout=0)
+elif mode == "fused":
     job = sm.dequeue(worker, start=True)
     while job is not None:
         done, job = sm.complete_and_dequeue(job.id, {"by": worker}, worker_id=worker,
@@ -69,7 +75,7 @@ def _drain(sm: toolkit.StateManager, worker: str, seconds: float = 40.0) -> None
             assert all(isinstance(o, toolkit.Job) for o in out), out
 
 
-def test_batched_and_fused_loops_killed_at_random_lose_no_acked_completion(
+def test_batched_fused_and_worker_loops_killed_at_random_lose_no_acked_completion(
         clean: Servers, make_sm, raw_redis) -> None:
     rng = random.Random(18)
     setup = make_sm(heartbeat_ttl=1.0)
@@ -79,8 +85,8 @@ def test_batched_and_fused_loops_killed_at_random_lose_no_acked_completion(
             for i in range(500)])
     setup.close()
     acked: dict[str, str] = {}
-    for round_ in range(8):
-        mode = "fused" if round_ % 2 else "batch"
+    for round_ in range(12):
+        mode = ("batch", "fused", "worker1", "worker10")[round_ % 4]
         worker = f"{mode}-{round_}"
         for job_id in _run_and_kill(clean, mode, worker, rng.uniform(0.05, 0.8)):
             assert job_id not in acked, f"{job_id} acked twice"
