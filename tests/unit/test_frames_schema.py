@@ -52,6 +52,8 @@ PINNED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "paused": ("queue", S, [("reason", S), ("paused_by", S), ("paused_since", T)]),
     "queues": ("queue", S, [("depth", I64), ("paused", B), ("reason", S), ("paused_by", S),
                             ("paused_since", T)]),
+    "backlog": ("queue", S, [("depth", I64), ("oldest_age_s", F64), ("enqueued_per_s", F64),
+                             ("dispatched_per_s", F64), ("drain_eta_s", F64)]),
 }
 
 

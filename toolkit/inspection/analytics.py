@@ -9,7 +9,7 @@ offline snapshot (:func:`toolkit.Inspector.from_snapshot`).
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,6 +221,23 @@ class Analytics:
         from toolkit.inspection import paused
 
         return paused.queues_frame(self.queue(), self._paused())
+
+    def backlog(self, window: float | timedelta = 900.0) -> pd.DataFrame:
+        """Backlog gauges per queue (index ``queue``): ``depth``, ``oldest_age_s``,
+        ``enqueued_per_s`` and ``dispatched_per_s`` over the last ``window`` seconds (or a
+        ``timedelta``; default 15 minutes) of the event log, and ``drain_eta_s``.
+
+        Raises
+        ------
+        ValidationError
+            ``window`` is not a positive number of seconds or a timedelta.
+        """
+        from toolkit.inspection import backlog
+
+        seconds = backlog.window_seconds(window)
+        now = self._now()
+        since = (now - pd.Timedelta(seconds=seconds)).to_pydatetime()
+        return backlog.frame(self.jobs(), self.events(since=since), now, seconds)
 
     def wait_times(self, by: str = "priority", *, since: datetime | None = None) -> pd.DataFrame:
         """How long jobs waited in a queue, from the event log, per ``priority`` or ``queue``.

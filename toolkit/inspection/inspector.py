@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
+from psycopg import sql
 
 from toolkit import compare, config, models, validate
 from toolkit.handles import Tiers
@@ -368,7 +369,15 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         items["queue_depth"] = int((~q["in_flight"]).sum()) if len(q) else 0
         items["in_flight"] = int(q["in_flight"].sum()) if len(q) else 0
         items["queues_paused"] = len(self._paused())
+        items["oldest_queued_age_s"] = self._oldest_queued_age()
         return frames.conform("summary", {"item": list(items), "value": list(items.values())})
+
+    def _oldest_queued_age(self) -> int:
+        """Whole seconds since the oldest queued job was last updated (0 when none is queued)."""
+        rows = export.scalar_rows(self._db, sql.SQL(
+            "SELECT coalesce(extract(epoch FROM now() - min(updated_at)), 0)::bigint FROM {} "
+            "WHERE status = 'queued'").format(sql.Identifier(self._db.schema, "jobs")))
+        return max(0, int(rows[0][0]))
 
     def _repr_html_(self) -> str:
         s = self.summary()["value"]

@@ -240,12 +240,18 @@ _BOARD: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("jobs", (("queued", "jobs_queued"), ("running", "jobs_running"),
               ("completed", "jobs_completed"), ("failed", "jobs_failed"))),
     ("workers", (("alive", "workers_alive"), ("total", "workers"))),
-    ("queue", (("depth", "queue_depth"), ("in flight", "in_flight"), ("paused", "queues_paused"))),
+    ("queue", (("depth", "queue_depth"), ("in flight", "in_flight"), ("paused", "queues_paused"),
+               ("oldest s", "oldest_queued_age_s"))),
 )
 
 
+STUCK_AFTER = 900
+"""Seconds the oldest queued job may wait before the board draws the backlog in red."""
+
+
 def board_alerts(values: Mapping[str, int]) -> set[str]:
-    """Return the summary items an SRE should look at: failures, dead workers, a stuck backlog,
+    """Return the summary items an SRE should look at: failures, dead workers, a stuck backlog
+    (jobs but no live worker, or a job queued for more than :data:`STUCK_AFTER` seconds),
     a paused queue.
 
     Parameters
@@ -265,6 +271,8 @@ def board_alerts(values: Mapping[str, int]) -> set[str]:
         alerts.add("queue_depth")
     if values.get("queues_paused", 0) > 0:  # an operator's pause: a reason to look, not a fault
         alerts.add("queues_paused")
+    if values.get("oldest_queued_age_s", 0) > STUCK_AFTER:
+        alerts.add("oldest_queued_age_s")
     return alerts
 
 
