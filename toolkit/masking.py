@@ -5,8 +5,8 @@ Every read side uses it: the Inspector's frames, snapshots, the dashboard, the C
 and the messages of errors about a JSON value.
 
 What matches
-    A key is sensitive when its *normalized* name (lower case, letters and digits
-    only) contains a normalized entry of the list as a substring. So ``password``
+    A key is sensitive when its *normalized* name (lower case, only ``a-z`` and
+    ``0-9``) contains a normalized entry of the list as a substring. So ``password``
     matches ``db_password``, ``Password`` and ``PASSWORD_HASH``; ``api_key`` matches
     ``X-Api-Key`` and ``apiKey``; ``token`` matches ``refresh_token`` (and also
     ``tokens_used``: a false positive hides a value, it never shows one). Keys are
@@ -44,12 +44,16 @@ DEFAULT_SENSITIVE_KEYS = ("password", "passwd", "secret", "token", "api_key", "a
                           "authorization", "cookie", "session", "credit_card")
 """The keys hidden unless told otherwise (matched as normalized substrings)."""
 
-_NOT_ALNUM = re.compile(r"[\W_]+")
+NOT_KEPT = r"[^a-z0-9]+"
+"""What :func:`normalize` removes after lower-casing (the same pattern runs in Arrow, vectorized)."""
+_NOT_KEPT = re.compile(NOT_KEPT)
+MAX_DEPTH = 100
+"""Levels :meth:`Masker.mask` walks; deeper than this is masked whole."""
 
 
 def normalize(key: str) -> str:
-    """``key`` in lower case with only its letters and digits (``X-Api-Key`` -> ``xapikey``)."""
-    return _NOT_ALNUM.sub("", key.lower())
+    """``key`` in lower case with only ``a-z`` and ``0-9`` (``X-Api-Key`` -> ``xapikey``)."""
+    return _NOT_KEPT.sub("", key.lower())
 
 
 def _entries(given: str | Iterable[str]) -> list[str]:
@@ -121,13 +125,18 @@ class Masker:
         """Whether the value under ``key`` is hidden."""
         return _matches(key, self.keys)
 
-    def mask(self, value: Any) -> Any:
-        """A copy of ``value`` with the value of every sensitive key replaced by :data:`MASK`."""
+    def mask(self, value: Any, _depth: int = 0) -> Any:
+        """A copy of ``value`` with the value of every sensitive key replaced by :data:`MASK`.
+
+        Below :data:`MAX_DEPTH` levels everything is masked (no JSON value is that deep).
+        """
+        if _depth > MAX_DEPTH:
+            return MASK
         if isinstance(value, dict):
-            return {k: MASK if isinstance(k, str) and self.is_sensitive(k) else self.mask(v)
-                    for k, v in value.items()}
+            return {k: MASK if isinstance(k, str) and self.is_sensitive(k)
+                    else self.mask(v, _depth + 1) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return [self.mask(v) for v in value]
+            return [self.mask(v, _depth + 1) for v in value]
         return value
 
     def may_hold(self, text: str) -> bool:
@@ -148,3 +157,15 @@ class Masker:
             return text
         masked = self.mask(value)
         return text if masked == value else json.dumps(masked, ensure_ascii=False)
+
+
+def for_message(value: Any) -> Any:
+    """``value`` masked with the list in force (defaults and environment), for an error message.
+
+    Never raises: a list that does not parse falls back to the defaults.
+    """
+    try:
+        keys = sensitive_keys()
+    except errors.ConfigurationError:
+        keys = Masker().keys
+    return Masker(keys).mask(value)

@@ -36,18 +36,29 @@ def _column(expr: str, alias: str) -> sql.Composable:
 
 
 def select(db: Database, table: str, columns: Mapping[str, str], *,
-           where: Mapping[str, Any] | None = None, order: Sequence[str] = ()) -> pa.Table:
-    """Read ``table`` (columns as ``{source: alias}``) with equality filters, as an Arrow table."""
+           where: Mapping[str, Any] | None = None, order: Sequence[str] = (),
+           contains: Mapping[str, str] | None = None, limit: int | None = None) -> pa.Table:
+    """Read ``table`` (columns as ``{source: alias}``) with filters, as an Arrow table.
+
+    ``where`` holds equality filters (``None`` values skipped); ``contains`` maps a
+    JSONB column to JSON text it must contain (``column @> value::jsonb``, served
+    by a GIN index); ``limit`` caps the rows. Every value is a bound parameter.
+    """
     cols = sql.SQL(", ").join(_column(src, alias) for src, alias in columns.items())
     query = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier(db.schema, table))
-    params: list[Any] = []
     conds = [sql.SQL("{} = %s").format(sql.Identifier(k)) for k, v in (where or {}).items()
              if v is not None]
-    params = [v for v in (where or {}).values() if v is not None]
+    params: list[Any] = [v for v in (where or {}).values() if v is not None]
+    for column, text in (contains or {}).items():
+        conds.append(sql.SQL("{} @> %s::jsonb").format(sql.Identifier(column)))
+        params.append(text)
     if conds:
         query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
     if order:
         query += sql.SQL(" ORDER BY ") + sql.SQL(", ").join(map(sql.Identifier, order))
+    if limit is not None:
+        query += sql.SQL(" LIMIT %s")
+        params.append(int(limit))
     return copy_query(db, query, params, list(columns.values()))
 
 
