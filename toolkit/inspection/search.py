@@ -216,7 +216,7 @@ def mask_frame(name: str, frame: pd.DataFrame, masker: masking.Masker) -> pd.Dat
     for col in columns:
         hits = _candidates(out[col], masker)
         if hits.any():
-            values = _cells(out[col])
+            values = _cells(out[col]).copy()
             values[hits] = [masker.text(v) for v in values[hits]]
             out[col] = pd.Series(values, index=out.index, dtype=out[col].dtype)
     return out
