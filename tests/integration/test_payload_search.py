@@ -102,6 +102,6 @@ def test_cli_jobs_payload_flag(ins, clean, capsys) -> None:
     assert [(r["job_id"], r["plan"]) for r in rows] == [("j1", "pro"), ("j3", "pro")]
     assert cli.main(["jobs", "--payload", "{not json", *base(clean)]) == 2
     assert "payload" in capsys.readouterr().err
-    assert cli.main(["jobs", "--payload", '{"customer": {}}', "--max-rows", "1", *base(clean)]) == 0
+    assert cli.main(["jobs", "--payload", '{"customer": {}}', "--limit", "1", *base(clean)]) == 0
     out = capsys.readouterr()
     assert "j1" in out.out and "j3" not in out.out and "more than 1" in out.err

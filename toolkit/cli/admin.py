@@ -57,6 +57,7 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
                       help="keep only events younger than AGE (30d, 12h, 15m, 90s; default all)")
     snap.add_argument("--force", action="store_true",
                       help="write into DIR even when it is not empty (default: refuse)")
+    parser.unmask_option(snap)
 
     srv = sub.add_parser("serve-metrics", help="serve GET /metrics (Prometheus) over HTTP")
     common(srv)
