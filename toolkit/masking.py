@@ -103,6 +103,14 @@ def sensitive_keys(given: str | Iterable[str] | None = None, *,
     return tuple(keys)
 
 
+def pattern(keys: Iterable[str]) -> str:
+    """A regular expression (RE2 and Python syntax, case-insensitive) that finds text whose
+    :func:`normalize` form contains one of ``keys``: each key's characters in order, with
+    only removed characters between them. For vectorized pre-checks (Arrow)."""
+    between = "[^a-z0-9]*"
+    return "(?i)" + "|".join(between.join(re.escape(ch) for ch in normalize(k)) for k in keys)
+
+
 @functools.lru_cache(maxsize=4096)
 def _matches(key: str, keys: tuple[str, ...]) -> bool:
     norm = normalize(key)

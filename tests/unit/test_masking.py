@@ -51,3 +51,19 @@ def test_the_list_extends_the_defaults_and_a_minus_removes_one() -> None:
 def test_a_bad_list_is_a_configuration_error(bad: object) -> None:
     with pytest.raises(errors.ConfigurationError, match="sensitive_keys"):
         masking.sensitive_keys(bad, environ={})  # type: ignore[arg-type]
+
+
+def test_the_vectorized_pattern_agrees_with_normalize() -> None:
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    m = masking.Masker(masking.sensitive_keys("ssn", environ={}))
+    rng = random.Random(7)
+    alphabet = 'tokenTOKEN_-. "{}:paswrdSsn\u212aé1'
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(20000)]
+    texts += ['{"X-Api-Key": 1}', '{"a": {"Pass_Word": 2}}', '{"plan": "pro"}']
+    vectorized = pc.match_substring_regex(pa.array(texts), masking.pattern(m.keys)).to_pylist()
+    assert vectorized == [m.may_hold(t) for t in texts]
+    assert vectorized[-3:] == [True, True, False]

@@ -199,11 +199,11 @@ def _cells(values: pd.Series) -> np.ndarray[Any, np.dtype[np.object_]]:
 
 def _candidates(values: pd.Series, masker: masking.Masker) -> np.ndarray[Any, np.dtype[np.bool_]]:
     """Rows whose text may hold a sensitive key (vectorized in Arrow; False means surely not)."""
-    arr = pa.array(_cells(values), type=pa.string())
-    norm = pc.replace_substring_regex(pc.utf8_lower(arr), masking.NOT_KEPT, "")
-    pattern = "|".join(re.escape(k) for k in masker.keys)
+    arr = (pa.array(values.array) if isinstance(values.dtype, pd.StringDtype)
+           else pa.array(_cells(values), type=pa.string()))
     hits: np.ndarray[Any, np.dtype[np.bool_]] = (
-        pc.match_substring_regex(norm, pattern).fill_null(False).to_numpy(zero_copy_only=False))
+        pc.match_substring_regex(arr, masking.pattern(masker.keys)).fill_null(False)
+        .to_numpy(zero_copy_only=False))
     return hits
 
 
@@ -212,11 +212,12 @@ def mask_frame(name: str, frame: pd.DataFrame, masker: masking.Masker) -> pd.Dat
     columns = [c for c in MASKED_COLUMNS.get(name, ()) if c in frame.columns]
     if frame.empty or not columns or not masker.keys:
         return frame
-    out = frame.copy()
+    out = frame
     for col in columns:
-        hits = _candidates(out[col], masker)
+        hits = _candidates(frame[col], masker)
         if hits.any():
-            values = _cells(out[col]).copy()
+            out = out.copy() if out is frame else out
+            values = _cells(frame[col]).copy()
             values[hits] = [masker.text(v) for v in values[hits]]
-            out[col] = pd.Series(values, index=out.index, dtype=out[col].dtype)
+            out[col] = pd.Series(values, index=out.index, dtype=frame[col].dtype)
     return out
