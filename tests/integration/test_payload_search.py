@@ -105,3 +105,25 @@ def test_cli_jobs_payload_flag(ins, clean, capsys) -> None:
     assert cli.main(["jobs", "--payload", '{"customer": {}}', "--limit", "1", *base(clean)]) == 0
     out = capsys.readouterr()
     assert "j1" in out.out and "j3" not in out.out and "more than 1" in out.err
+
+
+def test_an_older_schema_is_searched_without_the_index_and_never_migrated(clean, raw_pg) -> None:
+    """The Inspector reads a schema from before migration 0007 (a sequential scan) and adds nothing."""
+    from tests.conftest import drop_schema, unique
+    from toolkit.tiers.postgres import migrate
+    from toolkit.tiers.postgres.db import Database
+
+    old = unique("old")
+    db = Database(clean.database_url, old)
+    try:
+        migrate.upgrade(db, target=4)
+        with toolkit.Inspector(clean.database_url, clean.redis_url, namespace=clean.namespace,
+                               schema=old) as ins:
+            assert ins.jobs(payload={"customer": {"plan": "pro"}}).empty
+        assert migrate.applied(db) == [1, 2, 3, 4]
+        index = raw_pg.execute("SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = "
+                               "'ix_jobs_payload'", (old,)).fetchone()
+        assert index is None
+    finally:
+        db.dispose()
+        drop_schema(clean.libpq_url, old)

@@ -143,12 +143,18 @@ def _payload_arguments(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
 def cmd_jobs(args: argparse.Namespace) -> int:
     payload, columns = _payload_arguments(args)
     cap = args.limit if args.limit else None
-    with opened(args) as ins:
-        frame = ins.jobs(workflow_id=args.workflow_id, status=args.status, payload=payload,
-                         payload_columns=columns or None, limit=cap)
+    quiet = logging.getLogger("toolkit.inspection.search")  # the note below says it instead
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with opened(args) as ins:
+            frame = ins.jobs(workflow_id=args.workflow_id, status=args.status, payload=payload,
+                             payload_columns=columns or None, limit=cap)
+    finally:
+        quiet.setLevel(level)
     if frame.attrs.get("capped"):
-        warn(f"more than {cap} jobs match: showing the first {cap} (raise --limit or narrow "
-             "the search)")
+        warn(f"more than {cap} jobs match: showing the first {cap} (oldest); raise --limit or "
+             "narrow the search")
     emit_args(frame, args)
     return 0
 

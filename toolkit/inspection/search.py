@@ -176,8 +176,8 @@ def finish(jobs: pd.DataFrame, q: Query) -> pd.DataFrame:
     capped = q.limit is not None and len(jobs) > q.limit
     if capped:
         jobs = jobs.iloc[: q.limit]
-        log.warning("jobs(): more than %d jobs match; the frame holds the first %d (raise "
-                    "limit=, or narrow the filter)", q.limit, q.limit, extra={"action": "search"})
+        log.warning("more than %d jobs match: only the first %d (oldest) are shown; raise the "
+                    "limit or narrow the search", q.limit, q.limit, extra={"action": "search"})
     if q.columns:
         jobs = jobs.copy()
         docs = jobs["payload"].map(json.loads, na_action="ignore")
