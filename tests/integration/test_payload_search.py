@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 import psycopg
 import pytest
 
@@ -127,3 +128,17 @@ def test_an_older_schema_is_searched_without_the_index_and_never_migrated(clean,
     finally:
         db.dispose()
         drop_schema(clean.libpq_url, old)
+
+
+def test_a_search_keeps_the_wait_of_the_jobs_it_found(sm: toolkit.StateManager, ins) -> None:
+    """A search reads only its jobs' events for wait_s: the same value as the whole frame."""
+    sm.register_worker("w1")
+    first = sm.dequeue("w1")
+    second = sm.dequeue("w1")
+    assert first is not None and second is not None
+    whole = ins.jobs()
+    found = ins.jobs(payload={"customer": {"plan": "pro"}})
+    assert found["wait_s"].notna().sum() >= 1
+    pd.testing.assert_series_equal(found["wait_s"], whole.loc[found.index, "wait_s"])
+    capped = ins.jobs(limit=2)
+    pd.testing.assert_series_equal(capped["wait_s"], whole.loc[capped.index, "wait_s"])

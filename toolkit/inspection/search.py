@@ -108,6 +108,10 @@ JOB_COLUMNS = {c: c for c in ("id", "workflow_id", "worker_id", "name", "status"
 JOB_COLUMNS["id"] = "job_id"
 
 
+FEW_JOBS = 10_000
+"""A search that found at most this many jobs reads only their events for ``wait_s``."""
+
+
 def read_jobs(db: Database, q: Query) -> pd.DataFrame:
     """The jobs frame of ``q`` read from PostgreSQL (up to ``q.fetch`` rows, oldest first)."""
     text = q.payload_json
@@ -120,7 +124,9 @@ def read_jobs(db: Database, q: Query) -> pd.DataFrame:
         return frames.empty("jobs")
     for col in ("created_at", "updated_at", "started_at", "finished_at"):
         df[col] = frames.epoch_us_to_utc(df[col])
-    waits = frames.from_arrow(export.attempt_waits(db, q.workflow_id))
+    few = (q.payload is not None or q.limit is not None) and len(df) <= FEW_JOBS
+    waits = frames.from_arrow(export.attempt_waits(
+        db, q.workflow_id, job_ids=df["job_id"].tolist() if few else None))
     per_job = (pd.Series(waits["wait_s"].astype("Float64").array, index=waits["job_id"])
                if len(waits) else pd.Series([], dtype="Float64"))
     df["wait_s"] = df["job_id"].map(per_job).astype("Float64")

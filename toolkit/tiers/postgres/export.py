@@ -108,17 +108,26 @@ ORDER BY job_id, id DESC
 """
 
 
-def attempt_waits(db: Database, workflow_id: str | None = None) -> pa.Table:
+def attempt_waits(db: Database, workflow_id: str | None = None,
+                  job_ids: Sequence[str] | None = None) -> pa.Table:
     """Each job's queue wait before its latest assignment (``job_id``, ``wait_s``), from the event log.
 
     The wait runs from the event that made the job queued (the first of the run of
     queued-status events before the assignment) to the ``assigned`` event: the
     same measure as ``Inspector.wait_times()``. Jobs never assigned have no row.
+    ``job_ids`` reads only those jobs' events (a search's few jobs, by the job_id index).
     """
-    where = sql.SQL("WHERE workflow_id = %s") if workflow_id is not None else sql.SQL("")
+    conds: list[sql.Composable] = []
+    params: list[Any] = []
+    if workflow_id is not None:
+        conds.append(sql.SQL("workflow_id = %s"))
+        params.append(workflow_id)
+    if job_ids is not None:
+        conds.append(sql.SQL("job_id = ANY(%s)"))
+        params.append(list(job_ids))
+    where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
     query = sql.SQL(_ATTEMPT_WAITS).format(events=sql.Identifier(db.schema, "job_events"),
                                            where=where)
-    params = [workflow_id] if workflow_id is not None else []
     return copy_query(db, query, params, ["job_id", "wait_s"])
 
 
