@@ -61,12 +61,10 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         (logged as a warning; ``heartbeat_ttl_source`` says which). An
         Inspector bound to a StateManager uses the manager's TTL.
     unmask
-        Show the values of sensitive payload, result and metadata keys
-        (:mod:`toolkit.masking`); default False: they read ``"***"`` in every
-        frame, explanation and snapshot. Each method's ``unmask`` overrides it.
+        Show sensitive payload, result and metadata values (:mod:`toolkit.masking`);
+        default False: they read ``"***"``. Each method's ``unmask`` overrides it.
     sensitive_keys
-        Key names to mask besides the defaults (``"-name"`` removes a default);
-        default: ``TOOLKIT_SENSITIVE_KEYS`` from the environment.
+        Keys to mask besides the defaults (``"-name"`` drops one); default ``$TOOLKIT_SENSITIVE_KEYS``.
 
     Examples
     --------
@@ -170,7 +168,6 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         ``payload``, ``result`` are JSON text (``frame.payload.map(json.loads)`` for
         objects); values of sensitive keys (:mod:`toolkit.masking`) read ``"***"``
         unless ``unmask=True`` (default: the Inspector's ``unmask``).
-
         ``payload={"customer": {"plan": "pro"}}`` keeps the jobs whose payload
         contains that (JSONB ``@>``, a bound parameter served by a GIN index).
         ``payload_columns={"plan": "customer.plan"}`` adds a column per dotted path
