@@ -142,3 +142,12 @@ def test_a_search_keeps_the_wait_of_the_jobs_it_found(sm: toolkit.StateManager, 
     pd.testing.assert_series_equal(found["wait_s"], whole.loc[found.index, "wait_s"])
     capped = ins.jobs(limit=2)
     pd.testing.assert_series_equal(capped["wait_s"], whole.loc[capped.index, "wait_s"])
+
+
+def test_a_tuple_in_the_filter_is_a_json_list_live_and_offline(ins, tmp_path: Path) -> None:
+    offline = toolkit.Inspector.from_snapshot(ins.snapshot(tmp_path / "s"))
+    assert list(ins.jobs(payload={"tags": ("a",)}).index) == ["j1"]
+    assert list(offline.jobs(payload={"tags": ("a",)}).index) == ["j1"]
+    with pytest.raises(toolkit.ValidationError) as bad:
+        ins.jobs(payload=[{"password": "Hush-77"}])
+    assert "Hush-77" not in str(bad.value)

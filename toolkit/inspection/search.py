@@ -72,9 +72,10 @@ def query(workflow_id: Any = None, status: Any = None, payload: Any = None,
         status = validate.status("status", status, models.JobStatus).value
     if payload is not None:
         if not isinstance(payload, dict):
-            raise errors.ValidationError("payload", payload, "must be a dict the payload contains "
-                                         "(JSONB @>), such as {'customer': {'plan': 'pro'}}")
-        validate.json_value("payload", payload)
+            raise errors.ValidationError("payload", masking.for_message(payload), "must be a dict "
+                                         "the payload contains (JSONB @>), such as "
+                                         "{'customer': {'plan': 'pro'}}")
+        payload = json.loads(json.dumps(validate.json_value("payload", payload)))  # tuples: lists
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise errors.ValidationError("limit", limit, "must be a whole number of rows >= 1")
     return Query(workflow_id, status, payload, _columns(payload_columns), limit)
