@@ -183,3 +183,17 @@ def test_payload_containment_and_all_flag(sm: toolkit.StateManager) -> None:
     plan = sm.plan_action("cancel", payload={"customer": {"plan": "pro"}})
     assert list(plan.frame["name"]) == ["pro"]
     assert len(sm.plan_action("cancel", all=True).frame) == 2
+
+
+def test_a_job_a_worker_took_after_the_plan_stays_the_workers(sm: toolkit.StateManager) -> None:
+    wf = sm.create_workflow("taken", jobs=[{"name": f"j{i}"} for i in range(3)])
+    plan = sm.plan_action("cancel", workflow_id=wf.id, reason="bad deploy")
+    sm.register_worker("w1")
+    taken = sm.dequeue("w1")  # still cancellable by status, but no longer the planned version
+    assert taken is not None
+    sm.start_job(taken.id)
+    result = sm.apply_action(plan, progress=False)
+    assert (result.applied, result.skipped_ids) == (2, (taken.id,))
+    done = sm.complete_job(taken.id, {"ok": 1}, worker_id="w1", attempt=taken.attempts)
+    assert done.status == "completed"
+    assert sm.check_consistency().ok
