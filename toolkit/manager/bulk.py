@@ -28,12 +28,13 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
-from toolkit import errors, models, validate
+from toolkit import config, errors, models, validate
 from toolkit.manager import jobs as job_steps
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import bulk as pg_bulk
 from toolkit.tiers.postgres import lifecycle, store
+from toolkit.tiers.postgres.db import Database
 
 _WAITING = (JS.PENDING.value, JS.QUEUED.value)
 VERBS: Mapping[str, tuple[str, ...]] = {
@@ -173,6 +174,35 @@ def _who(reason: str | None, actor: str | None) -> tuple[str | None, str | None]
             None if actor is None else validate.identifier("actor", actor))
 
 
+_OPTIONS = frozenset(FILTER_KEYS) | {"all", "value", "reason", "actor"}
+
+
+def plan_on(db: Database, verb: str, now: datetime, **options: Any) -> ActionPlan:
+    """:meth:`Bulk.plan` on a database handle (a read-only one will do: it only reads)."""
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise errors.ValidationError("filter", unknown, f"unknown option(s); expected {sorted(_OPTIONS)}")
+    flt = check_filter(verb, {k: options.get(k) for k in FILTER_KEYS}, bool(options.get("all")))
+    val = check_value(verb, options.get("value"))
+    why, who = _who(options.get("reason"), options.get("actor"))
+    with db.begin(f"plan {verb}") as conn:
+        store.begin_snapshot(conn)
+        rows = pg_bulk.select_jobs(conn, pg_bulk.where(flt, now), VERBS[verb],
+                                   deletable=verb == "delete")
+    frame = plan_frame(rows)
+    return ActionPlan(validate.new_id(), verb, flt, val, who, why, frame, count_frame(frame), now)
+
+
+def plan_read_only(settings: config.Settings, verb: str, **options: Any) -> ActionPlan:
+    """Plan an action over a read-only connection (``toolkit requeue --dry-run``): no
+    StateManager, no migration, no write of any kind."""
+    db = Database(settings.database_url, settings.schema, read_only=True, pool_size=1)
+    try:
+        return plan_on(db, verb, models.utcnow(), **options)
+    finally:
+        db.dispose()
+
+
 class Bulk:
     """The bulk operator verbs of a StateManager."""
 
@@ -209,19 +239,10 @@ class Bulk:
         ValidationError
             A bad verb, filter or value (nothing is read or written).
         """
-        given = {"workflow_id": workflow_id, "status": status, "queue": queue, "name": name,
-                 "worker_id": worker_id, "error_contains": error_contains,
-                 "older_than": older_than, "since": since, "payload": payload}
-        flt = check_filter(verb, given, bool(all))
-        val = check_value(verb, value)
-        why, who = _who(reason, actor)
-        now = self.pipe.now()
-        with self.pipe.db.begin(f"plan {verb}") as conn:
-            store.begin_snapshot(conn)
-            rows = pg_bulk.select_jobs(conn, pg_bulk.where(flt, now), VERBS[verb],
-                                       deletable=verb == "delete")
-        frame = plan_frame(rows)
-        return ActionPlan(validate.new_id(), verb, flt, val, who, why, frame, count_frame(frame), now)
+        return plan_on(self.pipe.db, verb, self.pipe.now(), workflow_id=workflow_id,
+                       status=status, queue=queue, name=name, worker_id=worker_id,
+                       error_contains=error_contains, older_than=older_than, since=since,
+                       payload=payload, all=all, value=value, reason=reason, actor=actor)
 
     def apply(self, plan: ActionPlan, *, batch: int = 500, progress: bool | None = None) -> ActionResult:
         """Apply a plan in batches of ``batch`` jobs, each job guarded by its planned version.
