@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import psycopg
@@ -168,11 +169,14 @@ def test_hostile_filters_are_refused_with_nothing_written(
 
 
 def test_sql_wildcards_in_a_name_pattern_match_only_themselves(sm: toolkit.StateManager) -> None:
-    wf = sm.create_workflow("names", jobs=[{"name": n} for n in ("a%b", "axxb", "a_c", "abc")])
+    wf = sm.create_workflow("names", jobs=[{"name": n} for n in ("a%b", "axxb", "a_c", "abc",
+                                                                 "a\\c", "a\\%")])
+    assert sorted(sm.plan_action("cancel", workflow_id=wf.id, name="a\\%").frame["name"]) == ["a\\%"]
     assert sorted(sm.plan_action("cancel", workflow_id=wf.id, name="a%b").frame["name"]) == ["a%b"]
     assert sorted(sm.plan_action("cancel", workflow_id=wf.id, name="a_c").frame["name"]) == ["a_c"]
     assert sorted(sm.plan_action("cancel", name="%").frame["name"]) == []
-    assert sorted(sm.plan_action("cancel", name="a*").frame["name"]) == ["a%b", "a_c", "abc", "axxb"]
+    assert sorted(sm.plan_action("cancel", name="a*").frame["name"]) == \
+        sorted(["a%b", "a_c", "abc", "axxb", "a\\c", "a\\%"])
     assert sorted(sm.plan_action("cancel", error_contains="%").frame.index) == []
     assert sm.plan_action("cancel", workflow_id="x' OR 1=1 --").frame.empty
 
@@ -180,9 +184,13 @@ def test_sql_wildcards_in_a_name_pattern_match_only_themselves(sm: toolkit.State
 def test_payload_containment_and_all_flag(sm: toolkit.StateManager) -> None:
     sm.create_workflow("pay", jobs=[{"name": "pro", "payload": {"customer": {"plan": "pro"}}},
                                     {"name": "free", "payload": {"customer": {"plan": "free"}}}])
-    plan = sm.plan_action("cancel", payload={"customer": {"plan": "pro"}})
+    plan = sm.plan_action("cancel", payload={"customer": {"plan": "pro"}}, reason="churned")
     assert list(plan.frame["name"]) == ["pro"]
-    assert len(sm.plan_action("cancel", all=True).frame) == 2
+    assert "customer" in repr(plan)
+    assert sm.apply_action(plan, progress=False).applied == 1
+    recorded = json.loads(sm.inspector.actions().loc[plan.id, "filter"])
+    assert recorded == {"payload": {"customer": {"plan": "pro"}}}
+    assert len(sm.plan_action("cancel", all=True).frame) == 1  # the other one
 
 
 def test_a_job_a_worker_took_after_the_plan_stays_the_workers(sm: toolkit.StateManager) -> None:

@@ -291,7 +291,8 @@ class Bulk:
                 if plan.verb != "delete" and row["queue"] != queues[row["id"]]:
                     ch.unqueue.append((row["id"], queues[row["id"]]))
             out["changed"] = [r["id"] for r in changed]
-            rest = [i for i in ids if i not in set(out["changed"])]
+            touched = set(out["changed"])
+            rest = [i for i in ids if i not in touched]
             done = pg_bulk.changed_by(conn, rest, plan.id) if rest else set()
             out["done"] = [i for i in rest if i in done]
             out["skipped"] = [i for i in rest if i not in done]
