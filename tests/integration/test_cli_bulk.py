@@ -64,3 +64,34 @@ def test_help_names_the_exit_codes() -> None:
     for command in ("requeue", "cancel-jobs"):
         out = run(command, "--help").stdout
         assert "--dry-run" in out and "--yes" in out and "exit codes" in out
+
+
+def _on_a_terminal(args: list[str], answer: str) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdin and stdout; type ``answer`` at the prompt."""
+    import os
+    import subprocess
+    import sys
+
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "toolkit", *args], stdin=slave, stdout=slave,
+                                stderr=subprocess.PIPE, text=True)
+        os.write(master, answer.encode() + b"\n")
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_on_a_terminal_the_plan_is_applied_only_when_confirmed(sm: toolkit.StateManager,
+                                                               clean) -> None:
+    _failed(sm, 2)
+    args = ["requeue", "--status", "failed", "--reason", "r", *base(clean)]
+    code, err = _on_a_terminal(args, "n")
+    assert code == 1, err
+    assert {j.status for j in sm.list_jobs()} == {"failed"}
+    assert sm.inspector.actions().empty
+    code, err = _on_a_terminal(args, "y")
+    assert code == 0, err
+    assert {j.status for j in sm.list_jobs()} == {"queued"}
