@@ -12,6 +12,8 @@ import textwrap
 import threading
 from pathlib import Path
 
+import pytest
+
 import toolkit
 from tests.conftest import Servers
 from toolkit import errors
@@ -27,7 +29,7 @@ _APPLY_AND_DIE = textwrap.dedent("""
     seen = []
 
     def die(action):
-        if action == "bulk requeue":
+        if action == "bulk " + plan.verb:
             seen.append(action)
             if len(seen) == 3:  # the third batch committed; Redis never hears of it
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -55,11 +57,13 @@ def _fail_all(sm: toolkit.StateManager, n: int) -> list[toolkit.Job]:
     return sm.list_jobs(workflow_id=wf.id)
 
 
-def test_sigkill_mid_apply_then_a_second_apply_finishes_the_rest(clean: Servers, tmp_path: Path) -> None:
+@pytest.mark.parametrize("verb, after", [("requeue", "queued"), ("delete", None)])
+def test_sigkill_mid_apply_then_a_second_apply_finishes_the_rest(
+        clean: Servers, tmp_path: Path, verb: str, after: str | None) -> None:
     sm = _manager(clean)
     try:
         jobs = _fail_all(sm, 60)
-        plan = sm.plan_action("requeue", status="failed", reason="dependency is back", actor="sre-1")
+        plan = sm.plan_action(verb, status="failed", reason="dependency is back", actor="sre-1")
         assert len(plan.frame) == 60
         (tmp_path / "plan.pkl").write_bytes(pickle.dumps(plan))
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -72,24 +76,25 @@ def test_sigkill_mid_apply_then_a_second_apply_finishes_the_rest(clean: Servers,
         # Every job is changed or unchanged, never half: 3 batches of 10 committed.
         by_id = {j.id: j for j in jobs}
         now = {j.id: j for j in sm.list_jobs()}
-        changed = [i for i in by_id if now[i].version != by_id[i].version]
+        changed = [i for i in by_id if i not in now or now[i].version != by_id[i].version]
         assert len(changed) == 30
-        assert all(now[i].status == "queued" for i in changed)
-        assert all(now[i].status == "failed" for i in by_id if i not in changed)
+        assert all((now[i].status if i in now else None) == after for i in changed)
+        assert all(now[i].status == "failed" and now[i].version == by_id[i].version
+                   for i in by_id if i not in changed)
         row = sm.inspector.actions().loc[plan.id]
         assert (row["planned"], row["applied"], row["status"]) == (60, 30, "applying")
         assert not sm.check_consistency().ok  # the fault was real: the 3rd batch never reached Redis
 
         again = sm.apply_action(plan, batch=10, progress=False)
         assert (again.applied, again.already, again.skipped) == (30, 30, 0)
-        assert {j.status for j in sm.list_jobs()} == {"queued"}
+        assert {j.status for j in sm.list_jobs()} == ({after} if after else set())
         row = sm.inspector.actions().loc[plan.id]
         assert (row["planned"], row["applied"], row["skipped"], row["status"]) == \
             (60, 60, 0, "finished")
         report = sm.check_consistency()
         assert report.ok, str(report)
         events = sm.inspector.events()
-        mine = events[(events["event"] == "queued")
+        mine = events[(events["event"] == (after or "deleted"))
                       & events["detail"].fillna("").str.contains(plan.id)]
         assert sorted(mine["job_id"]) == sorted(by_id)  # exactly one requeue per job
     finally:

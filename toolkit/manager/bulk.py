@@ -287,6 +287,8 @@ class Bulk:
             now = self.pipe.now()
             holder[:] = [Changes(action=f"resync {plan.verb}")]
             changed = _change(conn, ch, plan, ids, versions, now)
+            if ch.deleted:  # a fast start finds a delete only by this note (made before COMMIT)
+                self.pipe.note_deleting(ch.deleted)
             for row in changed:
                 if plan.verb != "delete" and row["queue"] != queues[row["id"]]:
                     ch.unqueue.append((row["id"], queues[row["id"]]))
@@ -296,7 +298,7 @@ class Bulk:
             done = pg_bulk.changed_by(conn, rest, plan.id) if rest else set()
             out["done"] = [i for i in rest if i in done]
             out["skipped"] = [i for i in rest if i not in done]
-            _resync(conn, holder[0], out["done"], queues)
+            _resync(conn, holder[0], out["done"], queues, plan.id)
             pg_bulk.count_action(conn, plan.id, len(changed), len(out["skipped"]), now)
 
         self.pipe.write(f"bulk {plan.verb}", tx)
@@ -304,7 +306,8 @@ class Bulk:
         if resync.rows or resync.deleted:
             queued = sum(1 for k, r in resync.rows if k == "job" and r["status"] == JS.QUEUED)
             resync.counters["jobs_queued"] -= queued  # not queued again: Redis is only caught up
-            self.pipe.apply(resync)
+            with self.pipe.watermark.pending():
+                self.pipe.apply(resync)
         return len(out["changed"]), out["done"], out["skipped"]
 
 
@@ -321,10 +324,13 @@ def _change(conn: sa.Connection, ch: Changes, plan: ActionPlan, ids: list[str], 
             now: datetime) -> list[store.Row]:
     """Change the batch's jobs still at their planned version; log, end, roll up, count."""
     detail = {"action_id": plan.id, "actor": plan.actor, "reason": plan.reason}
+    held: dict[str, list[str]] = {}  # a deleted job's assignments, named in its event
     if plan.verb == "delete":
         rows, gone = pg_bulk.delete_batch(conn, ids, versions, VERBS["delete"])
-        ch.deleted += [("job", r["id"]) for r in rows] + [("assignment", a) for a in gone]
+        ch.deleted += [("job", r["id"]) for r in rows] + [("assignment", a) for a, _ in gone]
         ch.unqueue += [(r["id"], r["queue"]) for r in rows]
+        for a, job_id in gone:  # so a resumed apply can drop their copies
+            held.setdefault(job_id, []).append(a)
     else:
         values = pg_bulk.values_for(plan.verb, plan.value, plan.reason, now)
         rows = pg_bulk.update_batch(conn, ids, versions, VERBS[plan.verb], values)
@@ -334,7 +340,9 @@ def _change(conn: sa.Connection, ch: Changes, plan: ActionPlan, ids: list[str], 
             conn, "cancelled" if plan.verb == "cancel" else "failed", now,
             job_ids=[r["id"] for r in rows]))
     for r in rows:
-        extra = {"value": plan.value} if plan.value is not None else {}
+        extra: dict[str, Any] = {"value": plan.value} if plan.value is not None else {}
+        if plan.verb == "delete":
+            extra["assignments"] = held.get(r["id"], [])
         ch.event(EVENT_OF[plan.verb], r, now, **detail, **extra)
         if plan.verb == "requeue" and r["attempts"]:
             ch.event("retried", r, now, manual=True, **detail,
@@ -346,11 +354,15 @@ def _change(conn: sa.Connection, ch: Changes, plan: ActionPlan, ids: list[str], 
     return rows
 
 
-def _resync(conn: sa.Connection, ch: Changes, done: list[str], queues: Mapping[str, str]) -> None:
+def _resync(conn: sa.Connection, ch: Changes, done: list[str], queues: Mapping[str, str],
+            action_id: str) -> None:
     """Bring Redis up to the jobs this action changed in an earlier, interrupted apply."""
     if not done:
         return
     rows = {r["id"]: r for r in store.get_many(conn, "job", done)}
+    gone = [i for i in done if i not in rows]
+    if gone:
+        ch.deleted += [("assignment", a) for a in pg_bulk.deleted_assignments(conn, gone, action_id)]
     for job_id in done:
         row = rows.get(job_id)
         if row is None:

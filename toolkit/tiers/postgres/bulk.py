@@ -119,9 +119,10 @@ def values_for(verb: str, value: Any, reason: str | None, now: datetime) -> dict
 
 
 def delete_batch(conn: sa.Connection, ids: Sequence[str], versions: Sequence[int],
-                 statuses: Sequence[str]) -> tuple[list[store.Row], list[str]]:
+                 statuses: Sequence[str]) -> tuple[list[store.Row], list[tuple[str, str]]]:
     """Delete each job of the batch still at its planned version, in ``statuses`` and needed by
-    no live job; return the deleted rows and the ids of their assignments (gone by cascade)."""
+    no live job; return the deleted rows and ``(assignment id, job id)`` of their assignments
+    (gone by cascade)."""
     j, a, p = t.jobs, t.job_assignments, _planned(ids, versions)
     held = [(r[0], r[1]) for r in conn.execute(
         sa.select(a.c.id, a.c.job_id).where(store.any_of(a.c.job_id, ids)))]
@@ -131,7 +132,7 @@ def delete_batch(conn: sa.Connection, ids: Sequence[str], versions: Sequence[int
             .returning(j))
     rows = store.all_rows(conn.execute(stmt))
     deleted = {r["id"] for r in rows}
-    gone = [aid for aid, job_id in held if job_id in deleted]
+    gone = [(aid, job_id) for aid, job_id in held if job_id in deleted]
     return rows, gone
 
 
@@ -141,6 +142,16 @@ def changed_by(conn: sa.Connection, ids: Sequence[str], action_id: str) -> set[s
     stmt = (sa.select(e.c.job_id).distinct()
             .where(store.any_of(e.c.job_id, ids), e.c.detail["action_id"].astext == action_id))
     return {r[0] for r in conn.execute(stmt)}
+
+
+def deleted_assignments(conn: sa.Connection, ids: Sequence[str], action_id: str) -> list[str]:
+    """The assignment ids that ``deleted`` events of ``action_id`` name for ``ids``."""
+    e = t.job_events
+    names = sa.func.jsonb_array_elements_text(e.c.detail["assignments"]).table_valued("value")
+    stmt = (sa.select(names.c.value).select_from(e).join(names, sa.true())
+            .where(store.any_of(e.c.job_id, ids), e.c.event == "deleted",
+                   e.c.detail["action_id"].astext == action_id))
+    return [r[0] for r in conn.execute(stmt)]
 
 
 # -- the action's record ---------------------------------------------------------------------
