@@ -22,7 +22,7 @@ from toolkit.errors import (
 from toolkit.inspection.inspector import Inspector
 from toolkit.local_stack import LocalStack, local_stack
 from toolkit.lock import Lock
-from toolkit.manager.bulk import ActionPlan, ActionResult
+from toolkit.manager.planning import ActionPlan, ActionResult
 from toolkit.models import (
     AssignmentStatus,
     Job,

@@ -116,7 +116,7 @@ def _confirmed(plan: Any, args: argparse.Namespace) -> bool:
 
 def _run(verb: str, args: argparse.Namespace) -> int:
     from toolkit.cli.admin import _manager
-    from toolkit.manager import bulk as planning
+    from toolkit.manager import planning
 
     options = _options(args)
     if args.dry_run:
