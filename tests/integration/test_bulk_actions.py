@@ -11,6 +11,7 @@ import redis
 
 import toolkit
 from toolkit import errors
+from toolkit.tiers.redis import keys as tk_keys
 
 
 def _failed(sm: toolkit.StateManager, n: int, *, name: str = "wf", queue: str = "default",
@@ -36,8 +37,9 @@ def _state(raw_pg: psycopg.Connection, raw_redis: redis.Redis, clean: Any) -> tu
         q = psycopg.sql.SQL("SELECT * FROM {}.{}").format(schema, psycopg.sql.Identifier(table))
         rows[table] = sorted(map(repr, raw_pg.execute(q).fetchall()))
     keys = {}
+    ticking = {tk_keys.applied(clean.namespace)}  # each coordinator's watermark, once a second
     for key in sorted(raw_redis.scan_iter(f"{{{clean.namespace}}}:*")):
-        if key.endswith(":metrics") or ":metric" in key:
+        if key.endswith(":metrics") or ":metric" in key or key in ticking:
             continue
         keys[key] = repr(raw_redis.dump(key))
     return rows, keys
