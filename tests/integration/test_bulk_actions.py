@@ -207,3 +207,10 @@ def test_a_job_a_worker_took_after_the_plan_stays_the_workers(sm: toolkit.StateM
     done = sm.complete_job(taken.id, {"ok": 1}, worker_id="w1", attempt=taken.attempts)
     assert done.status == "completed"
     assert sm.check_consistency().ok
+
+
+def test_age_filters_use_the_time_a_job_last_changed(sm: toolkit.StateManager) -> None:
+    jobs = _failed(sm, 2)
+    assert sm.plan_action("requeue", status="failed", older_than=3600).frame.empty
+    assert sorted(sm.plan_action("requeue", status="failed", since=3600).frame.index) == \
+        sorted(j.id for j in jobs)
