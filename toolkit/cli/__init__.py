@@ -11,7 +11,8 @@ Exit codes scripts can rely on:
 
 - 0 success
 - 1 a check failed: ``check`` found a disagreement, ``demo`` lost a write, no such job;
-  or the operator declined a confirmation prompt (``pause``, ``resume``: nothing changed)
+  or the operator declined a confirmation prompt (``pause``, ``resume``, ``requeue``,
+  ``cancel-jobs``: nothing changed)
 - 2 bad usage or configuration: a flag, a URL (scheme, non-numeric port,
   unencoded ``@`` in a PostgreSQL password), a value
 - 3 a server could not be reached, or failed while answering
