@@ -10,8 +10,10 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import toolkit
@@ -143,4 +145,58 @@ def test_a_worker_finishing_jobs_during_an_apply_is_never_overwritten(clean: Ser
         assert report.ok, str(report)
     finally:
         worker.close()
+        sm.close()
+
+
+_APPLY = textwrap.dedent("""
+    import pickle, sys
+    import toolkit
+
+    db, rd, ns, schema, path = sys.argv[1:6]
+    plan = pickle.loads(open(path, "rb").read())
+    sm = toolkit.init_state_manager(db, rd, namespace=ns, schema=schema, rebuild=False)
+    print("applying", flush=True)
+    sm.apply_action(plan, batch=25, progress=False)
+    print("not killed", flush=True)
+""")
+
+
+def test_sigkill_at_an_arbitrary_moment_leaves_a_truthful_record(
+        clean: Servers, tmp_path: Path, raw_pg) -> None:
+    sm = _manager(clean)
+    try:
+        wf = sm.create_workflow("big", jobs=[{"name": f"j{i:04}"} for i in range(3000)])
+        plan = sm.plan_action("cancel", workflow_id=wf.id, reason="bad deploy", actor="sre-1")
+        (tmp_path / "plan.pkl").write_bytes(pickle.dumps(plan))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        child = subprocess.Popen(
+            [sys.executable, "-c", _APPLY, clean.database_url, clean.redis_url, clean.namespace,
+             clean.schema, str(tmp_path / "plan.pkl")], env=env, stdout=subprocess.DEVNULL)
+        query = psycopg.sql.SQL("SELECT applied FROM {} WHERE id = %s").format(
+            psycopg.sql.Identifier(clean.schema, "operator_actions"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # kill once some batches are in, wherever it is then
+            row = raw_pg.execute(query, (plan.id,)).fetchone()
+            if row and row[0] >= 200:
+                break
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL, "the apply finished before the kill"
+
+        by_id = {j.id: j for j in sm.list_jobs(workflow_id=wf.id)}
+        cancelled = [j for j in by_id.values() if j.status == "cancelled"]
+        untouched = [j for j in by_id.values() if j.status == "queued"]
+        assert len(cancelled) + len(untouched) == 3000  # each job changed or unchanged
+        assert 200 <= len(cancelled) < 3000
+        record = sm.inspector.actions().loc[plan.id]
+        assert (record["applied"], record["status"]) == (len(cancelled), "applying")  # truthful
+
+        again = sm.apply_action(plan, batch=500, progress=False)
+        assert (again.applied, again.already, again.skipped) == (len(untouched), len(cancelled), 0)
+        assert {j.status for j in sm.list_jobs(workflow_id=wf.id)} == {"cancelled"}
+        record = sm.inspector.actions().loc[plan.id]
+        assert (record["applied"], record["skipped"], record["status"]) == (3000, 0, "finished")
+        report = sm.check_consistency()
+        assert report.ok, str(report)
+    finally:
         sm.close()
