@@ -214,3 +214,19 @@ def test_age_filters_use_the_time_a_job_last_changed(sm: toolkit.StateManager) -
     assert sm.plan_action("requeue", status="failed", older_than=3600).frame.empty
     assert sorted(sm.plan_action("requeue", status="failed", since=3600).frame.index) == \
         sorted(j.id for j in jobs)
+
+
+def test_a_secret_in_a_payload_filter_is_masked_in_the_action_record(
+        sm: toolkit.StateManager, clean: Any, capsys: Any) -> None:
+    from tests.integration.test_cli import base
+    from toolkit import cli
+
+    sm.create_workflow("pay", jobs=[{"name": "a", "payload": {"api_key": "sk-live-123", "n": 1}}])
+    plan = sm.plan_action("cancel", payload={"api_key": "sk-live-123"}, reason="leaked key")
+    assert sm.apply_action(plan, progress=False).applied == 1
+    shown = sm.inspector.actions()
+    assert "sk-live-123" not in shown.to_csv()
+    assert json.loads(shown.loc[plan.id, "filter"]) == {"payload": {"api_key": "***"}}
+    assert "sk-live-123" in sm.inspector.actions(unmask=True).loc[plan.id, "filter"]
+    assert cli.main(["actions", "--format", "json", *base(clean)]) == 0
+    assert "sk-live-123" not in capsys.readouterr().out

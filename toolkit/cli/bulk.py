@@ -68,6 +68,7 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     act = sub.add_parser("actions", help="the bulk actions applied so far (reads only)")
     common(act)
     parser.output_options(act)
+    parser.unmask_option(act)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
