@@ -91,6 +91,16 @@ class Floor:
         for i in range(0, len(rows), 10_000):
             self.r.zadd(self.key, {jid: seq for jid, seq in rows[i:i + 10_000]})
 
+    def commit_rate(self, seconds: float = 0.5) -> float:
+        """Commits/s of this PostgreSQL now: one-row autocommit INSERTs for ``seconds`` (what
+        bounds any one-commit-per-job loop, fsync included)."""
+        self.conn.execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (x int)")
+        count, started = 0, time.perf_counter()
+        while (took := time.perf_counter() - started) < seconds:
+            self.conn.execute("INSERT INTO bench_commit_probe VALUES (1)")
+            count += 1
+        return count / took
+
     # -- the steps ----------------------------------------------------------------------------
 
     def _pop(self, n: int) -> list[str]:

@@ -33,6 +33,7 @@ loop is measured once per round and serves every ratio that names it.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ def _round(bench: harness.Bench, sm: toolkit.StateManager, worker: str, floor: f
         elif side in FLOORS:
             floor.queue(n)
             took[side].append(flow_floor.timed(lambda s=side: _checked(FLOORS[s](floor, n), n, s)))
+    if any(side in FLOORS for side in sides):
+        took["commits"].append(floor.commit_rate())
 
 
 def _peer_round(bench: harness.Bench, python: Path, sides: list[str], n: int,
@@ -131,22 +134,33 @@ def run(bench: harness.Bench) -> None:
     sides = sorted({c[1] for c in wanted} | {c[2] for c in wanted})
     python = peers.peer_python() if any(s in PEER_SIDES for s in sides) else None
     versions = _versions(python)
-    took: dict[str, list[float]] = {s: [] for s in sides}
+    took: dict[str, list[float]] = {s: [] for s in [*sides, "commits"]}
     with bench.state_manager("flowgoals") as sm, flow_floor.floor_worker(bench) as floor:
         worker = sm.register_worker("bench-flow-goals").id
         for i in range(max(5, bench.runs)):  # interleaved: load on a shared machine hits each side
             _round(bench, sm, worker, floor, sides, n, took)
             if python is not None and i < PEER_ROUNDS:
                 _peer_round(bench, python, sides, n, took)
-    for case, tk_side, other, goal in wanted:
-        extra: dict[str, Any] = {"toolkit_loop": tk_side, "other": other}
-        if other in PEER_SIDES:
-            extra["peers"] = versions
-        note = "reported beside it (no goal)" if goal == 0 else ""
-        bench.record("flow", case, n, harness.rate(n, took[tk_side], "jobs/s"),
-                     harness.rate(n, [s for s in took[other] if s > 0], "jobs/s"),
-                     harness.at_least(goal), floor_name=NAMES[other], note=note, extra=extra)
+    for case in wanted:
+        _record(bench, case, n, took, versions)
 
+
+def _record(bench: harness.Bench, case: tuple[str, str, str, float], n: int,
+            took: dict[str, list[float]], versions: str) -> None:
+    name, tk_side, other, goal = case
+    extra: dict[str, Any] = {"toolkit_loop": tk_side, "other": other}
+    note = "reported beside it (no goal)" if goal == 0 else ""
+    if other in PEER_SIDES:
+        extra["peers"] = versions
+    elif took["commits"]:  # what bounds the floor: one-row commits/s, fsync on
+        c = took["commits"]
+        extra["pg_commits_per_s"] = {"median": statistics.median(c), "min": min(c),
+                                     "max": max(c), "runs": len(c)}
+        note = (f"PostgreSQL one-row commits/s in this run: {statistics.median(c):,.0f} "
+                f"({min(c):,.0f}-{max(c):,.0f})")
+    bench.record("flow", name, n, harness.rate(n, took[tk_side], "jobs/s"),
+                 harness.rate(n, [s for s in took[other] if s > 0], "jobs/s"),
+                 harness.at_least(goal), floor_name=NAMES[other], note=note, extra=extra)
 
 if __name__ == "__main__":
     harness.main(run, __doc__)
