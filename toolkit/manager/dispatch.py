@@ -114,9 +114,10 @@ class Dispatch:
     reap_dead_workers.__doc__ = Workers.reap_dead.__doc__
 
     def return_unstarted(self, worker_id: str, job_ids: Sequence[str]) -> list[models.Job]:
-        """Put back jobs a worker claimed and will not start (it is stopping).
+        """Put back jobs a worker claimed and will not run (it is stopping).
 
-        Only jobs still assigned to ``worker_id`` move: back to ``queued`` at the
+        Only jobs still assigned to ``worker_id`` (or running, claimed straight into
+        running and never run) move: back to ``queued`` at the
         head of their priority, the attempt given back, the assignment ended as
         ``reclaimed`` (event rule: "returned unstarted"). Returns the jobs moved.
         """

@@ -119,64 +119,96 @@ class Working:
     def _loop(self, plan: _Plan, handler: Callable[[models.Job], Any], halt: threading.Event,
               report: WorkerReport) -> str:
         idle_since = time.monotonic()
+        carried: list[models.Job] = []  # claimed by the fused completion of the previous job
         while True:
-            if halt.is_set():
-                return "stop"
-            if plan.max_jobs is not None and report.completed + report.failed >= plan.max_jobs:
-                return "max_jobs"
-            claimed = self._claim(plan)
+            stop = "stop" if halt.is_set() else "max_jobs" if _full(plan, report, 0) else ""
+            if stop:
+                self._give_back(plan, carried, report)
+                return stop
+            claimed, carried = carried or self._claim(plan), []
             if not claimed:
                 if plan.idle_timeout is not None and time.monotonic() - idle_since >= plan.idle_timeout:
                     return "idle"
                 continue
             idle_since = time.monotonic()
-            try:
-                while claimed and not halt.is_set() and not _full(plan, report):
-                    self._one(plan.worker_id, claimed.pop(0), handler, report)
-            finally:
-                if claimed:
-                    back = self.dispatch.return_unstarted(plan.worker_id, [j.id for j in claimed])
-                    report.returned += len(back)
+            carried = self._run(plan, claimed, handler, halt, report)
 
     def _claim(self, plan: _Plan) -> list[models.Job]:
+        """Claim straight into running: one job, or a batch in one Redis script and one commit."""
         wait = 0.0 if plan.idle_timeout == 0 else plan.poll
         if plan.batch == 1:
-            one = self.dispatch.dequeue(plan.worker_id, queues=plan.queues, timeout=wait)
+            one = self.batches.dequeue(plan.worker_id, queues=plan.queues, timeout=wait, start=True)
             return [] if one is None else [one]
-        # One Redis script and one transaction for the whole batch of claims.
-        return self.batches.dequeue_many(plan.worker_id, plan.batch, queues=plan.queues, timeout=wait)
+        return self.batches.dequeue_many(plan.worker_id, plan.batch, queues=plan.queues,
+                                         timeout=wait, start=True)
 
-    def _one(self, worker_id: str, job: models.Job, handler: Callable[[models.Job], Any],
-             report: WorkerReport) -> None:
-        attempt = job.attempts
+    def _run(self, plan: _Plan, claimed: list[models.Job], handler: Callable[[models.Job], Any],
+             halt: threading.Event, report: WorkerReport) -> list[models.Job]:
+        """Run the handler on the claims (until a stop), report them; return a fused next claim."""
+        done: list[tuple[models.Job, Any]] = []
+        failed: list[tuple[models.Job, str]] = []
+        ran = 0
         try:
-            running = self.jobs.start(job.id, worker_id=worker_id, attempt=attempt)
-        except (errors.StaleAttempt, errors.InvalidTransition):
-            report.lost += 1
-            return
-        try:
-            result = handler(running)
-        except Exception as exc:  # noqa: BLE001 - the handler's failure is the job's, not the loop's
-            error = f"{type(exc).__name__}: {exc}"[:10_000]
-            self._settle(report, "failed", lambda: self.jobs.fail(
-                job.id, error, worker_id=worker_id, attempt=attempt))
-            return
-        self._settle(report, "completed", lambda: self.jobs.complete(
-            job.id, result, worker_id=worker_id, attempt=attempt))
+            for job in claimed:
+                if halt.is_set() or _full(plan, report, ran):
+                    break
+                ran += 1
+                try:
+                    done.append((job, handler(job)))
+                except Exception as exc:  # noqa: BLE001 - the handler's failure is the job's
+                    failed.append((job, f"{type(exc).__name__}: {exc}"[:10_000]))
+        finally:
+            self._give_back(plan, claimed[ran:], report)
+        fuse = (plan.batch == 1 and len(done) == 1 and not halt.is_set()
+                and not _full(plan, report, 1))
+        if fuse:
+            return self._complete_and_claim(plan, done[0], report)
+        self._settle(plan, done, "result", report)
+        self._settle(plan, failed, "error", report)
+        return []
 
-    @staticmethod
-    def _settle(report: WorkerReport, outcome: str, call: Callable[[], models.Job]) -> None:
+    def _complete_and_claim(self, plan: _Plan, done: tuple[models.Job, Any],
+                            report: WorkerReport) -> list[models.Job]:
+        """One commit: complete this job and claim the next one straight into running."""
+        job, result = done
         try:
-            call()
+            _, nxt = self.batches.complete_and_dequeue(
+                job.id, result, worker_id=plan.worker_id, attempt=job.attempts,
+                queues=plan.queues, start=True)
         except (errors.StaleAttempt, errors.InvalidTransition) as exc:
             log.warning("job result not recorded: %s", exc, extra={"action": "run_worker"})
             report.lost += 1
+            return []
+        report.completed += 1
+        return [] if nxt is None else [nxt]
+
+    def _settle(self, plan: _Plan, outcomes: list[tuple[models.Job, Any]], field: str,
+                report: WorkerReport) -> None:
+        """Complete (``result``) or fail (``error``) the jobs that ran, in one commit."""
+        if not outcomes:
             return
-        setattr(report, outcome, getattr(report, outcome) + 1)
+        items = [{"job_id": j.id, field: value, "attempt": j.attempts} for j, value in outcomes]
+        verb = self.batches.complete_jobs if field == "result" else self.batches.fail_jobs
+        for out in verb(items, worker_id=plan.worker_id):
+            if isinstance(out, models.Job):
+                if field == "result":
+                    report.completed += 1
+                else:
+                    report.failed += 1
+            else:
+                log.warning("job result not recorded: %s", out, extra={"action": "run_worker"})
+                report.lost += 1
+
+    def _give_back(self, plan: _Plan, jobs: list[models.Job], report: WorkerReport) -> None:
+        if jobs:
+            back = self.dispatch.return_unstarted(plan.worker_id, [j.id for j in jobs])
+            report.returned += len(back)
 
 
-def _full(plan: _Plan, report: WorkerReport) -> bool:
-    return plan.max_jobs is not None and report.completed + report.failed >= plan.max_jobs
+def _full(plan: _Plan, report: WorkerReport, running: int) -> bool:
+    """Whether ``max_jobs`` is reached, counting ``running`` jobs not reported yet."""
+    return (plan.max_jobs is not None
+            and report.completed + report.failed + report.lost + running >= plan.max_jobs)
 
 
 @contextmanager

@@ -267,17 +267,20 @@ def lock_job(conn: sa.Connection, job_id: str) -> store.Row | None:
 
 def unclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], worker_id: str, now: datetime
                  ) -> list[store.Row]:
-    """Queue again jobs assigned to ``worker_id`` and never started, giving their attempt back.
+    """Queue again jobs claimed by ``worker_id`` whose work never began, giving their attempt back.
 
-    They keep their enqueue sequence, so they return to the head of their priority.
+    Assigned, or running when the worker claimed them straight into running and
+    stopped before it ran them. They keep their enqueue sequence, so they return
+    to the head of their priority.
     """
     if not job_ids:
         return []
     j = t.jobs
     stmt = (
         sa.update(j)
-        .where(store.any_of(j.c.id, job_ids), j.c.status == "assigned", j.c.worker_id == worker_id)
-        .values(status="queued", attempts=j.c.attempts - 1, worker_id=sa.null(),
+        .where(store.any_of(j.c.id, job_ids), j.c.status.in_(["assigned", "running"]),
+               j.c.worker_id == worker_id)
+        .values(status="queued", attempts=j.c.attempts - 1, worker_id=sa.null(), started_at=sa.null(),
                 version=j.c.version + 1, updated_at=now)
         .returning(j)
     )
