@@ -9,7 +9,7 @@ line here. ARCHITECTURE.md follows one call through.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -26,6 +26,7 @@ from toolkit.manager import (
     workflows,
     working,
 )
+from toolkit.retry_policy import Backoff, RetryPolicy, policy_setting
 from toolkit.tiers.redis import eviction
 
 if TYPE_CHECKING:
@@ -172,6 +173,15 @@ class StateManager:
     @claim_lease.setter
     def claim_lease(self, seconds: float) -> None:
         self._dispatch.claim_lease = seconds
+
+    @property
+    def retry_policy(self) -> RetryPolicy | Backoff:
+        """The default wait before a retry: a ``RetryPolicy`` or a function of the attempt."""
+        return self._jobs.retry_policy
+
+    @retry_policy.setter
+    def retry_policy(self, policy: RetryPolicy | Mapping[str, float] | Backoff) -> None:
+        self._jobs.retry_policy = policy_setting(policy)
 
     # -- the verbs: each is the room's method (its signature and docstring) --------------
 

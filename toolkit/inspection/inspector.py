@@ -187,7 +187,7 @@ class Inspector(analytics.Analytics):
         df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
         df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
         df["duration_s"] = frames.seconds_between(df["finished_at"], df["started_at"])
-        df["idempotency_key"] = frames.key_column(df["job_id"], export.idempotency_keys(self._db, "job"))
+        frames.add_job_extras(df, export.idempotency_keys(self._db, "job"), export.run_at_times(self._db))
         return frames.conform("jobs", df)
 
     def workflows(self) -> pd.DataFrame:

@@ -35,7 +35,7 @@ from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import db as pg_db
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, metrics, queue
+from toolkit.tiers.redis import cache, metrics, queue, schedule
 from toolkit.tiers.redis.client import Client
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,28 @@ def queue_moves(rows: Sequence[tuple[str, Mapping[str, Any]]]
     return pushes, removes
 
 
+def split_scheduled(rows: Sequence[tuple[str, Mapping[str, Any]]],
+                    pushes: list[tuple[str, str, int, int]], now: float
+                    ) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, str, int, int, float]]]:
+    """Split queue pushes into the jobs due now and those scheduled later (with their due time).
+
+    A job whose last row has ``run_at`` after ``now`` goes to its queue's due-time set.
+    """
+    due_at = {row["id"]: row.get("run_at") for kind, row in rows if kind == "job"}
+    if not any(due_at.values()):
+        return pushes, []
+    ready: list[tuple[str, str, int, int]] = []
+    later: list[tuple[str, str, int, int, float]] = []
+    for push in pushes:
+        at = due_at.get(push[0])
+        due = at.timestamp() if at is not None else 0.0
+        if due > now:
+            later.append((*push, due))
+        else:
+            ready.append(push)
+    return ready, later
+
+
 class Pipeline:
     """The three tiers of one StateManager, and the paths through them."""
 
@@ -196,8 +218,10 @@ class Pipeline:
             pipe = self.redis.pipeline()
             cache.put(self.redis, self.ns, entities, pipe=pipe)
             pushes, removes = queue_moves(changes.rows)
+            pushes, later = split_scheduled(changes.rows, pushes, time.time())
             queue.remove_many(self.ns, removes, pipe=pipe)
             queue.push_many(self.ns, pushes, pipe=pipe)
+            schedule.add_many(self.ns, later, pipe=pipe)
             for kind, entity_id in changes.deleted:
                 cache.delete(self.ns, kind, [entity_id], pipe=pipe)
             announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
@@ -223,11 +247,13 @@ class Pipeline:
         entities = build_entities(rows)
         self.fill_redis(entities)
         pushes, _ = queue_moves(rows)
-        if pushes:
+        pushes, later = split_scheduled(rows, pushes, time.time())
+        if pushes or later:
             try:
                 inflight = queue.inflight_ids(self.redis, self.ns)
                 pipe = self.redis.pipeline()
                 queue.push_missing(self.ns, [p for p in pushes if p[0] not in inflight], pipe=pipe)
+                schedule.add_many(self.ns, later, pipe=pipe)
                 self.redis.call("restore queued jobs", pipe.execute)
             except errors.StorageUnavailable as exc:
                 log.warning("queued jobs not restored to Redis (repair() will): %s", exc,
