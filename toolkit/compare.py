@@ -170,7 +170,8 @@ def _queue_problems(client: Client, ns: str, wanted: Mapping[str, Mapping[str, f
         current = dict(queue.members(client, ns, name))
         want = wanted.get(name, {})
         waiting = dict(schedule.members(client, ns, name))  # due, awaiting promotion
-        problems += _schedule_problems(name, waiting, later.get(name, {}), want)
+        scores = schedule.queue_scores(client, ns, list(waiting))
+        problems += _schedule_problems(name, waiting, scores, later.get(name, {}), want)
         for job_id in want:
             if job_id not in current and job_id not in inflight and job_id not in waiting:
                 problems.append(_queue_row(job_id, f"queued in PostgreSQL but not in queue {name!r}"))
@@ -185,18 +186,22 @@ def _queue_problems(client: Client, ns: str, wanted: Mapping[str, Mapping[str, f
     return problems
 
 
-def _schedule_problems(name: str, waiting: Mapping[str, float],
+def _schedule_problems(name: str, waiting: Mapping[str, float], scores: Mapping[str, float],
                        later: Mapping[str, tuple[float, float]],
                        want: Mapping[str, float]) -> list[dict[str, Any]]:
-    """A queue's due-time set against PostgreSQL: every job scheduled for later, at its time."""
+    """A queue's due-time set against PostgreSQL: every job scheduled for later, at its time,
+    with the queue score its promotion will give it."""
     problems = []
-    for job_id, (due, _) in later.items():
+    for job_id, (due, score) in later.items():
         if job_id not in waiting:
             problems.append(_queue_row(job_id, f"scheduled in PostgreSQL but not in the "
                                                f"due-time set of queue {name!r}"))
         elif abs(waiting[job_id] - due) > 1e-3:
             problems.append(_queue_row(job_id, f"due at {waiting[job_id]:.3f} in Redis, "
                                                f"{due:.3f} in PostgreSQL"))
+        elif scores.get(job_id) != score:
+            problems.append(_queue_row(job_id, f"scheduled in queue {name!r} with queue score "
+                                               f"{scores.get(job_id)} in Redis, {score} expected"))
     for job_id in waiting:
         if job_id not in later and job_id not in want:
             problems.append(_queue_row(job_id, f"in the due-time set of queue {name!r} but "

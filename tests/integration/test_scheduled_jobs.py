@@ -245,3 +245,16 @@ def test_enqueue_refuses_a_hostile_delay_and_writes_nothing(sm: toolkit.StateMan
     with pytest.raises(toolkit.ValidationError):
         sm.fail_job(a.id, "x", retry_in=float("nan"))
     del wf
+
+
+def test_an_edited_scheduled_job_keeps_its_time_in_its_new_queue(sm: toolkit.StateManager) -> None:
+    wf = sm.create_workflow("edit", jobs=[{"name": "a", "delay": 1.0}])
+    a = sm.list_jobs(workflow_id=wf.id)[0]
+    sm.edit_job(a.id, queue="urgent", priority=5)
+    report = sm.check_consistency()
+    assert report.ok, str(report)
+    sm.register_worker("u", queues=["urgent"])
+    assert sm.dequeue("u") is None
+    got, at = _take_when_due(sm, "u", a.run_at)  # type: ignore[arg-type]
+    assert (got.id, got.queue, got.priority) == (a.id, "urgent", 5)
+    assert at >= a.run_at.timestamp()  # type: ignore[union-attr]

@@ -219,7 +219,10 @@ class Pipeline:
             cache.put(self.redis, self.ns, entities, pipe=pipe)
             pushes, removes = queue_moves(changes.rows)
             pushes, later = split_scheduled(changes.rows, pushes, time.time())
+            # Removals first: a job leaving one queue for another keeps what its push wrote
+            # (a scheduled job's queue score is keyed by the job alone).
             queue.remove_many(self.ns, removes, pipe=pipe)
+            queue.remove_many(self.ns, changes.unqueue, pipe=pipe)
             queue.push_many(self.ns, pushes, pipe=pipe)
             schedule.add_many(self.ns, later, pipe=pipe)
             for kind, entity_id in changes.deleted:
@@ -227,7 +230,6 @@ class Pipeline:
             announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
             announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
             cache.publish_many(self.ns, announced, pipe=pipe)
-            queue.remove_many(self.ns, changes.unqueue, pipe=pipe)
             now = time.time()
             for name, amount in changes.counters.items():
                 metrics.incr(self.redis, self.ns, name, amount, now, pipe=pipe)
