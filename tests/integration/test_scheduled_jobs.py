@@ -7,6 +7,7 @@ queue: never handed out before its time, handed out within about a second after.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -258,3 +259,26 @@ def test_an_edited_scheduled_job_keeps_its_time_in_its_new_queue(sm: toolkit.Sta
     got, at = _take_when_due(sm, "u", a.run_at)  # type: ignore[arg-type]
     assert (got.id, got.queue, got.priority) == (a.id, "urgent", 5)
     assert at >= a.run_at.timestamp()  # type: ignore[union-attr]
+
+
+def test_a_repeat_under_an_idempotency_key_with_a_delay_replays_the_first_job(
+        sm: toolkit.StateManager) -> None:
+    wf = sm.create_workflow("idem")
+    first = sm.create_job(wf.id, "later", delay=30, idempotency_key="k-later")
+    time.sleep(0.05)  # the same delay asked later: the same request, the first due time
+    again = sm.create_job(wf.id, "later", delay=30, idempotency_key="k-later")
+    assert (again.id, again.run_at) == (first.id, first.run_at)
+    with pytest.raises(toolkit.IdempotencyConflict):
+        sm.create_job(wf.id, "later", delay=31, idempotency_key="k-later")
+
+
+def test_the_retried_event_says_when_the_retry_runs(sm: toolkit.StateManager) -> None:
+    sm.create_workflow("ev", jobs=[{"name": "a", "retry": {"base": 2.0, "jitter": 0.0}}])
+    sm.register_worker("w")
+    a = sm.dequeue("w")
+    failed = sm.fail_job(a.id, "flaky")
+    events = sm.inspector.events(job_id=a.id)
+    retried = events[events["event"] == "retried"]
+    detail = json.loads(retried["detail"].iloc[-1])
+    assert detail["backoff_s"] == 2.0
+    assert detail["run_at"] == failed.run_at.isoformat()  # type: ignore[union-attr]

@@ -314,7 +314,8 @@ class Jobs:
                      error=error)
             requeued = row["status"] == JS.QUEUED
             if requeued:
-                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"])
+                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"],
+                         **scheduling.retry_detail(row, now))
             ch.add("workflow", rollup(conn, row["workflow_id"], now))
             ch.counters["jobs_failed"] += 1
             if requeued:

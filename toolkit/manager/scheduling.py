@@ -61,3 +61,11 @@ def retry_at(row: Mapping[str, Any], default: retry_policy.RetryPolicy | retry_p
 def when(run_at: Any, delay: Any, now: datetime) -> datetime | None:
     """``run_at``/``delay`` of ``create_job`` or ``enqueue``, checked (see :func:`validate.run_at`)."""
     return validate.run_at(run_at, delay, now)
+
+
+def retry_detail(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """What a ``retried`` event says of the wait: ``backoff_s`` and ``run_at`` (ISO 8601)."""
+    at = row.get("run_at")
+    if at is None:
+        return {}
+    return {"backoff_s": round((at - now).total_seconds(), 6), "run_at": at.isoformat()}
