@@ -282,3 +282,12 @@ def test_the_retried_event_says_when_the_retry_runs(sm: toolkit.StateManager) ->
     detail = json.loads(retried["detail"].iloc[-1])
     assert detail["backoff_s"] == 2.0
     assert detail["run_at"] == failed.run_at.isoformat()  # type: ignore[union-attr]
+
+
+def test_explain_of_a_due_job_not_yet_promoted_says_the_next_dequeue_takes_it(
+        sm: toolkit.StateManager) -> None:
+    wf = sm.create_workflow("due", jobs=[{"name": "a", "delay": 0.2}])
+    a = sm.list_jobs(workflow_id=wf.id)[0]
+    time.sleep(0.4)  # due, but no dequeue has promoted it yet
+    text = str(sm.inspector.explain(a.id))
+    assert "is due" in text and "repair" not in text, text

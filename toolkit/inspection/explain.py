@@ -215,6 +215,9 @@ def _queued(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
         facts["queue_length"] = len(mine)
         facts["higher_priority_ahead"] = int((mine["priority"] > facts["priority"]).sum())
         out.append(_place(facts, name))
+    elif facts.get("run_at") is not None:  # due, still in its queue's due-time set
+        out.append(f"it was scheduled for {pd.Timestamp(facts['run_at']):%Y-%m-%d %H:%M:%S} UTC "
+                   f"and is due: the next dequeue on queue {name!r} moves it into the queue.")
     else:
         out.append(f"PostgreSQL says queued but it is not in the Redis queue {name!r}: "
                    "run `toolkit check --repair`.")
