@@ -58,3 +58,16 @@ def test_run_at_and_delay_give_an_aware_utc_due_time() -> None:
 def test_hostile_times_are_refused(at: object, delay: object) -> None:
     with pytest.raises(errors.ValidationError):
         validate.run_at(at, delay, NOW)
+
+
+def test_a_push_with_run_at_in_the_future_goes_to_the_due_time_set() -> None:
+    from toolkit.manager import pipeline
+
+    later, past = NOW + timedelta(seconds=5), NOW - timedelta(seconds=5)
+    rows = [("job", {"id": "a", "run_at": later}), ("job", {"id": "b", "run_at": past}),
+            ("job", {"id": "c", "run_at": None}), ("workflow", {"id": "w"})]
+    pushes = [("a", "q", 0, 1), ("b", "q", 0, 2), ("c", "q", 0, 3)]
+    ready, scheduled = pipeline.split_scheduled(rows, pushes, NOW.timestamp())
+    assert ready == [("b", "q", 0, 2), ("c", "q", 0, 3)]
+    assert scheduled == [("a", "q", 0, 1, later.timestamp())]
+    assert pipeline.split_scheduled(rows[2:], pushes[2:], NOW.timestamp()) == (pushes[2:], [])

@@ -128,9 +128,9 @@ def split_scheduled(rows: Sequence[tuple[str, Mapping[str, Any]]],
 
     A job whose last row has ``run_at`` after ``now`` goes to its queue's due-time set.
     """
+    if not pushes or all(row.get("run_at") is None for _, row in rows):
+        return pushes, []  # the usual batch: one pass, nothing built
     due_at = {row["id"]: row.get("run_at") for kind, row in rows if kind == "job"}
-    if not any(due_at.values()):
-        return pushes, []
     ready: list[tuple[str, str, int, int]] = []
     later: list[tuple[str, str, int, int, float]] = []
     for push in pushes:
