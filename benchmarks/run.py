@@ -13,6 +13,7 @@ from __future__ import annotations
 from benchmarks import (
     bulk,
     counters,
+    flow,
     harness,
     inspection,
     locks,
@@ -31,6 +32,7 @@ AREAS: list[tuple[str, harness.Area]] = [
     ("queues", queues.run),
     ("peers", peers.run),
     ("pgpeers", pg_peers.run),
+    ("flow", flow.run),
     ("locks", locks.run),
     ("counters", counters.run),
     ("recovery", recovery.run),

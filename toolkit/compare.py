@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit import models
 from toolkit.handles import Tiers
 from toolkit.tiers.memory import KINDS, Memory
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, eviction, queue, schedule
 from toolkit.tiers.redis.client import Client
@@ -47,11 +47,14 @@ class ConsistencyReport:
     warnings: tuple[str, ...] = ()
     """Findings that are not disagreements, such as a Redis that may evict our keys
     (``maxmemory-policy`` other than ``noeviction``). They do not make ``ok`` false."""
+    paused: tuple[str, ...] = ()
+    """Disagreements of the paused queues' Redis mirror with PostgreSQL, one sentence each
+    (a queue paused in one tier only). They make ``ok`` false; ``repair()`` fixes them."""
 
     @property
     def ok(self) -> bool:
         """True when every tier agrees with PostgreSQL (``warnings`` aside)."""
-        return not self.rows
+        return not self.rows and not self.paused
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,7 +62,8 @@ class ConsistencyReport:
     def __str__(self) -> str:
         text = (f"consistent: {self.checked} entities checked in {self.seconds:.3f}s" if self.ok
                 else f"{len(self.rows)} disagreements among {self.checked} entities")
-        return "".join([text, *(f"\nwarning: {w}" for w in self.warnings)])
+        return "".join([text, *(f"\npaused: {p}" for p in self.paused),
+                        *(f"\nwarning: {w}" for w in self.warnings)])
 
     def to_frame(self) -> pd.DataFrame:
         """Return the disagreements as a DataFrame with :data:`REPORT_COLUMNS`."""
@@ -215,6 +219,18 @@ def _queue_row(job_id: str, why: str) -> dict[str, Any]:
             "postgres_version": None, "consistent": False, "problem": why}
 
 
+def paused_problems(t: Tiers) -> list[str]:
+    """Queues paused in PostgreSQL but not in Redis's mirror (the claim script would serve
+    them), or the other way round (it would hold them back); reads only."""
+    with t.db.begin("check: read paused queues") as conn:
+        truth = set(records.paused_queues(conn, t.db.schema))
+    mirror = queue.paused(t.redis, t.ns)
+    return ([f"queue {q!r} is paused in PostgreSQL but not in Redis: it is still served"
+             for q in sorted(truth - mirror)]
+            + [f"queue {q!r} is paused in Redis but not in PostgreSQL: it is held back"
+               for q in sorted(mirror - truth)])
+
+
 def compare_all(t: Tiers, *, with_memory: bool = True) -> list[dict[str, Any]]:
     """One row per entity (consistent or not) across the tiers; reads only.
 
@@ -255,6 +271,10 @@ def check(t: Tiers) -> ConsistencyReport:
         again += _queue_problems(t.redis, t.ns, wanted, later)
         first = {(p["entity"], p["id"]) for p in problems}
         problems = [p for p in again if (p["entity"], p["id"]) in first]
+    paused = paused_problems(t)
+    if paused:  # read again: a pause or resume may have landed between the two reads
+        paused = [p for p in paused_problems(t) if p in paused]
     risk = eviction.read(t.redis)
     warnings = () if risk.finding is None else (risk.finding,)
-    return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start, warnings)
+    return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start, warnings,
+                             tuple(paused))

@@ -9,17 +9,20 @@ line here. ARCHITECTURE.md follows one call through.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from toolkit import compare, config, errors, recovery
+from toolkit import compare, config, errors, recovery, validate
 from toolkit.manager import (
+    batches,
     counters,
     dispatch,
     jobs,
     operations,
     pipeline,
+    queues,
     recorded,
     retention,
     workers,
@@ -98,18 +101,24 @@ class StateManager:
         self._jobs = jobs.Jobs(self._pipe)
         self._workers = workers.Workers(self._pipe)
         self._dispatch = dispatch.Dispatch(self._pipe, self._workers)
+        self._queues = queues.Queues(self._pipe)
+        self._batches = batches.Batches(self._pipe, self._workers, self._dispatch)
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
         self._operations = operations.Operations(self._pipe)
-        self._working = working.Working(self._jobs, self._dispatch, self._workers)
+        self._working = working.Working(self._jobs, self._dispatch, self._workers,
+                                        self._batches)
         self._closed = False
         self.last_rebuild: recovery.RebuildReport | None = None
         self.eviction_risk: eviction.EvictionRisk | None = None
         """What Redis said about evicting keys when this manager connected."""
         self._inspector: Inspector | None = None
         self._listener = self._pipe.listener
+        self.last_fast_start: recovery.FastStartReport | None = None
+        """What the fast start checked, when ``init_state_manager(fast_start=True)`` could use one."""
         if listen:
             self._listener.start()
+            self._pipe.watermark.start()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -136,6 +145,7 @@ class StateManager:
             except errors.StorageUnavailable as exc:
                 log.warning("on close: %s", exc, extra={"action": "close"})
         self._listener.stop()
+        self._pipe.watermark.stop()
         if self._inspector is not None:
             self._inspector.close()
         self.db.dispose()
@@ -166,6 +176,17 @@ class StateManager:
         self._pipe.memory_max_age = seconds
 
     @property
+    def orphan_cap(self) -> int:
+        """A job whose worker died this many times while holding it is failed for good by
+        ``reap_dead_workers`` (error ``orphan cap: ...``, counter ``jobs_orphan_capped``)
+        instead of queued again: a poison pill stops there. Default 3."""
+        return self._workers.orphan_cap
+
+    @orphan_cap.setter
+    def orphan_cap(self, times: int) -> None:
+        self._workers.orphan_cap = validate.integer("orphan_cap", times, low=1, high=1_000_000)
+
+    @property
     def claim_lease(self) -> float:
         """Seconds a popped job may stay in flight before it returns to its queue."""
         return self._dispatch.claim_lease
@@ -177,11 +198,11 @@ class StateManager:
     @property
     def retry_policy(self) -> RetryPolicy | Backoff:
         """The default wait before a retry: a ``RetryPolicy`` or a function of the attempt."""
-        return self._jobs.retry_policy
+        return self._pipe.retry_policy
 
     @retry_policy.setter
     def retry_policy(self, policy: RetryPolicy | Mapping[str, float] | Backoff) -> None:
-        self._jobs.retry_policy = policy_setting(policy)
+        self._pipe.retry_policy = policy_setting(policy)
 
     # -- the verbs: each is the room's method (its signature and docstring) --------------
 
@@ -203,8 +224,15 @@ class StateManager:
     fail_job = _Verb("_jobs", jobs.Jobs.fail)
 
     assign_job = _Verb("_dispatch", dispatch.Dispatch.assign_job)
-    dequeue = _Verb("_dispatch", dispatch.Dispatch.dequeue)
+    dequeue = _Verb("_batches", batches.Batches.dequeue)
+    dequeue_many = _Verb("_batches", batches.Batches.dequeue_many)
+    start_jobs = _Verb("_batches", batches.Batches.start_jobs)
+    complete_jobs = _Verb("_batches", batches.Batches.complete_jobs)
+    fail_jobs = _Verb("_batches", batches.Batches.fail_jobs)
+    complete_and_dequeue = _Verb("_batches", batches.Batches.complete_and_dequeue)
     list_assignments = _Verb("_workers", workers.Workers.assignments)
+    pause_queue = _Verb("_queues", queues.Queues.pause)
+    resume_queue = _Verb("_queues", queues.Queues.resume)
 
     register_worker = _Verb("_workers", workers.Workers.register)
     get_worker = _Verb("_workers", workers.Workers.get)
@@ -235,7 +263,9 @@ class StateManager:
         Returns what was loaded and how long it took (also kept in ``last_rebuild``);
         ``progress`` shows a bar (default: for 50,000 live rows or more).
         """
+        started = time.time()
         self.last_rebuild = recovery.rebuild(self._pipe.tiers, progress=progress)
+        self._pipe.watermark.repaired(started)
         return self.last_rebuild
 
     def _rebuild_from_db(self, *, progress: bool | None = None) -> recovery.RebuildReport:
@@ -248,7 +278,10 @@ class StateManager:
 
     def repair(self) -> compare.ConsistencyReport:
         """Make memory and Redis agree with PostgreSQL; return what was found and fixed."""
-        return recovery.repair(self._pipe.tiers)
+        started = time.time()
+        report = recovery.repair(self._pipe.tiers)
+        self._pipe.watermark.repaired(started)
+        return report
 
 
 from toolkit.manager.startup import SUBSCRIBE_WAIT, init_state_manager  # noqa: E402 (needs StateManager)

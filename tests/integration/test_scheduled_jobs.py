@@ -291,3 +291,18 @@ def test_explain_of_a_due_job_not_yet_promoted_says_the_next_dequeue_takes_it(
     time.sleep(0.4)  # due, but no dequeue has promoted it yet
     text = str(sm.inspector.explain(a.id))
     assert "is due" in text and "repair" not in text, text
+
+
+def test_fail_jobs_backs_off_like_fail_job(make_sm: Any) -> None:
+    sm = make_sm(retry_policy=toolkit.RetryPolicy(base=2.0, jitter=0.0))
+    sm.create_workflow("many", jobs=[{"name": "a"}, {"name": "b", "retry": {"base": 4.0, "jitter": 0}}])
+    sm.register_worker("w")
+    got = sm.dequeue_many("w", 2)
+    before = time.time()
+    out = sm.fail_jobs([(j.id, "flaky") for j in got])
+    waits = {j.name: j.run_at.timestamp() - before for j in out}  # type: ignore[union-attr]
+    assert 1.9 <= waits["a"] <= 2.5 and 3.9 <= waits["b"] <= 4.5, waits
+    assert sm.dequeue("w") is None
+    for j in out:
+        assert sm.get_job(j.id).run_at == j.run_at  # type: ignore[union-attr]
+    assert sm.check_consistency().ok

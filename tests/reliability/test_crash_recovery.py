@@ -44,9 +44,10 @@ def _drain(sm: toolkit.StateManager, worker: str, *, seconds: float = 40.0) -> C
                          f"{[(j.id, j.status) for j in sm.list_jobs() if not j.is_final]}")
 
 
+@pytest.mark.parametrize("start", [True, "fast"], ids=["rebuild", "fast_start"])
 @pytest.mark.parametrize("action", ["create workflow", "dequeue", "job -> completed"])
 def test_crash_between_commit_and_redis_loses_nothing_after_rebuild(
-        clean: Servers, raw_redis, action: str) -> None:
+        clean: Servers, raw_redis, action: str, start: bool | str) -> None:
     coord = Coordinator(clean.database_url, clean.redis_url, clean.namespace, clean.schema,
                         "--workflows", "2", "--jobs", "6", "--workers", "2",
                         "--failure-rate", "0", "--job-seconds", "0.05", "--heartbeat-ttl", "1",
@@ -65,8 +66,13 @@ def test_crash_between_commit_and_redis_loses_nothing_after_rebuild(
         before.close()
 
     sm = toolkit.init_state_manager(clean.database_url, clean.redis_url, namespace=clean.namespace,
-                                    schema=clean.schema, heartbeat_ttl=1.0)
+                                    schema=clean.schema, heartbeat_ttl=1.0, rebuild=start)  # type: ignore[arg-type]
     try:
+        if start == "fast":  # Redis survived: only what changed since its watermark was checked
+            quick = sm.last_fast_start
+            assert quick is not None and sm.last_rebuild is None
+            assert quick.fixed + quick.queue_added + quick.queue_removed >= 1, quick
+            assert quick.checked < len(sm.list_jobs()) + len(sm.list_workflows()) + 10
         # Every committed row (acknowledged or not) is served, at its PostgreSQL version.
         for job in sm.list_jobs():
             got = sm.get_job(job.id)

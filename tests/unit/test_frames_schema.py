@@ -49,6 +49,11 @@ PINNED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "wait_times_queue": ("queue", S, WAITS),
     "heartbeat_times": ("worker_id", S, [("at", T)]),
     "dependencies": ("job_id", S, [("depends_on", S)]),
+    "paused": ("queue", S, [("reason", S), ("paused_by", S), ("paused_since", T)]),
+    "queues": ("queue", S, [("depth", I64), ("paused", B), ("reason", S), ("paused_by", S),
+                            ("paused_since", T)]),
+    "backlog": ("queue", S, [("depth", I64), ("oldest_age_s", F64), ("enqueued_per_s", F64),
+                             ("dispatched_per_s", F64), ("drain_eta_s", F64)]),
 }
 
 

@@ -19,8 +19,7 @@ from toolkit.cli.output import emit, say
 from toolkit.cli.read import opened
 
 
-def add_commands(sub: Any, common: Callable[..., None]) -> None:
-    """Add demo, up, check, snapshot, serve-metrics and purge to the subparsers ``sub``."""
+def _add_demo_and_up(sub: Any, common: Callable[..., None]) -> None:
     demo = sub.add_parser("demo", help="the crash-and-rebuild scenario, end to end",
                           description="Kill a busy coordinator with SIGKILL, rebuild, prove nothing "
                           "was lost. Runs on the embedded stack unless URLs are given.")
@@ -36,6 +35,11 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
 
     up = sub.add_parser("up", help="start the embedded PostgreSQL and Redis and print their URLs")
     up.add_argument("--data-dir", help="keep PostgreSQL data here (default: throwaway)")
+
+
+def add_commands(sub: Any, common: Callable[..., None]) -> None:
+    """Add demo, up, check, snapshot, serve-metrics and purge to the subparsers ``sub``."""
+    _add_demo_and_up(sub, common)
 
     check = sub.add_parser("check", help="consistency report, reads only; exit 1 on any disagreement",
                            description="Compare Redis with PostgreSQL (reads only). A Redis that "

@@ -14,11 +14,13 @@ EPILOG = """\
 global options (--database-url, --redis-url, --namespace, --schema, -v) go before or after
 the command. Read commands (check without --repair, purge --dry-run, inspect, explain,
 snapshot, metrics, events, timeline, wait-times, heartbeat-gaps, metric-series) never
-write, migrate or create anything.
+write, migrate or create anything. pause and resume write, and ask first on a terminal
+unless --yes.
 
 exit codes:
   0    success
-  1    a check failed: check found a disagreement, demo lost a write, no such job
+  1    a check failed: check found a disagreement, demo lost a write, no such job;
+       or the operator declined a prompt (pause, resume: nothing changed)
   2    bad usage or configuration: a flag, a URL (scheme, port), a value
   3    a server could not be reached (or failed while answering)
   4    the servers answered but the setup is wrong: no toolkit tables in the schema,

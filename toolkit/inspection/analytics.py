@@ -9,7 +9,7 @@ offline snapshot (:func:`toolkit.Inspector.from_snapshot`).
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,7 +146,7 @@ class Analytics:
     """The analyses every Inspector offers, computed from its frames.
 
     A subclass provides the frames (``events``, ``jobs``, ``workflows``, ``workers``,
-    ``queue``...), ``_heartbeat_times()``, ``_dependencies()``, ``_now()``
+    ``queue``...), ``_heartbeat_times()``, ``_dependencies()``, ``_paused()``, ``_now()``
     and ``heartbeat_ttl``; the live :class:`~toolkit.Inspector` reads them
     from the servers, a snapshot from Parquet files.
     """
@@ -173,6 +173,9 @@ class Analytics:
         raise NotImplementedError
 
     def _dependencies(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def _paused(self) -> pd.DataFrame:
         raise NotImplementedError
 
     def _now(self) -> pd.Timestamp:
@@ -207,6 +210,34 @@ class Analytics:
         ``frame.attrs["suggested_ttl_s"]`` (None without two beats of any worker).
         """
         return heartbeat_gaps_frame(self._heartbeat_times(), self.workers().index)
+
+    def queues(self) -> pd.DataFrame:
+        """One row per queue with a job waiting or a pause (index ``queue``).
+
+        ``depth`` counts the jobs waiting in Redis; ``paused``, ``reason``,
+        ``paused_by`` and ``paused_since`` come from PostgreSQL's record of
+        ``sm.pause_queue`` (``toolkit pause``): a paused queue hands out no job.
+        """
+        from toolkit.inspection import paused
+
+        return paused.queues_frame(self.queue(), self._paused())
+
+    def backlog(self, window: float | timedelta = 900.0) -> pd.DataFrame:
+        """Backlog gauges per queue (index ``queue``): ``depth``, ``oldest_age_s``,
+        ``enqueued_per_s`` and ``dispatched_per_s`` over the last ``window`` seconds (or a
+        ``timedelta``; default 15 minutes) of the event log, and ``drain_eta_s``.
+
+        Raises
+        ------
+        ValidationError
+            ``window`` is not a positive number of seconds or a timedelta.
+        """
+        from toolkit.inspection import backlog
+
+        seconds = backlog.window_seconds(window)
+        now = self._now()
+        since = (now - pd.Timedelta(seconds=seconds)).to_pydatetime()
+        return backlog.frame(self.jobs(), self.events(since=since), now, seconds)
 
     def wait_times(self, by: str = "priority", *, since: datetime | None = None) -> pd.DataFrame:
         """How long jobs waited in a queue, from the event log, per ``priority`` or ``queue``.

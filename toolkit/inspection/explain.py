@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from toolkit import errors, validate
-from toolkit.inspection import analytics, frames
+from toolkit.inspection import analytics, frames, paused
 
 if TYPE_CHECKING:
     from toolkit.inspection.analytics import Analytics
 
-KEY_FACTS = ("status", "workflow_status", "queue", "priority", "attempts", "max_attempts",
+KEY_FACTS = ("status", "workflow_status", "queue", "queue_paused", "priority", "attempts", "max_attempts",
              "worker_id", "position", "queue_length", "higher_priority_ahead", "live_workers", "waited_s",
              "queue_median_wait_s", "unmet_dependencies", "heartbeat_age_s", "heartbeat_ttl_s",
              "will_be_reclaimed", "error")
@@ -221,6 +221,10 @@ def _queued(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
     else:
         out.append(f"PostgreSQL says queued but it is not in the Redis queue {name!r}: "
                    "run `toolkit check --repair`.")
+    held = paused.sentence(source._paused(), name)
+    if held:
+        facts["queue_paused"] = True
+        out.append(held)
     out.append(_serving(source, facts, name))
     out.append(_waited(source, facts, events, now, name))
     return out

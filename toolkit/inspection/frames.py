@@ -101,6 +101,17 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "dependencies": ("job_id", {
         "depends_on": STRING,
     }),
+    "paused": ("queue", {
+        "reason": STRING, "paused_by": STRING, "paused_since": UTC_TIME,
+    }),
+    "queues": ("queue", {
+        "depth": "Int64", "paused": "boolean", "reason": STRING, "paused_by": STRING,
+        "paused_since": UTC_TIME,
+    }),
+    "backlog": ("queue", {
+        "depth": "Int64", "oldest_age_s": "Float64", "enqueued_per_s": "Float64",
+        "dispatched_per_s": "Float64", "drain_eta_s": "Float64",
+    }),
 }
 """frame name -> (index name, {column: dtype}) in column order."""
 
@@ -115,6 +126,16 @@ COLUMN_DOCS: Mapping[str, Mapping[str, str]] = {
     },
     "assignments": {"duration_s": "finished_at - assigned_at of the attempt."},
     "workers": {"heartbeat_age_s": "seconds since the latest heartbeat seen in Redis or PostgreSQL."},
+    "backlog": {"depth": "jobs PostgreSQL calls queued.",
+                "oldest_age_s": "seconds since the oldest queued job was last updated "
+                                "(queued, re-queued or edited).",
+                "enqueued_per_s": "jobs that entered the queue per second over the window "
+                                  "(created, queued, retried or reclaimed into it).",
+                "dispatched_per_s": "jobs handed to a worker per second over the window.",
+                "drain_eta_s": "depth / (dispatched - enqueued): seconds to empty the queue at "
+                               "the window's pace; NA when it is not shrinking, 0 when empty."},
+    "queues": {"depth": "jobs waiting in the Redis queue (in-flight pops excluded).",
+               "paused": "an operator paused the queue (sm.pause_queue): no job of it is handed out."},
 }
 """What the derived columns mean, frame -> {column: meaning}: one name, one meaning."""
 
@@ -127,8 +148,8 @@ INTERNAL_FRAMES = ("heartbeat_times", "dependencies")
 ``heartbeat_times`` (one row per remembered heartbeat, index ``worker_id``, not unique) and
 ``dependencies`` (one row per dependency edge, index ``job_id``, not unique)."""
 
-CLI_FRAMES = ("workflows", "jobs", "workers", "assignments", "queue", "locks", "metrics", "tiers",
-              "summary")
+CLI_FRAMES = ("workflows", "jobs", "workers", "assignments", "queue", "queues", "backlog", "locks",
+              "metrics", "tiers", "summary")
 """Frames ``toolkit inspect`` can print."""
 
 

@@ -8,6 +8,14 @@ Families (every sample is read through the Inspector, so it is read-only):
     Prometheus name cannot hold become ``_``.
 ``toolkit_queue_depth{queue, priority}`` (gauge)
     Jobs waiting in each queue at each priority (in-flight pops excluded).
+``toolkit_queue_paused{queue}`` (gauge)
+    1 for a queue an operator paused (no job of it is handed out), 0 for one with jobs
+    waiting and no pause.
+``toolkit_queue_oldest_age_seconds{queue}``, ``toolkit_queue_enqueue_rate{queue}``,
+``toolkit_queue_dispatch_rate{queue}``, ``toolkit_queue_drain_eta_seconds{queue}`` (gauges)
+    ``Inspector.backlog()``: the oldest queued job's age, jobs in and out per second over
+    the last 15 minutes, and the time to empty the queue at that pace (no sample while
+    the queue is not shrinking).
 ``toolkit_jobs_in_flight`` (gauge)
     Jobs popped from a queue whose assignment is not yet committed.
 ``toolkit_workers{state}`` (gauge)
@@ -51,6 +59,8 @@ class InspectorCollector(Collector):
         """Yield the counter and gauge families described in the module docstring."""
         yield from self._counters()
         yield from self._queue()
+        yield self._paused()
+        yield from self._backlog()
         yield self._workers()
         yield self._jobs()
 
@@ -82,6 +92,27 @@ class InspectorCollector(Collector):
                                    "jobs popped whose assignment is not committed yet")
         flight.add_metric([], float(q["in_flight"].astype(bool).sum()) if len(q) else 0.0)
         yield flight
+
+    def _backlog(self) -> Iterator[Metric]:
+        b = self.inspector.backlog()
+        for column, name, text in (
+                ("oldest_age_s", "queue_oldest_age_seconds", "age of the oldest queued job"),
+                ("enqueued_per_s", "queue_enqueue_rate", "jobs entering the queue per second (15 min)"),
+                ("dispatched_per_s", "queue_dispatch_rate", "jobs handed out per second (15 min)"),
+                ("drain_eta_s", "queue_drain_eta_seconds",
+                 "seconds to empty the queue at the current pace (absent when not shrinking)")):
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=["queue"])
+            for queue_name, value in b[column].items():
+                if not pd.isna(value):
+                    family.add_metric([str(queue_name)], float(value))
+            yield family
+
+    def _paused(self) -> Metric:
+        family = GaugeMetricFamily(f"{PREFIX}_queue_paused", "1 when an operator paused the "
+                                   "queue (it hands out no job)", labels=["queue"])
+        for name, row in self.inspector.queues().iterrows():
+            family.add_metric([str(name)], 1.0 if bool(row["paused"]) else 0.0)
+        return family
 
     def _workers(self) -> Metric:
         w = self.inspector.workers()

@@ -9,6 +9,8 @@ Layout of a snapshot folder::
                                metric_series (freq 1min), tiers, summary, events
     heartbeat_times.parquet    the heartbeat history Redis remembered (for heartbeat_gaps)
     dependencies.parquet       one row per dependency edge (for explain)
+    paused.parquet             one row per paused queue (for queues and explain; absent from
+                               snapshots taken before pausing existed: read as no pause)
 
 The frames are read one after the other from a live system, so they are a
 sequence of consistent reads, not one transaction. ``tiers`` has its memory
@@ -56,6 +58,7 @@ def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None
     data["metric_series"] = getattr(ins, "metric_series")(freq=SERIES_FREQ)  # noqa: B009
     data["heartbeat_times"] = ins._heartbeat_times()
     data["dependencies"] = ins._dependencies()
+    data["paused"] = ins._paused()
     tiers = data["tiers"].copy()
     tiers["in_memory"] = pd.Series(pd.NA, index=tiers.index, dtype="boolean")
     tiers["memory_version"] = pd.Series(pd.NA, index=tiers.index, dtype="Int64")
@@ -231,6 +234,10 @@ class SnapshotInspector(analytics.Analytics):
 
     def _heartbeat_times(self) -> pd.DataFrame:
         return self._get("heartbeat_times")
+
+    def _paused(self) -> pd.DataFrame:
+        stored = self.path / "paused.parquet"
+        return _restore("paused", pd.read_parquet(stored)) if stored.is_file() else frames.empty("paused")
 
     def _dependencies(self) -> pd.DataFrame:
         return self._get("dependencies")

@@ -240,12 +240,19 @@ _BOARD: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("jobs", (("queued", "jobs_queued"), ("running", "jobs_running"),
               ("completed", "jobs_completed"), ("failed", "jobs_failed"))),
     ("workers", (("alive", "workers_alive"), ("total", "workers"))),
-    ("queue", (("depth", "queue_depth"), ("in flight", "in_flight"))),
+    ("queue", (("depth", "queue_depth"), ("in flight", "in_flight"), ("paused", "queues_paused"),
+               ("oldest s", "oldest_queued_age_s"))),
 )
 
 
+STUCK_AFTER = 900
+"""Seconds the oldest queued job may wait before the board draws the backlog in red."""
+
+
 def board_alerts(values: Mapping[str, int]) -> set[str]:
-    """Return the summary items an SRE should look at: failures, dead workers, a stuck backlog.
+    """Return the summary items an SRE should look at: failures, dead workers, a stuck backlog
+    (jobs but no live worker, or a job queued for more than :data:`STUCK_AFTER` seconds),
+    a paused queue.
 
     Parameters
     ----------
@@ -262,6 +269,10 @@ def board_alerts(values: Mapping[str, int]) -> set[str]:
         alerts.add("workers_alive")
     if values.get("queue_depth", 0) > 0 and values.get("workers_alive", 0) == 0:
         alerts.add("queue_depth")
+    if values.get("queues_paused", 0) > 0:  # an operator's pause: a reason to look, not a fault
+        alerts.add("queues_paused")
+    if values.get("oldest_queued_age_s", 0) > STUCK_AFTER:
+        alerts.add("oldest_queued_age_s")
     return alerts
 
 

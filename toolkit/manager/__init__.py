@@ -9,6 +9,7 @@
 - ``jobs``: create and read jobs; every status move, as named steps.
 - ``idempotency``: creates under an idempotency key (the key taken first, a repeat replayed).
 - ``dispatch``: assignment and ``dequeue`` (the Redis claim, then PostgreSQL decides).
+- ``queues``: pausing and resuming a queue (PostgreSQL's record, Redis's mirror).
 - ``workers``: registration, heartbeats, liveness and the reaper.
 - ``counters``: metric counters, their checkpoints to PostgreSQL, and locks.
 - ``retention``: purging finished jobs.

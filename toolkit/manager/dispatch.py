@@ -97,15 +97,16 @@ class Dispatch:
                 continue
             failpoints.reach("after_claim", claim.job_id)
             ch = Changes(action="dequeue")
-            try:
-                with p.db.begin("dequeue") as conn:
-                    won = assign(conn, ch, claim.job_id, worker_id, p)
-                    records.insert_events(conn, p.db.schema, ch.events)
-            except BaseException:
-                queue.settle(p.redis, p.ns, claim, requeue=True)
-                raise
-            if won:
-                return p.apply(ch)[0]  # type: ignore[return-value]
+            with p.watermark.pending():
+                try:
+                    with p.db.begin("dequeue") as conn:
+                        won = assign(conn, ch, claim.job_id, worker_id, p)
+                        records.insert_events(conn, p.db.schema, ch.events)
+                except BaseException:
+                    queue.settle(p.redis, p.ns, claim, requeue=True)
+                    raise
+                if won:
+                    return p.apply(ch)[0]  # type: ignore[return-value]
             queue.settle(p.redis, p.ns, claim, requeue=False)
 
     def reap_dead_workers(self) -> list[models.Job]:

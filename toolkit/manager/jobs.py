@@ -123,7 +123,6 @@ class Jobs:
 
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
-        self.retry_policy: retry_policy.RetryPolicy | retry_policy.Backoff = retry_policy.RetryPolicy()
 
     def create(self, workflow_id: str, name: str, *, priority: int = 0,
                queue: str = "default", payload: Any = None, max_attempts: int = 3,
@@ -301,7 +300,7 @@ class Jobs:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
             locked = lifecycle.failing_job(conn, job_id) if retry else None
-            due = (scheduling.retry_at(locked, self.retry_policy, wait, now)
+            due = (scheduling.retry_at(locked, self.pipe.retry_policy, wait, now)
                    if locked and locked["attempts"] < locked["max_attempts"] else None)
             row = lifecycle.fail_job(conn, job_id, error, bool(retry), now, guard, due)
             if row is None:

@@ -27,15 +27,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from toolkit import config, errors, failpoints, models, single_flight, validate
+from toolkit import config, errors, failpoints, models, retry_policy, single_flight, validate
 from toolkit.handles import Tiers
+from toolkit.manager.watermark import Watermark
 from toolkit.models import JobStatus as JS
 from toolkit.recovery import invalidation
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import db as pg_db
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, metrics, queue, schedule
+from toolkit.tiers.redis import cache, metrics, queue, schedule, watermark
 from toolkit.tiers.redis.client import Client
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,11 @@ class Pipeline:
         self.memory = Memory()
         self.tiers = Tiers(self.db, self.redis, self.ns, self.memory)
         self.listener = invalidation.InvalidationListener(self.redis, self.ns, self.memory, KINDS)
+        self.watermark = Watermark(self.redis, self.ns)
         self.memory_max_age = MEMORY_MAX_AGE
         self.tx_attempts = TX_ATTEMPTS
+        self.retry_policy: retry_policy.RetryPolicy | retry_policy.Backoff = retry_policy.RetryPolicy()
+        """The default wait before a retry (``StateManager.retry_policy``)."""
         self._cold_reads: single_flight.SingleFlight[models.Entity | None] = \
             single_flight.SingleFlight()
 
@@ -172,7 +176,8 @@ class Pipeline:
         ``one_statement``: ``fn`` writes with a single statement (reads after it
         are allowed), which then commits by itself, without BEGIN and COMMIT.
         """
-        return self.apply(self._commit(action, fn, one_statement))
+        with self.watermark.pending():
+            return self.apply(self._commit(action, fn, one_statement))
 
     def _commit(self, action: str, fn: Transaction, one_statement: bool) -> Changes:
         """Run ``fn`` in a transaction; run it again (fresh) after a serialization failure
@@ -206,6 +211,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - the write is committed: never report it failed
             log.warning("committed to PostgreSQL but Redis was not updated (repair() will): %s",
                         exc, extra={"action": "write_redis"})
+            self.watermark.failed()
             self._drop_cached(entities, changes)
         for e in entities:
             self.memory.put(cache.kind_of(e), e)
@@ -227,6 +233,7 @@ class Pipeline:
             schedule.add_many(self.ns, later, pipe=pipe)
             for kind, entity_id in changes.deleted:
                 cache.delete(self.ns, kind, [entity_id], pipe=pipe)
+            watermark.done_deleting(self.ns, changes.deleted, pipe=pipe)
             announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
             announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
             cache.publish_many(self.ns, announced, pipe=pipe)
@@ -261,6 +268,18 @@ class Pipeline:
                 log.warning("queued jobs not restored to Redis (repair() will): %s", exc,
                             extra={"action": "restore_queued"})
         return entities
+
+    def note_deleting(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Note in Redis, before the commit, the ``(kind, id)`` a transaction is deleting.
+
+        A delete leaves no row to find: a coordinator that dies between the commit
+        and the cache update is caught by this note at the next fast start. When
+        Redis cannot take it, the watermark drops to 0 (only a full rebuild will do).
+        """
+        try:
+            watermark.note_deleting(self.redis, self.ns, pairs)
+        except errors.StorageUnavailable:
+            self.watermark.failed(everything=True)
 
     def _drop_cached(self, entities: list[models.Entity], changes: Changes) -> None:
         """After a failed Redis update, try at least to remove the now-stale entries."""

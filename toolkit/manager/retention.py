@@ -80,11 +80,13 @@ class Retention:
 
     def _purge_batch(self, chosen: list[str], before: datetime, batch: int) -> int:
         changes = Changes(action="purge")
-        with self.pipe.db.begin("purge") as conn:
-            jobs, assignment_ids = records.purge_batch(conn, chosen, before, batch)
-            changes.deleted.extend(("job", r["id"]) for r in jobs)
-            changes.deleted.extend(("assignment", a) for a in assignment_ids)
-            changes.unqueue.extend((r["id"], r["queue"]) for r in jobs)
-            changes.counters["jobs_purged"] += len(jobs)
-        self.pipe.apply(changes)
+        with self.pipe.watermark.pending():
+            with self.pipe.db.begin("purge") as conn:
+                jobs, assignment_ids = records.purge_batch(conn, chosen, before, batch)
+                changes.deleted.extend(("job", r["id"]) for r in jobs)
+                changes.deleted.extend(("assignment", a) for a in assignment_ids)
+                changes.unqueue.extend((r["id"], r["queue"]) for r in jobs)
+                changes.counters["jobs_purged"] += len(jobs)
+                self.pipe.note_deleting(changes.deleted)
+            self.pipe.apply(changes)
         return len(jobs)

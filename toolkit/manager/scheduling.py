@@ -17,8 +17,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
+
 from toolkit import retry_policy, validate
 from toolkit.handles import Tiers
+from toolkit.tiers.postgres import lifecycle
 from toolkit.tiers.redis import schedule
 
 PROMOTE_EVERY = 0.1
@@ -69,3 +72,19 @@ def retry_detail(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     if at is None:
         return {}
     return {"backoff_s": round((at - now).total_seconds(), 6), "run_at": at.isoformat()}
+
+
+def back_off(conn: sa.Connection, rows: Sequence[Mapping[str, Any]],
+             default: retry_policy.RetryPolicy | retry_policy.Backoff, now: datetime
+             ) -> list[Mapping[str, Any]]:
+    """Schedule the retries of a batched failure: each re-queued row gets its ``run_at``
+    (its own policy, else ``default``) in PostgreSQL (one statement); return the rows with it."""
+    due: dict[str, datetime] = {}
+    out: list[Mapping[str, Any]] = []
+    for row in rows:
+        if row["status"] == "queued":
+            due[row["id"]] = retry_at(row, default, None, now)
+            row = {**row, "run_at": due[row["id"]]}
+        out.append(row)
+    lifecycle.set_run_at(conn, due)
+    return out

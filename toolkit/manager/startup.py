@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from toolkit import config, errors
+from toolkit import config, errors, recovery
 from toolkit.manager import recorded
 from toolkit.retry_policy import Backoff, RetryPolicy, policy_setting
 from toolkit.tiers.postgres import migrate
@@ -26,7 +26,8 @@ SUBSCRIBE_WAIT = 5.0
 
 def init_state_manager(database_url: str | None = None, redis_url: str | None = None, *,
                        namespace: str = "wf", schema: str = "public",
-                       heartbeat_ttl: float | None = None, rebuild: bool = True,
+                       heartbeat_ttl: float | None = None,
+                       rebuild: bool | Literal["fast"] = True,
                        require_noeviction: bool = False,
                        retry_policy: RetryPolicy | Mapping[str, float] | Backoff | None = None,
                        ) -> state.StateManager:
@@ -47,7 +48,12 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         wins, and a warning is logged when it replaces a different value.
         ``None``: adopt the recorded TTL, or use and record 30 s when none is.
     rebuild
-        Call :meth:`StateManager.rebuild` before returning.
+        ``True``: call :meth:`StateManager.rebuild` before returning. ``"fast"``: when
+        Redis survived (every coordinator's watermark is there, from this Redis server
+        run), check only what changed since Redis last agreed with PostgreSQL instead:
+        the manager serves ``dequeue`` and reads at once, and memory fills as entities
+        are read (``last_fast_start`` says what was checked); otherwise the full
+        rebuild runs. ``False``: neither.
     require_noeviction
         Strict mode: refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``
         (without it, such a Redis is only named in a warning, in the log and in
@@ -66,6 +72,8 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
     StorageUnavailable
         PostgreSQL or Redis cannot be reached (the message names host and port).
     """
+    if rebuild not in (True, False, "fast"):
+        raise errors.ConfigurationError(f"rebuild must be True, False or 'fast', not {rebuild!r}")
     settings = config.load_settings(
         database_url, redis_url, namespace=namespace, schema=schema,
         heartbeat_ttl=recorded.DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None else heartbeat_ttl)
@@ -86,13 +94,27 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         if not sm._listener.wait_subscribed(SUBSCRIBE_WAIT):
             log.warning("no invalidation subscription after %.0fs: memory is not used until "
                         "there is one", SUBSCRIBE_WAIT, extra={"action": "invalidate"})
+        sm._pipe.watermark.start()
         if rebuild:
-            report = sm.rebuild()
-            log.info("rebuilt from PostgreSQL: %s", report, extra={"action": "rebuild"})
+            _recover(sm, rebuild == "fast")
     except BaseException:
         sm.close()
         raise
     return sm
+
+
+def _recover(sm: state.StateManager, fast: bool) -> None:
+    """The fast start when asked for and possible, else the full rebuild."""
+    if fast:
+        quick = recovery.fast_start(sm._pipe.tiers)
+        if quick is not None:
+            sm.last_fast_start = quick
+            log.info("%s", quick, extra={"action": "rebuild"})
+            return
+        log.info("fast start not possible (no usable watermark in Redis): full rebuild",
+                 extra={"action": "rebuild"})
+    report = sm.rebuild()
+    log.info("rebuilt from PostgreSQL: %s", report, extra={"action": "rebuild"})
 
 
 def _check_eviction(sm: state.StateManager, strict: bool) -> None:

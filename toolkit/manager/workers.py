@@ -29,6 +29,9 @@ from toolkit.tiers.redis import heartbeats
 
 log = logging.getLogger(__name__)
 
+ORPHAN_CAP = 3
+"""A job whose worker died this many times while holding it is failed, not queued again."""
+
 WS = models.WorkerStatus
 
 
@@ -41,6 +44,7 @@ class Workers:
 
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
+        self.orphan_cap = ORPHAN_CAP
         self.lock = threading.Lock()
         self._pending_beats: dict[str, datetime] = {}
         self._last_flush = time.monotonic()
@@ -233,19 +237,43 @@ class Workers:
             if row is None:
                 return
             ended = lifecycle.end_assignments(conn, "reclaimed", now, worker_id=worker_id)
-            reclaimed = lifecycle.reclaim_jobs(conn, [a["job_id"] for a in ended], now,
-                                           respect_attempts=how.respect_attempts)
+            held = [a["job_id"] for a in ended]
+            capped = self._over_orphan_cap(conn, held) if how.orphaned else {}
+            reclaimed = lifecycle.reclaim_jobs(conn, [j for j in held if j not in capped], now,
+                                               respect_attempts=how.respect_attempts)
             ch.add("worker", row)
             ch.add_all("assignment", ended)
             ch.add_all("job", reclaimed)
             for j in reclaimed:
                 ch.event("reclaimed", j, now, worker_id=worker_id, rule=how.rule,
-                         heartbeat_age_s=how.heartbeat_age_s)
-            for wf in sorted({j["workflow_id"] for j in reclaimed}):
+                         heartbeat_age_s=how.heartbeat_age_s, orphaned=how.orphaned or None)
+            abandoned = self._abandon(conn, ch, capped, worker_id, now)
+            for wf in sorted({j["workflow_id"] for j in [*reclaimed, *abandoned]}):
                 ch.add("workflow", jobs.rollup(conn, wf, now))
             ch.counters["jobs_reclaimed"] += len(reclaimed)
 
         return self.pipe.write("retire worker", tx)
+
+
+    def _over_orphan_cap(self, conn: sa.Connection, job_ids: list[str]) -> dict[str, int]:
+        """The jobs already reclaimed from dead workers ``orphan_cap`` times, with that count."""
+        counts = lifecycle.orphan_counts(conn, job_ids)
+        return {j: n for j, n in counts.items() if n >= self.orphan_cap}
+
+    def _abandon(self, conn: sa.Connection, ch: Changes, capped: dict[str, int], worker_id: str,
+                 now: datetime) -> list[Mapping[str, Any]]:
+        """Fail for good the jobs over the orphan cap instead of queueing them again."""
+        rows: list[Mapping[str, Any]] = []
+        for job_id, n in sorted(capped.items()):
+            error = (f"orphan cap: its worker died {n + 1} times while holding it "
+                     f"(orphan_cap={self.orphan_cap}); not queued again")
+            for row in lifecycle.abandon_jobs(conn, [job_id], error, now):
+                rows.append(row)
+                ch.event("failed", row, now, worker_id=worker_id, error=error, orphaned=True,
+                         orphan_cap=self.orphan_cap)
+        ch.add_all("job", rows)
+        ch.counters["jobs_orphan_capped"] += len(rows)
+        return rows
 
 
 class _Retirement:
@@ -257,3 +285,5 @@ class _Retirement:
         self.respect_attempts = respect_attempts
         self.only_if_active = only_if_active
         self.heartbeat_age_s = heartbeat_age_s
+        self.orphaned = heartbeat_age_s is not None
+        """The worker died (no heartbeat): its jobs count toward the orphan cap."""

@@ -158,6 +158,7 @@ class Workflows:
             ch.deleted.append(("workflow", workflow_id))
             ch.deleted.extend(("job", j["id"]) for j in jobs)
             ch.deleted.extend(("assignment", a) for a in assignment_ids)
+            self.pipe.note_deleting(ch.deleted)
             ch.unqueue.extend((j["id"], j["queue"]) for j in jobs)
             now = self.pipe.now()
             for j in jobs:

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from toolkit import errors, models, validate
+from toolkit.manager.batches import Batches
 from toolkit.manager.dispatch import Dispatch
 from toolkit.manager.jobs import Jobs
 from toolkit.manager.workers import Workers
@@ -60,8 +61,8 @@ class _Plan:
 class Working:
     """The worker loop of a StateManager (it drives the jobs, dispatch and workers rooms)."""
 
-    def __init__(self, jobs: Jobs, dispatch: Dispatch, workers: Workers) -> None:
-        self.jobs, self.dispatch, self.workers = jobs, dispatch, workers
+    def __init__(self, jobs: Jobs, dispatch: Dispatch, workers: Workers, batches: Batches) -> None:
+        self.jobs, self.dispatch, self.workers, self.batches = jobs, dispatch, workers, batches
 
     def run_worker(self, worker_id: str, handler: Callable[[models.Job], Any], *,
                    queues: Sequence[str] | None = None, batch: int = 1,
@@ -72,7 +73,8 @@ class Working:
         ``handler(job)`` returns the job's result (JSON) or raises: the job is then
         failed with ``"ExceptionType: message"`` (retried by its attempts rule,
         after the wait of its retry policy).
-        ``batch`` jobs are claimed at a time; ``max_jobs`` ends the loop after
+        ``batch`` jobs are claimed at a time (one Redis script and one
+        transaction, :meth:`dequeue_many`); ``max_jobs`` ends the loop after
         that many finished jobs; ``idle_timeout`` ends it after that many
         seconds without a job (``0``: as soon as the queues are empty);
         ``poll`` is how long one claim waits. ``stop`` (an event) ends it from
@@ -123,7 +125,7 @@ class Working:
                 return "stop"
             if plan.max_jobs is not None and report.completed + report.failed >= plan.max_jobs:
                 return "max_jobs"
-            claimed = self._claim(plan, halt)
+            claimed = self._claim(plan)
             if not claimed:
                 if plan.idle_timeout is not None and time.monotonic() - idle_since >= plan.idle_timeout:
                     return "idle"
@@ -137,18 +139,13 @@ class Working:
                     back = self.dispatch.return_unstarted(plan.worker_id, [j.id for j in claimed])
                     report.returned += len(back)
 
-    def _claim(self, plan: _Plan, halt: threading.Event) -> list[models.Job]:
+    def _claim(self, plan: _Plan) -> list[models.Job]:
         wait = 0.0 if plan.idle_timeout == 0 else plan.poll
-        first = self.dispatch.dequeue(plan.worker_id, queues=plan.queues, timeout=wait)
-        if first is None:
-            return []
-        claimed = [first]
-        while len(claimed) < plan.batch and not halt.is_set():
-            more = self.dispatch.dequeue(plan.worker_id, queues=plan.queues)
-            if more is None:
-                break
-            claimed.append(more)
-        return claimed
+        if plan.batch == 1:
+            one = self.dispatch.dequeue(plan.worker_id, queues=plan.queues, timeout=wait)
+            return [] if one is None else [one]
+        # One Redis script and one transaction for the whole batch of claims.
+        return self.batches.dequeue_many(plan.worker_id, plan.batch, queues=plan.queues, timeout=wait)
 
     def _one(self, worker_id: str, job: models.Job, handler: Callable[[models.Job], Any],
              report: WorkerReport) -> None:

@@ -1,22 +1,49 @@
-"""The queues against PostgreSQL: claims left in flight, and every queue reconciled.
+"""The queues against PostgreSQL: claims left in flight, every queue reconciled, and the
+mirror of the paused queues restored.
 
 Queue keys are written only through ``tiers/redis/queue.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
 from toolkit.handles import Tiers
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import records, store
 from toolkit.tiers.redis import queue, schedule
+from toolkit.tiers.redis.client import chunks
 
 WHOLE_QUEUE_AT = 1_000
 """Queue reconciliation reads a whole queue back when it checks at least this many
 jobs and at least half of the queue, instead of looking the ids up."""
+
+
+CHECK_CHUNK = 1000
+"""Jobs read from PostgreSQL at a time by :func:`settle_jobs`."""
+
+
+def restore_paused(t: Tiers) -> tuple[int, int]:
+    """Make Redis's set of paused queues equal PostgreSQL's table; return (added, removed).
+
+    Run before the queues are reconciled, so a refilled queue is never served
+    while its pause is still missing. The set is replaced in one MULTI/EXEC.
+    """
+    with t.db.begin("read paused queues") as conn:
+        wanted = set(records.paused_queues(conn, t.db.schema))
+    current = queue.paused(t.redis, t.ns)
+    if current == wanted:
+        return 0, 0
+
+    def go() -> None:
+        pipe = t.redis.redis.pipeline(transaction=True)
+        queue.set_paused(t.ns, wanted, pipe=pipe)
+        pipe.execute()
+
+    t.redis.call("restore paused queues", go)
+    return len(wanted - current), len(current - wanted)
 
 
 def return_claims(t: Tiers, *, before: float) -> int:
@@ -125,3 +152,47 @@ def _still_queued(conn: sa.Connection, name: str, ids: list[str], expected: int)
     if len(ids) >= WHOLE_QUEUE_AT and 2 * len(ids) >= expected:
         return store.queued_ids(conn, name).intersection(ids)
     return store.still_queued(conn, name, ids)
+
+
+def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
+    """Make the queues agree with PostgreSQL for these jobs only; return (added, removed).
+
+    A queued job no queue holds (and not in flight) is put back at its place; a
+    job PostgreSQL no longer calls queued leaves its queue (checked again just
+    before, as :func:`reconcile` does). Jobs in flight are left to the janitor.
+    """
+    client, ns = t.redis, t.ns
+    inflight = queue.inflight_ids(client, ns)
+    added = removed = 0
+    for chunk in chunks(sorted(job_ids), CHECK_CHUNK):
+        with t.db.begin("settle queues") as conn:
+            rows = store.get_many(conn, "job", chunk)
+        now = datetime.now(UTC)
+        back = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"]) for r in rows
+                if r["status"] == "queued" and r["id"] not in inflight
+                and not (r["run_at"] and r["run_at"] > now)]
+        later = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"], r["run_at"].timestamp())
+                 for r in rows if r["status"] == "queued" and r["run_at"] and r["run_at"] > now]
+        out = [r for r in rows if r["status"] != "queued" and r["id"] not in inflight]
+        if out:
+            with t.db.begin("settle queues") as conn:
+                again = {r["id"] for r in store.get_many(conn, "job", [r["id"] for r in out])
+                         if r["status"] == "queued"}
+            out = [r for r in out if r["id"] not in again]
+
+        pairs = [(r["id"], r["queue"]) for r in out]
+
+        def go(back: list[tuple[str, str, int, int]] = back,
+               pairs: list[tuple[str, str]] = pairs,
+               later: list[tuple[str, str, int, int, float]] = later) -> None:
+            pipe = client.pipeline()
+            queue.push_missing(ns, back, pipe=pipe)
+            schedule.add_many(ns, later, pipe=pipe)  # scheduled: its due-time set, not its queue
+            queue.remove_many(ns, pairs, pipe=pipe)
+            pipe.execute()
+
+        if back or out or later:
+            client.call("settle queues", go)
+        added += len(back)
+        removed += len(out)
+    return added, removed

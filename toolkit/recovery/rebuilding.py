@@ -5,7 +5,8 @@ chunked query per entity kind, as tuples built into entities by
 ``models.from_row``), replaces memory, and reconciles Redis: cache fills that
 never overwrite a newer version (``MSETNX`` per chunk into an emptied cache,
 else MGET and versioned fills), every queued job in its queue exactly once,
-nothing else in any queue, metric totals raised to their checkpoints.
+nothing else in any queue, the paused queues mirrored, metric totals raised to their
+checkpoints.
 Its cost grows with the live state, not with the finished history.
 """
 
@@ -24,7 +25,7 @@ from toolkit.recovery import queues, repairing
 from toolkit.tiers.memory import KINDS
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue
+from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue, watermark
 from toolkit.tiers.redis.client import Client, chunks
 
 FILL_CHUNK = 2_000
@@ -132,9 +133,11 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
     # A coordinator that crashed between a pop and its commit left claims in
     # flight: return them now rather than after their lease.
     queues.return_claims(t, before=float("inf"))
+    queues.restore_paused(t)
     queues.reconcile(t, wanted, later)
     metrics.raise_to(t.redis, t.ns, checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
+    watermark.mark_rebuilt(t.redis, t.ns, time.time())
     return RebuildReport(
         workflows=len(entities["workflow"]), jobs=len(entities["job"]),
         workers=len(entities["worker"]), assignments=len(entities["assignment"]),

@@ -1,4 +1,5 @@
-"""Repair: make memory and Redis agree with PostgreSQL (what ``check`` found, then the queues)."""
+"""Repair: make memory and Redis agree with PostgreSQL (what ``check`` found, then the paused
+queues' mirror, then the queues)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def repair(t: Tiers) -> compare.ConsistencyReport:
     for kind, ids in bad.items():
         fix_cache(t, kind, list(ids))
     _, wanted, later = compare.pg_versions(t.db)
+    queues.restore_paused(t)
     queues.reconcile(t, wanted, later)
     with t.db.begin("repair: read metric checkpoints") as conn:
         metrics.raise_to(t.redis, t.ns, records.metric_checkpoints(conn))

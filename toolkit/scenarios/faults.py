@@ -23,6 +23,16 @@ from toolkit.scenarios.common import (
 from toolkit.state import StateManager, init_state_manager
 
 
+def _lose_redis(t: Target, ns: str, say: Say) -> None:
+    """Restart the embedded Redis empty, or wipe only ``ns`` on a shared server."""
+    if t.stack is not None:
+        say("Redis is restarted empty (kill -9 and a new server on the same port)")
+        t.stack.restart_redis()
+    else:
+        say("this scenario's Redis namespace is wiped (a shared server is never flushed)")
+        wipe_namespace(t.redis_url, ns)
+
+
 def redis_loss(t: Target, *, workflows: int = 6, jobs_per_workflow: int = 20, workers: int = 3,
                say: Say = quiet, keep: bool = False) -> ScenarioResult:
     """Lose Redis's data while workers run, and rebuild it from PostgreSQL with ``repair()``.
@@ -41,12 +51,7 @@ def redis_loss(t: Target, *, workflows: int = 6, jobs_per_workflow: int = 20, wo
         wait_for(lambda: sim.counts["completed"] >= workers, timeout=60)  # busy, on progress
         before = status_counts(sm)
         checks["jobs were still unfinished when Redis was lost"] = unfinished(before) > 0
-        if t.stack is not None:
-            say("Redis is restarted empty (kill -9 and a new server on the same port)")
-            t.stack.restart_redis()
-        else:
-            say("this scenario's Redis namespace is wiped (a shared server is never flushed)")
-            wipe_namespace(t.redis_url, sm.ns)
+        _lose_redis(t, sm.ns, say)
         reaped = retry(sm.reap_dead_workers)
         checks["no live worker is reaped while Redis has no heartbeats"] = not reaped
         report = retry(sm.check_consistency)

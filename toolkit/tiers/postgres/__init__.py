@@ -1,6 +1,6 @@
 """Tier 3: PostgreSQL, the source of truth.
 
-One way to write SQL here: **SQLAlchemy Core**, built in ``store.py``, ``lifecycle.py`` and
+One way to write SQL here: **SQLAlchemy Core**, built in ``store.py``, ``lifecycle.py``, ``batches.py`` and
 ``records.py`` (statements of a fixed shape are built once and cached), always with bound
 parameters. The schema is chosen **per connection** by ``schema_translate_map``
 (``db.Database``), so no statement names its schema. ``psycopg.sql`` composes only what Core

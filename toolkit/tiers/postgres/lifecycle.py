@@ -224,6 +224,20 @@ def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: dat
     return store.one_row(conn.execute(stmt))
 
 
+def set_run_at(conn: sa.Connection, due: Mapping[str, datetime]) -> None:
+    """Set ``run_at`` of jobs just moved in this transaction (job id -> when): ONE statement.
+
+    The version is not bumped: the rows keep the version their move gave them.
+    """
+    if not due:
+        return
+    j = t.jobs
+    u = sa.func.unnest(sa.bindparam("_ids", list(due), type_=ARRAY(sa.Text)),
+                       sa.bindparam("_ats", list(due.values()), type_=ARRAY(t.TZ))).table_valued(
+        sa.column("id", sa.Text), sa.column("at", t.TZ)).render_derived(name="u")
+    conn.execute(sa.update(j).where(j.c.id == u.c.id).values(run_at=u.c.at))
+
+
 def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
                  respect_attempts: bool) -> list[store.Row]:
     """Queue again the assigned or running jobs given (failed for good when out of attempts)."""
@@ -242,6 +256,34 @@ def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,
             error=sa.case((again, j.c.error), else_="worker lost: out of attempts"),
             version=j.c.version + 1, updated_at=now,
         )
+        .returning(j)
+    )
+    return store.all_rows(conn.execute(stmt))
+
+
+def orphan_counts(conn: sa.Connection, job_ids: Sequence[str]) -> dict[str, int]:
+    """How many times each job was reclaimed from a dead worker (its ``orphaned`` events)."""
+    if not job_ids:
+        return {}
+    e = t.job_events
+    stmt = (sa.select(e.c.job_id, sa.func.count())
+            .where(store.any_of(e.c.job_id, job_ids), e.c.event == "reclaimed",
+                   e.c.detail["orphaned"].as_boolean().is_(True))
+            .group_by(e.c.job_id))
+    return {job_id: n for job_id, n in conn.execute(stmt)}
+
+
+def abandon_jobs(conn: sa.Connection, job_ids: Sequence[str], error: str, now: datetime
+                 ) -> list[store.Row]:
+    """Fail for good the assigned or running jobs given (a worker keeps dying on them)."""
+    if not job_ids:
+        return []
+    j = t.jobs
+    stmt = (
+        sa.update(j)
+        .where(store.any_of(j.c.id, job_ids), j.c.status.in_(["assigned", "running"]))
+        .values(status="failed", worker_id=sa.null(), finished_at=now, error=error,
+                version=j.c.version + 1, updated_at=now)
         .returning(j)
     )
     return store.all_rows(conn.execute(stmt))

@@ -1,5 +1,5 @@
-"""Records kept beside the entities: the job event log, metric checkpoints, retention, idempotency keys,
-the coordinator's recorded settings and the fencing-token reservations of locks.
+"""Records kept beside the entities: the job event log, metric checkpoints, retention, idempotency
+keys, the coordinator's recorded settings, paused queues and the fencing-token reservations of locks.
 
 SQLAlchemy Core with bound parameters (binary COPY for the event log); every function
 takes an open connection, so the caller decides the transaction.
@@ -166,6 +166,32 @@ def claim_key(conn: sa.Connection, row: store.Row) -> store.Row | None:
     raise AssertionError(f"idempotency key {row['key']!r} neither free nor taken")
 
 
+# -- paused queues (0006) -------------------------------------------------------------------
+
+def insert_pause(conn: sa.Connection, row: store.Row) -> bool:
+    """Record a pause; False (and nothing written) when the queue is already paused."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    p = t.paused_queues
+    stmt = pg_insert(p).values(**row).on_conflict_do_nothing(index_elements=[p.c.queue])
+    return conn.execute(stmt.returning(p.c.queue)).first() is not None
+
+
+def delete_pause(conn: sa.Connection, queue_name: str) -> bool:
+    """Remove a pause; False when the queue was not paused."""
+    p = t.paused_queues
+    return conn.execute(sa.delete(p).where(p.c.queue == queue_name).returning(p.c.queue)
+                        ).first() is not None
+
+
+def paused_queues(conn: sa.Connection, schema: str) -> list[str]:
+    """Return the names of the paused queues, sorted (none in a schema from before 0006)."""
+    p = t.paused_queues
+    if not store.has_table(conn, schema, p.name):
+        return []
+    return [r[0] for r in conn.execute(sa.select(p.c.queue).order_by(p.c.queue))]
+
+
 # -- lock fencing reservations --------------------------------------------------------------
 
 def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) -> tuple[int, int]:
@@ -188,3 +214,22 @@ def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) ->
     return floor, floor + block
 
 
+
+
+# -- what changed since a time (a fast start) ------------------------------------------------
+
+def changed_since(conn: sa.Connection, since: datetime) -> dict[str, list[str]]:
+    """Ids of the entities that may have changed at or after ``since``, per kind.
+
+    Jobs from the event log (every job change logs an event; ``ix_job_events_at``),
+    workflows by ``updated_at``, the assignments of those jobs or assigned or
+    finished since, and every worker (a small table whose rows carry no change time).
+    """
+    e, w, a = t.job_events, t.workflows, t.job_assignments
+    jobs = sorted({r[0] for r in conn.execute(sa.select(e.c.job_id).where(e.c.at >= since))})
+    workflows = [r[0] for r in conn.execute(sa.select(w.c.id).where(w.c.updated_at >= since))]
+    assignments = [r[0] for r in conn.execute(sa.select(a.c.id).where(sa.or_(
+        store.any_of(a.c.job_id, jobs), a.c.assigned_at >= since, a.c.finished_at >= since)))]
+    workers = [r[0] for r in conn.execute(sa.select(t.workers.c.id))]
+    return {models.EntityKind.JOB: jobs, models.EntityKind.WORKFLOW: workflows,
+            models.EntityKind.ASSIGNMENT: assignments, models.EntityKind.WORKER: workers}

@@ -395,6 +395,8 @@ def _driver_sql(conn: sa.Connection, stmt: sa.Select[Any]) -> tuple[pgsql.SQL, d
 _SNAPSHOT = sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
 _HAS_TABLES = sa.text(
     "SELECT to_regclass(format('%I.schema_migrations', CAST(:s AS text))) IS NOT NULL")
+_HAS_TABLE = sa.text("SELECT to_regclass(format('%I.%I', CAST(:s AS text), CAST(:t AS text))) "
+                     "IS NOT NULL")
 
 
 def begin_snapshot(conn: sa.Connection) -> None:
@@ -405,3 +407,8 @@ def begin_snapshot(conn: sa.Connection) -> None:
 def has_toolkit_tables(conn: sa.Connection, schema: str) -> bool:
     """Whether ``schema`` holds the toolkit's tables (reads the catalog; creates nothing)."""
     return bool(conn.execute(_HAS_TABLES, {"s": schema}).scalar_one())
+
+
+def has_table(conn: sa.Connection, schema: str, table: str) -> bool:
+    """Whether ``schema`` holds ``table`` (a schema from before the migration that made it)."""
+    return bool(conn.execute(_HAS_TABLE, {"s": schema, "t": table}).scalar_one())

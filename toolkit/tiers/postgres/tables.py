@@ -178,6 +178,15 @@ idempotency_keys = Table(
 )
 """The idempotency key of each create made under one, and its request's hash (0005)."""
 
+paused_queues = Table(
+    "paused_queues", metadata,
+    Column("queue", Text, primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("paused_at", TZ, nullable=False),
+)
+"""Queues an operator paused: no job is handed out of them until resumed (0006)."""
+
 ENTITY_TABLES = {
     "workflow": workflows,
     "job": jobs,

@@ -34,6 +34,7 @@ SCRIPT_NAMES = (
     "set_if_newer",
     "set_many_if_newer",
     "claim_job",
+    "claim_jobs",
     "return_inflight",
     "acquire_lock",
     "release_lock",

@@ -19,6 +19,8 @@ key                                    type        holds
                                                    score = due time (unix seconds)
 ``{ns}:scheduled_meta``                hash        job id -> its score in the queue, for
                                                    the promotion (``promote_due.lua``)
+``{ns}:paused``                        set         names of paused queues (mirror of PostgreSQL's
+                                                   ``paused_queues``; the claim script skips them)
 ``{ns}:inflight``                      zset        job ids popped but not yet committed;
                                                    score = lease deadline (unix seconds)
 ``{ns}:inflight:meta``                 hash        job id -> ``<queue>|<score>`` to put it back
@@ -26,6 +28,12 @@ key                                    type        holds
 ``{ns}:heartbeats``                    zset        worker id -> last heartbeat (unix seconds)
 ``{ns}:hbhist:<worker_id>``            list        the worker's recent heartbeat times, newest first
 ``{ns}:boot``                          string      when this namespace's Redis data began
+``{ns}:applied``                       hash        coordinator -> ``<safe>|<refreshed>|<run_id>``:
+                                                   its commits before ``safe`` are all in Redis
+``{ns}:rebuilt``                       string      when a rebuild last made Redis whole (a Redis
+                                                   without it lost data: no fast start)
+``{ns}:deleting``                      set         ``<kind>|<id>`` being deleted (noted before
+                                                   the commit, removed when Redis has the delete)
 ``{ns}:lock:<name>``                   string      lock owner token, with PX expiry
 ``{ns}:fence:<name>``                  string      fencing counter of a lock (INCR)
 ``{ns}:fence:<name>:reserved``         string      tokens reserved in PostgreSQL up to here
@@ -73,6 +81,21 @@ def escape_glob(text: str) -> str:
     return "".join(out)
 
 
+def applied(ns: str) -> str:
+    """Return the hash of each coordinator's applied watermark."""
+    return f"{prefix(ns)}applied"
+
+
+def rebuilt(ns: str) -> str:
+    """Return the key a rebuild sets when it has made Redis whole."""
+    return f"{prefix(ns)}rebuilt"
+
+
+def deleting(ns: str) -> str:
+    """Return the set of entities whose delete may not have reached Redis yet."""
+    return f"{prefix(ns)}deleting"
+
+
 def queue(ns: str, name: str) -> str:
     """Return the sorted-set key of a job queue."""
     return f"{prefix(ns)}queue:{name}"
@@ -91,6 +114,9 @@ def scheduled(ns: str, name: str) -> str:
 def scheduled_meta(ns: str) -> str:
     """Return the hash of the queue scores of scheduled jobs (job id -> score)."""
     return f"{prefix(ns)}scheduled_meta"
+def paused_queues(ns: str) -> str:
+    """Return the set of paused queue names (a mirror of PostgreSQL's ``paused_queues``)."""
+    return f"{prefix(ns)}paused"
 
 
 def inflight(ns: str) -> str:

@@ -128,8 +128,13 @@ def remove(ns: str, job_id: str, queue_name: str, *, pipe: Any) -> None:
 
 
 def claim(client: Client, ns: str, queue_names: list[str], lease_deadline: float) -> Claim | None:
-    """Pop the best job of ``queue_names`` into the in-flight set (never re-sent)."""
-    ks = [keys.inflight(ns), keys.inflight_meta(ns)] + [keys.queue(ns, q) for q in queue_names]
+    """Pop the best job of ``queue_names`` into the in-flight set (never re-sent).
+
+    Paused queues (:func:`paused`) are skipped inside the script, so a pause
+    holds for every coordinator from the moment the mirror is written.
+    """
+    ks = [keys.inflight(ns), keys.inflight_meta(ns), keys.paused_queues(ns)]
+    ks += [keys.queue(ns, q) for q in queue_names]
     res = client.call(
         "dequeue",
         lambda: run_script(client, "claim_job", ks, [lease_deadline, *queue_names]),
@@ -138,6 +143,21 @@ def claim(client: Client, ns: str, queue_names: list[str], lease_deadline: float
     if not res:
         return None
     return Claim(str(res[0]), str(res[1]), float(res[2]))
+
+
+def claim_many(client: Client, ns: str, queue_names: list[str], n: int,
+               lease_deadline: float) -> list[Claim]:
+    """Pop up to ``n`` of the best jobs of ``queue_names`` into the in-flight set, best first,
+    in one script (the order ``n`` calls of :func:`claim` would give, paused queues skipped
+    as there; never re-sent)."""
+    ks = [keys.inflight(ns), keys.inflight_meta(ns), keys.paused_queues(ns)]
+    ks += [keys.queue(ns, q) for q in queue_names]
+    res = client.call(
+        "dequeue",
+        lambda: run_script(client, "claim_jobs", ks, [lease_deadline, n, *queue_names]),
+        idempotent=False,
+    )
+    return [Claim(str(res[i]), str(res[i + 1]), float(res[i + 2])) for i in range(0, len(res), 3)]
 
 
 def settle(client: Client, ns: str, claim_: Claim, *, requeue: bool) -> bool:
@@ -178,3 +198,30 @@ def members(client: Client, ns: str, queue_name: str) -> list[tuple[str, float]]
         "read queue",
         lambda: client.redis.zrange(keys.queue(ns, queue_name), 0, -1, withscores=True),
     ))
+
+
+def mark_paused(ns: str, queue_name: str, *, pipe: Any) -> None:
+    """Queue adding ``queue_name`` to the paused set on ``pipe`` (idempotent)."""
+    pipe.sadd(keys.paused_queues(ns), queue_name)
+
+
+def mark_resumed(ns: str, queue_name: str, *, pipe: Any) -> None:
+    """Queue removing ``queue_name`` from the paused set on ``pipe`` (idempotent)."""
+    pipe.srem(keys.paused_queues(ns), queue_name)
+
+
+def set_paused(ns: str, names: Iterable[str], *, pipe: Any) -> None:
+    """Queue replacing the paused set with exactly ``names`` on ``pipe`` (rebuild and repair).
+
+    Give a transactional pipeline (MULTI/EXEC), so no claim sees the set empty in between.
+    """
+    wanted = sorted(set(names))
+    pipe.delete(keys.paused_queues(ns))
+    if wanted:
+        pipe.sadd(keys.paused_queues(ns), *wanted)
+
+
+def paused(client: Client, ns: str) -> set[str]:
+    """Return the names of the queues the claim script treats as paused."""
+    return set(client.call("read paused queues",
+                           lambda: client.redis.smembers(keys.paused_queues(ns))))

@@ -1,0 +1,404 @@
+"""Batched and fused job verbs: many moves, one commit.
+
+``dequeue_many`` pops up to n jobs in one Lua call (``claim_jobs.lua``, the
+same in-flight lease as ``dequeue``) and assigns them in one PostgreSQL
+transaction of set-based statements; the jobs PostgreSQL refuses are settled.
+``start_jobs``, ``complete_jobs`` and ``fail_jobs`` move many jobs in one
+transaction, each with its own result or error and fence; an item whose status
+or fence does not match is refused alone (its error in its slot of the
+returned list), the others go through. Dependents are released and each
+workflow rolled up once per batch. ``complete_and_dequeue`` completes one job
+and claims the next in one transaction.
+
+Uses ``dispatch`` (the janitor) and ``workers`` (is the worker active?); the
+tiers through the pipeline, ``tiers/postgres/batches.py`` and ``tiers/redis/queue.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from toolkit import errors, failpoints, models, validate
+from toolkit.manager import scheduling
+from toolkit.manager.dispatch import Dispatch
+from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.manager.workers import Workers
+from toolkit.models import JobStatus as JS
+from toolkit.tiers.postgres import batches as pgb
+from toolkit.tiers.postgres import lifecycle
+from toolkit.tiers.redis import queue
+
+MAX_BATCH = 1000
+"""Most items (or jobs claimed) in one batch call."""
+
+Outcome = models.Job | errors.ToolkitError
+"""One item's outcome in a batch: the moved job, or why it was refused."""
+
+_FENCES = ("worker_id", "attempt")
+
+
+# -- items ----------------------------------------------------------------------------------
+
+def _item_fields(k: int, raw: Any, value_field: str | None) -> dict[str, Any]:
+    """One item as a dict: a job id, a ``(job_id, value)`` tuple, or a mapping."""
+    allowed = {"job_id", *_FENCES, *([value_field] if value_field else [])}
+    if isinstance(raw, str) and value_field is None:
+        return {"job_id": raw}
+    if isinstance(raw, tuple | list) and 1 <= len(raw) <= (2 if value_field else 1):
+        return dict(zip(("job_id", str(value_field)), raw, strict=False))
+    if isinstance(raw, Mapping) and "job_id" in raw and set(raw) <= allowed:
+        return dict(raw)
+    shape = f"(job_id, {value_field}) or a mapping" if value_field else "a job id or a mapping"
+    raise errors.ValidationError(f"items[{k}]", raw, f"must be {shape} with keys among "
+                                 f"{sorted(allowed)}")
+
+
+def _value(value_field: str | None, value: Any) -> str | None:
+    if value_field == "result":
+        value = validate.json_value("result", value)
+        return None if value is None else json.dumps(value)
+    if value_field == "error":
+        return validate.text("error", value)
+    return None
+
+
+def parse_items(items: Any, value_field: str | None, worker_id: str | None) -> list[pgb.Item]:
+    """Validate a batch: 1 to :data:`MAX_BATCH` items, each job once, every field checked.
+
+    ``worker_id`` fences every item that names no worker of its own.
+    """
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence):
+        raise errors.ValidationError("items", items, "must be a list of items")
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise errors.ValidationError("items", f"{len(items)} items",
+                                     f"a batch holds 1 to {MAX_BATCH} items")
+    default_worker = None if worker_id is None else validate.identifier("worker_id", worker_id)
+    out: list[pgb.Item] = []
+    for k, raw in enumerate(items):
+        f = _item_fields(k, raw, value_field)
+        worker = f.get("worker_id", default_worker)
+        attempt = f.get("attempt")
+        out.append(pgb.Item(
+            validate.identifier("job_id", f["job_id"]),
+            None if worker is None else validate.identifier("worker_id", worker),
+            None if attempt is None else validate.integer("attempt", attempt, low=1, high=10_000),
+            _value(value_field, f.get(value_field)) if value_field else None))
+    ids = [i.job_id for i in out]
+    if len(set(ids)) != len(ids):
+        raise errors.ValidationError("items", sorted({i for i in ids if ids.count(i) > 1}),
+                                     "a job may appear once in a batch")
+    return out
+
+
+def _guard(item: pgb.Item) -> dict[str, Any] | None:
+    guard: dict[str, Any] = {}
+    if item.worker_id is not None:
+        guard["worker_id"] = item.worker_id
+    if item.attempt is not None:
+        guard["attempts"] = item.attempt
+    return guard or None
+
+
+# -- the steps inside a transaction ----------------------------------------------------------
+
+class _Batch:
+    """What one batch transaction did: each refusal, the jobs completed, the workflows touched."""
+
+    def __init__(self) -> None:
+        self.refused: dict[str, errors.ToolkitError] = {}
+        self.completed: list[str] = []
+        self.workflows: set[str] = set()
+
+    def reset(self) -> _Batch:
+        """Forget a rolled-back run (the transaction runs again after a deadlock)."""
+        self.refused.clear()
+        self.completed.clear()
+        self.workflows.clear()
+        return self
+
+    def outcomes(self, items: Sequence[pgb.Item], written: Iterable[models.Entity]
+                 ) -> list[Outcome]:
+        jobs = {e.id: e for e in written if isinstance(e, models.Job)}
+        return [self.refused.get(i.job_id) or jobs[i.job_id] for i in items]
+
+
+def _refuse(pipe: Pipeline, conn: sa.Connection, b: _Batch, items: Sequence[pgb.Item],
+            moved: Sequence[Mapping[str, Any]], target: JS) -> None:
+    """Record why each item that did not move was refused (read from PostgreSQL)."""
+    done = {r["id"] for r in moved}
+    for item in items:
+        if item.job_id not in done:
+            b.refused[item.job_id] = pipe.refusal(conn, "job", item.job_id, target, _guard(item))
+
+
+def _completed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """After completing ``rows``: their events (dependents wait for :func:`_finish`)."""
+    for r in rows:
+        ch.event("completed", r, now)
+    b.completed += [r["id"] for r in rows]
+    b.workflows |= {r["workflow_id"] for r in rows}
+    ch.counters["jobs_completed"] += len(rows)
+
+
+def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue.Claim],
+             worker_id: str, start: bool, now: datetime) -> None:
+    """Assign (or start) the claimed jobs still queued, with their assignments: one statement."""
+    aids = dict(zip((c.job_id for c in claims), validate.new_ids(len(claims)), strict=True))
+    found = {r["id"]: r for r in pgb.claim_jobs(conn, list(aids), list(aids.values()), worker_id,
+                                                 now, start=start)}
+    rows = [found[c.job_id] for c in claims if c.job_id in found]
+    assignments = [{"id": aids[r["id"]], "job_id": r["id"], "worker_id": worker_id,
+                    "status": models.AssignmentStatus.ACTIVE.value, "attempt": r["attempts"],
+                    "assigned_at": now, "finished_at": None} for r in rows]
+    ch.add_all("job", rows)
+    ch.add_all("assignment", assignments)
+    for r in rows:
+        ch.event("assigned", {**r, "status": JS.ASSIGNED.value}, now)
+        if start:
+            ch.event("started", r, now)
+    b.workflows |= {r["workflow_id"] for r in rows}
+    ch.counters["jobs_assigned"] += len(rows)
+
+
+def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime) -> None:
+    """Lock every workflow the batch touched (one statement, in id order: two batches never
+    deadlock on them), release the dependents of the completed jobs, roll each workflow up once.
+
+    The release and the roll-ups run after the locks, so their snapshots see every move of
+    these workflows committed before (two batches completing two dependencies of one job:
+    the second releases it)."""
+    if not b.workflows:
+        return
+    pgb.lock_workflows(conn, b.workflows)
+    done = set(b.completed)
+    if done:
+        for r in pgb.release_dependents(conn, b.workflows, b.completed, now):
+            ch.add("job", r)
+            ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
+    for wf in sorted(b.workflows):
+        ch.add("workflow", lifecycle.rollup_workflow(conn, wf, now))
+
+
+class Batches:
+    """The batched and fused job verbs of a StateManager."""
+
+    def __init__(self, pipe: Pipeline, workers: Workers, dispatch: Dispatch) -> None:
+        self.pipe = pipe
+        self.workers = workers
+        self.dispatch = dispatch
+
+    # -- claims -------------------------------------------------------------------------
+
+    def _queues(self, worker_id: str, queues: Sequence[str] | None) -> list[str]:
+        worker = self.workers.require_active(worker_id)
+        return list(validate.names("queues", queues) if queues is not None else worker.queues)
+
+    def _pop(self, names: list[str], n: int) -> list[queue.Claim]:
+        p = self.pipe
+        self.dispatch.promoter.run(names)  # due scheduled jobs join their queues first
+        claims = queue.claim_many(p.redis, p.ns, names, n, time.time() + self.dispatch.claim_lease)
+        if claims:  # a crash from here to the commit leaves them in flight, for the janitor
+            failpoints.reach("after_claim", ",".join(c.job_id for c in claims))
+        return claims
+
+    def _settle(self, claims: Iterable[queue.Claim], *, requeue: bool) -> None:
+        for c in claims:
+            queue.settle(self.pipe.redis, self.pipe.ns, c, requeue=requeue)
+
+    def _write_with_claims(self, action: str, claims: Sequence[queue.Claim],
+                           tx: Callable[[sa.Connection, Changes], None]) -> list[models.Entity]:
+        """Run ``tx``; the claims PostgreSQL did not assign go back (or are forgotten)."""
+        try:
+            written = self.pipe.write(action, tx)
+        except BaseException:
+            self._settle(claims, requeue=True)
+            raise
+        won = {e.id for e in written if isinstance(e, models.Job) and e.status is not JS.QUEUED}
+        self._settle([c for c in claims if c.job_id not in won], requeue=False)
+        return written
+
+    def dequeue_many(self, worker_id: str, n: int, *, queues: Sequence[str] | None = None,
+                     timeout: float = 0.0, start: bool = False) -> list[models.Job]:
+        """Take up to ``n`` of the best queued jobs of the worker's queues and assign them.
+
+        One Lua call pops them into the in-flight set (as ``dequeue``, with its
+        lease), one PostgreSQL transaction assigns every one still queued; the
+        others are settled. Best first. Waits up to ``timeout`` seconds for at
+        least one job; returns ``[]`` when none came. ``start``: claim straight
+        into running (``assigned`` and ``started`` are both logged), for workers
+        that do not need ``start_job``. ``n`` is 1 to ``MAX_BATCH``.
+        """
+        n = validate.integer("n", n, low=1, high=MAX_BATCH)
+        names = self._queues(worker_id, queues)
+        deadline = time.monotonic() + validate.seconds("timeout", timeout, allow_zero=True)
+        self.dispatch.janitor()
+        while True:
+            claims = self._pop(names, n)
+            if not claims:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                time.sleep(min(0.05, left))
+                continue
+
+            def tx(conn: sa.Connection, ch: Changes, claims: list[queue.Claim] = claims) -> None:
+                now = self.pipe.now()
+                b = _Batch()
+                _claimed(conn, ch, b, claims, worker_id, bool(start), now)
+                _finish(conn, ch, b, now)
+
+            written = self._write_with_claims("dequeue", claims, tx)
+            jobs = {e.id: e for e in written if isinstance(e, models.Job)}
+            got = [jobs[c.job_id] for c in claims if c.job_id in jobs]
+            if got:
+                return got
+
+    def dequeue(self, worker_id: str, *, queues: Sequence[str] | None = None,
+                timeout: float = 0.0, start: bool = False) -> models.Job | None:
+        """Take the best queued job of the worker's queues and assign it to the worker.
+
+        Highest priority first, FIFO within a priority. Waits up to ``timeout``
+        seconds for a job. A job is never handed to two workers: Redis pops it
+        into an in-flight set and PostgreSQL's status guard decides. ``start``:
+        claim it straight into running (no ``start_job`` needed).
+        """
+        if not start:
+            return self.dispatch.dequeue(worker_id, queues=queues, timeout=timeout)
+        got = self.dequeue_many(worker_id, 1, queues=queues, timeout=timeout, start=True)
+        return got[0] if got else None
+
+    # -- moves of many jobs ---------------------------------------------------------------
+
+    def start_jobs(self, items: Sequence[Any], *, worker_id: str | None = None) -> list[Outcome]:
+        """Mark many assigned jobs running in one transaction; return one outcome per item.
+
+        An item is a job id or a mapping with ``job_id`` and the fences
+        ``worker_id``/``attempt`` (``worker_id=`` fences every item naming none).
+        An item refused (stale attempt, wrong worker or status, no such job)
+        gets its error in its slot; the others go through. Bad input raises
+        ``ValidationError`` and nothing is written.
+        """
+        parsed = parse_items(items, None, worker_id)
+        b = _Batch()
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            b.reset()
+            rows = pgb.start_jobs(conn, parsed, models.values(models.job_sources(JS.RUNNING)), now)
+            _refuse(self.pipe, conn, b, parsed, rows, JS.RUNNING)
+            ch.add_all("job", rows)
+            for r in rows:
+                ch.event("started", r, now)
+
+        return b.outcomes(parsed, self.pipe.write("start jobs", tx))
+
+    def complete_jobs(self, items: Sequence[Any], *, worker_id: str | None = None
+                      ) -> list[Outcome]:
+        """Complete many running jobs in one transaction; return one outcome per item.
+
+        An item is ``(job_id, result)`` or a mapping with ``job_id``, ``result``
+        and the fences ``worker_id``/``attempt``. Each item is refused alone (its
+        error in its slot); dependents are released and each workflow rolled up
+        once. Bad input raises ``ValidationError`` and nothing is written.
+        """
+        parsed = parse_items(items, "result", worker_id)
+        b = _Batch()
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            b.reset()
+            self._complete(conn, ch, b, parsed, now)
+            _finish(conn, ch, b, now)
+
+        return b.outcomes(parsed, self.pipe.write("complete jobs", tx))
+
+    def _complete(self, conn: sa.Connection, ch: Changes, b: _Batch, items: Sequence[pgb.Item],
+                  now: datetime) -> None:
+        rows, ended = pgb.complete_jobs(conn, items,
+                                        models.values(models.job_sources(JS.COMPLETED)), now)
+        _refuse(self.pipe, conn, b, items, rows, JS.COMPLETED)
+        ch.add_all("job", rows)
+        ch.add_all("assignment", ended)
+        _completed(ch, b, rows, now)
+
+    def fail_jobs(self, items: Sequence[Any], *, retry: bool = True,
+                  worker_id: str | None = None) -> list[Outcome]:
+        """Fail many assigned or running jobs in one transaction; one outcome per item.
+
+        An item is ``(job_id, error)`` or a mapping with ``job_id``, ``error`` and
+        the fences ``worker_id``/``attempt``. With ``retry``, a job with attempts
+        left is queued again (as ``fail_job``). Each item is refused alone.
+        """
+        parsed = parse_items(items, "error", worker_id)
+        b = _Batch()
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            b.reset()
+            rows, ended = pgb.fail_jobs(conn, parsed, bool(retry), now)
+            rows = scheduling.back_off(conn, rows, self.pipe.retry_policy, now)
+            _refuse(self.pipe, conn, b, parsed, rows, JS.FAILED)
+            ch.add_all("job", rows)
+            ch.add_all("assignment", ended)
+            _failed(ch, b, rows, ended, {i.job_id: i.value for i in parsed}, now)
+            _finish(conn, ch, b, now)
+
+        return b.outcomes(parsed, self.pipe.write("fail jobs", tx))
+
+    # -- fused ----------------------------------------------------------------------------
+
+    def complete_and_dequeue(self, job_id: str, result: Any = None, *, worker_id: str,
+                             attempt: int | None = None, queues: Sequence[str] | None = None,
+                             start: bool = False) -> tuple[models.Job, models.Job | None]:
+        """Complete a running job and claim the worker's next one, in one transaction.
+
+        Returns ``(completed job, next job or None)``. The completion is
+        refused as ``complete_job`` refuses it (nothing is written, the claimed
+        job goes back to its queue); when there is nothing to claim, the
+        completion still commits. ``start``: the next job is claimed straight
+        into running.
+        """
+        item = parse_items([{"job_id": job_id, "result": result, "attempt": attempt}],
+                           "result", worker_id)
+        names = self._queues(worker_id, queues)
+        self.dispatch.janitor()
+        claims = self._pop(names, 1)
+        b = _Batch()
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            b.reset()
+            _claimed(conn, ch, b, claims, worker_id, bool(start), now)
+            self._complete(conn, ch, b, item, now)
+            if b.refused:
+                raise b.refused[job_id]
+            _finish(conn, ch, b, now)
+
+        written = self._write_with_claims("complete and dequeue", claims, tx)
+        jobs = {e.id: e for e in written if isinstance(e, models.Job)}
+        nxt = next((jobs[c.job_id] for c in claims if c.job_id in jobs), None)
+        if claims and nxt is None:  # the claimed job was no longer queued: try once more
+            nxt = self.dequeue(worker_id, queues=names, start=start)
+        return jobs[job_id], nxt
+
+
+def _failed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],
+            ended: Sequence[Mapping[str, Any]], errors_of: Mapping[str, str | None],
+            now: datetime) -> None:
+    """After failing ``rows``: log failed (and retried) with the worker whose attempt failed."""
+    by_job = {a["job_id"]: a["worker_id"] for a in ended}
+    for r in rows:
+        ch.event("failed", {**r, "status": JS.FAILED.value}, now, worker_id=by_job.get(r["id"]),
+                 error=errors_of[r["id"]])
+        if r["status"] == JS.QUEUED:
+            ch.event("retried", r, now, attempts_left=r["max_attempts"] - r["attempts"])
+            ch.counters["jobs_retried"] += 1
+    b.workflows |= {r["workflow_id"] for r in rows}
+    ch.counters["jobs_failed"] += len(rows)
+

@@ -1,0 +1,115 @@
+"""This coordinator's applied watermark: the writes it committed that Redis may not have yet.
+
+Every path that commits to PostgreSQL and then updates Redis runs inside
+:meth:`Watermark.pending`. A background thread publishes, once a second, the
+start of the oldest write still pending (or now when none is): every commit of
+this process before that time has reached Redis. A write whose Redis update
+failed pins the watermark until a repair or rebuild covers it; a delete whose
+note could not be written sets it to 0 (only a full rebuild will do). See
+:mod:`toolkit.tiers.redis.watermark` and :mod:`toolkit.recovery.fast_start`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from toolkit import errors
+from toolkit.tiers.redis import watermark
+from toolkit.tiers.redis.client import Client
+
+log = logging.getLogger(__name__)
+
+PUBLISH_EVERY = 1.0
+"""Seconds between two publications of the watermark."""
+
+
+class Watermark:
+    """The pending writes of one StateManager, and the publisher of its watermark."""
+
+    def __init__(self, client: Client, ns: str) -> None:
+        self.client, self.ns = client, ns
+        self.coordinator = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lock = threading.Lock()
+        self._pending: dict[int, float] = {}
+        self._tokens = itertools.count()
+        self._pinned: tuple[float, float] | None = None  # (safe, when the failure happened)
+        self._run_id = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def pending(self) -> Iterator[None]:
+        """A write from before its commit until its Redis update is done (or given up)."""
+        token = next(self._tokens)
+        with self._lock:
+            self._pending[token] = time.time()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._pending[token]
+
+    def failed(self, *, everything: bool = False) -> None:
+        """A committed write did not reach Redis: keep the watermark before it (``everything``: 0)."""
+        with self._lock:
+            safe = 0.0 if everything else min([*self._pending.values(), time.time()])
+            if self._pinned is None or safe < self._pinned[0]:
+                self._pinned = (safe, time.time())
+
+    def repaired(self, started: float) -> None:
+        """A repair or rebuild that began at ``started`` fixed every failure before it."""
+        with self._lock:
+            if self._pinned is not None and self._pinned[1] < started:
+                self._pinned = None
+
+    def safe(self) -> float:
+        """Every commit of this process before this time has reached Redis."""
+        with self._lock:
+            candidates = [*self._pending.values(), time.time()]
+            if self._pinned is not None:
+                candidates.append(self._pinned[0])
+            return min(candidates)
+
+    def publish(self) -> None:
+        """Publish the watermark now (raises ``StorageUnavailable`` when Redis is down)."""
+        if not self._run_id:
+            self._run_id = watermark.run_id(self.client)
+        now = time.time()
+        watermark.publish(self.client, self.ns, self.coordinator,
+                          watermark.Mark(self.coordinator, self.safe(), now, self._run_id))
+
+    def start(self) -> None:
+        """Publish once (before any write can happen), then every second in a thread."""
+        self.publish()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"toolkit-watermark-{self.ns}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(PUBLISH_EVERY):
+            try:
+                self.publish()
+            except errors.StorageUnavailable as exc:
+                log.debug("watermark not published: %s", exc, extra={"action": "watermark"})
+
+    def stop(self) -> None:
+        """Stop publishing; remove this coordinator's watermark when nothing is pending."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            clean = not self._pending and self._pinned is None
+        if clean and self._run_id:
+            try:
+                watermark.forget(self.client, self.ns, [self.coordinator])
+            except errors.StorageUnavailable as exc:
+                log.warning("watermark not removed: %s", exc, extra={"action": "watermark"})

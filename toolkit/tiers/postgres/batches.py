@@ -1,0 +1,211 @@
+"""Set-based statements for batches of job moves: one statement moves every job of a batch.
+
+A batch's items travel as parallel arrays (``unnest``), each with its own fence
+(worker, attempt; NULL: not fenced) and its own value (a result as JSON text, an
+error): an item whose status or fence does not match is simply not updated, and
+the caller reports it on its own. SQLAlchemy Core with bound parameters, built
+once; every function takes an open connection, so the caller decides the
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import tables as t
+
+j = t.jobs
+
+
+class Item(NamedTuple):
+    """One job of a batch: its fence (None: not fenced) and its value (result JSON, error)."""
+
+    job_id: str
+    worker_id: str | None
+    attempt: int | None
+    value: str | None
+
+
+def _array(name: str, item_type: Any) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=ARRAY(item_type))
+
+
+_U = sa.func.unnest(_array("_ids", sa.Text), _array("_workers", sa.Text),
+                    _array("_attempts", sa.Integer), _array("_vals", sa.Text)).table_valued(
+    sa.column("id", sa.Text), sa.column("worker", sa.Text), sa.column("attempt", sa.Integer),
+    sa.column("val", sa.Text)).render_derived(name="u")
+_NOW = sa.bindparam("_now", type_=t.TZ)
+
+
+def _move(values: dict[str, Any]) -> sa.Update:
+    """``UPDATE jobs ... FROM unnest(items) u`` where status and each item's fence match."""
+    return (
+        sa.update(j)
+        .where(j.c.id == _U.c.id, j.c.status == sa.any_(_array("_statuses", sa.Text)),
+               sa.or_(_U.c.worker.is_(None), j.c.worker_id == _U.c.worker),
+               sa.or_(_U.c.attempt.is_(None), j.c.attempts == _U.c.attempt))
+        .values(**values, version=j.c.version + 1, updated_at=_NOW)
+        .returning(j)
+    )
+
+
+def _ending(values: dict[str, Any], ending: str) -> sa.Select[Any]:
+    """:func:`_move`, and the moved jobs' active assignments ended as ``ending``: ONE statement.
+
+    Each job row carries its ended assignment's ``_a_id``, ``_a_worker``, ``_a_attempt``,
+    ``_a_assigned_at`` (NULL when it had none; at most one is active per job)."""
+    a = t.job_assignments
+    moved = _move(values).cte("moved")
+    ended = (sa.update(a)
+             .where(a.c.status == "active", a.c.job_id.in_(sa.select(moved.c.id)))
+             .values(status=ending, finished_at=_NOW)
+             .returning(a.c.id, a.c.job_id, a.c.worker_id, a.c.attempt, a.c.assigned_at)
+             ).cte("ended")
+    return (sa.select(*moved.c, ended.c.id.label("_a_id"), ended.c.worker_id.label("_a_worker"),
+                      ended.c.attempt.label("_a_attempt"),
+                      ended.c.assigned_at.label("_a_assigned_at"))
+            .select_from(moved.outerjoin(ended, ended.c.job_id == moved.c.id)))
+
+
+_START = _move({"status": "running", "started_at": _NOW})
+_COMPLETE = _ending({"status": "completed", "finished_at": _NOW,
+                     "result": sa.cast(_U.c.val, JSONB(none_as_null=True))}, "completed")
+
+
+def _fail_statement() -> sa.Select[Any]:
+    again = sa.and_(sa.bindparam("_retry", type_=sa.Boolean), j.c.attempts < j.c.max_attempts)
+    return _ending({
+        "status": sa.case((again, "queued"), else_="failed"),
+        "enqueue_seq": sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
+        "worker_id": sa.case((again, sa.null()), else_=j.c.worker_id),
+        "finished_at": sa.case((again, sa.null()), else_=_NOW),
+        "error": _U.c.val,
+    }, "failed")
+
+
+_FAIL = _fail_statement()
+
+
+def split_ended(rows: Sequence[store.Row], ending: str, now: datetime
+                ) -> tuple[list[store.Row], list[store.Row]]:
+    """The job rows and the ended assignment rows of a :func:`complete_jobs` or :func:`fail_jobs`."""
+    jobs: list[store.Row] = []
+    ended: list[store.Row] = []
+    for r in rows:
+        row = dict(r)
+        aid, worker, attempt, at = (row.pop(k) for k in ("_a_id", "_a_worker", "_a_attempt",
+                                                          "_a_assigned_at"))
+        jobs.append(row)
+        if aid is not None:
+            ended.append({"id": aid, "job_id": row["id"], "worker_id": worker, "status": ending,
+                          "attempt": attempt, "assigned_at": at, "finished_at": now})
+    return jobs, ended
+
+
+def _params(items: Sequence[Item], statuses: Sequence[str], now: datetime) -> dict[str, Any]:
+    return {"_ids": [i.job_id for i in items], "_workers": [i.worker_id for i in items],
+            "_attempts": [i.attempt for i in items], "_vals": [i.value for i in items],
+            "_statuses": list(statuses), "_now": now}
+
+
+def start_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[str],
+               now: datetime) -> list[store.Row]:
+    """Mark running the jobs whose status is in ``statuses`` and whose fence matches."""
+    return store.all_rows(conn.execute(_START, _params(items, statuses, now)))
+
+
+def complete_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[str],
+                  now: datetime) -> tuple[list[store.Row], list[store.Row]]:
+    """Complete the matching jobs, each with its result (``value``: JSON text or None), and
+    end their active assignments; return the job rows and the ended assignment rows."""
+    rows = store.all_rows(conn.execute(_COMPLETE, _params(items, statuses, now)))
+    return split_ended(rows, "completed", now)
+
+
+def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: datetime
+              ) -> tuple[list[store.Row], list[store.Row]]:
+    """Fail the matching assigned or running jobs (``value``: the error; with ``retry``, a
+    job with attempts left is queued again instead) and end their active assignments;
+    return the job rows and the ended assignment rows."""
+    params = _params(items, ["assigned", "running"], now)
+    rows = store.all_rows(conn.execute(_FAIL, {**params, "_retry": bool(retry)}))
+    return split_ended(rows, "failed", now)
+
+
+def _claim_statement() -> sa.Select[Any]:
+    a = t.job_assignments
+    moved = (
+        sa.update(j)
+        .where(j.c.id == sa.any_(_array("_ids", sa.Text)), j.c.status == "queued")
+        .values(status=sa.bindparam("_status", type_=sa.Text),
+                worker_id=sa.bindparam("_worker", type_=sa.Text), attempts=j.c.attempts + 1,
+                started_at=sa.case((sa.bindparam("_start", type_=sa.Boolean), _NOW),
+                                   else_=j.c.started_at),
+                version=j.c.version + 1, updated_at=_NOW)
+        .returning(*j.c)
+    ).cte("moved")
+    u = sa.func.unnest(_array("_ids", sa.Text), _array("_aids", sa.Text)).table_valued(
+        sa.column("job", sa.Text), sa.column("aid", sa.Text)).render_derived(name="u")
+    assigned = sa.insert(a).from_select(
+        ["id", "job_id", "worker_id", "status", "attempt", "assigned_at"],
+        sa.select(u.c.aid, moved.c.id, sa.bindparam("_worker", type_=sa.Text),
+                  sa.literal("active", sa.Text), moved.c.attempts, _NOW)
+        .select_from(moved.join(u, u.c.job == moved.c.id)),
+    ).cte("assigned")
+    return sa.select(*moved.c).add_cte(assigned)
+
+
+_CLAIM = _claim_statement()
+
+
+def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequence[str],
+               worker_id: str, now: datetime, *, start: bool) -> list[store.Row]:
+    """Assign (``start``: straight to running) the jobs of ``job_ids`` still queued, and insert
+    their active assignments (ids from ``assignment_ids``, in the same order): ONE statement."""
+    params = {"_ids": list(job_ids), "_aids": list(assignment_ids), "_worker": worker_id,
+              "_start": start, "_now": now, "_status": "running" if start else "assigned"}
+    return store.all_rows(conn.execute(_CLAIM, params))
+
+
+def _release_statement() -> sa.Update:
+    dep = j.alias("dep")
+    unmet = (sa.select(sa.literal(1)).select_from(dep)
+             .where(dep.c.id == sa.any_(j.c.depends_on), dep.c.status != "completed"))
+    return (
+        sa.update(j)
+        .where(j.c.workflow_id == sa.any_(_array("_wfs", sa.Text)), j.c.status == "pending",
+               j.c.depends_on.overlap(_array("_jobs", sa.Text)), ~sa.exists(unmet))
+        .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
+                version=j.c.version + 1, updated_at=_NOW)
+        .returning(j)
+    )
+
+
+_RELEASE = _release_statement()
+
+
+def release_dependents(conn: sa.Connection, workflow_ids: Collection[str], job_ids: Sequence[str],
+                       now: datetime) -> list[store.Row]:
+    """Queue the pending jobs of these workflows that depend on one of ``job_ids`` and whose
+    dependencies are now all completed (one statement for a whole batch)."""
+    return store.all_rows(conn.execute(_RELEASE, {"_wfs": sorted(set(workflow_ids)),
+                                                  "_jobs": list(job_ids), "_now": now}))
+
+
+_LOCK_WORKFLOWS = (sa.select(t.workflows.c.id)
+                   .where(t.workflows.c.id == sa.any_(_array("_wfs", sa.Text)))
+                   .order_by(t.workflows.c.id).with_for_update())
+
+
+def lock_workflows(conn: sa.Connection, workflow_ids: Collection[str]) -> None:
+    """Lock workflow rows for this transaction, in id order (one statement).
+
+    A later statement's snapshot then sees every job move of these workflows
+    committed before the locks were granted (dependents, roll-ups)."""
+    conn.execute(_LOCK_WORKFLOWS, {"_wfs": sorted(set(workflow_ids))}).all()
