@@ -75,15 +75,16 @@ def retry_detail(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
 
 
 def back_off(conn: sa.Connection, rows: Sequence[Mapping[str, Any]],
-             default: retry_policy.RetryPolicy | retry_policy.Backoff, now: datetime
-             ) -> list[Mapping[str, Any]]:
+             default: retry_policy.RetryPolicy | retry_policy.Backoff, now: datetime,
+             retry_in: float | None = None) -> list[Mapping[str, Any]]:
     """Schedule the retries of a batched failure: each re-queued row gets its ``run_at``
-    (its own policy, else ``default``) in PostgreSQL (one statement); return the rows with it."""
+    (``retry_in`` when given, else its own policy, else ``default``) in PostgreSQL (one
+    statement); return the rows with it."""
     due: dict[str, datetime] = {}
     out: list[Mapping[str, Any]] = []
     for row in rows:
         if row["status"] == "queued":
-            due[row["id"]] = retry_at(row, default, None, now)
+            due[row["id"]] = retry_at(row, default, retry_in, now)
             row = {**row, "run_at": due[row["id"]]}
         out.append(row)
     lifecycle.set_run_at(conn, due)
