@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from toolkit import errors, retry_policy
+from toolkit import errors, masking, retry_policy
 
 MAX_ID_LENGTH = 255
 MAX_JSON_BYTES = 1_000_000
@@ -100,18 +100,19 @@ def json_value(field: str, value: Any) -> Any:
 
     Refused: NaN and infinities, bytes, sets and other non-JSON objects,
     non-string keys, the NUL character, more than 64 levels, more than 1 MB.
+    The error shows the value with its sensitive keys masked (:mod:`toolkit.masking`).
     """
     try:
         _depth(value, MAX_JSON_DEPTH)
         text = _JSON.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise errors.ValidationError(field, value, f"must be JSON: {exc}") from None
+        raise errors.ValidationError(field, masking.for_message(value), f"must be JSON: {exc}") from None
     if isinstance(value, Mapping) and not all(isinstance(k, str) for k in value):
-        raise errors.ValidationError(field, value, "must have string keys")
+        raise errors.ValidationError(field, masking.for_message(value), "must have string keys")
     if "\\u0000" in text:
-        raise errors.ValidationError(field, value, "must not contain the NUL character")
+        raise errors.ValidationError(field, masking.for_message(value), "must not contain the NUL character")
     if "\\ud" in text and _unencodable(_JSON_UTF8.encode(value)):
-        raise errors.ValidationError(field, value, "must not contain lone surrogates "
+        raise errors.ValidationError(field, masking.for_message(value), "must not contain lone surrogates "
                                      "(invalid Unicode)")
     if len(text) > MAX_JSON_BYTES:
         raise errors.ValidationError(field, f"<{len(text)} bytes>", f"must be at most {MAX_JSON_BYTES} bytes")

@@ -251,12 +251,15 @@ def assert_rebuild_loaded_everything(report: toolkit.RebuildReport, libpq_url: s
 
 
 def everything(sm: toolkit.StateManager, servers: Any) -> tuple[Any, ...]:
-    """Every PostgreSQL row, Redis key (heartbeats aside) and memory entry of ``sm``'s schema
-    and namespace: what a write that was refused or rolled back must leave as it was."""
+    """Every PostgreSQL row, Redis key (heartbeats and the applied watermark aside: both are
+    refreshed in the background by design) and memory entry of ``sm``'s schema and namespace:
+    what a write that was refused or rolled back must leave as it was."""
     client = redis.Redis.from_url(servers.redis_url)
+    background = keys.applied(sm.ns).encode()
     try:
         names = sorted(client.scan_iter(match=keys.namespace_pattern(sm.ns), count=1000))
-        rds = {k: client.dump(k) for k in names if b"heartbeat" not in k and b":hb" not in k}
+        rds = {k: client.dump(k) for k in names
+               if b"heartbeat" not in k and b":hb" not in k and k != background}
     finally:
         client.close()
     with psycopg.connect(servers.libpq_url, autocommit=True) as conn:

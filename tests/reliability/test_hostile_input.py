@@ -35,7 +35,8 @@ def _tiers(sm: toolkit.StateManager, url: str, libpq_url: str) -> tuple[Any, ...
     client = redis.Redis.from_url(url)
     try:
         names = sorted(client.scan_iter(match=keys.namespace_pattern(sm.ns), count=1000))
-        rds = {k: client.dump(k) for k in names if b":hb" not in k and b"heartbeats" not in k}
+        rds = {k: client.dump(k) for k in names if b":hb" not in k and b"heartbeats" not in k
+               and k != keys.applied(sm.ns).encode()}  # refreshed every second by design
     finally:
         client.close()
     with psycopg.connect(libpq_url, autocommit=True) as conn:

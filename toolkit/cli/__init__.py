@@ -2,9 +2,10 @@
 
 Global options (``--database-url``, ``--redis-url``, ``--namespace``, ``--schema``,
 ``-v``) go before or after the command. Read commands (``check`` without
-``--repair``, ``purge --dry-run``, ``inspect``, ``explain``, ``snapshot``,
+``--repair``, ``purge --dry-run``, ``inspect``, ``jobs``, ``explain``, ``snapshot``,
 ``metrics``, ``serve-metrics``, ``events``, ``timeline``, ``wait-times``,
-``heartbeat-gaps``, ``metric-series``) never write, migrate or create anything.
+``heartbeat-gaps``, ``metric-series``) never write, migrate or create anything, and
+print sensitive payload, result and metadata values as ``***`` unless ``--unmask``.
 
 Exit codes scripts can rely on:
 

@@ -30,8 +30,7 @@ def _add_demo_and_up(sub: Any, common: Callable[..., None]) -> None:
     demo.add_argument("--kill-at", type=float, default=0.5, metavar="FRACTION",
                       help="kill the coordinator once this fraction of the jobs is acknowledged "
                       "completed and a job is in flight (default 0.5: about half the work)")
-    demo.add_argument("--job-seconds", type=float, default=0.1,
-                      help="how long each simulated job runs (default 0.1)")
+    demo.add_argument("--job-seconds", type=float, default=0.1, help="seconds per job (default 0.1)")
 
     up = sub.add_parser("up", help="start the embedded PostgreSQL and Redis and print their URLs")
     up.add_argument("--data-dir", help="keep PostgreSQL data here (default: throwaway)")
@@ -57,6 +56,7 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
                       help="keep only events younger than AGE (30d, 12h, 15m, 90s; default all)")
     snap.add_argument("--force", action="store_true",
                       help="write into DIR even when it is not empty (default: refuse)")
+    parser.unmask_option(snap)
 
     srv = sub.add_parser("serve-metrics", help="serve GET /metrics (Prometheus) over HTTP")
     common(srv)

@@ -12,16 +12,18 @@ from toolkit import errors
 
 EPILOG = """\
 global options (--database-url, --redis-url, --namespace, --schema, -v) go before or after
-the command. Read commands (check without --repair, purge --dry-run, inspect, explain,
+the command. Read commands (check without --repair, purge --dry-run, inspect, jobs, explain,
 snapshot, metrics, events, timeline, wait-times, heartbeat-gaps, metric-series) never
-write, migrate or create anything. pause and resume write, and ask first on a terminal
-unless --yes.
+write, migrate or create anything. They print the values of sensitive payload, result and
+metadata keys (password, token, api_key, ... and $TOOLKIT_SENSITIVE_KEYS) as *** unless
+--unmask. pause and resume write, and ask first on a terminal unless --yes.
 
 exit codes:
   0    success
   1    a check failed: check found a disagreement, demo lost a write, no such job;
        or the operator declined a prompt (pause, resume: nothing changed)
-  2    bad usage or configuration: a flag, a URL (scheme, port), a value
+  2    bad usage or configuration: a flag, a URL (scheme, port), a value (a --payload
+       that is not a JSON object)
   3    a server could not be reached (or failed while answering)
   4    the servers answered but the setup is wrong: no toolkit tables in the schema,
        unknown database or role, refused password, permission denied
@@ -110,6 +112,13 @@ def global_options(p: argparse.ArgumentParser, *, top: bool,
                        help="PostgreSQL schema (default: public)")
     p.add_argument("-v", "--verbose", action="store_true", default=default(False),
                    help="log at INFO level to stderr")
+
+
+def unmask_option(p: argparse.ArgumentParser) -> None:
+    """``--unmask``: print the values of sensitive payload/result/metadata keys (default ``***``)."""
+    p.add_argument("--unmask", action="store_true",
+                   help="show the values of sensitive keys (password, token, api_key, ... and "
+                   "$TOOLKIT_SENSITIVE_KEYS), printed as *** by default")
 
 
 def output_options(p: argparse.ArgumentParser, formats: Sequence[str] = FORMATS) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -29,12 +30,13 @@ def opened(args: argparse.Namespace) -> Iterator[Any]:
     """The Inspector of a read command, its target checked and its notes printed."""
     from toolkit.inspection.inspector import Inspector
 
+    unmask = bool(getattr(args, "unmask", False))
     if getattr(args, "snapshot", None):
-        with Inspector.from_snapshot(args.snapshot) as offline:
+        with Inspector.from_snapshot(args.snapshot, unmask=unmask) as offline:
             yield offline
         return
     with Inspector(args.database_url, args.redis_url, namespace=args.namespace,
-                   schema=args.schema) as ins:
+                   schema=args.schema, unmask=unmask) as ins:
         try:
             notes = ins.check_target()
         except errors.SetupError:
@@ -57,11 +59,14 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     ins.add_argument("--status", help="rows with this status only (workflows, jobs, workers, "
                      "assignments; an error for a frame without a status column)")
     ins.add_argument("--snapshot", metavar="DIR", help=SNAPSHOT_HELP)
+    parser.unmask_option(ins)
+    _jobs_parser(sub, common)
 
     ex = sub.add_parser("explain", help="why is this job where it is? (exit 1: no such job)")
     ex.add_argument("job_id")
     common(ex)
     ex.add_argument("--snapshot", metavar="DIR", help=SNAPSHOT_HELP)
+    parser.unmask_option(ex)
 
     met = sub.add_parser("metrics", help="counters, queues, workers and jobs as metrics")
     common(met)
@@ -75,6 +80,7 @@ def _analytics_parsers(sub: Any, common: Callable[..., None]) -> None:
         common(sp)
         parser.output_options(sp)
         sp.add_argument("--snapshot", metavar="DIR", help=SNAPSHOT_HELP)
+        parser.unmask_option(sp)
         return sp
 
     ev = frame_command("events", "the job event log, oldest first (which jobs failed, and why)")
@@ -94,6 +100,63 @@ def _analytics_parsers(sub: Any, common: Callable[..., None]) -> None:
                     "(1min, 5min, 1h, 1D; default 1min)")
     ms.add_argument("--since", metavar="WHEN", help="an age (10m, 2h, 1d) or an ISO time")
     ms.add_argument("--until", metavar="WHEN", help="an age (10m, 2h, 1d) or an ISO time")
+
+
+def _jobs_parser(sub: Any, common: Callable[..., None]) -> None:
+    jobs = sub.add_parser(
+        "jobs", help="find jobs: by workflow, status and payload (JSONB containment)",
+        description="The jobs frame, searched. --payload keeps the jobs whose payload contains "
+        "the JSON object given (PostgreSQL @>, served by a GIN index); --limit caps the rows "
+        "read, oldest first, and a capped result says so on stderr. Values of sensitive keys "
+        "(password, token, api_key, ... and $TOOLKIT_SENSITIVE_KEYS) print as *** unless "
+        "--unmask. Exit 2 for a payload that is not a JSON object.")
+    common(jobs)
+    parser.output_options(jobs)
+    jobs.add_argument("--workflow-id", help="jobs of this workflow only")
+    jobs.add_argument("--status", help="jobs with this status only")
+    jobs.add_argument("--payload", metavar="JSON",
+                      help="""a JSON object the payload contains: '{"customer": {"plan": "pro"}}'""")
+    jobs.add_argument("--payload-column", action="append", metavar="NAME=PATH", default=[],
+                      help="add column NAME from the payload's dotted PATH (customer.plan, "
+                      "tags.0); repeat for more")
+    jobs.add_argument("--snapshot", metavar="DIR", help=SNAPSHOT_HELP)
+    parser.unmask_option(jobs)
+
+
+def _payload_arguments(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = json.loads(args.payload)
+        except ValueError as exc:
+            raise errors.ValidationError("payload", args.payload, f"must be a JSON object: {exc}") \
+                from None
+    columns: dict[str, str] = {}
+    for item in args.payload_column:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise errors.ValidationError("payload_column", item, "must be NAME=PATH (plan=customer.plan)")
+        columns[name.strip()] = path.strip()
+    return payload, columns
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    payload, columns = _payload_arguments(args)
+    cap = args.limit if args.limit else None
+    quiet = logging.getLogger("toolkit.inspection.search")  # the note below says it instead
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with opened(args) as ins:
+            frame = ins.jobs(workflow_id=args.workflow_id, status=args.status, payload=payload,
+                             payload_columns=columns or None, limit=cap)
+    finally:
+        quiet.setLevel(level)
+    if frame.attrs.get("capped"):
+        warn(f"more than {cap} jobs match: showing the first {cap} (oldest); raise --limit or "
+             "narrow the search")
+    emit_args(frame, args)
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -169,6 +232,6 @@ def cmd_metric_series(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "explain": cmd_explain, "metrics": cmd_metrics,
+COMMANDS = {"inspect": cmd_inspect, "jobs": cmd_jobs, "explain": cmd_explain, "metrics": cmd_metrics,
             "events": cmd_events, "timeline": cmd_timeline, "wait-times": cmd_wait_times,
             "heartbeat-gaps": cmd_heartbeat_gaps, "metric-series": cmd_metric_series}

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from toolkit import errors, models, validate
-from toolkit.inspection import frames
+from toolkit import errors, masking, models, validate
+from toolkit.inspection import frames, search
 
 if TYPE_CHECKING:
     from toolkit.inspection.explain import Explanation
@@ -152,18 +152,31 @@ class Analytics:
     """
 
     heartbeat_ttl: float
+    unmask: bool = False
+    """Show sensitive values (:mod:`toolkit.masking`) by default; each method's ``unmask`` overrides it."""
+    masker: masking.Masker = masking.Masker()
+    """Which keys are sensitive (the defaults, extended by ``sensitive_keys``)."""
+
+    def _masked(self, name: str, frame: pd.DataFrame, unmask: bool | None) -> pd.DataFrame:
+        """``frame`` masked, unless ``unmask`` (or, when it is None, the Inspector's ``unmask``)."""
+        if self.unmask if unmask is None else unmask:
+            return frame
+        return search.mask_frame(name, frame, self.masker)
 
     def events(self, since: datetime | None = None, job_id: str | None = None,
-               workflow_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
+               workflow_id: str | None = None, worker_id: str | None = None, *,
+               unmask: bool | None = None) -> pd.DataFrame:
         raise NotImplementedError
 
-    def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
+    def jobs(self, workflow_id: str | None = None, status: str | None = None, *,
+             payload: dict[str, Any] | None = None, payload_columns: dict[str, str] | None = None,
+             limit: int | None = None, unmask: bool | None = None) -> pd.DataFrame:
         raise NotImplementedError
 
-    def workflows(self) -> pd.DataFrame:
+    def workflows(self, *, unmask: bool | None = None) -> pd.DataFrame:
         raise NotImplementedError
 
-    def workers(self) -> pd.DataFrame:
+    def workers(self, *, unmask: bool | None = None) -> pd.DataFrame:
         raise NotImplementedError
 
     def queue(self) -> pd.DataFrame:
@@ -181,7 +194,7 @@ class Analytics:
     def _now(self) -> pd.Timestamp:
         raise NotImplementedError
 
-    def timeline(self, job_id: str) -> pd.DataFrame:
+    def timeline(self, job_id: str, *, unmask: bool | None = None) -> pd.DataFrame:
         """One job's events in order (index ``event_id``) with ``state_s``, the time spent in each state.
 
         ``state_s`` runs until the next event; on the last row it runs until
@@ -195,7 +208,7 @@ class Analytics:
             ``job_id`` is not an id.
         """
         validate.identifier("job_id", job_id)
-        ev = self.events(job_id=job_id)
+        ev = self.events(job_id=job_id, unmask=unmask)
         if ev.empty:
             raise errors.NotFound("job", job_id)
         return timeline_frame(ev, self._now())
@@ -255,8 +268,10 @@ class Analytics:
             raise errors.ValidationError("by", by, "must be 'priority' or 'queue'")
         return wait_times_frame(self.events(since=since), self.jobs(), by)
 
-    def explain(self, job_id: str) -> Explanation:
+    def explain(self, job_id: str, *, unmask: bool | None = None) -> Explanation:
         """Why is this job where it is? An :class:`~toolkit.inspection.explain.Explanation`.
+
+        Its timeline's ``detail`` is masked like ``events()`` unless ``unmask``.
 
         Raises
         ------
@@ -265,10 +280,10 @@ class Analytics:
         """
         from toolkit.inspection import explain
 
-        return explain.explain(self, job_id)
+        return explain.explain(self, job_id, unmask=unmask)
 
     def snapshot(self, path: str | Path, *, events_since: datetime | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, unmask: bool | None = None) -> Path:
         """Write every frame to ``path`` (a folder of Parquet files plus ``manifest.json``).
 
         A folder that exists and is not empty is refused (``ValidationError``)
@@ -277,10 +292,11 @@ class Analytics:
         Reopen it with :meth:`toolkit.Inspector.from_snapshot`, with no server.
         ``events_since`` keeps only the events from that time (default: all).
         The manifest holds the time, namespace, schema, toolkit version and row
-        counts, never a URL.
+        counts, never a URL. Sensitive values are masked in the files (the manifest
+        says ``"masked": true``) unless ``unmask`` (default: the Inspector's).
         """
         from toolkit.inspection import snapshot
 
         return snapshot.write(self, Path(path), events_since=check_since(events_since),
-                              overwrite=overwrite)
+                              overwrite=overwrite, unmask=self.unmask if unmask is None else unmask)
 

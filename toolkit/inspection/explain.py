@@ -113,10 +113,10 @@ def _scalar(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def explain(source: Analytics, job_id: str) -> Explanation:
+def explain(source: Analytics, job_id: str, *, unmask: bool | None = None) -> Explanation:
     """Explain ``job_id`` from ``source``'s frames; see :meth:`toolkit.Inspector.explain`."""
     validate.identifier("job_id", job_id)
-    events = source.events(job_id=job_id)
+    events = source.events(job_id=job_id, unmask=unmask)
     job = _find_job(source, job_id, events)
     if job is None and events.empty:
         raise errors.NotFound("job", job_id)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 from psycopg import sql
 
-from toolkit import compare, config, models, validate
+from toolkit import compare, config, masking, models, validate
 from toolkit.handles import Tiers
-from toolkit.inspection import analytics, frames, live, paused, recorded, target
+from toolkit.inspection import analytics, frames, live, paused, recorded, search, target
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
@@ -44,13 +45,6 @@ class _Bound(Protocol):
 
 SCAN_BUDGET = live.SCAN_BUDGET
 
-_JOB_COLUMNS = {c: c for c in ("id", "workflow_id", "worker_id", "name", "status", "queue",
-                               "priority", "attempts", "max_attempts", "version", "error",
-                               "payload", "result", "created_at", "updated_at", "started_at",
-                               "finished_at")}
-_JOB_COLUMNS["id"] = "job_id"
-
-
 class Inspector(live.RedisFrames, analytics.Analytics):
     """Read-only views of the coordinator's state as DataFrames.
 
@@ -67,6 +61,11 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         namespace (re-read every few seconds), or 30 when none is recorded
         (logged as a warning; ``heartbeat_ttl_source`` says which). An
         Inspector bound to a StateManager uses the manager's TTL.
+    unmask
+        Show sensitive payload, result and metadata values (:mod:`toolkit.masking`);
+        default False: they read ``"***"``. Each method's ``unmask`` overrides it.
+    sensitive_keys
+        Keys to mask besides the defaults (``"-name"`` drops one); default ``$TOOLKIT_SENSITIVE_KEYS``.
 
     Examples
     --------
@@ -76,9 +75,12 @@ class Inspector(live.RedisFrames, analytics.Analytics):
 
     def __init__(self, database_url: str | None = None, redis_url: str | None = None, *,
                  namespace: str = "wf", schema: str = "public",
-                 heartbeat_ttl: float | None = None) -> None:
+                 heartbeat_ttl: float | None = None, unmask: bool = False,
+                 sensitive_keys: Iterable[str] | str | None = None) -> None:
         self.settings = config.load_settings(database_url, redis_url, namespace=namespace,
                                              schema=schema)
+        self.unmask = bool(unmask)
+        self.masker = masking.Masker(masking.sensitive_keys(sensitive_keys))
         if heartbeat_ttl is not None:
             config.validate_seconds("heartbeat_ttl", heartbeat_ttl)
         self.ns = namespace
@@ -116,12 +118,14 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         return ins
 
     @staticmethod
-    def from_snapshot(path: str | Path) -> SnapshotInspector:
+    def from_snapshot(path: str | Path, *, unmask: bool = False,
+                      sensitive_keys: Iterable[str] | str | None = None) -> SnapshotInspector:
         """Reopen a folder written by :meth:`snapshot`, with no server.
 
         The result has the same frame methods, columns and dtypes, plus
         ``events``, ``timeline``, ``explain``, ``heartbeat_gaps`` and
-        ``wait_times`` computed from the stored data, as of the snapshot time.
+        ``wait_times`` computed from the stored data, as of the snapshot time,
+        masked (``unmask``, ``sensitive_keys``) as a live Inspector.
 
         Raises
         ------
@@ -130,7 +134,7 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         """
         from toolkit.inspection.snapshot import SnapshotInspector
 
-        return SnapshotInspector(Path(path))
+        return SnapshotInspector(Path(path), unmask=unmask, sensitive_keys=sensitive_keys)
 
     def __repr__(self) -> str:
         return (f"Inspector(database={config.mask_url(self.settings.database_url)!r}, "
@@ -151,7 +155,9 @@ class Inspector(live.RedisFrames, analytics.Analytics):
 
     # -- PostgreSQL frames ------------------------------------------------------------------
 
-    def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
+    def jobs(self, workflow_id: str | None = None, status: str | None = None, *,
+             payload: dict[str, Any] | None = None, payload_columns: dict[str, str] | None = None,
+             limit: int | None = None, unmask: bool | None = None) -> pd.DataFrame:
         """One row per job (index ``job_id``), with ``wait_s`` and ``duration_s``.
 
         ``wait_s`` is the queue wait of the job's latest attempt: from the event that
@@ -160,37 +166,27 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         job that is pending or queued now, or was never assigned. ``duration_s`` is
         ``finished_at - started_at``.
 
-        ``payload``, ``result`` are JSON text; ``json.loads`` a cell, or
-        ``frame.payload.map(json.loads)`` the column, when you want objects.
+        ``payload``, ``result`` are JSON text (``frame.payload.map(json.loads)`` for
+        objects); values of sensitive keys (:mod:`toolkit.masking`) read ``"***"``
+        unless ``unmask=True`` (default: the Inspector's ``unmask``).
+        ``payload={"customer": {"plan": "pro"}}`` keeps the jobs whose payload
+        contains that (JSONB ``@>``, a bound parameter served by a GIN index).
+        ``payload_columns={"plan": "customer.plan"}`` adds a column per dotted path
+        (``"tags.0"`` indexes a list; NA where the path is missing). ``limit`` caps
+        the rows (oldest first); ``frame.attrs["capped"]`` says whether more matched
+        (a capped frame also logs a warning).
 
         Raises
         ------
         ValidationError
-            ``status`` is not a job status, or ``workflow_id`` is not an id.
+            A bad ``status`` or ``workflow_id``; ``payload`` not a dict of JSON values,
+            ``payload_columns`` not ``{name: path}``, ``limit`` not a positive int.
         """
-        if workflow_id is not None:
-            validate.identifier("workflow_id", workflow_id)
-        if status is not None:
-            status = validate.status("status", status, models.JobStatus).value
-        table = export.select(self._db, "jobs", _JOB_COLUMNS,
-                              where={"workflow_id": workflow_id, "status": status},
-                              order=("created_at", "id"))
-        df = frames.from_arrow(table)
-        if df.empty:
-            return frames.empty("jobs")
-        for col in ("created_at", "updated_at", "started_at", "finished_at"):
-            df[col] = frames.epoch_us_to_utc(df[col])
-        waits = frames.from_arrow(export.attempt_waits(self._db, workflow_id))
-        per_job = (pd.Series(waits["wait_s"].astype("Float64").array, index=waits["job_id"])
-                   if len(waits) else pd.Series([], dtype="Float64"))
-        df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
-        df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
-        df["duration_s"] = frames.seconds_between(df["finished_at"], df["started_at"])
-        frames.add_job_extras(df, export.idempotency_keys(self._db, "job"), export.run_at_times(self._db))
-        return frames.conform("jobs", df)
+        q = search.query(workflow_id, status, payload, payload_columns, limit)
+        return search.finish(self._masked("jobs", search.read_jobs(self._db, q), unmask), q)
 
-    def workflows(self) -> pd.DataFrame:
-        """One row per workflow (index ``workflow_id``) with its job counts per status."""
+    def workflows(self, *, unmask: bool | None = None) -> pd.DataFrame:
+        """One row per workflow (index ``workflow_id``), job counts per status, ``metadata`` masked."""
         cols = {"id": "workflow_id", "name": "name", "status": "status", "version": "version",
                 "metadata": "metadata", "created_at": "created_at", "updated_at": "updated_at"}
         df = frames.from_arrow(export.select(self._db, "workflows", cols, order=("created_at", "id")))
@@ -207,10 +203,10 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         df["jobs_total"] = df[[f"jobs_{s.value}" for s in models.JobStatus]].sum(axis=1)
         df["idempotency_key"] = frames.key_column(df["workflow_id"],
                                                   export.idempotency_keys(self._db, "workflow"))
-        return frames.conform("workflows", df)
+        return self._masked("workflows", frames.conform("workflows", df), unmask)
 
-    def workers(self) -> pd.DataFrame:
-        """One row per worker (index ``worker_id``) with liveness from Redis heartbeats."""
+    def workers(self, *, unmask: bool | None = None) -> pd.DataFrame:
+        """One row per worker (index ``worker_id``), liveness from heartbeats, ``metadata`` masked."""
         cols = {"id": "worker_id", "hostname": "hostname", "status": "status",
                 "capacity": "capacity", "queues": "queues", "version": "version",
                 "metadata": "metadata", "last_heartbeat": "last_heartbeat",
@@ -232,7 +228,7 @@ class Inspector(live.RedisFrames, analytics.Analytics):
                                           where={"status": "active"}))
         per = active["worker_id"].value_counts() if len(active) else pd.Series(dtype="int64")
         df["active_jobs"] = df["worker_id"].map(per).fillna(0).astype("Int64")
-        return frames.conform("workers", df)
+        return self._masked("workers", frames.conform("workers", df), unmask)
 
     def assignments(self, job_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
         """One row per assignment (index ``assignment_id``): every attempt of every job."""
@@ -253,13 +249,15 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         return frames.conform("assignments", df)
 
     def events(self, since: datetime | None = None, job_id: str | None = None,
-               workflow_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
+               workflow_id: str | None = None, worker_id: str | None = None, *,
+               unmask: bool | None = None) -> pd.DataFrame:
         """The job event log, one row per event (index ``event_id``), oldest first.
 
         Every filter is pushed into SQL as a bound parameter. ``event`` is a
         category of every event name (:data:`frames.EVENTS`), ``status`` the
         job's new status, ``attempt`` its attempts count, ``detail`` JSON text
-        (``error`` of a failure; ``rule``, ``heartbeat_age_s`` of a reclaim).
+        (``error`` of a failure; ``rule``, ``heartbeat_age_s`` of a reclaim), its
+        sensitive keys masked unless ``unmask``.
 
         Raises
         ------
@@ -272,7 +270,7 @@ class Inspector(live.RedisFrames, analytics.Analytics):
         if df.empty:
             return frames.empty("events")
         df["at"] = frames.epoch_us_to_utc(df["at"])
-        return frames.conform("events", df)
+        return self._masked("events", frames.conform("events", df), unmask)
 
     def _heartbeat_times(self) -> pd.DataFrame:
         ids = list(self.workers().index)

@@ -3,8 +3,8 @@
 Layout of a snapshot folder::
 
     manifest.json              time, namespace, schema, toolkit version, heartbeat_ttl (and
-                               where the Inspector got it),
-                               events_since, row counts (never a URL)
+                               where the Inspector got it), events_since, row counts,
+                               masked and sensitive_keys (never a URL)
     <frame>.parquet            workflows, jobs, workers, assignments, queue, locks, metrics,
                                metric_series (freq 1min), tiers, summary, events
     heartbeat_times.parquet    the heartbeat history Redis remembered (for heartbeat_gaps)
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pandas as pd
 
-from toolkit import errors, models, validate
-from toolkit.inspection import analytics, frames, series
+from toolkit import errors, masking, validate
+from toolkit.inspection import analytics, frames, search, series
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -41,8 +41,12 @@ SERIES_FREQ = "1min"
 """The resolution ``metric_series`` is stored at; a snapshot can resample it coarser only."""
 
 
+MASKED_FRAMES = ("workflows", "jobs", "workers")
+"""Frames read with the snapshot's ``unmask`` (``events`` too; the others hold no JSON values)."""
+
+
 def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, unmask: bool = False) -> Path:
     """Write ``ins``'s frames to ``path``; see :meth:`toolkit.Inspector.snapshot`."""
     import toolkit
 
@@ -53,8 +57,9 @@ def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None
                                      "overwrite it (overwrite=True, CLI --force)")
     path.mkdir(parents=True, exist_ok=True)
     taken = pd.Timestamp.now(tz="UTC")
-    data: dict[str, pd.DataFrame] = {name: getattr(ins, name)() for name in FRAMES if name != "events"}
-    data["events"] = ins.events(since=events_since)
+    data: dict[str, pd.DataFrame] = {name: getattr(ins, name)(**(
+        {"unmask": unmask} if name in MASKED_FRAMES else {})) for name in FRAMES if name != "events"}
+    data["events"] = ins.events(since=events_since, unmask=unmask)
     data["metric_series"] = getattr(ins, "metric_series")(freq=SERIES_FREQ)  # noqa: B009
     data["heartbeat_times"] = ins._heartbeat_times()
     data["dependencies"] = ins._dependencies()
@@ -76,6 +81,8 @@ def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None
         "events_since": events_since.isoformat() if events_since is not None else None,
         "toolkit_version": toolkit.__version__,
         "rows": {name: len(frame) for name, frame in sorted(data.items())},
+        "masked": not unmask,
+        "sensitive_keys": list(ins.masker.keys),
     }
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return path
@@ -106,11 +113,14 @@ class SnapshotInspector(analytics.Analytics):
     :class:`~toolkit.ToolkitError`.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, unmask: bool = False,
+                 sensitive_keys: Iterable[str] | str | None = None) -> None:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise errors.ValidationError("path", str(path), "is not a toolkit snapshot (no manifest.json)")
         self.path = path
+        self.unmask = bool(unmask)
+        self.masker = masking.Masker(masking.sensitive_keys(sensitive_keys))
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         self.ns = str(self.manifest["namespace"])
         self.schema = str(self.manifest["schema"])
@@ -155,22 +165,24 @@ class SnapshotInspector(analytics.Analytics):
     def _now(self) -> pd.Timestamp:
         return self.taken_at
 
-    def workflows(self) -> pd.DataFrame:
-        """Stored ``Inspector.workflows()``."""
-        return self._get("workflows")
+    def workflows(self, *, unmask: bool | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.workflows()`` (masked as the live one)."""
+        return self._masked("workflows", self._get("workflows"), unmask)
 
-    def jobs(self, workflow_id: str | None = None, status: str | None = None) -> pd.DataFrame:
-        """Stored ``Inspector.jobs()``, filtered like the live one."""
-        df = self._get("jobs")
-        if workflow_id is not None:
-            df = df[df["workflow_id"] == validate.identifier("workflow_id", workflow_id)]
-        if status is not None:
-            df = df[df["status"] == validate.status("status", status, models.JobStatus).value]
-        return df
+    def jobs(self, workflow_id: str | None = None, status: str | None = None, *,
+             payload: dict[str, Any] | None = None, payload_columns: dict[str, str] | None = None,
+             limit: int | None = None, unmask: bool | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.jobs()``, filtered, searched and masked like the live one.
 
-    def workers(self) -> pd.DataFrame:
-        """Stored ``Inspector.workers()`` (ages as of the snapshot time)."""
-        return self._get("workers")
+        A snapshot written masked (``manifest["masked"]``) has no secret to unmask,
+        and a search by a masked value finds nothing.
+        """
+        q = search.query(workflow_id, status, payload, payload_columns, limit)
+        return search.finish(self._masked("jobs", search.select(self._get("jobs"), q), unmask), q)
+
+    def workers(self, *, unmask: bool | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.workers()`` (ages as of the snapshot time, masked as the live one)."""
+        return self._masked("workers", self._get("workers"), unmask)
 
     def assignments(self, job_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
         """Stored ``Inspector.assignments()``, filtered like the live one."""
@@ -201,14 +213,15 @@ class SnapshotInspector(analytics.Analytics):
         return self._get("summary")
 
     def events(self, since: datetime | None = None, job_id: str | None = None,
-               workflow_id: str | None = None, worker_id: str | None = None) -> pd.DataFrame:
+               workflow_id: str | None = None, worker_id: str | None = None, *,
+               unmask: bool | None = None) -> pd.DataFrame:
         """Stored ``Inspector.events()`` (from ``manifest['events_since']``), filtered like the live one."""
         start = analytics.check_since(since)
         df = self._get("events")
         for column, value in analytics.check_event_filters(job_id, workflow_id, worker_id).items():
             if value is not None:
                 df = df[df[column] == value]
-        return df[df["at"] >= start] if start is not None else df
+        return self._masked("events", df[df["at"] >= start] if start is not None else df, unmask)
 
     def metric_series(self, names: str | Iterable[str] | None = None, freq: str = SERIES_FREQ, *,
                       since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:

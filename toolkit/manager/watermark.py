@@ -11,6 +11,7 @@ note could not be written sets it to 0 (only a full rebuild will do). See
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -87,8 +88,18 @@ class Watermark:
                           watermark.Mark(self.coordinator, self.safe(), now, self._run_id))
 
     def start(self) -> None:
-        """Publish once (before any write can happen), then every second in a thread."""
-        self.publish()
+        """Publish once (before any write can happen), then every second in a thread.
+
+        A Redis that refuses the first publication (out of memory, read-only) is
+        marked as not rebuilt, so no fast start trusts it until a rebuild.
+        """
+        try:
+            self.publish()
+        except errors.StorageUnavailable as exc:
+            log.warning("watermark not published (no fast start will trust this Redis until a "
+                        "rebuild): %s", exc, extra={"action": "watermark"})
+            with contextlib.suppress(errors.StorageUnavailable):
+                watermark.forget_rebuilt(self.client, self.ns)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"toolkit-watermark-{self.ns}",
                                             daemon=True)

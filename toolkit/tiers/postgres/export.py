@@ -36,18 +36,29 @@ def _column(expr: str, alias: str) -> sql.Composable:
 
 
 def select(db: Database, table: str, columns: Mapping[str, str], *,
-           where: Mapping[str, Any] | None = None, order: Sequence[str] = ()) -> pa.Table:
-    """Read ``table`` (columns as ``{source: alias}``) with equality filters, as an Arrow table."""
+           where: Mapping[str, Any] | None = None, order: Sequence[str] = (),
+           contains: Mapping[str, str] | None = None, limit: int | None = None) -> pa.Table:
+    """Read ``table`` (columns as ``{source: alias}``) with filters, as an Arrow table.
+
+    ``where`` holds equality filters (``None`` values skipped); ``contains`` maps a
+    JSONB column to JSON text it must contain (``column @> value::jsonb``, served
+    by a GIN index); ``limit`` caps the rows. Every value is a bound parameter.
+    """
     cols = sql.SQL(", ").join(_column(src, alias) for src, alias in columns.items())
     query = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier(db.schema, table))
-    params: list[Any] = []
     conds = [sql.SQL("{} = %s").format(sql.Identifier(k)) for k, v in (where or {}).items()
              if v is not None]
-    params = [v for v in (where or {}).values() if v is not None]
+    params: list[Any] = [v for v in (where or {}).values() if v is not None]
+    for column, text in (contains or {}).items():
+        conds.append(sql.SQL("{} @> %s::jsonb").format(sql.Identifier(column)))
+        params.append(text)
     if conds:
         query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
     if order:
         query += sql.SQL(" ORDER BY ") + sql.SQL(", ").join(map(sql.Identifier, order))
+    if limit is not None:
+        query += sql.SQL(" LIMIT %s")
+        params.append(int(limit))
     return copy_query(db, query, params, list(columns.values()))
 
 
@@ -97,17 +108,26 @@ ORDER BY job_id, id DESC
 """
 
 
-def attempt_waits(db: Database, workflow_id: str | None = None) -> pa.Table:
+def attempt_waits(db: Database, workflow_id: str | None = None,
+                  job_ids: Sequence[str] | None = None) -> pa.Table:
     """Each job's queue wait before its latest assignment (``job_id``, ``wait_s``), from the event log.
 
     The wait runs from the event that made the job queued (the first of the run of
     queued-status events before the assignment) to the ``assigned`` event: the
     same measure as ``Inspector.wait_times()``. Jobs never assigned have no row.
+    ``job_ids`` reads only those jobs' events (a search's few jobs, by the job_id index).
     """
-    where = sql.SQL("WHERE workflow_id = %s") if workflow_id is not None else sql.SQL("")
+    conds: list[sql.Composable] = []
+    params: list[Any] = []
+    if workflow_id is not None:
+        conds.append(sql.SQL("workflow_id = %s"))
+        params.append(workflow_id)
+    if job_ids is not None:
+        conds.append(sql.SQL("job_id = ANY(%s)"))
+        params.append(list(job_ids))
+    where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
     query = sql.SQL(_ATTEMPT_WAITS).format(events=sql.Identifier(db.schema, "job_events"),
                                            where=where)
-    params = [workflow_id] if workflow_id is not None else []
     return copy_query(db, query, params, ["job_id", "wait_s"])
 
 

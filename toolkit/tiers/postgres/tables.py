@@ -101,6 +101,8 @@ jobs = Table(
     Index("ix_jobs_queued", "queue", text("priority DESC"), "enqueue_seq",
           postgresql_where=text("status = 'queued'")),
     Index("ix_jobs_live", "id", postgresql_where=LIVE_JOB_CLAUSE),
+    Index("ix_jobs_payload", "payload", postgresql_using="gin",  # payload search (0007)
+          postgresql_ops={"payload": "jsonb_path_ops"}),
 )
 
 job_assignments = Table(

@@ -70,6 +70,11 @@ def mark_rebuilt(client: Client, ns: str, now: float) -> None:
     client.call("mark rebuilt", lambda: client.redis.set(keys.rebuilt(ns), repr(now)))
 
 
+def forget_rebuilt(client: Client, ns: str) -> None:
+    """Remove the mark of the last rebuild (DEL works even on a Redis out of memory)."""
+    client.call("forget rebuilt mark", lambda: client.redis.delete(keys.rebuilt(ns)))
+
+
 def was_rebuilt(client: Client, ns: str) -> bool:
     """Whether Redis still holds the mark of the last rebuild (a loss of data removes it)."""
     return bool(client.call("read rebuilt mark", lambda: client.redis.exists(keys.rebuilt(ns))))
