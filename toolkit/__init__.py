@@ -22,6 +22,7 @@ from toolkit.errors import (
 from toolkit.inspection.inspector import Inspector
 from toolkit.local_stack import LocalStack, local_stack
 from toolkit.lock import Lock
+from toolkit.manager.planning import ActionPlan, ActionResult
 from toolkit.models import (
     AssignmentStatus,
     Job,
@@ -41,6 +42,8 @@ state.register_inspector_factory(Inspector._bound)
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActionPlan",
+    "ActionResult",
     "AssignmentStatus",
     "ConfigurationError",
     "ConsistencyReport",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 from toolkit import compare, config, errors, recovery, validate
 from toolkit.manager import (
     batches,
+    bulk,
     counters,
     dispatch,
     jobs,
@@ -106,6 +107,7 @@ class StateManager:
         self._counters = counters.Counters(self._pipe)
         self._retention = retention.Retention(self._pipe)
         self._operations = operations.Operations(self._pipe)
+        self._bulk = bulk.Bulk(self._pipe)
         self._working = working.Working(self._jobs, self._dispatch, self._workers,
                                         self._batches)
         self._closed = False
@@ -254,6 +256,8 @@ class StateManager:
 
     purge = _Verb("_retention", retention.Retention.purge)
     edit_job = _Verb("_operations", operations.Operations.edit_job)
+    plan_action = _Verb("_bulk", bulk.Bulk.plan)
+    apply_action = _Verb("_bulk", bulk.Bulk.apply)
 
     # -- recovery -------------------------------------------------------------------------
 

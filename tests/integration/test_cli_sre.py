@@ -43,6 +43,8 @@ READ_COMMANDS = [
     ["inspect", "workers"], ["inspect", "summary"], ["explain", "a"], ["metrics"],
     ["metrics", "--format", "prometheus"], ["events", "--type", "failed", "--since", "10m"],
     ["timeline", "a"], ["wait-times"], ["heartbeat-gaps"], ["metric-series"],
+    ["requeue", "--all", "--dry-run"], ["cancel-jobs", "--queue", "q", "--dry-run"], ["actions"],
+    ["requeue", "--all", "--yes"],
 ]
 
 

@@ -54,6 +54,10 @@ PINNED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                             ("paused_since", T)]),
     "backlog": ("queue", S, [("depth", I64), ("oldest_age_s", F64), ("enqueued_per_s", F64),
                              ("dispatched_per_s", F64), ("drain_eta_s", F64)]),
+    "actions": ("action_id", S, [("verb", S), ("status", S), ("actor", S), ("reason", S),
+                                 ("planned", I64), ("applied", I64), ("skipped", I64), ("value", S),
+                                 ("filter", S), ("created_at", T), ("updated_at", T),
+                                 ("finished_at", T)]),
 }
 
 

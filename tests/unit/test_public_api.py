@@ -8,6 +8,7 @@ import sys
 import toolkit
 
 EXPECTED = [
+    "ActionPlan", "ActionResult",
     "AssignmentStatus", "ConfigurationError", "ConsistencyReport", "IdempotencyConflict", "Inspector",
     "InvalidTransition",
     "Job", "JobAssignment", "JobStatus", "LocalStack", "Lock", "LockNotOwned", "NotFound",

@@ -11,7 +11,8 @@ Exit codes scripts can rely on:
 
 - 0 success
 - 1 a check failed: ``check`` found a disagreement, ``demo`` lost a write, no such job;
-  or the operator declined a confirmation prompt (``pause``, ``resume``: nothing changed)
+  or the operator declined a confirmation prompt (``pause``, ``resume``, ``requeue``,
+  ``cancel-jobs``: nothing changed)
 - 2 bad usage or configuration: a flag, a URL (scheme, non-numeric port,
   unencoded ``@`` in a PostgreSQL password), a value
 - 3 a server could not be reached, or failed while answering
@@ -21,7 +22,8 @@ Exit codes scripts can rely on:
 
 Modules: :mod:`~toolkit.cli.parser` (options, ages), :mod:`~toolkit.cli.output`
 (formats), :mod:`~toolkit.cli.read` (read commands), :mod:`~toolkit.cli.admin`
-(demo, up, check, snapshot, serve-metrics, purge), :mod:`~toolkit.cli.operate` (pause, resume).
+(demo, up, check, snapshot, serve-metrics, purge), :mod:`~toolkit.cli.operate` (pause, resume),
+:mod:`~toolkit.cli.bulk` (requeue, cancel-jobs, actions: bulk operator actions).
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ import sys
 from collections.abc import Sequence
 
 from toolkit import errors, validate
-from toolkit.cli import admin, operate, read
+from toolkit.cli import admin, bulk, operate, read
 from toolkit.cli.parser import build, join_ages, parse_duration
 
 __all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_SETUP", "EXIT_UNAVAILABLE", "EXIT_USAGE", "main",
            "parse_duration"]
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SETUP = 0, 1, 2, 3, 4
-COMMANDS = {**admin.COMMANDS, **operate.COMMANDS, **read.COMMANDS}
+COMMANDS = {**admin.COMMANDS, **operate.COMMANDS, **read.COMMANDS, **bulk.COMMANDS}
 
 
 _IDS = ("job_id", "workflow_id", "worker_id")
@@ -60,7 +62,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    parser = build([admin.add_commands, operate.add_commands, read.add_commands])
+    parser = build([admin.add_commands, operate.add_commands, read.add_commands, bulk.add_commands])
     args = parser.parse_args(join_ages(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

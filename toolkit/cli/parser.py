@@ -21,7 +21,7 @@ metadata keys (password, token, api_key, ... and $TOOLKIT_SENSITIVE_KEYS) as ***
 exit codes:
   0    success
   1    a check failed: check found a disagreement, demo lost a write, no such job;
-       or the operator declined a prompt (pause, resume: nothing changed)
+       or the operator declined a prompt (pause, resume, requeue, cancel-jobs: nothing changed)
   2    bad usage or configuration: a flag, a URL (scheme, port), a value (a --payload
        that is not a JSON object)
   3    a server could not be reached (or failed while answering)

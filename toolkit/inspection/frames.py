@@ -112,6 +112,11 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
         "depth": "Int64", "oldest_age_s": "Float64", "enqueued_per_s": "Float64",
         "dispatched_per_s": "Float64", "drain_eta_s": "Float64",
     }),
+    "actions": ("action_id", {
+        "verb": STRING, "status": STRING, "actor": STRING, "reason": STRING, "planned": "Int64",
+        "applied": "Int64", "skipped": "Int64", "value": STRING, "filter": STRING,
+        "created_at": UTC_TIME, "updated_at": UTC_TIME, "finished_at": UTC_TIME,
+    }),
 }
 """frame name -> (index name, {column: dtype}) in column order."""
 

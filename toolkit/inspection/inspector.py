@@ -22,7 +22,7 @@ from psycopg import sql
 
 from toolkit import compare, config, masking, models, validate
 from toolkit.handles import Tiers
-from toolkit.inspection import analytics, frames, live, paused, recorded, search, target
+from toolkit.inspection import actions, analytics, frames, live, paused, recorded, search, target
 from toolkit.tiers.memory import Memory
 from toolkit.tiers.postgres import export
 from toolkit.tiers.postgres.db import Database
@@ -45,7 +45,7 @@ class _Bound(Protocol):
 
 SCAN_BUDGET = live.SCAN_BUDGET
 
-class Inspector(live.RedisFrames, analytics.Analytics):
+class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
     """Read-only views of the coordinator's state as DataFrames.
 
     Parameters

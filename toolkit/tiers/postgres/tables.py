@@ -189,6 +189,25 @@ paused_queues = Table(
 )
 """Queues an operator paused: no job is handed out of them until resumed (0006)."""
 
+operator_actions = Table(
+    "operator_actions", metadata,
+    Column("id", Text, primary_key=True),
+    Column("verb", Text, nullable=False),
+    Column("actor", Text),
+    Column("reason", Text),
+    Column("value", JSONB(none_as_null=True)),
+    Column("filter", JSONB, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("planned", Integer, nullable=False),
+    Column("applied", Integer, nullable=False),
+    Column("skipped", Integer, nullable=False),
+    Column("created_at", TZ, nullable=False),
+    Column("updated_at", TZ, nullable=False),
+    Column("finished_at", TZ),
+    Index(None, "created_at"),
+)
+"""One row per bulk operator action: who, why, the filter, planned/applied/skipped (0008)."""
+
 ENTITY_TABLES = {
     "workflow": workflows,
     "job": jobs,

@@ -1,0 +1,166 @@
+"""Issue 18's goals for the worker loop: the toolkit against the hand-written floor and the peers.
+
+    python -m benchmarks.flow_goals [--quick] [--target ...]
+
+One worker, no-op jobs, jobs/s, every side measured in the same run with its
+runs interleaved (at least 5 rounds for the toolkit and the floor, 3 for the
+peers, whose worker processes take seconds to start), medians and min-max.
+
+Toolkit loops: ``fused`` (``dequeue(start=True)``, then
+``complete_and_dequeue(..., start=True)``: one commit per job), ``worker``
+(``run_worker(batch=1, idle_timeout=0)``), ``batch100`` (``dequeue_many(100,
+start=True)`` + ``complete_jobs``), ``worker_batch100`` (``run_worker(batch=100)``).
+
+Cases
+-----
+flow.fused.vs_floor / flow.worker.vs_floor
+    Against :func:`benchmarks.flow_floor.drain_one`, the same state changes by
+    hand (raw psycopg, prepared statements, redis-py), one commit per job. Goal >= 0.7x.
+flow.batch100.vs_floor / flow.worker_batch100.vs_floor
+    Against :func:`benchmarks.flow_floor.drain_batched` (batches of 100, one
+    commit per batch of claims and one per batch of completions). Goal >= 0.5x.
+flow.fused.vs_rq / .vs_celery / .vs_pgqueuer
+    The fused loop against RQ ``SimpleWorker`` (goal >= 2x), Celery ``--pool=solo``
+    and pgqueuer ``batch_size=1`` (reported beside it, no goal).
+flow.batch100.vs_celery / .vs_pgqueuer_batch100 / .vs_procrastinate
+    The batched loop against Celery solo (goal >= 3x), pgqueuer ``batch_size=100``
+    (goal >= 3x) and procrastinate ``concurrency=1`` (goal >= 10x).
+
+The peers are measured by ``benchmarks.peers.peer_drain`` and
+``benchmarks.pg_peers.pg_peer_drain`` (their venv, their clean-up); each toolkit
+loop is measured once per round and serves every ratio that names it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import toolkit
+from benchmarks import flow, flow_floor, harness, peers, pg_peers, queues
+
+PEER_ROUNDS = 3
+# case, toolkit loop, other side, goal (0: reported, no goal)
+CASES = (
+    ("flow.fused.vs_floor", "fused", "floor_one", 0.7),
+    ("flow.worker.vs_floor", "worker", "floor_one", 0.7),
+    ("flow.batch100.vs_floor", "batch100", "floor_batch100", 0.5),
+    ("flow.worker_batch100.vs_floor", "worker_batch100", "floor_batch100", 0.5),
+    ("flow.fused.vs_rq", "fused", "rq", 2.0),
+    ("flow.fused.vs_celery", "fused", "celery", 0.0),
+    ("flow.fused.vs_pgqueuer", "fused", "pgqueuer", 0.0),
+    ("flow.batch100.vs_celery", "batch100", "celery", 3.0),
+    ("flow.batch100.vs_pgqueuer_batch100", "batch100", "pgqueuer_batch100", 3.0),
+    ("flow.batch100.vs_procrastinate", "batch100", "procrastinate", 10.0),
+)
+NAMES = {
+    "floor_one": "hand-written floor, one commit per job",
+    "floor_batch100": "hand-written floor, batches of 100 (two commits per batch)",
+    "rq": "RQ SimpleWorker", "celery": "Celery --pool=solo",
+    "pgqueuer": "pgqueuer batch_size=1", "pgqueuer_batch100": "pgqueuer batch_size=100",
+    "procrastinate": "procrastinate concurrency=1",
+}
+# peer side -> (area, peer, batch size)
+PEER_SIDES = {"rq": ("redis", "rq", 1), "celery": ("redis", "celery", 1),
+              "pgqueuer": ("pg", "pgqueuer", 1), "pgqueuer_batch100": ("pg", "pgqueuer", 100),
+              "procrastinate": ("pg", "procrastinate", 1)}
+
+
+def _noop(job: toolkit.Job) -> None:
+    return None
+
+
+def drain_worker(sm: toolkit.StateManager, worker: str, n: int, batch: int) -> int:
+    """``run_worker`` with a no-op handler until ``n`` jobs are done or the queue is empty."""
+    report = sm.run_worker(worker, _noop, batch=batch, max_jobs=n, idle_timeout=0)
+    return report.completed
+
+
+TOOLKIT: dict[str, Callable[[toolkit.StateManager, str, int], int]] = {
+    "fused": flow.drain_fused,
+    "worker": lambda sm, w, n: drain_worker(sm, w, n, 1),
+    "batch100": flow.drain_batched,
+    "worker_batch100": lambda sm, w, n: drain_worker(sm, w, n, flow.BATCH),
+}
+FLOORS: dict[str, Callable[[flow_floor.Floor, int], int]] = {
+    "floor_one": flow_floor.drain_one, "floor_batch100": flow_floor.drain_batched,
+}
+
+
+def _checked(done: int, n: int, side: str) -> None:
+    assert done == n, f"{side} drained {done} of {n}"
+
+
+def _round(bench: harness.Bench, sm: toolkit.StateManager, worker: str, floor: flow_floor.Floor,
+           sides: list[str], n: int, took: dict[str, list[float]]) -> None:
+    """One round: each toolkit loop and each floor once, jobs created untimed before each."""
+    for side in sides:
+        if side in TOOLKIT:
+            queues.queued_jobs(sm, n)
+            took[side].append(flow_floor.timed(lambda s=side: _checked(TOOLKIT[s](sm, worker, n),
+                                                                       n, s)))
+        elif side in FLOORS:
+            floor.queue(n)
+            took[side].append(flow_floor.timed(lambda s=side: _checked(FLOORS[s](floor, n), n, s)))
+    if any(side in FLOORS for side in sides):
+        took["commits"].append(floor.commit_rate())
+
+
+def _peer_round(bench: harness.Bench, python: Path, sides: list[str], n: int,
+                took: dict[str, list[float]]) -> None:
+    for side in sides:
+        if side not in PEER_SIDES:
+            continue
+        area, peer, batch = PEER_SIDES[side]
+        if area == "redis":
+            took[side].append(peers.peer_drain(bench, python, peer, n))
+        else:
+            took[side].append(pg_peers.pg_peer_drain(bench, python, peer, n, batch)[0])
+
+
+def _versions(python: Path | None) -> str:
+    if python is None:
+        return ""
+    return f"{peers._peer_versions(python)}; {pg_peers._peer_versions(python)}"
+
+
+def run(bench: harness.Bench) -> None:
+    wanted = [c for c in CASES if bench.wants(c[0])]
+    if not wanted:
+        return
+    n = bench.n(5_000, 300)
+    sides = sorted({c[1] for c in wanted} | {c[2] for c in wanted})
+    python = peers.peer_python() if any(s in PEER_SIDES for s in sides) else None
+    versions = _versions(python)
+    took: dict[str, list[float]] = {s: [] for s in [*sides, "commits"]}
+    with bench.state_manager("flowgoals") as sm, flow_floor.floor_worker(bench) as floor:
+        worker = sm.register_worker("bench-flow-goals").id
+        for i in range(max(5, bench.runs)):  # interleaved: load on a shared machine hits each side
+            _round(bench, sm, worker, floor, sides, n, took)
+            if python is not None and i < PEER_ROUNDS:
+                _peer_round(bench, python, sides, n, took)
+    for case in wanted:
+        _record(bench, case, n, took, versions)
+
+
+def _record(bench: harness.Bench, case: tuple[str, str, str, float], n: int,
+            took: dict[str, list[float]], versions: str) -> None:
+    name, tk_side, other, goal = case
+    extra: dict[str, Any] = {"toolkit_loop": tk_side, "other": other}
+    note = "reported beside it (no goal)" if goal == 0 else ""
+    if other in PEER_SIDES:
+        extra["peers"] = versions
+    elif took["commits"]:  # what bounds the floor: one-row commits/s, fsync on
+        c = took["commits"]
+        extra["pg_commits_per_s"] = {"median": statistics.median(c), "min": min(c),
+                                     "max": max(c), "runs": len(c)}
+        note = (f"PostgreSQL one-row commits/s in this run: {statistics.median(c):,.0f} "
+                f"({min(c):,.0f}-{max(c):,.0f})")
+    bench.record("flow", name, n, harness.rate(n, took[tk_side], "jobs/s"),
+                 harness.rate(n, [s for s in took[other] if s > 0], "jobs/s"),
+                 harness.at_least(goal), floor_name=NAMES[other], note=note, extra=extra)
+
+if __name__ == "__main__":
+    harness.main(run, __doc__)
