@@ -306,3 +306,16 @@ def test_fail_jobs_backs_off_like_fail_job(make_sm: Any) -> None:
     for j in out:
         assert sm.get_job(j.id).run_at == j.run_at  # type: ignore[union-attr]
     assert sm.check_consistency().ok
+
+
+def test_a_bulk_requeue_runs_at_once_like_enqueue(sm: toolkit.StateManager) -> None:
+    wf = sm.create_workflow("bulk", jobs=[{"name": "a", "delay": 60}])
+    a = sm.list_jobs(workflow_id=wf.id)[0]
+    sm.register_worker("w")
+    sm.assign_job(a.id, "w")  # an operator's direct assignment, before the job's time
+    sm.fail_job(a.id, "boom", retry=False)
+    sm.apply_action(sm.plan_action("requeue", status="failed", reason="test"), progress=False)
+    assert sm.get_job(a.id).run_at is None  # type: ignore[union-attr]
+    got = sm.dequeue("w")
+    assert got is not None and got.id == a.id
+    assert sm.check_consistency().ok
