@@ -34,6 +34,7 @@ from toolkit.models import (
     WorkflowStatus,
 )
 from toolkit.recovery import RebuildReport
+from toolkit.retry_policy import RetryPolicy
 from toolkit.state import StateManager, init_state_manager
 
 state.register_inspector_factory(Inspector._bound)
@@ -57,6 +58,7 @@ __all__ = [
     "LockNotOwned",
     "NotFound",
     "RebuildReport",
+    "RetryPolicy",
     "StaleAttempt",
     "StateManager",
     "StorageUnavailable",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from toolkit import models
@@ -18,7 +19,7 @@ from toolkit.handles import Tiers
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, eviction, queue
+from toolkit.tiers.redis import cache, eviction, queue, schedule
 from toolkit.tiers.redis.client import Client
 
 if TYPE_CHECKING:
@@ -77,19 +78,38 @@ class ConsistencyReport:
         return frame
 
 
-def pg_versions(db: Database) -> tuple[dict[str, dict[str, Mapping[str, Any]]],
-                                        dict[str, dict[str, float]]]:
+Wanted = dict[str, dict[str, float]]
+"""Queue name -> job id -> queue score: the queued jobs due now, as their queues should hold them."""
+Later = dict[str, dict[str, tuple[float, float]]]
+"""Queue name -> job id -> (due time, queue score): the queued jobs scheduled for later, as
+their queues' due-time sets should hold them."""
+
+
+def place(wanted: Wanted, later: Later, row: tuple[str, str, int, int | None, datetime | None],
+          now: float) -> None:
+    """Note where a queued job ``(id, queue, priority, seq, run_at)`` belongs in Redis."""
+    job_id, name, priority, seq, run_at = row
+    score = queue.score(priority, seq or 0)
+    if run_at is not None and run_at.timestamp() > now:
+        later.setdefault(name, {})[job_id] = (run_at.timestamp(), score)
+    else:
+        wanted.setdefault(name, {})[job_id] = score
+
+
+def pg_versions(db: Database) -> tuple[dict[str, dict[str, Mapping[str, Any]]], Wanted, Later]:
     rows: dict[str, dict[str, Mapping[str, Any]]] = {}
-    wanted: dict[str, dict[str, float]] = {}
+    wanted: Wanted = {}
+    later: Later = {}
     with db.begin("check: read PostgreSQL") as conn:
         store.begin_snapshot(conn)
         for kind in KINDS:
             columns = live_columns(kind)
             rows[kind] = {r[0]: dict(zip(columns, r, strict=True))
                           for r in store.stream_live(conn, kind, columns)}
-        for job_id, name, priority, seq in store.queued_jobs(conn):
-            wanted.setdefault(name, {})[job_id] = queue.score(priority, seq or 0)
-    return rows, wanted
+        now = time.time()
+        for queued in store.queued_jobs_timed(conn):
+            place(wanted, later, queued, now)
+    return rows, wanted, later
 
 
 def _version(kind: str, row: Mapping[str, Any] | None) -> int | None:
@@ -145,23 +165,51 @@ def _why(is_live: bool, pv: int | None, mv: int | None, rv: int | None, cached: 
     return ""
 
 
-def _queue_problems(client: Client, ns: str, wanted: Mapping[str, Mapping[str, float]]
-                    ) -> list[dict[str, Any]]:
+def _queue_problems(client: Client, ns: str, wanted: Mapping[str, Mapping[str, float]],
+                    later: Later) -> list[dict[str, Any]]:
     inflight = queue.inflight_ids(client, ns)
     problems = []
     seen: dict[str, str] = {}
-    for name in sorted(set(wanted) | queue.queue_names(client, ns)):
+    for name in sorted(set(wanted) | set(later) | queue.queue_names(client, ns)):
         current = dict(queue.members(client, ns, name))
         want = wanted.get(name, {})
+        waiting = dict(schedule.members(client, ns, name))  # due, awaiting promotion
+        scores = schedule.queue_scores(client, ns, list(waiting))
+        problems += _schedule_problems(name, waiting, scores, later.get(name, {}), want)
         for job_id in want:
-            if job_id not in current and job_id not in inflight:
+            if job_id not in current and job_id not in inflight and job_id not in waiting:
                 problems.append(_queue_row(job_id, f"queued in PostgreSQL but not in queue {name!r}"))
         for job_id in current:
-            if job_id not in want:
+            if job_id in later.get(name, {}):
+                problems.append(_queue_row(job_id, f"in queue {name!r} before its run_at"))
+            elif job_id not in want:
                 problems.append(_queue_row(job_id, f"in queue {name!r} but not queued there in PostgreSQL"))
             elif job_id in seen:
                 problems.append(_queue_row(job_id, f"in queues {seen[job_id]!r} and {name!r}"))
             seen[job_id] = name
+    return problems
+
+
+def _schedule_problems(name: str, waiting: Mapping[str, float], scores: Mapping[str, float],
+                       later: Mapping[str, tuple[float, float]],
+                       want: Mapping[str, float]) -> list[dict[str, Any]]:
+    """A queue's due-time set against PostgreSQL: every job scheduled for later, at its time,
+    with the queue score its promotion will give it."""
+    problems = []
+    for job_id, (due, score) in later.items():
+        if job_id not in waiting:
+            problems.append(_queue_row(job_id, f"scheduled in PostgreSQL but not in the "
+                                               f"due-time set of queue {name!r}"))
+        elif abs(waiting[job_id] - due) > 1e-3:
+            problems.append(_queue_row(job_id, f"due at {waiting[job_id]:.3f} in Redis, "
+                                               f"{due:.3f} in PostgreSQL"))
+        elif scores.get(job_id) != score:
+            problems.append(_queue_row(job_id, f"scheduled in queue {name!r} with queue score "
+                                               f"{scores.get(job_id)} in Redis, {score} expected"))
+    for job_id in waiting:
+        if job_id not in later and job_id not in want:
+            problems.append(_queue_row(job_id, f"in the due-time set of queue {name!r} but "
+                                               "not queued there in PostgreSQL"))
     return problems
 
 
@@ -189,11 +237,11 @@ def compare_all(t: Tiers, *, with_memory: bool = True) -> list[dict[str, Any]]:
     With ``with_memory=False`` (an Inspector not bound to a StateManager) the
     memory columns are empty and memory is not judged.
     """
-    live, wanted = pg_versions(t.db)
+    live, wanted, later = pg_versions(t.db)
     rows, _ = _compare(t if with_memory else dataclasses.replace(t, memory=Memory()), live,
                        keep_consistent=True)
     by_id = {(r["entity"], r["id"]): r for r in rows}
-    for q in _queue_problems(t.redis, t.ns, wanted):
+    for q in _queue_problems(t.redis, t.ns, wanted, later):
         row = by_id.get(("job", q["id"]))
         if row is None:
             rows.append(q)
@@ -214,13 +262,13 @@ def check(t: Tiers) -> ConsistencyReport:
     PostgreSQL snapshot, then Redis and memory) and only what persists is reported.
     """
     start = time.perf_counter()
-    live, wanted = pg_versions(t.db)
+    live, wanted, later = pg_versions(t.db)
     problems, checked = _compare(t, live)
-    problems += _queue_problems(t.redis, t.ns, wanted)
+    problems += _queue_problems(t.redis, t.ns, wanted, later)
     if problems:
-        live, wanted = pg_versions(t.db)
+        live, wanted, later = pg_versions(t.db)
         again, _ = _compare(t, live)
-        again += _queue_problems(t.redis, t.ns, wanted)
+        again += _queue_problems(t.redis, t.ns, wanted, later)
         first = {(p["entity"], p["id"]) for p in problems}
         problems = [p for p in again if (p["entity"], p["id"]) in first]
     paused = paused_problems(t)

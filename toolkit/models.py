@@ -182,6 +182,9 @@ class Job(_Entity):
     started_at: datetime | None
     finished_at: datetime | None
     version: int
+    run_at: datetime | None = None
+    """When a queued job may be handed out (None: as soon as it is queued). A job queued
+    with ``run_at`` in the future is *scheduled*: a delayed job, or a retry backing off."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", JobStatus(self.status))

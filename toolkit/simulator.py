@@ -137,7 +137,8 @@ class Simulator:
         with self._lock:
             fail = self._random.random() < self.failure_rate
         if fail:
-            self.sm.fail_job(job_id, "simulated failure")
+            # Retried at once, as before retries backed off: the scenarios time their runs.
+            self.sm.fail_job(job_id, "simulated failure", retry_in=0)
             self._ack("failed", job_id, worker_id)
         else:
             self.sm.complete_job(job_id, {"worker": worker_id})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -30,6 +30,7 @@ from toolkit.manager import (
     workflows,
     working,
 )
+from toolkit.retry_policy import Backoff, RetryPolicy, policy_setting
 from toolkit.tiers.redis import eviction
 
 if TYPE_CHECKING:
@@ -195,6 +196,15 @@ class StateManager:
     @claim_lease.setter
     def claim_lease(self, seconds: float) -> None:
         self._dispatch.claim_lease = seconds
+
+    @property
+    def retry_policy(self) -> RetryPolicy | Backoff:
+        """The default wait before a retry: a ``RetryPolicy`` or a function of the attempt."""
+        return self._pipe.retry_policy
+
+    @retry_policy.setter
+    def retry_policy(self, policy: RetryPolicy | Mapping[str, float] | Backoff) -> None:
+        self._pipe.retry_policy = policy_setting(policy)
 
     # -- the verbs: each is the room's method (its signature and docstring) --------------
 

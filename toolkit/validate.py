@@ -7,9 +7,10 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from toolkit import errors, masking
+from toolkit import errors, masking, retry_policy
 
 MAX_ID_LENGTH = 255
 MAX_JSON_BYTES = 1_000_000
@@ -209,7 +210,32 @@ def status(field: str, value: Any, enum: type[Any]) -> Any:
         raise errors.ValidationError(field, value, f"must be one of {allowed}") from None
 
 
-_SPEC_KEYS = frozenset({"name", "priority", "queue", "payload", "max_attempts", "depends_on", "id"})
+def run_at(run_at: Any, delay: Any, now: datetime, prefix: str = "") -> datetime | None:
+    """Return when a job may run, from ``run_at`` (an aware datetime) or ``delay`` (seconds).
+
+    At most one of the two; None when neither is given. ``run_at`` must be aware
+    and within :data:`~toolkit.retry_policy.MAX_DELAY` of ``now`` either side (a
+    time in the recent past runs at once; one further back is a mistake, such as
+    an epoch of 0). ``delay`` is finite seconds in ``[0, MAX_DELAY]``.
+    """
+    if delay is not None and run_at is not None:
+        raise errors.ValidationError(f"{prefix}delay", delay, "give run_at or delay, not both")
+    if delay is not None:
+        return now + timedelta(seconds=retry_policy.checked_delay(f"{prefix}delay", delay))
+    if run_at is None:
+        return None
+    if not isinstance(run_at, datetime) or run_at.utcoffset() is None:
+        raise errors.ValidationError(f"{prefix}run_at", run_at, "must be a timezone-aware datetime")
+    span = timedelta(seconds=retry_policy.MAX_DELAY)
+    if not now - span <= run_at <= now + span:
+        raise errors.ValidationError(f"{prefix}run_at", run_at,
+                                     "must lie within 366 days of now, either side")
+    return run_at.astimezone(UTC)
+
+
+_SPEC_KEYS = frozenset({"name", "priority", "queue", "payload", "max_attempts", "depends_on", "id",
+                        "run_at", "delay", "retry"})
+_TIMING_KEYS = ("run_at", "delay", "retry")
 
 
 def job_specs(jobs: Any) -> list[dict[str, Any]]:
@@ -274,8 +300,24 @@ def _job_spec(i: int, job: Any) -> dict[str, Any]:
         depends_on = ()
     else:
         depends_on = names(f"jobs[{i}].depends_on", depends_on)
-    return {"id": job_id, "name": name, "priority": priority, "queue": queue, "payload": payload,
+    spec = {"id": job_id, "name": name, "priority": priority, "queue": queue, "payload": payload,
             "max_attempts": max_attempts, "depends_on": depends_on}
+    if any(k in job for k in _TIMING_KEYS):  # absent otherwise: request hashes stay as they were
+        _timing(f"jobs[{i}].", job, spec)
+    return spec
+
+
+def _timing(prefix: str, job: Mapping[str, Any], spec: dict[str, Any]) -> None:
+    """Fill ``run_at`` and ``retry`` (the job's own policy, as JSON) of a spec."""
+    given_at, delay = job.get("run_at"), job.get("delay")
+    spec["run_at"] = run_at(given_at, delay, datetime.now(UTC), prefix)
+    # The request as asked (a repeat under an idempotency key asks for the same delay, not
+    # for the same due time): what the key's request hash covers instead of run_at.
+    spec["schedule"] = {"run_at": given_at.isoformat() if given_at is not None else None,
+                        "delay": float(delay) if delay is not None else None}
+    spec["retry"] = None
+    if job.get("retry") is not None:
+        spec["retry"] = retry_policy.RetryPolicy.from_value(f"{prefix}retry", job["retry"]).to_json()
 
 
 def _check_acyclic(by_name: Mapping[str, Mapping[str, Any]]) -> None:

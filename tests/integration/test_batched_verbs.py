@@ -70,7 +70,7 @@ def test_fail_jobs_retries_and_fails_per_item(sm: toolkit.StateManager, raw_pg, 
     w = sm.register_worker("w1").id
     a, b = sm.dequeue_many(w, 2, start=True)
     out = sm.fail_jobs([(a.id, "boom a"), {"job_id": b.id, "error": "boom b", "attempt": 1},
-                        ("nope", "x")], worker_id=w)
+                        ("nope", "x")], worker_id=w, retry_in=0)
     assert isinstance(out[0], toolkit.Job) and out[0].status is toolkit.JobStatus.QUEUED
     assert isinstance(out[1], toolkit.Job) and out[1].status is toolkit.JobStatus.FAILED
     assert out[1].error == "boom b"

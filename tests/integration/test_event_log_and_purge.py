@@ -24,7 +24,7 @@ def test_every_state_change_is_logged_in_order(sm, raw_pg, clean) -> None:
     sm.register_worker("w1")
     sm.dequeue("w1")
     sm.start_job("a")
-    sm.fail_job("a", "boom")
+    sm.fail_job("a", "boom", retry_in=0)
     sm.dequeue("w1")
     sm.start_job("a")
     sm.complete_job("a")

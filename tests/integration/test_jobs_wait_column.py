@@ -23,7 +23,7 @@ def test_wait_s_excludes_pending_time_and_earlier_attempts(sm: toolkit.StateMana
     sm.complete_job("a")
     assert sm.dequeue("w1").id == "b"
     sm.start_job("b")
-    sm.fail_job("b", "flaky")  # re-queued: a second stay in the queue
+    sm.fail_job("b", "flaky", retry_in=0)  # re-queued: a second stay in the queue
     time.sleep(0.4)
     assert sm.dequeue("w1").id == "b"
     jobs = sm.inspector.jobs()

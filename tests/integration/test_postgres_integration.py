@@ -73,7 +73,7 @@ def test_assignment_tracking_keeps_every_attempt(sm: toolkit.StateManager) -> No
     sm.create_workflow("w", workflow_id="wf", jobs=[{"name": "x", "id": "jx", "max_attempts": 2}])
     sm.register_worker("w1")
     sm.dequeue("w1")
-    sm.fail_job("jx", "boom")
+    sm.fail_job("jx", "boom", retry_in=0)
     sm.dequeue("w1")
     sm.start_job("jx")
     sm.complete_job("jx")

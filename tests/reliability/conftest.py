@@ -192,6 +192,15 @@ def queue_census(raw: redis.Redis, namespace: str) -> Counter[str]:
     return counts
 
 
+def schedule_census(raw: redis.Redis, namespace: str) -> Counter[str]:
+    """How many times each job id appears across every due-time set (scheduled jobs)."""
+    counts: Counter[str] = Counter()
+    for name in raw.smembers(keys.queues(namespace)):
+        for job_id in raw.zrange(keys.scheduled(namespace, name), 0, -1):
+            counts[job_id] += 1
+    return counts
+
+
 def inflight_ids(raw: redis.Redis, namespace: str) -> set[str]:
     return set(raw.zrange(keys.inflight(namespace), 0, -1))
 
@@ -208,10 +217,10 @@ def assert_invariants(sm: toolkit.StateManager, raw: redis.Redis, libpq_url: str
     report = sm.check_consistency()
     assert report.ok, report.to_frame().to_string()
     statuses = pg_job_statuses(libpq_url, sm.settings.schema)
-    census = queue_census(raw, sm.ns)
+    census = queue_census(raw, sm.ns) + schedule_census(raw, sm.ns)
     queued = {j for j, s in statuses.items() if s == "queued"}
     inflight = inflight_ids(raw, sm.ns)
-    for job_id in queued:  # in exactly one queue, or popped and in flight (the janitor returns it)
+    for job_id in queued:  # in exactly one queue or due-time set, or popped and in flight
         ok = census[job_id] == 1 or (census[job_id] == 0 and job_id in inflight)
         assert ok, (job_id, census[job_id], job_id in inflight)
     assert set(census) <= queued, set(census) - queued

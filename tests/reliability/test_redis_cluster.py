@@ -76,7 +76,7 @@ def test_state_layer_essentials_on_a_redis_cluster(private: Private, cluster: se
         sm.complete_job(a.id, {"ok": 1})
         nxt = sm.dequeue("w1")
         assert nxt is not None and nxt.name in {"b", "c"}
-        sm.fail_job(nxt.id, "x")  # retried: back in its queue
+        sm.fail_job(nxt.id, "x", retry_in=0)  # retried at once: back in its queue
         with sm.lock("cl-lock", ttl=5) as lock:
             assert lock.fencing_token >= 1
             other = sm.lock("cl-lock", ttl=5, blocking_timeout=0.1)

@@ -21,7 +21,7 @@ PINNED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                            ("version", I64), ("error", S), ("payload", S), ("result", S),
                            ("idempotency_key", S), ("wait_s", F64), ("duration_s", F64),
                            ("created_at", T), ("updated_at", T),
-                           ("started_at", T), ("finished_at", T)]),
+                           ("started_at", T), ("finished_at", T), ("run_at", T)]),
     "workers": ("worker_id", S, [("hostname", S), ("status", "category"), ("alive", B),
                                  ("active_jobs", I64), ("capacity", I64), ("queues", S),
                                  ("heartbeat_age_s", F64), ("version", I64), ("metadata", S),

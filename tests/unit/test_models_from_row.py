@@ -27,7 +27,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "job": dict(id="j", workflow_id="w", name="n", status="failed", priority=2, queue="q",
                 payload={"i": 1}, result={"r": [1]}, error="boom", attempts=1, max_attempts=3,
                 worker_id="wk", depends_on=["a", "b"], created_at=NOW, updated_at=NOW,
-                started_at=NOW, finished_at=None, version=7),
+                started_at=NOW, finished_at=None, version=7, run_at=NOW),
     "worker": dict(id="wk", hostname="h", status="active", queues=["default", "x"], capacity=2,
                    metadata={}, last_heartbeat=None, registered_at=NOW, version=1),
     "assignment": dict(id="a", job_id="j", worker_id="wk", status="active", attempt=1,

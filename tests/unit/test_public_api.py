@@ -12,7 +12,8 @@ EXPECTED = [
     "AssignmentStatus", "ConfigurationError", "ConsistencyReport", "IdempotencyConflict", "Inspector",
     "InvalidTransition",
     "Job", "JobAssignment", "JobStatus", "LocalStack", "Lock", "LockNotOwned", "NotFound",
-    "RebuildReport", "StaleAttempt", "StateManager", "StorageUnavailable", "ToolkitError", "ValidationError",
+    "RebuildReport", "RetryPolicy", "StaleAttempt", "StateManager", "StorageUnavailable",
+    "ToolkitError", "ValidationError",
     "Worker", "WorkerStatus", "Workflow", "WorkflowStatus", "__version__", "init_state_manager",
     "local_stack",
 ]

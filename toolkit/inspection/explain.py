@@ -128,6 +128,7 @@ def explain(source: Analytics, job_id: str, *, unmask: bool | None = None) -> Ex
         "name", "workflow_id", "status", "queue", "priority", "attempts", "max_attempts",
         "worker_id")}
     facts["job_id"] = job_id
+    facts["run_at"] = _scalar(job.get("run_at"))
     status = str(facts["status"])
     name = f"Job {facts['name']!r} ({job_id})"
     handler = _BY_STATUS.get(status, _finished)
@@ -183,11 +184,29 @@ def _deleted(job_id: str, events: pd.DataFrame, timeline: pd.DataFrame) -> Expla
     return Explanation(job_id, "deleted", verdict, facts, timeline)
 
 
+def _scheduled(facts: dict[str, Any], events: pd.DataFrame, now: pd.Timestamp) -> str | None:
+    """When a scheduled job (a delay, or a retry backing off) will run; None when it is due."""
+    run_at = facts.get("run_at")
+    if run_at is None or pd.Timestamp(run_at) <= now:
+        return None
+    when = (f"it will run at {pd.Timestamp(run_at):%Y-%m-%d %H:%M:%S} UTC, in "
+            f"{human_seconds((pd.Timestamp(run_at) - now).total_seconds())} (not handed out before)")
+    failed = events[events["event"] == "failed"]
+    if facts["attempts"] and len(failed):
+        error = _detail(failed["detail"].iloc[-1]).get("error")
+        return (f"it is scheduled for a retry: attempt {facts['attempts']} failed "
+                f"({error!r}) and the retry backs off; {when}.")
+    return f"it is scheduled: {when}."
+
+
 def _queued(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
             now: pd.Timestamp) -> list[str]:
     out: list[str] = []
-    q = source.queue()
     name = str(facts["queue"])
+    later = _scheduled(facts, events, now)
+    if later:
+        return [later, _serving(source, facts, name)]
+    q = source.queue()
     if facts["job_id"] in q.index and bool(q.loc[facts["job_id"], "in_flight"]):
         out.append("a worker has just popped it and the assignment is being committed.")
     elif facts["job_id"] in q.index:
@@ -196,6 +215,9 @@ def _queued(source: Analytics, facts: dict[str, Any], events: pd.DataFrame,
         facts["queue_length"] = len(mine)
         facts["higher_priority_ahead"] = int((mine["priority"] > facts["priority"]).sum())
         out.append(_place(facts, name))
+    elif facts.get("run_at") is not None:  # due, still in its queue's due-time set
+        out.append(f"it was scheduled for {pd.Timestamp(facts['run_at']):%Y-%m-%d %H:%M:%S} UTC "
+                   f"and is due: the next dequeue on queue {name!r} moves it into the queue.")
     else:
         out.append(f"PostgreSQL says queued but it is not in the Redis queue {name!r}: "
                    "run `toolkit check --repair`.")

@@ -52,7 +52,7 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
         "queue": STRING, "priority": "Int64", "attempts": "Int64", "max_attempts": "Int64",
         "version": "Int64", "error": STRING, "payload": STRING, "result": STRING,
         "idempotency_key": STRING, "wait_s": "Float64", "duration_s": "Float64", "created_at": UTC_TIME,
-        "updated_at": UTC_TIME, "started_at": UTC_TIME, "finished_at": UTC_TIME,
+        "updated_at": UTC_TIME, "started_at": UTC_TIME, "finished_at": UTC_TIME, "run_at": UTC_TIME,
     }),
     "workers": ("worker_id", {
         "hostname": STRING, "status": WORKER_STATUS, "alive": "boolean", "active_jobs": "Int64",
@@ -126,6 +126,8 @@ COLUMN_DOCS: Mapping[str, Mapping[str, str]] = {
                   "its 'assigned' event (the measure of wait_times()); NA while pending or queued "
                   "and for a job never assigned. Never includes time pending on a dependency.",
         "duration_s": "finished_at - started_at (NA until both are set).",
+        "run_at": "when the job may be handed out (set by run_at=/delay= or a retry's backoff); "
+                  "a queued job with run_at in the future is scheduled. NA: at once.",
     },
     "assignments": {"duration_s": "finished_at - assigned_at of the attempt."},
     "workers": {"heartbeat_age_s": "seconds since the latest heartbeat seen in Redis or PostgreSQL."},
@@ -220,6 +222,16 @@ def key_column(ids: pd.Series, keys: pa.Table) -> pd.Series:
     by_id = pd.Series(table["key"].array, index=table["entity_id"]) if len(table) else \
         pd.Series([], dtype=STRING)
     return ids.map(by_id).astype(STRING)
+
+
+def add_job_extras(df: pd.DataFrame, keys: pa.Table, run_at: pa.Table) -> None:
+    """Add ``idempotency_key`` (from ``export.idempotency_keys``) and ``run_at`` (from
+    ``export.run_at_times``: when a queued job may run; NA for none) to a jobs frame."""
+    df["idempotency_key"] = key_column(df["job_id"], keys)
+    times = from_arrow(run_at)
+    by_id = (pd.Series(times["run_at"].astype("Int64").array, index=times["job_id"]) if len(times)
+             else pd.Series([], dtype="Int64"))
+    df["run_at"] = epoch_us_to_utc(df["job_id"].map(by_id).astype("Int64").array)
 
 
 def from_arrow(table: pa.Table) -> pd.DataFrame:

@@ -133,7 +133,7 @@ def read_jobs(db: Database, q: Query) -> pd.DataFrame:
     df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
     df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
     df["duration_s"] = frames.seconds_between(df["finished_at"], df["started_at"])
-    df["idempotency_key"] = frames.key_column(df["job_id"], export.idempotency_keys(db, "job"))
+    frames.add_job_extras(df, export.idempotency_keys(db, "job"), export.run_at_times(db))
     return frames.conform("jobs", df)
 
 

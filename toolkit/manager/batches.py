@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit import errors, failpoints, models, validate
+from toolkit.manager import scheduling
 from toolkit.manager.dispatch import Dispatch
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
@@ -200,6 +201,7 @@ class Batches:
 
     def _pop(self, names: list[str], n: int) -> list[queue.Claim]:
         p = self.pipe
+        self.dispatch.promoter.run(names)  # due scheduled jobs join their queues first
         claims = queue.claim_many(p.redis, p.ns, names, n, time.time() + self.dispatch.claim_lease)
         if claims:  # a crash from here to the commit leaves them in flight, for the janitor
             failpoints.reach("after_claim", ",".join(c.job_id for c in claims))
@@ -326,20 +328,23 @@ class Batches:
         _completed(ch, b, rows, now)
 
     def fail_jobs(self, items: Sequence[Any], *, retry: bool = True,
-                  worker_id: str | None = None) -> list[Outcome]:
+                  worker_id: str | None = None, retry_in: float | None = None) -> list[Outcome]:
         """Fail many assigned or running jobs in one transaction; one outcome per item.
 
         An item is ``(job_id, error)`` or a mapping with ``job_id``, ``error`` and
         the fences ``worker_id``/``attempt``. With ``retry``, a job with attempts
-        left is queued again (as ``fail_job``). Each item is refused alone.
+        left is queued again after its backoff, or ``retry_in`` seconds (as
+        ``fail_job``). Each item is refused alone.
         """
         parsed = parse_items(items, "error", worker_id)
+        wait = scheduling.retry_in_seconds(retry_in)
         b = _Batch()
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
             b.reset()
             rows, ended = pgb.fail_jobs(conn, parsed, bool(retry), now)
+            rows = scheduling.back_off(conn, rows, self.pipe.retry_policy, now, wait)
             _refuse(self.pipe, conn, b, parsed, rows, JS.FAILED)
             ch.add_all("job", rows)
             ch.add_all("assignment", ended)

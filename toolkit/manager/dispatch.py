@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 from toolkit import failpoints, models, validate
-from toolkit.manager import jobs
+from toolkit.manager import jobs, scheduling
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
 from toolkit.models import JobStatus as JS
@@ -60,6 +60,7 @@ class Dispatch:
         self.workers = workers
         self.claim_lease = CLAIM_LEASE
         self._last_janitor = 0.0
+        self.promoter = scheduling.Promoter(pipe.tiers)
 
     def assign_job(self, job_id: str, worker_id: str) -> models.JobAssignment:
         """Assign a queued job to a worker directly (bypassing the queue order)."""
@@ -86,6 +87,7 @@ class Dispatch:
         self.janitor()
         p = self.pipe
         while True:
+            self.promoter.run(names)  # due scheduled jobs join their queues first
             claim = queue.claim(p.redis, p.ns, names, time.time() + self.claim_lease)
             if claim is None:
                 left = deadline - time.monotonic()

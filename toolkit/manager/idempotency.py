@@ -57,7 +57,7 @@ def workflow_request(name: str, metadata: Mapping[str, Any], workflow_id: str | 
     names = {s["id"]: s["name"] for s in specs}
     return {
         "create": "workflow", "name": name, "metadata": metadata, "workflow_id": workflow_id,
-        "jobs": [{**{k: v for k, v in s.items() if k != "id"}, "id": given.get("id"),
+        "jobs": [{**{k: v for k, v in s.items() if k not in ("id", "run_at")}, "id": given.get("id"),
                   "depends_on": [names[d] for d in s["depends_on"]]}
                  for s, given in zip(specs, jobs, strict=True)],
     }
@@ -67,7 +67,7 @@ def job_request(workflow_id: str, spec: Mapping[str, Any], depends_on: Iterable[
                 job_id: str | None) -> dict[str, Any]:
     """A ``create_job`` call in normal form (``spec`` as validated)."""
     return {"create": "job", "workflow_id": workflow_id,
-            **{k: v for k, v in spec.items() if k not in ("id", "depends_on")},
+            **{k: v for k, v in spec.items() if k not in ("id", "depends_on", "run_at")},
             "depends_on": list(depends_on), "id": job_id}
 
 

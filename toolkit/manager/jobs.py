@@ -17,8 +17,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from toolkit import errors, models, validate
-from toolkit.manager import idempotency
+from toolkit import errors, models, retry_policy, validate
+from toolkit.manager import idempotency, scheduling
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import lifecycle, store
@@ -37,7 +37,7 @@ def job_row(workflow_id: str, spec: Mapping[str, Any], now: datetime, seqs: Any)
         "attempts": 0, "max_attempts": spec["max_attempts"], "worker_id": None,
         "depends_on": list(spec["depends_on"]), "enqueue_seq": next(seqs) if queued else None,
         "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
-        "version": 1,
+        "version": 1, "run_at": spec.get("run_at"), "retry_policy": spec.get("retry"),
     }
 
 
@@ -127,19 +127,26 @@ class Jobs:
     def create(self, workflow_id: str, name: str, *, priority: int = 0,
                queue: str = "default", payload: Any = None, max_attempts: int = 3,
                depends_on: Sequence[str] = (), job_id: str | None = None,
-               idempotency_key: str | None = None) -> models.Job:
+               idempotency_key: str | None = None, run_at: datetime | None = None,
+               delay: float | None = None,
+               retry: retry_policy.RetryPolicy | Mapping[str, float] | None = None) -> models.Job:
         """Add a job to a workflow; queued at once unless a dependency is not completed.
 
-        ``depends_on`` names jobs of the same workflow, by id or by name. With
+        ``run_at`` (an aware datetime) or ``delay`` (seconds) schedules it: it is not
+        handed out before then (a dependent released earlier waits for it). ``retry``
+        is its own backoff (a ``RetryPolicy`` or a dict of its fields) instead of the
+        manager's ``retry_policy``. ``depends_on`` names jobs of the same workflow, by id or by name. With
         ``idempotency_key``, a repeat of the call returns the job the first call
         made and writes nothing; a different request under the key raises
         ``IdempotencyConflict`` (as in ``create_workflow``).
         """
         validate.identifier("workflow_id", workflow_id)
         taken = idempotency.key(idempotency_key)
+        timing = {k: v for k, v in (("run_at", run_at), ("delay", delay), ("retry", retry))
+                  if v is not None}
         spec = validate.job_specs([{
             "name": name, "priority": priority, "queue": queue, "payload": payload,
-            "max_attempts": max_attempts, "id": job_id,
+            "max_attempts": max_attempts, "id": job_id, **timing,
         }])[0]
         deps = validate.names("depends_on", depends_on)
         now = self.pipe.now()
@@ -225,8 +232,12 @@ class Jobs:
         raise errors.ValidationError("status", status,
                                      "a job is assigned through assign_job() or dequeue()")
 
-    def enqueue(self, job_id: str) -> models.Job:
-        """Queue a pending or failed job (pushed to its queue).
+    def enqueue(self, job_id: str, *, run_at: datetime | None = None,
+                delay: float | None = None) -> models.Job:
+        """Queue a pending or failed job (pushed to its queue, or scheduled).
+
+        ``run_at`` (an aware datetime) or ``delay`` (seconds) schedules it; without
+        either it may run at once (a schedule it had is cleared).
 
         A manual re-queue never runs a job past its budget: a job that used up
         its attempts is granted one more (``max_attempts`` becomes
@@ -234,8 +245,9 @@ class Jobs:
         of a job that ran before is logged as a ``retried`` event with
         ``manual: true``, its ``max_attempts`` and ``attempts_left``.
         """
+        due = scheduling.when(run_at, delay, self.pipe.now())
         return self.move(job_id, JS.QUEUED, {"enqueue": True, "worker_id": None,
-                                             "finished_at": None,
+                                             "finished_at": None, "run_at": due,
                                              "max_attempts": store.ONE_MORE_ATTEMPT},
                          steps=[log_manual_retry, roll_up])
 
@@ -270,18 +282,27 @@ class Jobs:
                          steps=[end_assignment("cancelled"), roll_up, count("jobs_cancelled")])
 
     def fail(self, job_id: str, error: str, *, retry: bool = True, worker_id: str | None = None,
-             attempt: int | None = None) -> models.Job:
+             attempt: int | None = None, retry_in: float | None = None) -> models.Job:
         """Fail an assigned or running job; re-queue it while attempts remain (when ``retry``).
 
+        The retry waits: ``retry_in`` seconds when given (0: at once), else the
+        job's own ``retry`` policy, else the manager's ``retry_policy`` (by default
+        exponential backoff from 1 s, capped at 300 s, ±10 % jitter); its ``run_at``
+        says when. A policy function that answers anything but a number of seconds
+        in ``[0, 366 days]`` raises ``ValidationError`` and nothing is written.
         ``worker_id``/``attempt`` fence the call to one attempt, as in ``start_job``.
         """
         validate.identifier("job_id", job_id)
         error = validate.text("error", error)
         guard = attempt_guard(worker_id, attempt)
+        wait = scheduling.retry_in_seconds(retry_in)
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            row = lifecycle.fail_job(conn, job_id, error, bool(retry), now, guard)
+            locked = lifecycle.failing_job(conn, job_id) if retry else None
+            due = (scheduling.retry_at(locked, self.pipe.retry_policy, wait, now)
+                   if locked and locked["attempts"] < locked["max_attempts"] else None)
+            row = lifecycle.fail_job(conn, job_id, error, bool(retry), now, guard, due)
             if row is None:
                 raise self.pipe.refusal(conn, "job", job_id, JS.FAILED, guard)
             ch.rows.insert(0, ("job", row))
@@ -292,7 +313,8 @@ class Jobs:
                      error=error)
             requeued = row["status"] == JS.QUEUED
             if requeued:
-                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"])
+                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"],
+                         **scheduling.retry_detail(row, now))
             ch.add("workflow", rollup(conn, row["workflow_id"], now))
             ch.counters["jobs_failed"] += 1
             if requeued:

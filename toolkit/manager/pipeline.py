@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from toolkit import config, errors, failpoints, models, single_flight, validate
+from toolkit import config, errors, failpoints, models, retry_policy, single_flight, validate
 from toolkit.handles import Tiers
 from toolkit.manager.watermark import Watermark
 from toolkit.models import JobStatus as JS
@@ -36,7 +36,7 @@ from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import db as pg_db
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, metrics, queue, watermark
+from toolkit.tiers.redis import cache, metrics, queue, schedule, watermark
 from toolkit.tiers.redis.client import Client
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,28 @@ def queue_moves(rows: Sequence[tuple[str, Mapping[str, Any]]]
     return pushes, removes
 
 
+def split_scheduled(rows: Sequence[tuple[str, Mapping[str, Any]]],
+                    pushes: list[tuple[str, str, int, int]], now: float
+                    ) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, str, int, int, float]]]:
+    """Split queue pushes into the jobs due now and those scheduled later (with their due time).
+
+    A job whose last row has ``run_at`` after ``now`` goes to its queue's due-time set.
+    """
+    if not pushes or all(row.get("run_at") is None for _, row in rows):
+        return pushes, []  # the usual batch: one pass, nothing built
+    due_at = {row["id"]: row.get("run_at") for kind, row in rows if kind == "job"}
+    ready: list[tuple[str, str, int, int]] = []
+    later: list[tuple[str, str, int, int, float]] = []
+    for push in pushes:
+        at = due_at.get(push[0])
+        due = at.timestamp() if at is not None else 0.0
+        if due > now:
+            later.append((*push, due))
+        else:
+            ready.append(push)
+    return ready, later
+
+
 class Pipeline:
     """The three tiers of one StateManager, and the paths through them."""
 
@@ -136,6 +158,8 @@ class Pipeline:
         self.watermark = Watermark(self.redis, self.ns)
         self.memory_max_age = MEMORY_MAX_AGE
         self.tx_attempts = TX_ATTEMPTS
+        self.retry_policy: retry_policy.RetryPolicy | retry_policy.Backoff = retry_policy.RetryPolicy()
+        """The default wait before a retry (``StateManager.retry_policy``)."""
         self._cold_reads: single_flight.SingleFlight[models.Entity | None] = \
             single_flight.SingleFlight()
 
@@ -200,15 +224,19 @@ class Pipeline:
             pipe = self.redis.pipeline()
             cache.put(self.redis, self.ns, entities, pipe=pipe)
             pushes, removes = queue_moves(changes.rows)
+            pushes, later = split_scheduled(changes.rows, pushes, time.time())
+            # Removals first: a job leaving one queue for another keeps what its push wrote
+            # (a scheduled job's queue score is keyed by the job alone).
             queue.remove_many(self.ns, removes, pipe=pipe)
+            queue.remove_many(self.ns, changes.unqueue, pipe=pipe)
             queue.push_many(self.ns, pushes, pipe=pipe)
+            schedule.add_many(self.ns, later, pipe=pipe)
             for kind, entity_id in changes.deleted:
                 cache.delete(self.ns, kind, [entity_id], pipe=pipe)
             watermark.done_deleting(self.ns, changes.deleted, pipe=pipe)
             announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
             announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
             cache.publish_many(self.ns, announced, pipe=pipe)
-            queue.remove_many(self.ns, changes.unqueue, pipe=pipe)
             now = time.time()
             for name, amount in changes.counters.items():
                 metrics.incr(self.redis, self.ns, name, amount, now, pipe=pipe)
@@ -228,11 +256,13 @@ class Pipeline:
         entities = build_entities(rows)
         self.fill_redis(entities)
         pushes, _ = queue_moves(rows)
-        if pushes:
+        pushes, later = split_scheduled(rows, pushes, time.time())
+        if pushes or later:
             try:
                 inflight = queue.inflight_ids(self.redis, self.ns)
                 pipe = self.redis.pipeline()
                 queue.push_missing(self.ns, [p for p in pushes if p[0] not in inflight], pipe=pipe)
+                schedule.add_many(self.ns, later, pipe=pipe)
                 self.redis.call("restore queued jobs", pipe.execute)
             except errors.StorageUnavailable as exc:
                 log.warning("queued jobs not restored to Redis (repair() will): %s", exc,

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from toolkit import config, errors, recovery
 from toolkit.manager import recorded
+from toolkit.retry_policy import Backoff, RetryPolicy, policy_setting
 from toolkit.tiers.postgres import migrate
 from toolkit.tiers.redis import eviction
 
@@ -26,7 +28,9 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
                        namespace: str = "wf", schema: str = "public",
                        heartbeat_ttl: float | None = None,
                        rebuild: bool | Literal["fast"] = True,
-                       require_noeviction: bool = False) -> state.StateManager:
+                       require_noeviction: bool = False,
+                       retry_policy: RetryPolicy | Mapping[str, float] | Backoff | None = None,
+                       ) -> state.StateManager:
     """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
 
     Parameters
@@ -55,6 +59,10 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         (without it, such a Redis is only named in a warning, in the log and in
         ``check_consistency().warnings``). A Redis that will not show its CONFIG is
         warned about, not refused.
+    retry_policy
+        The default wait before a job's retry (``StateManager.retry_policy``): a
+        ``RetryPolicy``, a dict of its fields, or a function ``attempt -> seconds``.
+        ``None``: ``RetryPolicy()`` (1 s, doubling, capped at 300 s, ±10 % jitter).
 
     Raises
     ------
@@ -71,7 +79,12 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         heartbeat_ttl=recorded.DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None else heartbeat_ttl)
     from toolkit.state import StateManager  # the facade imports this module
 
+    try:
+        policy = policy_setting(RetryPolicy() if retry_policy is None else retry_policy)
+    except errors.ValidationError as exc:
+        raise errors.ConfigurationError(str(exc)) from None
     sm = StateManager(settings, listen=False)
+    sm.retry_policy = policy
     try:
         migrate.upgrade(sm.db)
         recorded.settle(sm._pipe, stated=heartbeat_ttl is not None, claim_lease=sm.claim_lease)

@@ -71,7 +71,8 @@ class Working:
         """Run jobs with ``handler`` until stopped; return what was done.
 
         ``handler(job)`` returns the job's result (JSON) or raises: the job is then
-        failed with ``"ExceptionType: message"`` (retried by its attempts rule).
+        failed with ``"ExceptionType: message"`` (retried by its attempts rule,
+        after the wait of its retry policy).
         ``batch`` jobs are claimed at a time (one Redis script and one
         transaction, :meth:`dequeue_many`); ``max_jobs`` ends the loop after
         that many finished jobs; ``idle_timeout`` ends it after that many

@@ -7,12 +7,13 @@ Queue keys are written only through ``tiers/redis/queue.py``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
 from toolkit.handles import Tiers
 from toolkit.tiers.postgres import records, store
-from toolkit.tiers.redis import queue
+from toolkit.tiers.redis import queue, schedule
 from toolkit.tiers.redis.client import chunks
 
 WHOLE_QUEUE_AT = 1_000
@@ -64,27 +65,32 @@ def return_claims(t: Tiers, *, before: float) -> int:
     return moved
 
 
-def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]]) -> tuple[int, int]:
+def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]],
+              later: Mapping[str, Mapping[str, tuple[float, float]]] | None = None
+              ) -> tuple[int, int]:
     """Make every queue hold exactly the jobs PostgreSQL calls queued; return (added, removed).
 
     A job found in a queue that the snapshot did not call queued is checked
     again in PostgreSQL before it is removed, so a job another coordinator
     queued after the snapshot is left alone. Jobs in flight are left to the
-    janitor.
+    janitor. With ``later`` (the jobs scheduled for later, per queue: due time
+    and queue score), the jobs due now are in ``wanted``, and each queue's
+    due-time set is made to hold exactly ``later`` (:func:`reconcile_schedule`).
     """
     client, ns = t.redis, t.ns
     inflight = queue.inflight_ids(client, ns)
     added = removed = 0
-    for name in sorted(set(wanted) | queue.queue_names(client, ns)):
+    for name in sorted(set(wanted) | set(later or {}) | queue.queue_names(client, ns)):
         current = dict(queue.members(client, ns, name))
         want = wanted.get(name, {})
+        early = (later or {}).get(name, {})
         add = {j: s for j, s in want.items() if current.get(j) != s and j not in inflight}
         extra = [j for j in current if j not in want]
         if extra or add:
             # Read both sets again: another coordinator may have moved them since the snapshot.
             with t.db.begin("reconcile queues") as conn:
                 still = _still_queued(conn, name, [*extra, *add], len(want))
-            extra = [j for j in extra if j not in still]
+            extra = [j for j in extra if j not in still or j in early]
             add = {j: s for j, s in add.items() if j in still}
 
         def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
@@ -96,6 +102,44 @@ def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]]) -> tuple[int,
             client.call("reconcile queues", go)
         added += len(add)
         removed += len(extra)
+    if later is not None:
+        more, fewer = reconcile_schedule(t, later)
+        added, removed = added + more, removed + fewer
+    return added, removed
+
+
+def reconcile_schedule(t: Tiers, later: Mapping[str, Mapping[str, tuple[float, float]]]
+                       ) -> tuple[int, int]:
+    """Make each queue's due-time set hold exactly the jobs scheduled for later; (added, removed).
+
+    A member the snapshot did not schedule is checked again in PostgreSQL (still
+    queued there with ``run_at`` in the future: left alone) before it is removed.
+    A due job is removed from the set: the queue reconciliation has put it in its queue.
+    """
+    client, ns = t.redis, t.ns
+    added = removed = 0
+    for name in sorted(set(later) | queue.queue_names(client, ns)):
+        current = dict(schedule.members(client, ns, name))
+        want = later.get(name, {})
+        known = schedule.queue_scores(client, ns, [j for j in want if j in current])
+        add = {j: v for j, v in want.items()
+               if j not in current or abs(current[j] - v[0]) > 1e-3 or known.get(j) != v[1]}
+        drop = [j for j in current if j not in want]
+        if drop:
+            with t.db.begin("reconcile schedule") as conn:
+                keep = store.still_scheduled(conn, name, drop, datetime.now(UTC))
+            drop = [j for j in drop if j not in keep]
+
+        def go(add: dict[str, tuple[float, float]] = add, drop: list[str] = drop,
+               name: str = name) -> None:
+            pipe = client.pipeline()
+            schedule.correct(ns, name, add, drop, pipe=pipe)
+            pipe.execute()
+
+        if add or drop:
+            client.call("reconcile schedule", go)
+        added += len(add)
+        removed += len(drop)
     return added, removed
 
 
@@ -123,8 +167,12 @@ def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
     for chunk in chunks(sorted(job_ids), CHECK_CHUNK):
         with t.db.begin("settle queues") as conn:
             rows = store.get_many(conn, "job", chunk)
+        now = datetime.now(UTC)
         back = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"]) for r in rows
-                if r["status"] == "queued" and r["id"] not in inflight]
+                if r["status"] == "queued" and r["id"] not in inflight
+                and not (r["run_at"] and r["run_at"] > now)]
+        later = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"], r["run_at"].timestamp())
+                 for r in rows if r["status"] == "queued" and r["run_at"] and r["run_at"] > now]
         out = [r for r in rows if r["status"] != "queued" and r["id"] not in inflight]
         if out:
             with t.db.begin("settle queues") as conn:
@@ -135,13 +183,15 @@ def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
         pairs = [(r["id"], r["queue"]) for r in out]
 
         def go(back: list[tuple[str, str, int, int]] = back,
-               pairs: list[tuple[str, str]] = pairs) -> None:
+               pairs: list[tuple[str, str]] = pairs,
+               later: list[tuple[str, str, int, int, float]] = later) -> None:
             pipe = client.pipeline()
             queue.push_missing(ns, back, pipe=pipe)
+            schedule.add_many(ns, later, pipe=pipe)  # scheduled: its due-time set, not its queue
             queue.remove_many(ns, pairs, pipe=pipe)
             pipe.execute()
 
-        if back or out:
+        if back or out or later:
             client.call("settle queues", go)
         added += len(back)
         removed += len(out)

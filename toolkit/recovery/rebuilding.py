@@ -61,41 +61,47 @@ def _progress(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, disable=not show, desc="rebuild", unit="row", leave=False)
 
 
-def _snapshot(db: Database, progress: bool | None) -> tuple[dict[str, list[models.Entity]],
-                                                            dict[str, dict[str, float]],
-                                                            dict[str, int]]:
+def _snapshot(db: Database, progress: bool | None
+              ) -> tuple[dict[str, list[models.Entity]], compare.Wanted, compare.Later,
+                         dict[str, int]]:
     """Read the live state in one REPEATABLE READ snapshot."""
     entities: dict[str, list[models.Entity]] = {}
-    wanted: dict[str, dict[str, float]] = {}
+    wanted: compare.Wanted = {}
+    later: compare.Later = {}
     with db.begin("rebuild: read PostgreSQL") as conn:
         store.begin_snapshot(conn)
         counts = store.count_live(conn)
         bar = _progress(sum(counts.values()), progress)
         try:
             for kind in ("workflow", "worker", "assignment", "job"):
-                entities[kind] = _read_live(conn, kind, bar, wanted)
+                entities[kind] = _read_live(conn, kind, bar, wanted, later)
         finally:
             bar.close()
         checkpoints = records.metric_checkpoints(conn)
-    return entities, wanted, checkpoints
+    return entities, wanted, later, checkpoints
 
 
-def _read_live(conn: sa.Connection, kind: str, bar: Any,
-               wanted: dict[str, dict[str, float]]) -> list[models.Entity]:
-    """Build the live entities of ``kind`` (and note queued jobs in ``wanted``)."""
+def _read_live(conn: sa.Connection, kind: str, bar: Any, wanted: compare.Wanted,
+               later: compare.Later) -> list[models.Entity]:
+    """Build the live entities of ``kind`` (and note queued jobs in ``wanted`` or ``later``)."""
     columns = compare.live_columns(kind)
     out: list[models.Entity] = []
     append, build, score = out.append, models.row_builder(kind), queue.score
-    i_id, i_status, i_queue, i_priority, i_seq = (
+    i_id, i_status, i_queue, i_priority, i_seq, i_run_at = (
         columns.index(c) if c in columns else -1
-        for c in ("id", "status", "queue", "priority", "enqueue_seq"))
+        for c in ("id", "status", "queue", "priority", "enqueue_seq", "run_at"))
     is_job = kind == "job"
     step = 0
+    now = time.time()
     for values in store.stream_live(conn, kind, columns):
         append(build(values))
         if is_job and values[i_status] == "queued":
-            wanted.setdefault(values[i_queue], {})[values[i_id]] = score(
-                values[i_priority], values[i_seq] or 0)
+            if values[i_run_at] is None:  # the usual case, kept fast
+                wanted.setdefault(values[i_queue], {})[values[i_id]] = score(
+                    values[i_priority], values[i_seq] or 0)
+            else:
+                compare.place(wanted, later, (values[i_id], values[i_queue], values[i_priority],
+                                              values[i_seq], values[i_run_at]), now)
         step += 1
         if step == PROGRESS_STEP:
             bar.update(step)
@@ -113,7 +119,7 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
         PostgreSQL or Redis failed; memory is left as it was if PostgreSQL failed.
     """
     start = time.perf_counter()
-    entities, wanted, checkpoints = _snapshot(t.db, progress)
+    entities, wanted, later, checkpoints = _snapshot(t.db, progress)
     for kind in KINDS:
         t.memory.replace(kind, entities[kind])
     live: dict[str, set[str]] = {kind: {e.id for e in entities[kind]} for kind in KINDS}
@@ -128,14 +134,15 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
     # flight: return them now rather than after their lease.
     queues.return_claims(t, before=float("inf"))
     queues.restore_paused(t)
-    queues.reconcile(t, wanted)
+    queues.reconcile(t, wanted, later)
     metrics.raise_to(t.redis, t.ns, checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
     watermark.mark_rebuilt(t.redis, t.ns, time.time())
     return RebuildReport(
         workflows=len(entities["workflow"]), jobs=len(entities["job"]),
         workers=len(entities["worker"]), assignments=len(entities["assignment"]),
-        queued=sum(len(v) for v in wanted.values()), seconds=time.perf_counter() - start,
+        queued=sum(len(v) for v in wanted.values()) + sum(len(v) for v in later.values()),
+        seconds=time.perf_counter() - start,
     )
 
 

@@ -68,9 +68,9 @@ def repair(t: Tiers) -> compare.ConsistencyReport:
         bad.setdefault(row["entity"], set()).add(row["id"])
     for kind, ids in bad.items():
         fix_cache(t, kind, list(ids))
-    _, wanted = compare.pg_versions(t.db)
+    _, wanted, later = compare.pg_versions(t.db)
     queues.restore_paused(t)
-    queues.reconcile(t, wanted)
+    queues.reconcile(t, wanted, later)
     with t.db.begin("repair: read metric checkpoints") as conn:
         metrics.raise_to(t.redis, t.ns, records.metric_checkpoints(conn))
     heartbeats.boot_time(t.redis, t.ns, time.time())

@@ -104,7 +104,7 @@ def values_for(verb: str, value: Any, reason: str | None, now: datetime) -> dict
     j = t.jobs
     if verb == "requeue":  # what enqueue() does: a job out of attempts is granted one more
         return {"status": "queued", "enqueue_seq": t.enqueue_seq.next_value(), "worker_id": None,
-                "finished_at": None, "updated_at": now,
+                "finished_at": None, "updated_at": now, "run_at": None,  # at once, as enqueue()
                 "max_attempts": sa.func.greatest(j.c.max_attempts, j.c.attempts + 1)}
     if verb == "cancel":
         return {"status": "cancelled", "finished_at": now, "updated_at": now}

@@ -20,7 +20,7 @@ from pyarrow import csv as pacsv
 from toolkit.tiers.postgres.db import Database
 
 TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "finished_at", "last_heartbeat",
-                          "registered_at", "assigned_at", "bucket_start", "at"})
+                          "registered_at", "assigned_at", "bucket_start", "at", "run_at"})
 
 
 def _column(expr: str, alias: str) -> sql.Composable:
@@ -153,6 +153,22 @@ def idempotency_keys(db: Database, kind: str) -> pa.Table:
     query = sql.SQL("SELECT {} AS entity_id, key FROM {} WHERE {}").format(
         sql.Identifier(column), sql.Identifier(db.schema, "idempotency_keys"), made)
     return copy_query(db, query, (), ["entity_id", "key"])
+
+
+_HAS_RUN_AT = sql.SQL("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE "
+                      "table_schema = %s AND table_name = 'jobs' AND column_name = 'run_at')")
+
+
+def run_at_times(db: Database) -> pa.Table:
+    """When each scheduled (or once scheduled) job may run: ``job_id, run_at`` (epoch microseconds).
+
+    No rows from a schema not yet migrated to 0009 (an Inspector newer than the coordinator).
+    """
+    if not scalar_rows(db, _HAS_RUN_AT, [db.schema])[0][0]:
+        return pa.table({"job_id": pa.array([], pa.string()), "run_at": pa.array([], pa.int64())})
+    query = sql.SQL("SELECT id AS job_id, {} FROM {} WHERE run_at IS NOT NULL").format(
+        _column("run_at", "run_at"), sql.Identifier(db.schema, "jobs"))
+    return copy_query(db, query, (), ["job_id", "run_at"])
 
 
 def job_counts(db: Database) -> pa.Table:

@@ -187,9 +187,24 @@ def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> 
     return store.all_rows(conn.execute(q))
 
 
+def failing_job(conn: sa.Connection, job_id: str) -> store.Row | None:
+    """Lock a job about to fail; return its attempts, budget and own retry policy.
+
+    None when it is not assigned or running (the failure's update will say why).
+    """
+    j = t.jobs
+    stmt = (sa.select(j.c.id, j.c.attempts, j.c.max_attempts, j.c.retry_policy)
+            .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"])).with_for_update())
+    return store.one_row(conn.execute(stmt))
+
+
 def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: datetime,
-             guard: Mapping[str, Any] | None = None) -> store.Row | None:
-    """Fail an assigned or running job; with ``retry`` and attempts left, queue it again."""
+             guard: Mapping[str, Any] | None = None, run_at: datetime | None = None
+             ) -> store.Row | None:
+    """Fail an assigned or running job; with ``retry`` and attempts left, queue it again.
+
+    A re-queued job gets ``run_at`` (when its retry may run; None: at once).
+    """
     j = t.jobs
     again = sa.and_(sa.literal(retry), j.c.attempts < j.c.max_attempts)
     stmt = (
@@ -201,11 +216,26 @@ def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: dat
             enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
             worker_id=sa.case((again, sa.null()), else_=j.c.worker_id),
             finished_at=sa.case((again, sa.null()), else_=now),
+            run_at=sa.case((again, sa.literal(run_at, t.TZ)), else_=j.c.run_at),
             error=error, version=j.c.version + 1, updated_at=now,
         )
         .returning(j)
     )
     return store.one_row(conn.execute(stmt))
+
+
+def set_run_at(conn: sa.Connection, due: Mapping[str, datetime]) -> None:
+    """Set ``run_at`` of jobs just moved in this transaction (job id -> when): ONE statement.
+
+    The version is not bumped: the rows keep the version their move gave them.
+    """
+    if not due:
+        return
+    j = t.jobs
+    u = sa.func.unnest(sa.bindparam("_ids", list(due), type_=ARRAY(sa.Text)),
+                       sa.bindparam("_ats", list(due.values()), type_=ARRAY(t.TZ))).table_valued(
+        sa.column("id", sa.Text), sa.column("at", t.TZ)).render_derived(name="u")
+    conn.execute(sa.update(j).where(j.c.id == u.c.id).values(run_at=u.c.at))
 
 
 def reclaim_jobs(conn: sa.Connection, job_ids: Sequence[str], now: datetime, *,

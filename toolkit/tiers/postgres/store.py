@@ -22,12 +22,12 @@ Row = Mapping[str, Any]
 JOB_COPY_COLUMNS = (
     "id", "workflow_id", "name", "status", "priority", "queue", "payload", "result", "error",
     "attempts", "max_attempts", "worker_id", "depends_on", "enqueue_seq", "created_at",
-    "updated_at", "started_at", "finished_at", "version",
+    "updated_at", "started_at", "finished_at", "version", "run_at", "retry_policy",
 )
 JOB_COPY_TYPES = (
     "text", "text", "text", "text", "int4", "text", "jsonb", "jsonb", "text",
     "int4", "int4", "text", "text[]", "int8", "timestamptz",
-    "timestamptz", "timestamptz", "timestamptz", "int8",
+    "timestamptz", "timestamptz", "timestamptz", "int8", "timestamptz", "jsonb",
 )
 """PostgreSQL types of :data:`JOB_COPY_COLUMNS`, for the binary COPY."""
 
@@ -342,6 +342,22 @@ def queued_jobs(conn: sa.Connection) -> list[tuple[str, str, int, int]]:
     q = (sa.select(t.jobs.c.id, t.jobs.c.queue, t.jobs.c.priority, t.jobs.c.enqueue_seq)
          .where(t.jobs.c.status == "queued"))
     return [(r[0], r[1], r[2], r[3]) for r in conn.execute(q)]
+
+
+def queued_jobs_timed(conn: sa.Connection) -> list[tuple[str, str, int, int, datetime | None]]:
+    """Return ``(id, queue, priority, enqueue_seq, run_at)`` of every queued job."""
+    j = t.jobs
+    q = sa.select(j.c.id, j.c.queue, j.c.priority, j.c.enqueue_seq, j.c.run_at).where(j.c.status == "queued")
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in conn.execute(q)]
+
+
+def still_scheduled(conn: sa.Connection, queue_name: str, ids: Sequence[str], after: datetime
+                    ) -> set[str]:
+    """Which of ``ids`` PostgreSQL calls queued on ``queue_name`` with ``run_at`` after ``after``."""
+    j = t.jobs
+    q = sa.select(j.c.id).where(any_of(j.c.id, ids), j.c.status == "queued",
+                                j.c.queue == queue_name, j.c.run_at > after)
+    return {r[0] for r in conn.execute(q)}
 
 
 # -- driver-level reads (the rebuild) ---------------------------------------------------------

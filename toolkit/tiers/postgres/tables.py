@@ -93,6 +93,8 @@ jobs = Table(
     Column("started_at", TZ),
     Column("finished_at", TZ),
     Column("version", BigInteger, nullable=False),
+    Column("run_at", TZ),  # 0009: when a queued job may run (NULL: at once)
+    Column("retry_policy", JSONB(none_as_null=True)),  # 0009: the job's own backoff
     UniqueConstraint("workflow_id", "name"),
     Index("ix_jobs_status_workflow_id", "status", "workflow_id"),  # roll-up probes (0003)
     Index(None, "worker_id"),

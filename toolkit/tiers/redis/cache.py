@@ -26,7 +26,7 @@ FINAL_TTL_MS = 24 * 3600 * 1000
 
 _DATETIME_FIELDS = frozenset(
     {"created_at", "updated_at", "started_at", "finished_at", "last_heartbeat",
-     "registered_at", "assigned_at"}
+     "registered_at", "assigned_at", "run_at"}
 )
 
 

@@ -43,6 +43,7 @@ SCRIPT_NAMES = (
     "incr_metrics",
     "raise_metrics",
     "beat_workers",
+    "promote_due",
 )
 
 

@@ -14,6 +14,11 @@ key                                    type        holds
 ``{ns}:assignment:<id>``               string      cached active assignment: ``<version>|<json>``
 ``{ns}:queue:<name>``                  zset        queued job ids; score = -priority*1e12 + seq
 ``{ns}:queues``                        set         names of queues that were ever used
+``{ns}:scheduled:<name>``              zset        a queue's jobs not due yet (queued in
+                                                   PostgreSQL with ``run_at`` in the future);
+                                                   score = due time (unix seconds)
+``{ns}:scheduled_meta``                hash        job id -> its score in the queue, for
+                                                   the promotion (``promote_due.lua``)
 ``{ns}:paused``                        set         names of paused queues (mirror of PostgreSQL's
                                                    ``paused_queues``; the claim script skips them)
 ``{ns}:inflight``                      zset        job ids popped but not yet committed;
@@ -101,6 +106,14 @@ def queues(ns: str) -> str:
     return f"{prefix(ns)}queues"
 
 
+def scheduled(ns: str, name: str) -> str:
+    """Return the due-time sorted set of a queue's scheduled jobs (score: due time)."""
+    return f"{prefix(ns)}scheduled:{name}"
+
+
+def scheduled_meta(ns: str) -> str:
+    """Return the hash of the queue scores of scheduled jobs (job id -> score)."""
+    return f"{prefix(ns)}scheduled_meta"
 def paused_queues(ns: str) -> str:
     """Return the set of paused queue names (a mirror of PostgreSQL's ``paused_queues``)."""
     return f"{prefix(ns)}paused"

@@ -89,7 +89,8 @@ def remove_many(ns: str, jobs: Iterable[tuple[str, str]], *, pipe: Any) -> None:
     """Queue removing many ``(job id, queue)`` from their queues and the in-flight set.
 
     Leaves what :func:`remove` of each job leaves, with one ZREM per queue and
-    one ZREM and HDEL of the in-flight set (per :data:`PUSH_CHUNK` jobs).
+    one ZREM and HDEL of the in-flight set (per :data:`PUSH_CHUNK` jobs); the same
+    for the queue's due-time set and the schedule's meta hash (a scheduled job).
     """
     by_queue: dict[str, list[str]] = {}
     for job_id, queue_name in jobs:
@@ -101,6 +102,11 @@ def remove_many(ns: str, jobs: Iterable[tuple[str, str]], *, pipe: Any) -> None:
     for chunk in chunks(every, PUSH_CHUNK):
         pipe.zrem(keys.inflight(ns), *chunk)
         pipe.hdel(keys.inflight_meta(ns), *chunk)
+    for queue_name, ids in by_queue.items():  # a scheduled job leaves its due-time set
+        for chunk in chunks(ids, PUSH_CHUNK):
+            pipe.zrem(keys.scheduled(ns, queue_name), *chunk)
+    for chunk in chunks(every, PUSH_CHUNK):
+        pipe.hdel(keys.scheduled_meta(ns), *chunk)
 
 
 def correct(ns: str, queue_name: str, scores: Mapping[str, float], drop: Sequence[str], *,
