@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit import models
 from toolkit.handles import Tiers
+from toolkit.models import EntityKind as Kind
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
@@ -34,7 +35,7 @@ REPORT_COLUMNS = (
 
 def live_columns(kind: str) -> tuple[str, ...]:
     """The columns the rebuild and the check read: the model's fields, then the job's enqueue sequence."""
-    return models.field_names(kind) + (("enqueue_seq",) if kind == "job" else ())
+    return models.field_names(kind) + (("enqueue_seq",) if kind == Kind.JOB else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +215,7 @@ def _schedule_problems(name: str, waiting: Mapping[str, float], scores: Mapping[
 
 
 def _queue_row(job_id: str, why: str) -> dict[str, Any]:
-    return {"entity": "job", "id": job_id, "in_memory": False, "in_redis": True,
+    return {"entity": Kind.JOB.value, "id": job_id, "in_memory": False, "in_redis": True,
             "in_postgres": True, "memory_version": None, "redis_version": None,
             "postgres_version": None, "consistent": False, "problem": why}
 
@@ -242,7 +243,7 @@ def compare_all(t: Tiers, *, with_memory: bool = True) -> list[dict[str, Any]]:
                        keep_consistent=True)
     by_id = {(r["entity"], r["id"]): r for r in rows}
     for q in _queue_problems(t.redis, t.ns, wanted, later):
-        row = by_id.get(("job", q["id"]))
+        row = by_id.get((Kind.JOB, q["id"]))
         if row is None:
             rows.append(q)
         else:

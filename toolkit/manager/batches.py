@@ -29,6 +29,7 @@ from toolkit.manager import scheduling
 from toolkit.manager.dispatch import Dispatch
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
+from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import batches as pgb
 from toolkit.tiers.postgres import lifecycle
@@ -134,7 +135,7 @@ def _refuse(pipe: Pipeline, conn: sa.Connection, b: _Batch, items: Sequence[pgb.
     done = {r["id"] for r in moved}
     for item in items:
         if item.job_id not in done:
-            b.refused[item.job_id] = pipe.refusal(conn, "job", item.job_id, target, _guard(item))
+            b.refused[item.job_id] = pipe.refusal(conn, Kind.JOB, item.job_id, target, _guard(item))
 
 
 def _completed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
@@ -156,8 +157,8 @@ def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue
     assignments = [{"id": aids[r["id"]], "job_id": r["id"], "worker_id": worker_id,
                     "status": models.AssignmentStatus.ACTIVE.value, "attempt": r["attempts"],
                     "assigned_at": now, "finished_at": None} for r in rows]
-    ch.add_all("job", rows)
-    ch.add_all("assignment", assignments)
+    ch.add_all(Kind.JOB, rows)
+    ch.add_all(Kind.ASSIGNMENT, assignments)
     for r in rows:
         ch.event("assigned", {**r, "status": JS.ASSIGNED.value}, now)
         if start:
@@ -179,10 +180,10 @@ def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime) -> None:
     done = set(b.completed)
     if done:
         for r in pgb.release_dependents(conn, b.workflows, b.completed, now):
-            ch.add("job", r)
+            ch.add(Kind.JOB, r)
             ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
     for wf in sorted(b.workflows):
-        ch.add("workflow", lifecycle.rollup_workflow(conn, wf, now))
+        ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, wf, now))
 
 
 class Batches:
@@ -292,7 +293,7 @@ class Batches:
             b.reset()
             rows = pgb.start_jobs(conn, parsed, models.values(models.job_sources(JS.RUNNING)), now)
             _refuse(self.pipe, conn, b, parsed, rows, JS.RUNNING)
-            ch.add_all("job", rows)
+            ch.add_all(Kind.JOB, rows)
             for r in rows:
                 ch.event("started", r, now)
 
@@ -323,8 +324,8 @@ class Batches:
         rows, ended = pgb.complete_jobs(conn, items,
                                         models.values(models.job_sources(JS.COMPLETED)), now)
         _refuse(self.pipe, conn, b, items, rows, JS.COMPLETED)
-        ch.add_all("job", rows)
-        ch.add_all("assignment", ended)
+        ch.add_all(Kind.JOB, rows)
+        ch.add_all(Kind.ASSIGNMENT, ended)
         _completed(ch, b, rows, now)
 
     def fail_jobs(self, items: Sequence[Any], *, retry: bool = True,
@@ -346,8 +347,8 @@ class Batches:
             rows, ended = pgb.fail_jobs(conn, parsed, bool(retry), now)
             rows = scheduling.back_off(conn, rows, self.pipe.retry_policy, now, wait)
             _refuse(self.pipe, conn, b, parsed, rows, JS.FAILED)
-            ch.add_all("job", rows)
-            ch.add_all("assignment", ended)
+            ch.add_all(Kind.JOB, rows)
+            ch.add_all(Kind.ASSIGNMENT, ended)
             _failed(ch, b, rows, ended, {i.job_id: i.value for i in parsed}, now)
             _finish(conn, ch, b, now)
 

@@ -33,6 +33,7 @@ from toolkit import errors, validate
 from toolkit.manager import jobs as job_steps
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.planning import VERBS, ActionPlan, ActionResult, plan_on, plan_read_only
+from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import bulk as pg_bulk
 from toolkit.tiers.postgres import lifecycle, store
@@ -146,7 +147,7 @@ class Bulk:
         self.pipe.write(f"bulk {plan.verb}", tx)
         resync = holder[0]
         if resync.rows or resync.deleted:
-            queued = sum(1 for k, r in resync.rows if k == "job" and r["status"] == JS.QUEUED)
+            queued = sum(1 for k, r in resync.rows if k == Kind.JOB and r["status"] == JS.QUEUED)
             resync.counters["jobs_queued"] -= queued  # not queued again: Redis is only caught up
             with self.pipe.watermark.pending():
                 self.pipe.apply(resync)
@@ -169,16 +170,16 @@ def _change(conn: sa.Connection, ch: Changes, plan: ActionPlan, ids: list[str], 
     held: dict[str, list[str]] = {}  # a deleted job's assignments, named in its event
     if plan.verb == "delete":
         rows, gone = pg_bulk.delete_batch(conn, ids, versions, VERBS["delete"])
-        ch.deleted += [("job", r["id"]) for r in rows] + [("assignment", a) for a, _ in gone]
+        ch.deleted += [(Kind.JOB, r["id"]) for r in rows] + [(Kind.ASSIGNMENT, a) for a, _ in gone]
         ch.unqueue += [(r["id"], r["queue"]) for r in rows]
         for a, job_id in gone:  # so a resumed apply can drop their copies
             held.setdefault(job_id, []).append(a)
     else:
         values = pg_bulk.values_for(plan.verb, plan.value, plan.reason, now)
         rows = pg_bulk.update_batch(conn, ids, versions, VERBS[plan.verb], values)
-        ch.add_all("job", rows)
+        ch.add_all(Kind.JOB, rows)
     if plan.verb in ("cancel", "fail") and rows:
-        ch.add_all("assignment", lifecycle.end_assignments(
+        ch.add_all(Kind.ASSIGNMENT, lifecycle.end_assignments(
             conn, "cancelled" if plan.verb == "cancel" else "failed", now,
             job_ids=[r["id"] for r in rows]))
     for r in rows:
@@ -192,7 +193,7 @@ def _change(conn: sa.Connection, ch: Changes, plan: ActionPlan, ids: list[str], 
     if plan.verb in COUNTER_OF:
         ch.counters[COUNTER_OF[plan.verb]] += len(rows)
     for wf in sorted({r["workflow_id"] for r in rows}):
-        ch.add("workflow", job_steps.rollup(conn, wf, now))
+        ch.add(Kind.WORKFLOW, job_steps.rollup(conn, wf, now))
     return rows
 
 
@@ -201,17 +202,17 @@ def _resync(conn: sa.Connection, ch: Changes, done: list[str], queues: Mapping[s
     """Bring Redis up to the jobs this action changed in an earlier, interrupted apply."""
     if not done:
         return
-    rows = {r["id"]: r for r in store.get_many(conn, "job", done)}
+    rows = {r["id"]: r for r in store.get_many(conn, Kind.JOB, done)}
     gone = [i for i in done if i not in rows]
     if gone:
-        ch.deleted += [("assignment", a) for a in pg_bulk.deleted_assignments(conn, gone, action_id)]
+        ch.deleted += [(Kind.ASSIGNMENT, a) for a in pg_bulk.deleted_assignments(conn, gone, action_id)]
     for job_id in done:
         row = rows.get(job_id)
         if row is None:
-            ch.deleted.append(("job", job_id))
+            ch.deleted.append((Kind.JOB, job_id))
             ch.unqueue.append((job_id, queues[job_id]))
             continue
-        ch.add("job", row)
+        ch.add(Kind.JOB, row)
         if row["status"] != JS.QUEUED or row["queue"] != queues[job_id]:
             ch.unqueue.append((job_id, queues[job_id]))
 

@@ -22,6 +22,7 @@ from toolkit import failpoints, models, validate
 from toolkit.manager import jobs, scheduling
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
+from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
 from toolkit.recovery import queues as recovered_queues
 from toolkit.tiers.postgres import lifecycle, records, store
@@ -43,11 +44,11 @@ def assign(conn: sa.Connection, ch: Changes, job_id: str, worker_id: str, pipe: 
     assignment = {"id": validate.new_id(), "job_id": job_id, "worker_id": worker_id,
                   "status": models.AssignmentStatus.ACTIVE.value, "attempt": row["attempts"],
                   "assigned_at": now, "finished_at": None}
-    store.insert(conn, "assignment", assignment)
-    ch.add("job", row)
-    ch.add("assignment", assignment)
+    store.insert(conn, Kind.ASSIGNMENT, assignment)
+    ch.add(Kind.JOB, row)
+    ch.add(Kind.ASSIGNMENT, assignment)
     if wf_status is not None:
-        ch.add("workflow", lifecycle.rollup_workflow(conn, row["workflow_id"], now))
+        ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, row["workflow_id"], now))
     ch.counters["jobs_assigned"] += 1
     return True
 
@@ -131,12 +132,12 @@ class Dispatch:
             moved = lifecycle.unclaim_jobs(conn, ids, worker_id, now)
             ended = lifecycle.end_assignments(conn, "reclaimed", now,
                                               job_ids=[r["id"] for r in moved])
-            ch.add_all("job", moved)
-            ch.add_all("assignment", ended)
+            ch.add_all(Kind.JOB, moved)
+            ch.add_all(Kind.ASSIGNMENT, ended)
             for row in moved:
                 ch.event("reclaimed", row, now, worker_id=worker_id, rule="returned unstarted")
             for wf in sorted({r["workflow_id"] for r in moved}):
-                ch.add("workflow", jobs.rollup(conn, wf, now))
+                ch.add(Kind.WORKFLOW, jobs.rollup(conn, wf, now))
 
         if not ids:
             return []

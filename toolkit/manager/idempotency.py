@@ -32,6 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit import errors, models, validate
+from toolkit.models import EntityKind as Kind
 from toolkit.tiers.postgres import records, store
 
 Rows = list[tuple[str, Mapping[str, Any]]]
@@ -90,10 +91,10 @@ def claim(conn: sa.Connection, taken: str, digest: str, workflow_id: str, job_id
         entity, entity_id = "workflow", found["workflow_id"]
     if found["request_hash"] != digest:
         raise errors.IdempotencyConflict(taken, entity, entity_id)
-    if entity == "job":
-        return [("job", _require(store.get(conn, "job", entity_id), "job", entity_id))]
-    wf = _require(store.get(conn, "workflow", entity_id), "workflow", entity_id)
-    return [("workflow", wf), *(("job", r) for r in store.select_where(conn, "job",
+    if entity == Kind.JOB:
+        return [(Kind.JOB, _require(store.get(conn, Kind.JOB, entity_id), Kind.JOB, entity_id))]
+    wf = _require(store.get(conn, Kind.WORKFLOW, entity_id), Kind.WORKFLOW, entity_id)
+    return [(Kind.WORKFLOW, wf), *((Kind.JOB, r) for r in store.select_where(conn, Kind.JOB,
                                                                        workflow_id=entity_id))]
 
 

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from toolkit import errors, models, retry_policy, validate
 from toolkit.manager import idempotency, scheduling
 from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import lifecycle, store
 
@@ -79,14 +80,14 @@ Step = Callable[[sa.Connection, Changes, Moved], None]
 def end_assignment(ending: str) -> Step:
     """End the job's active assignment as ``ending`` (completed, cancelled, ...)."""
     def step(conn: sa.Connection, ch: Changes, m: Moved) -> None:
-        ch.add_all("assignment", lifecycle.end_assignments(conn, ending, m.now, job_ids=[m.row["id"]]))
+        ch.add_all(Kind.ASSIGNMENT, lifecycle.end_assignments(conn, ending, m.now, job_ids=[m.row["id"]]))
     return step
 
 
 def release_dependents(conn: sa.Connection, ch: Changes, m: Moved) -> None:
     """Queue the pending jobs whose last unmet dependency this was."""
     released = lifecycle.release_dependents(conn, m.row["workflow_id"], m.row["id"], m.now)
-    ch.add_all("job", released)
+    ch.add_all(Kind.JOB, released)
     for r in released:
         ch.event("queued", r, m.now, released_by=m.row["id"])
 
@@ -101,7 +102,7 @@ def log_manual_retry(conn: sa.Connection, ch: Changes, m: Moved) -> None:
 def roll_up(conn: sa.Connection, ch: Changes, m: Moved) -> None:
     """Recompute the workflow's status (its row was locked by the move)."""
     if m.workflow_locked:
-        ch.add("workflow", lifecycle.rollup_workflow(conn, m.row["workflow_id"], m.now))
+        ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, m.row["workflow_id"], m.now))
 
 
 def count(counter: str) -> Step:
@@ -164,10 +165,10 @@ class Jobs:
             seqs = iter(store.next_seqs(conn, 0 if unmet else 1))
             row = job_row(workflow_id, {**spec, "depends_on": unmet}, now, seqs)
             row["depends_on"] = [r["id"] for r in dep_rows]
-            store.insert(conn, "job", row)
-            ch.add("job", row)
+            store.insert(conn, Kind.JOB, row)
+            ch.add(Kind.JOB, row)
             if wf_status == models.WorkflowStatus.FAILED:  # new work: it may be running again
-                ch.add("workflow", lifecycle.rollup_workflow(conn, workflow_id, now))
+                ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, workflow_id, now))
             ch.event("created", row, now)
             if row["status"] == JS.QUEUED:
                 ch.event("queued", row, now)
@@ -178,7 +179,7 @@ class Jobs:
 
     def get(self, job_id: str) -> models.Job | None:
         """Return a job, or None when there is none with that id."""
-        return self.pipe.get("job", job_id)  # type: ignore[return-value]
+        return self.pipe.get(Kind.JOB, job_id)  # type: ignore[return-value]
 
     def find(self, *, workflow_id: str | None = None, status: str | None = None,
              worker_id: str | None = None) -> list[models.Job]:
@@ -188,7 +189,7 @@ class Jobs:
         for field, value in (("workflow_id", workflow_id), ("worker_id", worker_id)):
             if value is not None:
                 validate.identifier(field, value)
-        return self.pipe.select("job", workflow_id=workflow_id, status=status, worker_id=worker_id)
+        return self.pipe.select(Kind.JOB, workflow_id=workflow_id, status=status, worker_id=worker_id)
 
     def move(self, job_id: str, target: JS, values: Mapping[str, Any],
              steps: Sequence[Step] = (), guard: Mapping[str, Any] | None = None) -> models.Job:
@@ -202,11 +203,11 @@ class Jobs:
                 conn, job_id, {"status": target.value, **vals}, statuses_in=models.job_sources(target),
                 now=now, event=_EVENT_OF[target], guard=guard, lock_workflow=roll_up in steps)
             if row is None:
-                raise self.pipe.refusal(conn, "job", job_id, target, guard)
+                raise self.pipe.refusal(conn, Kind.JOB, job_id, target, guard)
             moved = Moved(row, wf_status is not None, now)
             for step in steps:
                 step(conn, ch, moved)
-            ch.rows.insert(0, ("job", row))
+            ch.rows.insert(0, (Kind.JOB, row))
 
         # A bare move is one statement (the update, its event): it commits by itself.
         return self.pipe.write(f"job -> {target.value}", tx,  # type: ignore[return-value]
@@ -304,10 +305,10 @@ class Jobs:
                    if locked and locked["attempts"] < locked["max_attempts"] else None)
             row = lifecycle.fail_job(conn, job_id, error, bool(retry), now, guard, due)
             if row is None:
-                raise self.pipe.refusal(conn, "job", job_id, JS.FAILED, guard)
-            ch.rows.insert(0, ("job", row))
+                raise self.pipe.refusal(conn, Kind.JOB, job_id, JS.FAILED, guard)
+            ch.rows.insert(0, (Kind.JOB, row))
             ended = lifecycle.end_assignments(conn, "failed", now, job_ids=[job_id])
-            ch.add_all("assignment", ended)
+            ch.add_all(Kind.ASSIGNMENT, ended)
             failed_by = ended[0]["worker_id"] if ended else None
             ch.event("failed", {**row, "status": JS.FAILED.value}, now, worker_id=failed_by,
                      error=error)
@@ -315,7 +316,7 @@ class Jobs:
             if requeued:
                 ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"],
                          **scheduling.retry_detail(row, now))
-            ch.add("workflow", rollup(conn, row["workflow_id"], now))
+            ch.add(Kind.WORKFLOW, rollup(conn, row["workflow_id"], now))
             ch.counters["jobs_failed"] += 1
             if requeued:
                 ch.counters["jobs_retried"] += 1
@@ -328,7 +329,7 @@ def _lock_and_resolve(conn: sa.Connection, workflow_id: str, deps: Sequence[str]
     """Lock the workflow of a new job; return its status and the dependencies (by id or name)."""
     wf_status = lifecycle.lock_workflow(conn, workflow_id)
     if wf_status is None:
-        raise errors.NotFound("workflow", workflow_id)
+        raise errors.NotFound(Kind.WORKFLOW, workflow_id)
     if wf_status in (models.WorkflowStatus.CANCELLED, models.WorkflowStatus.COMPLETED):
         raise errors.ValidationError("workflow_id", workflow_id, f"the workflow is {wf_status}")
     dep_rows = lifecycle.resolve_jobs(conn, workflow_id, deps)

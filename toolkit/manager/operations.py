@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from toolkit import errors, models, validate
 from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import lifecycle, store
 
@@ -67,13 +68,13 @@ class Operations:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             before = lifecycle.lock_job(conn, job_id)
             if before is None:
-                raise errors.NotFound("job", job_id)
+                raise errors.NotFound(Kind.JOB, job_id)
             if before["status"] not in EDITABLE:
-                raise errors.InvalidTransition("job", job_id, before["status"], "edited")
+                raise errors.InvalidTransition(Kind.JOB, job_id, before["status"], "edited")
             now = self.pipe.now()
-            row = store.update(conn, "job", job_id, values, now=now)
+            row = store.update(conn, Kind.JOB, job_id, values, now=now)
             assert row is not None  # locked above, in a status that stays
-            ch.add("job", row)
+            ch.add(Kind.JOB, row)
             if row["status"] == JS.QUEUED and row["queue"] != before["queue"]:
                 ch.unqueue.append((job_id, before["queue"]))
             detail: dict[str, Any] = {k: [before[k], row[k]] for k in values if before[k] != row[k]}

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from toolkit import config, errors, failpoints, models, retry_policy, single_flight, validate
 from toolkit.handles import Tiers
 from toolkit.manager.watermark import Watermark
+from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
 from toolkit.recovery import invalidation
 from toolkit.tiers.memory import KINDS, Memory
@@ -111,7 +112,7 @@ def queue_moves(rows: Sequence[tuple[str, Mapping[str, Any]]]
     last: dict[tuple[str, str], Mapping[str, Any]] = {}
     removes: list[tuple[str, str]] = []
     for kind, row in rows:
-        if kind != "job":
+        if kind != Kind.JOB:
             continue
         pair = (row["id"], row["queue"])
         last[pair] = row
@@ -131,7 +132,7 @@ def split_scheduled(rows: Sequence[tuple[str, Mapping[str, Any]]],
     """
     if not pushes or all(row.get("run_at") is None for _, row in rows):
         return pushes, []  # the usual batch: one pass, nothing built
-    due_at = {row["id"]: row.get("run_at") for kind, row in rows if kind == "job"}
+    due_at = {row["id"]: row.get("run_at") for kind, row in rows if kind == Kind.JOB}
     ready: list[tuple[str, str, int, int]] = []
     later: list[tuple[str, str, int, int, float]] = []
     for push in pushes:
@@ -202,7 +203,7 @@ class Pipeline:
     def apply(self, changes: Changes) -> list[models.Entity]:
         """Push committed changes to Redis (one pipeline), then memory. Never raises."""
         entities = build_entities(changes.rows)
-        queued = sum(1 for kind, row in changes.rows if kind == "job" and row["status"] == JS.QUEUED)
+        queued = sum(1 for kind, row in changes.rows if kind == Kind.JOB and row["status"] == JS.QUEUED)
         if queued:
             changes.counters["jobs_queued"] += queued
         failpoints.reach("after_commit", changes.action)

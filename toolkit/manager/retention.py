@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from toolkit import errors, models, validate
 from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.models import EntityKind as Kind
 from toolkit.tiers.postgres import records
 
 PURGEABLE = models.PURGEABLE_JOB_STATUSES
@@ -83,8 +84,8 @@ class Retention:
         with self.pipe.watermark.pending():
             with self.pipe.db.begin("purge") as conn:
                 jobs, assignment_ids = records.purge_batch(conn, chosen, before, batch)
-                changes.deleted.extend(("job", r["id"]) for r in jobs)
-                changes.deleted.extend(("assignment", a) for a in assignment_ids)
+                changes.deleted.extend((Kind.JOB, r["id"]) for r in jobs)
+                changes.deleted.extend((Kind.ASSIGNMENT, a) for a in assignment_ids)
                 changes.unqueue.extend((r["id"], r["queue"]) for r in jobs)
                 changes.counters["jobs_purged"] += len(jobs)
                 self.pipe.note_deleting(changes.deleted)

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from toolkit import errors, models, validate
 from toolkit.manager import jobs
 from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.models import EntityKind as Kind
 from toolkit.tiers.postgres import lifecycle, store
 from toolkit.tiers.redis import heartbeats
 
@@ -72,7 +73,7 @@ class Workers:
             raise errors.ValidationError("queues", queues, "must name at least one queue")
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
-            ch.add("worker", store.upsert_worker(conn, row))
+            ch.add(Kind.WORKER, store.upsert_worker(conn, row))
 
         worker = self.pipe.write("register worker", tx)[0]
         self._beat_redis([worker.id], time.time())
@@ -80,13 +81,13 @@ class Workers:
 
     def get(self, worker_id: str) -> models.Worker | None:
         """Return a worker, or None when there is none with that id."""
-        return self.pipe.get("worker", worker_id)  # type: ignore[return-value]
+        return self.pipe.get(Kind.WORKER, worker_id)  # type: ignore[return-value]
 
     def find(self, *, status: str | None = None) -> list[models.Worker]:
         """Return every worker (with that status, when given), oldest first."""
         if status is not None:
             status = validate.status("status", status, WS).value
-        return self.pipe.select("worker", status=status)
+        return self.pipe.select(Kind.WORKER, status=status)
 
     def assignments(self, *, job_id: str | None = None, worker_id: str | None = None,
                     status: str | None = None) -> list[models.JobAssignment]:
@@ -96,11 +97,11 @@ class Workers:
         for field, value in (("job_id", job_id), ("worker_id", worker_id)):
             if value is not None:
                 validate.identifier(field, value)
-        return self.pipe.select("assignment", job_id=job_id, worker_id=worker_id, status=status)
+        return self.pipe.select(Kind.ASSIGNMENT, job_id=job_id, worker_id=worker_id, status=status)
 
     def require_active(self, worker_id: str) -> models.Worker:
         """The worker, which must exist and be active."""
-        worker: models.Worker = self.pipe.require("worker", worker_id)
+        worker: models.Worker = self.pipe.require(Kind.WORKER, worker_id)
         if worker.status is not WS.ACTIVE:
             raise errors.ValidationError("worker_id", worker_id,
                                          "the worker is inactive; register it again")
@@ -128,12 +129,12 @@ class Workers:
             One of the workers is not registered; no heartbeat is recorded.
         """
         ids = list(dict.fromkeys(validate.names("worker_ids", worker_ids)))
-        workers: list[models.Worker] = [self.pipe.require("worker", w) for w in ids]
+        workers: list[models.Worker] = [self.pipe.require(Kind.WORKER, w) for w in ids]
         idle = [w.id for w in workers if w.status is not WS.ACTIVE]
         if idle:
             def tx(conn: sa.Connection, ch: Changes) -> None:
                 for wid in idle:
-                    ch.add("worker", store.update(conn, "worker", wid, {"status": WS.ACTIVE.value}))
+                    ch.add(Kind.WORKER, store.update(conn, Kind.WORKER, wid, {"status": WS.ACTIVE.value}))
             self.pipe.write("reactivate workers", tx)
         now = self.pipe.now()
         self._beat_redis(ids, now.timestamp())
@@ -166,7 +167,7 @@ class Workers:
             return
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
-            ch.add_all("worker", lifecycle.record_heartbeats(conn, beats))
+            ch.add_all(Kind.WORKER, lifecycle.record_heartbeats(conn, beats))
 
         self.pipe.write("record heartbeats", tx)
 
@@ -185,7 +186,7 @@ class Workers:
 
     def deregister(self, worker_id: str) -> models.Worker:
         """Make a worker inactive and put its active jobs back in their queues."""
-        self.pipe.require("worker", worker_id)
+        self.pipe.require(Kind.WORKER, worker_id)
         written = self._retire(worker_id, _Retirement("worker deregistered", respect_attempts=False))
         self._forget_heartbeat(worker_id)
         return next(e for e in written if isinstance(e, models.Worker))
@@ -232,7 +233,7 @@ class Workers:
     def _retire(self, worker_id: str, how: _Retirement) -> list[models.Entity]:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            row = store.update(conn, "worker", worker_id, {"status": WS.INACTIVE.value},
+            row = store.update(conn, Kind.WORKER, worker_id, {"status": WS.INACTIVE.value},
                                statuses_in=[WS.ACTIVE.value] if how.only_if_active else None)
             if row is None:
                 return
@@ -241,15 +242,15 @@ class Workers:
             capped = self._over_orphan_cap(conn, held) if how.orphaned else {}
             reclaimed = lifecycle.reclaim_jobs(conn, [j for j in held if j not in capped], now,
                                                respect_attempts=how.respect_attempts)
-            ch.add("worker", row)
-            ch.add_all("assignment", ended)
-            ch.add_all("job", reclaimed)
+            ch.add(Kind.WORKER, row)
+            ch.add_all(Kind.ASSIGNMENT, ended)
+            ch.add_all(Kind.JOB, reclaimed)
             for j in reclaimed:
                 ch.event("reclaimed", j, now, worker_id=worker_id, rule=how.rule,
                          heartbeat_age_s=how.heartbeat_age_s, orphaned=how.orphaned or None)
             abandoned = self._abandon(conn, ch, capped, worker_id, now)
             for wf in sorted({j["workflow_id"] for j in [*reclaimed, *abandoned]}):
-                ch.add("workflow", jobs.rollup(conn, wf, now))
+                ch.add(Kind.WORKFLOW, jobs.rollup(conn, wf, now))
             ch.counters["jobs_reclaimed"] += len(reclaimed)
 
         return self.pipe.write("retire worker", tx)
@@ -271,7 +272,7 @@ class Workers:
                 rows.append(row)
                 ch.event("failed", row, now, worker_id=worker_id, error=error, orphaned=True,
                          orphan_cap=self.orphan_cap)
-        ch.add_all("job", rows)
+        ch.add_all(Kind.JOB, rows)
         ch.counters["jobs_orphan_capped"] += len(rows)
         return rows
 

@@ -16,6 +16,7 @@ from toolkit import errors, models, validate
 from toolkit.manager import idempotency
 from toolkit.manager import jobs as jobs_room
 from toolkit.manager.pipeline import Changes, Pipeline
+from toolkit.models import EntityKind as Kind
 from toolkit.tiers.postgres import lifecycle, store
 
 WS = models.WorkflowStatus
@@ -83,12 +84,12 @@ class Workflows:
                 replay[:] = idempotency.claim(conn, taken, digest, wf_row["id"], None, now) or []
                 if replay:
                     return
-            store.insert(conn, "workflow", wf_row)
+            store.insert(conn, Kind.WORKFLOW, wf_row)
             seqs = iter(store.next_seqs(conn, sum(1 for s in specs if not s["depends_on"])))
             rows = [jobs_room.job_row(wf_row["id"], s, now, seqs) for s in specs]
             store.copy_jobs(conn, self.pipe.db.schema, rows)
-            ch.add("workflow", wf_row)
-            ch.add_all("job", rows)
+            ch.add(Kind.WORKFLOW, wf_row)
+            ch.add_all(Kind.JOB, rows)
             for r in rows:
                 ch.event("created", r, now)
                 if r["status"] == models.JobStatus.QUEUED:
@@ -99,17 +100,17 @@ class Workflows:
         self.pipe.write("create workflow", tx)
         if replay:
             return self.pipe.restore(replay)[0]  # type: ignore[return-value]
-        return self.pipe.require("workflow", wf_row["id"])  # type: ignore[no-any-return]
+        return self.pipe.require(Kind.WORKFLOW, wf_row["id"])  # type: ignore[no-any-return]
 
     def get(self, workflow_id: str) -> models.Workflow | None:
         """Return a workflow, or None when there is none with that id."""
-        return self.pipe.get("workflow", workflow_id)  # type: ignore[return-value]
+        return self.pipe.get(Kind.WORKFLOW, workflow_id)  # type: ignore[return-value]
 
     def find(self, status: str | None = None) -> list[models.Workflow]:
         """Return every workflow (with that status, when given), oldest first."""
         if status is not None:
             status = validate.status("status", status, WS).value
-        return self.pipe.select("workflow", status=status)
+        return self.pipe.select(Kind.WORKFLOW, status=status)
 
     def update_status(self, workflow_id: str, status: str) -> models.Workflow:
         """Set a workflow's status, following ``models.WORKFLOW_TRANSITIONS``."""
@@ -117,11 +118,11 @@ class Workflows:
         validate.identifier("workflow_id", workflow_id)
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
-            row = store.update(conn, "workflow", workflow_id, {"status": target.value},
+            row = store.update(conn, Kind.WORKFLOW, workflow_id, {"status": target.value},
                                statuses_in=models.workflow_sources(target), now=self.pipe.now())
             if row is None:
-                raise self.pipe.refusal(conn, "workflow", workflow_id, target)
-            ch.add("workflow", row)
+                raise self.pipe.refusal(conn, Kind.WORKFLOW, workflow_id, target)
+            ch.add(Kind.WORKFLOW, row)
 
         return self.pipe.write("update workflow", tx, one_statement=True)[0]  # type: ignore[return-value]
 
@@ -131,18 +132,18 @@ class Workflows:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            row = store.update(conn, "workflow", workflow_id, {"status": WS.CANCELLED.value},
+            row = store.update(conn, Kind.WORKFLOW, workflow_id, {"status": WS.CANCELLED.value},
                                statuses_in=models.workflow_sources(WS.CANCELLED), now=now)
             if row is None:
-                raise self.pipe.refusal(conn, "workflow", workflow_id, WS.CANCELLED)
+                raise self.pipe.refusal(conn, Kind.WORKFLOW, workflow_id, WS.CANCELLED)
             jobs = lifecycle.cancel_workflow_jobs(conn, workflow_id, now)
             ids = [j["id"] for j in jobs]
-            ch.add_all("assignment", lifecycle.end_assignments(conn, "cancelled", now, job_ids=ids)
+            ch.add_all(Kind.ASSIGNMENT, lifecycle.end_assignments(conn, "cancelled", now, job_ids=ids)
                        if ids else [])
-            ch.add_all("job", jobs)
+            ch.add_all(Kind.JOB, jobs)
             for j in jobs:
                 ch.event("cancelled", j, now, reason="workflow cancelled")
-            ch.add("workflow", row)
+            ch.add(Kind.WORKFLOW, row)
             ch.counters["jobs_cancelled"] += len(jobs)
 
         return self.pipe.write("cancel workflow", tx)[-1]  # type: ignore[return-value]
@@ -154,10 +155,10 @@ class Workflows:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             wf, jobs, assignment_ids = lifecycle.delete_workflow(conn, workflow_id)
             if wf is None:
-                raise errors.NotFound("workflow", workflow_id)
-            ch.deleted.append(("workflow", workflow_id))
-            ch.deleted.extend(("job", j["id"]) for j in jobs)
-            ch.deleted.extend(("assignment", a) for a in assignment_ids)
+                raise errors.NotFound(Kind.WORKFLOW, workflow_id)
+            ch.deleted.append((Kind.WORKFLOW, workflow_id))
+            ch.deleted.extend((Kind.JOB, j["id"]) for j in jobs)
+            ch.deleted.extend((Kind.ASSIGNMENT, a) for a in assignment_ids)
             self.pipe.note_deleting(ch.deleted)
             ch.unqueue.extend((j["id"], j["queue"]) for j in jobs)
             now = self.pipe.now()

@@ -22,6 +22,7 @@ import time
 from datetime import UTC, datetime
 
 from toolkit.handles import Tiers
+from toolkit.models import EntityKind as Kind
 from toolkit.recovery import queues, repairing
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.redis import heartbeats, metrics, watermark
@@ -82,7 +83,7 @@ def fast_start(t: Tiers) -> FastStartReport | None:
         changed.setdefault(kind, []).append(entity_id)
     fixed = sum(repairing.fix_cache(t, kind, sorted(set(ids))) for kind, ids in changed.items() if ids)
     queues.return_claims(t, before=float("inf"))
-    added, removed = queues.settle_jobs(t, changed.get("job", []))
+    added, removed = queues.settle_jobs(t, changed.get(Kind.JOB, []))
     metrics.raise_to(t.redis, t.ns, checkpoints)
     heartbeats.boot_time(t.redis, t.ns, started)
     _forget(t, noted, started)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from toolkit.handles import Tiers
+from toolkit.models import EntityKind as Kind
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.redis import queue, schedule
 from toolkit.tiers.redis.client import chunks
@@ -58,7 +59,7 @@ def return_claims(t: Tiers, *, before: float) -> int:
     if not claims:
         return 0
     with t.db.begin("check in-flight jobs") as conn:
-        status = store.statuses(conn, "job", [c.job_id for c in claims])
+        status = store.statuses(conn, Kind.JOB, [c.job_id for c in claims])
     moved = 0
     for c in claims:
         moved += queue.settle(t.redis, t.ns, c, requeue=status.get(c.job_id) == "queued")
@@ -166,7 +167,7 @@ def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
     added = removed = 0
     for chunk in chunks(sorted(job_ids), CHECK_CHUNK):
         with t.db.begin("settle queues") as conn:
-            rows = store.get_many(conn, "job", chunk)
+            rows = store.get_many(conn, Kind.JOB, chunk)
         now = datetime.now(UTC)
         back = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"]) for r in rows
                 if r["status"] == "queued" and r["id"] not in inflight
@@ -176,7 +177,7 @@ def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
         out = [r for r in rows if r["status"] != "queued" and r["id"] not in inflight]
         if out:
             with t.db.begin("settle queues") as conn:
-                again = {r["id"] for r in store.get_many(conn, "job", [r["id"] for r in out])
+                again = {r["id"] for r in store.get_many(conn, Kind.JOB, [r["id"] for r in out])
                          if r["status"] == "queued"}
             out = [r for r in out if r["id"] not in again]
 

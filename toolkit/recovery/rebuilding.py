@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from toolkit import compare, models
 from toolkit.handles import Tiers
+from toolkit.models import EntityKind as Kind
 from toolkit.recovery import queues, repairing
 from toolkit.tiers.memory import KINDS
 from toolkit.tiers.postgres import records, store
@@ -73,7 +74,7 @@ def _snapshot(db: Database, progress: bool | None
         counts = store.count_live(conn)
         bar = _progress(sum(counts.values()), progress)
         try:
-            for kind in ("workflow", "worker", "assignment", "job"):
+            for kind in (Kind.WORKFLOW, Kind.WORKER, Kind.ASSIGNMENT, Kind.JOB):
                 entities[kind] = _read_live(conn, kind, bar, wanted, later)
         finally:
             bar.close()
@@ -90,7 +91,7 @@ def _read_live(conn: sa.Connection, kind: str, bar: Any, wanted: compare.Wanted,
     i_id, i_status, i_queue, i_priority, i_seq, i_run_at = (
         columns.index(c) if c in columns else -1
         for c in ("id", "status", "queue", "priority", "enqueue_seq", "run_at"))
-    is_job = kind == "job"
+    is_job = kind == Kind.JOB
     step = 0
     now = time.time()
     for values in store.stream_live(conn, kind, columns):
@@ -139,8 +140,8 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
     heartbeats.boot_time(t.redis, t.ns, time.time())
     watermark.mark_rebuilt(t.redis, t.ns, time.time())
     return RebuildReport(
-        workflows=len(entities["workflow"]), jobs=len(entities["job"]),
-        workers=len(entities["worker"]), assignments=len(entities["assignment"]),
+        workflows=len(entities[Kind.WORKFLOW]), jobs=len(entities[Kind.JOB]),
+        workers=len(entities[Kind.WORKER]), assignments=len(entities[Kind.ASSIGNMENT]),
         queued=sum(len(v) for v in wanted.values()) + sum(len(v) for v in later.values()),
         seconds=time.perf_counter() - start,
     )

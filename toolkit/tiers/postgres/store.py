@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from toolkit.models import EntityKind as Kind
 from toolkit.tiers.postgres import tables as t
 
 Row = Mapping[str, Any]
@@ -91,9 +92,9 @@ def stream_live(conn: sa.Connection, kind: str, columns: Sequence[str]) -> Itera
     """
     table = t.ENTITY_TABLES[kind]
     stmt = sa.select(*[table.c[c] for c in columns])
-    if kind == "job":
+    if kind == Kind.JOB:
         stmt = stmt.where(t.LIVE_JOB_CLAUSE)
-    elif kind == "assignment":
+    elif kind == Kind.ASSIGNMENT:
         stmt = stmt.where(table.c.status == "active")
     from psycopg import capabilities
 
@@ -101,7 +102,7 @@ def stream_live(conn: sa.Connection, kind: str, columns: Sequence[str]) -> Itera
     assert raw is not None
     size = STREAM_CHUNK if capabilities.has_stream_chunked() else 1
     query, params = _driver_sql(conn, stmt)
-    with _live_index_only(conn, kind == "job"), raw.cursor(binary=True) as cur:
+    with _live_index_only(conn, kind == Kind.JOB), raw.cursor(binary=True) as cur:
         yield from cur.stream(query, params, size=size)
 
 
@@ -135,7 +136,7 @@ def count_live(conn: sa.Connection) -> dict[str, int]:
     )
     with _live_index_only(conn):
         wf, wk, jb, asg = conn.execute(q).one()
-    return {"workflow": wf, "worker": wk, "job": jb, "assignment": asg}
+    return {Kind.WORKFLOW: wf, Kind.WORKER: wk, Kind.JOB: jb, Kind.ASSIGNMENT: asg}
 
 
 def statuses(conn: sa.Connection, kind: str, ids: Sequence[str]) -> dict[str, str]:
@@ -306,7 +307,7 @@ def move_job(
     workflow's status, its row now locked for this transaction (a later
     statement's snapshot sees every move committed before the lock was granted).
     """
-    shape, params = _update_shape("job", job_id, values, statuses_in=statuses_in, now=now,
+    shape, params = _update_shape(Kind.JOB, job_id, values, statuses_in=statuses_in, now=now,
                                   guard=guard)
     stmt = _move_template(shape, lock_workflow)
     params.update(_event=event, _at=now)
