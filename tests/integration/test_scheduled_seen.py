@@ -100,3 +100,19 @@ def test_the_timeline_shows_the_wait_of_a_backing_off_retry(sm: toolkit.StateMan
     others = t[t["event"] != "retried"]
     assert others["run_at"].isna().all() and others["scheduled_s"].isna().all()
     assert str(t["scheduled_s"].dtype) == "Float64"
+
+
+def test_a_snapshot_answers_the_same_backlog_and_timeline(sm: toolkit.StateManager, ins: Any,
+                                                          tmp_path: Any) -> None:
+    _three(sm)
+    sm.create_workflow("flaky", jobs=[{"name": "a", "retry": {"base": 30.0, "jitter": 0.0}}])
+    sm.register_worker("w")
+    a = sm.dequeue("w", queues=["default"])
+    assert a is not None and a.name in ("now", "a")
+    sm.fail_job(a.id, "flaky")
+    snap = toolkit.Inspector.from_snapshot(ins.snapshot(tmp_path / "snap"))
+    live, stored = ins.backlog(), snap.backlog()
+    assert stored["scheduled"].to_dict() == live["scheduled"].to_dict()
+    assert stored["next_due"].to_dict() == live["next_due"].to_dict()
+    t = snap.timeline(a.id)
+    assert t["run_at"].notna().sum() == 1 and t["scheduled_s"].notna().sum() == 1
