@@ -355,7 +355,7 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
         ``jobs_queued`` counts every queued job; ``jobs_scheduled`` those of them whose
         ``run_at`` is still in the future (scheduled, or a retry backing off).
         """
-        jobs = frames.from_arrow(export.select(self._db, "jobs", {"id": "job_id", "status": "status"}))
+        jobs = frames.from_arrow(export.select(self._db, "jobs", {"status": "status"}))
         counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
         workers = self.workers()
         wf = frames.from_arrow(export.select(self._db, "workflows", {"status": "status"}))
@@ -366,7 +366,7 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
                       for s in models.WorkflowStatus})
         items["jobs"] = len(jobs)
         items.update({f"jobs_{s.value}": int(counts.get(s.value, 0)) for s in models.JobStatus})
-        items["jobs_scheduled"] = self._scheduled_count(jobs)
+        items["jobs_scheduled"] = export.scheduled_count(self._db)
         items["workers"] = len(workers)
         items["workers_alive"] = int(workers["alive"].sum()) if len(workers) else 0
         items["queue_depth"] = int((~q["in_flight"]).sum()) if len(q) else 0
@@ -374,16 +374,6 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
         items["queues_paused"] = len(self._paused())
         items["oldest_queued_age_s"] = self._oldest_queued_age()
         return frames.conform("summary", {"item": list(items), "value": list(items.values())})
-
-    def _scheduled_count(self, jobs: pd.DataFrame) -> int:
-        """Queued jobs (of ``jobs``: ``job_id``, ``status``) whose ``run_at`` is in the future."""
-        times = frames.from_arrow(export.run_at_times(self._db))
-        if not len(times) or not len(jobs):
-            return 0
-        queued = set(jobs.loc[jobs["status"] == "queued", "job_id"])
-        now_us = self._now().value // 1000
-        return int(sum(1 for j, t in zip(times["job_id"], times["run_at"], strict=True)
-                       if j in queued and t > now_us))
 
     def _oldest_queued_age(self) -> int:
         """Whole seconds since the oldest queued job was last updated (0 when none is queued)."""
