@@ -24,6 +24,7 @@ from benchmarks import (
     queues,
     recovery,
     report,
+    schedule,
     single,
 )
 
@@ -40,6 +41,7 @@ AREAS: list[tuple[str, harness.Area]] = [
     ("recovery", recovery.run),
     ("inspection", inspection.run),
     ("memtier", memtier.run),
+    ("schedule", schedule.run),
 ]
 
 

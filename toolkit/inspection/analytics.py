@@ -8,6 +8,7 @@ offline snapshot (:func:`toolkit.Inspector.from_snapshot`).
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -57,8 +58,30 @@ def timeline_frame(events: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
     last = ev.iloc[-1]
     live = last["event"] != "deleted" and last["status"] not in models.FINAL_JOB_STATUSES
     state.iloc[-1] = (now - last["at"]).total_seconds() if live else None
-    out = ev.assign(state_s=state)
-    return frames.conform("timeline", out.reset_index())
+    run_at = pd.Series([_detail_run_at(d) for d in ev["detail"]], index=ev.index,
+                       dtype=frames.UTC_TIME)
+    return frames.conform("timeline", ev.assign(
+        state_s=state, run_at=run_at, scheduled_s=scheduled_seconds(ev["at"], state, run_at)
+    ).reset_index())
+
+
+def _detail_run_at(detail: Any) -> pd.Timestamp | None:
+    """The ``run_at`` a ``retried`` event's detail names (None when it names none)."""
+    if not isinstance(detail, str) or "run_at" not in detail:
+        return None
+    try:
+        value = json.loads(detail).get("run_at")
+        return pd.Timestamp(value).tz_convert("UTC") if isinstance(value, str) else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def scheduled_seconds(at: pd.Series, state: pd.Series, run_at: pd.Series) -> pd.Series:
+    """Of each state, the seconds spent before its ``run_at``: ``min(run_at, state end) - at``,
+    never negative; NA where the event scheduled nothing. A state still open ends at ``run_at``."""
+    end = at + pd.to_timedelta(state.astype(float).fillna(np.inf).clip(upper=1e9), unit="s")
+    stop = run_at.where(run_at.isna() | (run_at <= end), end)
+    return (stop - at).dt.total_seconds().clip(lower=0.0).astype("Float64")
 
 
 def suggest_ttl(max_gap: float | None) -> float | None:

@@ -38,9 +38,15 @@ def frame(jobs: pd.DataFrame, events: pd.DataFrame, now: pd.Timestamp, window_s:
           ) -> pd.DataFrame:
     """The ``backlog`` frame: one row per queue with a waiting job or traffic in the window.
 
+    ``scheduled`` and ``next_due`` count the queued jobs whose ``run_at`` is after ``now``.
+
     ``events`` should hold at least the window (older rows are ignored).
     """
     queued = jobs[jobs["status"] == "queued"]
+    due = queued["run_at"] if "run_at" in queued else pd.Series(pd.NaT, index=queued.index)
+    ahead = queued[due.notna() & (due > now)]  # a snapshot from before run_at has none
+    scheduled = ahead.groupby("queue", observed=True).size()
+    next_due = ahead.groupby("queue", observed=True)["run_at"].min()
     depth = queued.groupby("queue", observed=True).size()
     oldest = queued.groupby("queue", observed=True)["updated_at"].min()
     recent = events[events["at"] >= now - pd.Timedelta(seconds=window_s)]
@@ -62,4 +68,6 @@ def frame(jobs: pd.DataFrame, events: pd.DataFrame, now: pd.Timestamp, window_s:
     age = (now - oldest.reindex(names)).dt.total_seconds()
     return frames.conform("backlog", {
         "queue": names, "depth": d.to_numpy(), "oldest_age_s": age.to_numpy(),
-        "enqueued_per_s": e.to_numpy(), "dispatched_per_s": q.to_numpy(), "drain_eta_s": eta})
+        "enqueued_per_s": e.to_numpy(), "dispatched_per_s": q.to_numpy(), "drain_eta_s": eta,
+        "scheduled": scheduled.reindex(names, fill_value=0).astype("int64").to_numpy(),
+        "next_due": next_due.reindex(names).to_numpy()})

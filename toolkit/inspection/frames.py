@@ -87,7 +87,8 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     }),
     "timeline": ("event_id", {
         "event": EVENT, "status": JOB_STATUS, "worker_id": STRING, "attempt": "Int64",
-        "state_s": "Float64", "detail": STRING, "at": UTC_TIME,
+        "state_s": "Float64", "scheduled_s": "Float64", "run_at": UTC_TIME, "detail": STRING,
+        "at": UTC_TIME,
     }),
     "heartbeat_gaps": ("worker_id", {
         "n_beats": "Int64", "gap_p50_s": "Float64", "gap_p99_s": "Float64", "gap_max_s": "Float64",
@@ -110,7 +111,8 @@ SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     }),
     "backlog": ("queue", {
         "depth": "Int64", "oldest_age_s": "Float64", "enqueued_per_s": "Float64",
-        "dispatched_per_s": "Float64", "drain_eta_s": "Float64",
+        "dispatched_per_s": "Float64", "drain_eta_s": "Float64", "scheduled": "Int64",
+        "next_due": UTC_TIME,
     }),
     "actions": ("action_id", {
         "verb": STRING, "status": STRING, "actor": STRING, "reason": STRING, "planned": "Int64",
@@ -138,7 +140,14 @@ COLUMN_DOCS: Mapping[str, Mapping[str, str]] = {
                                   "(created, queued, retried or reclaimed into it).",
                 "dispatched_per_s": "jobs handed to a worker per second over the window.",
                 "drain_eta_s": "depth / (dispatched - enqueued): seconds to empty the queue at "
-                               "the window's pace; NA when it is not shrinking, 0 when empty."},
+                               "the window's pace; NA when it is not shrinking, 0 when empty.",
+                "scheduled": "queued jobs (counted in depth) whose run_at is still in the future: "
+                             "scheduled, or a retry backing off.",
+                "next_due": "the soonest run_at of those scheduled jobs (NA when none)."},
+    "timeline": {"run_at": "when the retry this event scheduled may run (a retried event's "
+                           "detail); NA on other events.",
+                 "scheduled_s": "the part of state_s spent waiting for run_at (the backoff); "
+                                "state_s - scheduled_s is the wait in the queue after it."},
     "queues": {"depth": "jobs waiting in the Redis queue (in-flight pops excluded).",
                "paused": "an operator paused the queue (sm.pause_queue): no job of it is handed out."},
 }

@@ -350,7 +350,11 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
         return frames.conform("tiers", pd.DataFrame(rows))
 
     def summary(self) -> pd.DataFrame:
-        """A status board of counts (index ``item``, ``value`` Int64); ``queues()`` names the paused."""
+        """A status board of counts (index ``item``, ``value`` Int64); ``queues()`` names the paused.
+
+        ``jobs_queued`` counts every queued job; ``jobs_scheduled`` those of them whose
+        ``run_at`` is still in the future (scheduled, or a retry backing off).
+        """
         jobs = frames.from_arrow(export.select(self._db, "jobs", {"status": "status"}))
         counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
         workers = self.workers()
@@ -362,6 +366,7 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
                       for s in models.WorkflowStatus})
         items["jobs"] = len(jobs)
         items.update({f"jobs_{s.value}": int(counts.get(s.value, 0)) for s in models.JobStatus})
+        items["jobs_scheduled"] = export.scheduled_count(self._db)
         items["workers"] = len(workers)
         items["workers_alive"] = int(workers["alive"].sum()) if len(workers) else 0
         items["queue_depth"] = int((~q["in_flight"]).sum()) if len(q) else 0

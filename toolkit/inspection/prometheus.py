@@ -16,6 +16,9 @@ Families (every sample is read through the Inspector, so it is read-only):
     ``Inspector.backlog()``: the oldest queued job's age, jobs in and out per second over
     the last 15 minutes, and the time to empty the queue at that pace (no sample while
     the queue is not shrinking).
+``toolkit_queue_scheduled{queue}``, ``toolkit_queue_next_due_timestamp_seconds{queue}`` (gauges)
+    ``Inspector.backlog()``: queued jobs whose ``run_at`` is in the future (scheduled, or a
+    retry backing off), and the unix time the soonest of them is due (no sample when none).
 ``toolkit_jobs_in_flight`` (gauge)
     Jobs popped from a queue whose assignment is not yet committed.
 ``toolkit_workers{state}`` (gauge)
@@ -106,6 +109,16 @@ class InspectorCollector(Collector):
                 if not pd.isna(value):
                     family.add_metric([str(queue_name)], float(value))
             yield family
+        scheduled = GaugeMetricFamily(f"{PREFIX}_queue_scheduled", "queued jobs whose run_at is "
+                                      "in the future (scheduled or backing off)", labels=["queue"])
+        due = GaugeMetricFamily(f"{PREFIX}_queue_next_due_timestamp_seconds", "unix time the "
+                                "soonest scheduled job is due (absent when none)", labels=["queue"])
+        for queue_name, row in b.iterrows():
+            scheduled.add_metric([str(queue_name)], float(row["scheduled"]))
+            if not pd.isna(row["next_due"]):
+                due.add_metric([str(queue_name)], row["next_due"].timestamp())
+        yield scheduled
+        yield due
 
     def _paused(self) -> Metric:
         family = GaugeMetricFamily(f"{PREFIX}_queue_paused", "1 when an operator paused the "

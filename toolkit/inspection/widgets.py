@@ -237,7 +237,7 @@ def take_snapshot(inspector: Inspector, filters: Filters | None = None, *,
 _BOARD: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("workflows", (("total", "workflows"), ("running", "workflows_running"),
                    ("completed", "workflows_completed"), ("failed", "workflows_failed"))),
-    ("jobs", (("queued", "jobs_queued"), ("running", "jobs_running"),
+    ("jobs", (("queued", "jobs_queued"), ("scheduled", "jobs_scheduled"), ("running", "jobs_running"),
               ("completed", "jobs_completed"), ("failed", "jobs_failed"))),
     ("workers", (("alive", "workers_alive"), ("total", "workers"))),
     ("queue", (("depth", "queue_depth"), ("in flight", "in_flight"), ("paused", "queues_paused"),

@@ -171,6 +171,15 @@ def run_at_times(db: Database) -> pa.Table:
     return copy_query(db, query, (), ["job_id", "run_at"])
 
 
+def scheduled_count(db: Database) -> int:
+    """Queued jobs whose ``run_at`` is after the server's ``now()`` (0 before migration 0009)."""
+    if not scalar_rows(db, _HAS_RUN_AT, [db.schema])[0][0]:
+        return 0
+    query = sql.SQL("SELECT count(*) FROM {} WHERE status = 'queued' AND run_at > now()").format(
+        sql.Identifier(db.schema, "jobs"))
+    return int(scalar_rows(db, query)[0][0])
+
+
 def job_counts(db: Database) -> pa.Table:
     """Jobs per (workflow, status), counted by PostgreSQL."""
     query = sql.SQL("SELECT workflow_id, status, count(*) AS n FROM {} GROUP BY 1, 2").format(
