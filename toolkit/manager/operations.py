@@ -98,7 +98,7 @@ def _values(priority: Any, queue: Any, due: tuple[Any, Any], now: datetime) -> d
     return values
 
 
-def _changed(values: dict[str, Any], before: Any, row: Any) -> dict[str, list[Any]]:
+def _changed(values: dict[str, Any], before: Any, row: Any) -> dict[str, Any]:
     """``{column: [before, after]}`` of the columns that changed (times as ISO 8601)."""
     def shown(v: Any) -> Any:
         return v.isoformat() if isinstance(v, datetime) else v
