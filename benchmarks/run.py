@@ -11,6 +11,7 @@ the report marks the misses.
 from __future__ import annotations
 
 from benchmarks import (
+    actions,
     bulk,
     counters,
     flow,
@@ -30,6 +31,7 @@ from benchmarks import (
 
 AREAS: list[tuple[str, harness.Area]] = [
     ("bulk", bulk.run),
+    ("actions", actions.run),
     ("single", single.run),
     ("queues", queues.run),
     ("peers", peers.run),

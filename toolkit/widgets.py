@@ -73,7 +73,7 @@ def dashboard(inspector: Inspector, *, auto_refresh: float | None = None,
     Dashboard or dict of str to pandas.DataFrame
         The widget in an IPython kernel; outside one, the frames by name
         (``summary``, ``workflows``, ``jobs``, ``workers``, ``queue``,
-        ``throughput``, ``table``, ``queue_depth``).
+        ``throughput``, ``actions``, ``table``, ``queue_depth``).
     """
     if in_notebook():
         return Dashboard(inspector, auto_refresh=auto_refresh, limit=limit)
@@ -235,8 +235,8 @@ class Dashboard:
         -------
         dict of str to pandas.DataFrame
             ``summary``, ``workflows``, ``jobs`` (filtered, all rows),
-            ``workers``, ``queue``, ``throughput``, ``table`` (the rows the
-            table shows) and ``queue_depth``.
+            ``workers``, ``queue``, ``throughput``, ``actions``, ``table`` (the
+            rows the table shows) and ``queue_depth``.
         """
         with self._lock:
             assert self._snapshot is not None  # set by __init__
@@ -264,7 +264,8 @@ class Dashboard:
     # -- drawing -----------------------------------------------------------------------------
 
     def _render_board(self, snapshot: logic.Snapshot) -> None:
-        self.board.value = logic.summary_html(snapshot.summary, source=repr(self.inspector))
+        self.board.value = logic.summary_html(snapshot.summary, source=repr(self.inspector),
+                                              actions=snapshot.actions)
 
     def _render_table(self, snapshot: logic.Snapshot) -> None:
         self._table = logic.jobs_table(snapshot.jobs, snapshot.workflows, snapshot.filters,

@@ -99,8 +99,9 @@ def test_dashboard_board_and_chart_show_the_queue(dash: Dashboard) -> None:
 def test_dashboard_frames_match_inspector(dash: Dashboard, system: toolkit.StateManager) -> None:
     frames = dash.frames()
     assert set(frames) == {"summary", "workflows", "jobs", "workers", "queue", "throughput",
-                           "table", "queue_depth"}
+                           "actions", "table", "queue_depth"}
     assert frames["jobs"].equals(system.inspector.jobs())
+    assert frames["actions"].equals(system.inspector.actions())
     assert list(frames["workers"].index) == ["w1", "w2"]
 
 

@@ -167,3 +167,25 @@ def test_import_toolkit_does_not_import_widget_libraries() -> None:
             "print(sorted(m for m in ('ipywidgets', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _actions(**row: Any) -> pd.DataFrame:
+    at = pd.Timestamp("2026-11-29T10:00:00Z")
+    base = {"verb": "requeue", "status": "finished", "actor": "sre-1", "reason": "dep <back>",
+            "planned": 230, "applied": 228, "skipped": 2, "value": None, "filter": "{}",
+            "created_at": at, "updated_at": at, "finished_at": at}
+    df = pd.DataFrame([{**base, **row}], index=pd.Index(["a1"], name="action_id"))
+    return frames.conform("actions", df)
+
+
+def test_summary_html_names_the_latest_bulk_action_escaped() -> None:
+    board = logic.summary_html(summary_frame(), actions=_actions())
+    assert "tk-last-action" in board
+    assert "requeue by sre-1" in board and "228 applied, 2 skipped" in board
+    assert "dep &lt;back&gt;" in board and "<back>" not in board
+
+
+def test_summary_html_without_actions_is_unchanged() -> None:
+    plain = logic.summary_html(summary_frame())
+    assert logic.summary_html(summary_frame(), actions=frames.empty("actions")) == plain
+    assert "tk-last-action" not in plain

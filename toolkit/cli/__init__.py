@@ -22,7 +22,7 @@ Exit codes scripts can rely on:
 
 Modules: :mod:`~toolkit.cli.parser` (options, ages), :mod:`~toolkit.cli.output`
 (formats), :mod:`~toolkit.cli.read` (read commands), :mod:`~toolkit.cli.admin`
-(demo, up, check, snapshot, serve-metrics, purge), :mod:`~toolkit.cli.operate` (pause, resume),
+(demo, up, check, snapshot, serve-metrics, purge), :mod:`~toolkit.cli.operate` (pause, resume, edit),
 :mod:`~toolkit.cli.bulk` (requeue, cancel-jobs, actions: bulk operator actions).
 """
 

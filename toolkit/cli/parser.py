@@ -31,7 +31,7 @@ exit codes:
 """
 
 FORMATS = ("table", "csv", "json")
-AGE_FLAGS = ("--older-than", "--since", "--until", "--events-since")
+AGE_FLAGS = ("--older-than", "--since", "--until", "--events-since", "--delay")
 """Flags whose value may look like an option (``-5d``): argparse would say 'expected one argument'."""
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

@@ -11,6 +11,8 @@ Layout of a snapshot folder::
     dependencies.parquet       one row per dependency edge (for explain)
     paused.parquet             one row per paused queue (for queues and explain; absent from
                                snapshots taken before pausing existed: read as no pause)
+    actions.parquet            Inspector.actions(), the bulk operator actions (filters masked
+                               unless unmask; absent from older snapshots: read as none)
 
 The frames are read one after the other from a live system, so they are a
 sequence of consistent reads, not one transaction. ``tiers`` has its memory
@@ -64,6 +66,7 @@ def write(ins: analytics.Analytics, path: Path, *, events_since: datetime | None
     data["heartbeat_times"] = ins._heartbeat_times()
     data["dependencies"] = ins._dependencies()
     data["paused"] = ins._paused()
+    data["actions"] = getattr(ins, "actions")(unmask=unmask)  # noqa: B009 - not on Analytics
     tiers = data["tiers"].copy()
     tiers["in_memory"] = pd.Series(pd.NA, index=tiers.index, dtype="boolean")
     tiers["memory_version"] = pd.Series(pd.NA, index=tiers.index, dtype="Int64")
@@ -244,6 +247,20 @@ class SnapshotInspector(analytics.Analytics):
         resampled = out.resample(offset).sum().astype("Int64")
         resampled.index.name = "time"
         return resampled
+
+    def actions(self, *, unmask: bool | None = None) -> pd.DataFrame:
+        """Stored ``Inspector.actions()`` (empty for a snapshot taken before it was stored).
+
+        Filters are masked as the live frame's; a snapshot written masked has no
+        secret to unmask.
+        """
+        stored = self.path / "actions.parquet"
+        if not stored.is_file():
+            return frames.empty("actions")
+        df = _restore("actions", pd.read_parquet(stored))
+        if not (self.unmask if unmask is None else unmask):
+            df["filter"] = df["filter"].map(self.masker.text).astype("string")
+        return df
 
     def _heartbeat_times(self) -> pd.DataFrame:
         return self._get("heartbeat_times")

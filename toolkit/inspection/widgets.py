@@ -179,9 +179,9 @@ class Snapshot:
     ----------
     filters
         The filters the jobs frame was selected with.
-    summary, workflows, jobs, workers, queue, throughput
+    summary, workflows, jobs, workers, queue, throughput, actions
         Inspector frames; ``jobs`` is already filtered, ``throughput`` is
-        ``metric_series(THROUGHPUT_METRICS)``.
+        ``metric_series(THROUGHPUT_METRICS)``, ``actions`` the bulk operator actions.
     """
 
     filters: Filters
@@ -191,11 +191,19 @@ class Snapshot:
     workers: pd.DataFrame
     queue: pd.DataFrame
     throughput: pd.DataFrame = field(repr=False)
+    actions: pd.DataFrame = field(repr=False, default_factory=lambda: _empty_actions())
 
     def frames(self) -> dict[str, pd.DataFrame]:
         """Return the frames by name (what the dashboard shows, without widgets)."""
         return {"summary": self.summary, "workflows": self.workflows, "jobs": self.jobs,
-                "workers": self.workers, "queue": self.queue, "throughput": self.throughput}
+                "workers": self.workers, "queue": self.queue, "throughput": self.throughput,
+                "actions": self.actions}
+
+
+def _empty_actions() -> pd.DataFrame:
+    from toolkit.inspection import frames
+
+    return frames.empty("actions")
 
 
 def take_snapshot(inspector: Inspector, filters: Filters | None = None, *,
@@ -229,6 +237,7 @@ def take_snapshot(inspector: Inspector, filters: Filters | None = None, *,
         filters=filters, summary=inspector.summary(), workflows=inspector.workflows(),
         jobs=filter_jobs(jobs, filters), workers=inspector.workers(), queue=inspector.queue(),
         throughput=inspector.metric_series(list(THROUGHPUT_METRICS), freq=freq),
+        actions=inspector.actions(),
     )
 
 
@@ -276,7 +285,22 @@ def board_alerts(values: Mapping[str, int]) -> set[str]:
     return alerts
 
 
-def summary_html(summary: pd.DataFrame, *, source: str = "") -> str:
+def last_action_text(actions: pd.DataFrame) -> str:
+    """One line on the latest bulk action, e.g. ``"last action: requeue by sre-1 at 10:00 UTC:
+    228 applied, 2 skipped (finished): dep back"``; empty when there is none.
+    """
+    if actions.empty:
+        return ""
+    row = actions.iloc[-1]
+    at = row["created_at"]
+    when = "" if pd.isna(at) else f" at {at:%Y-%m-%d %H:%M} UTC"
+    why = "" if pd.isna(row["reason"]) else f": {row['reason']}"
+    return (f"last action: {row['verb']} by {row['actor']}{when}: {row['applied']} applied, "
+            f"{row['skipped']} skipped ({row['status']}){why}")
+
+
+def summary_html(summary: pd.DataFrame, *, source: str = "",
+                 actions: pd.DataFrame | None = None) -> str:
     """Render ``Inspector.summary()`` as a compact HTML status board.
 
     Parameters
@@ -286,6 +310,9 @@ def summary_html(summary: pd.DataFrame, *, source: str = "") -> str:
     source
         Shown as the board's tooltip; pass ``repr(inspector)``, whose URLs
         are masked (never a raw URL).
+    actions
+        ``Inspector.actions()``: the latest one is named under the board
+        (:func:`last_action_text`, class ``tk-last-action``); none, nothing is added.
 
     Returns
     -------
@@ -305,8 +332,12 @@ def summary_html(summary: pd.DataFrame, *, source: str = "") -> str:
         groups.append(f"<td style='padding:0 6px;border-left:3px solid #ddd'>"
                       f"<div style='font-size:0.8em;color:#666'>{html.escape(title)}</div>"
                       f"<table><tr>{cells}</tr></table></td>")
+    last = last_action_text(actions) if actions is not None else ""
+    note = (f"<tr><td colspan='{len(groups)}' class='tk-last-action' "
+            f"style='font-size:0.8em;color:#666;padding:2px 6px'>{html.escape(last)}</td></tr>"
+            if last else "")
     return (f"<table class='tk-board' title='{html.escape(source, quote=True)}'>"
-            f"<tr>{''.join(groups)}</tr></table>")
+            f"<tr>{''.join(groups)}</tr>{note}</table>")
 
 
 # -- jobs table ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ names the actor, the reason and each value before and after. Waiting jobs only
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,13 +38,18 @@ class Operations:
         self.pipe = pipe
 
     def edit_job(self, job_id: str, *, priority: int | None = None, queue: str | None = None,
+                 run_at: datetime | None = None, delay: float | None = None,
                  reason: str | None = None, actor: str | None = None) -> models.Job:
-        """Change the priority and/or queue of a pending or queued job.
+        """Change the priority, queue and/or due time of a pending or queued job.
 
-        A queued job moves in Redis with its row (one MULTI: out of the old
-        queue, into the new one, keeping its place among jobs of its new
-        priority by its enqueue order). The change is an ``edited`` event whose
-        detail holds ``actor``, ``reason`` and ``[before, after]`` of each value.
+        ``run_at`` (an aware datetime) or ``delay`` (seconds from now) sets when the
+        job may run, as for ``enqueue``; ``delay=0`` makes a scheduled job due now.
+        A queued job moves in Redis with its row, in one MULTI after the commit: out
+        of its old queue and due-time set, into its new queue (keeping its place
+        among jobs of its priority by its enqueue order) or, when it is due later,
+        into the new queue's due-time set. The change is an ``edited`` event whose
+        detail holds ``actor``, ``reason`` and ``[before, after]`` of each value
+        that changed (times in ISO 8601).
 
         Raises
         ------
@@ -55,14 +61,7 @@ class Operations:
             The job is not pending or queued any more (a worker has it, or it ended).
         """
         validate.identifier("job_id", job_id)
-        values: dict[str, Any] = {}
-        if priority is not None:
-            values["priority"] = validate.integer("priority", priority, low=-validate.PRIORITY_LIMIT,
-                                                  high=validate.PRIORITY_LIMIT)
-        if queue is not None:
-            values["queue"] = validate.identifier("queue", queue)
-        if not values:
-            raise errors.ValidationError("edit", None, "give a priority or a queue to change")
+        values = _values(priority, queue, (run_at, delay), self.pipe.now())
         who = _who(reason, actor)
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
@@ -75,9 +74,32 @@ class Operations:
             row = store.update(conn, Kind.JOB, job_id, values, now=now)
             assert row is not None  # locked above, in a status that stays
             ch.add(Kind.JOB, row)
-            if row["status"] == JS.QUEUED and row["queue"] != before["queue"]:
+            if row["status"] == JS.QUEUED and (row["queue"] != before["queue"] or "run_at" in values):
+                # Out of the old queue and due-time set; the pipeline pushes or schedules it anew.
                 ch.unqueue.append((job_id, before["queue"]))
-            detail: dict[str, Any] = {k: [before[k], row[k]] for k in values if before[k] != row[k]}
-            ch.event("edited", row, now, **who, **detail)
+            ch.event("edited", row, now, **who, **_changed(values, before, row))
 
         return self.pipe.write("edit job", tx)[0]  # type: ignore[return-value]
+
+
+def _values(priority: Any, queue: Any, due: tuple[Any, Any], now: datetime) -> dict[str, Any]:
+    """The checked columns an edit sets (``ValidationError`` for a bad one or for none)."""
+    values: dict[str, Any] = {}
+    if priority is not None:
+        values["priority"] = validate.integer("priority", priority, low=-validate.PRIORITY_LIMIT,
+                                              high=validate.PRIORITY_LIMIT)
+    if queue is not None:
+        values["queue"] = validate.identifier("queue", queue)
+    if due != (None, None):
+        values["run_at"] = validate.run_at(due[0], due[1], now)
+    if not values:
+        raise errors.ValidationError("edit", None,
+                                     "give a priority, a queue or a due time (run_at or delay) to change")
+    return values
+
+
+def _changed(values: dict[str, Any], before: Any, row: Any) -> dict[str, Any]:
+    """``{column: [before, after]}`` of the columns that changed (times as ISO 8601)."""
+    def shown(v: Any) -> Any:
+        return v.isoformat() if isinstance(v, datetime) else v
+    return {k: [shown(before[k]), shown(row[k])] for k in values if before[k] != row[k]}
