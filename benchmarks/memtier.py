@@ -50,11 +50,14 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     version: int
+    run_at: datetime | None = None
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
     rows = harness.job_rows("wf-memory", n)
-    return [dict(zip(harness.JOB_COLUMNS, r, strict=True)) for r in rows]
+    # Every field of the model, the ones the raw rows leave out (run_at) as None.
+    return [{**dict.fromkeys(models.field_names("job")), **dict(zip(harness.JOB_COLUMNS, r, strict=True))}
+            for r in rows]
 
 
 def _allocated(build: Callable[[], object]) -> int:
