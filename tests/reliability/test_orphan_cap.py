@@ -13,7 +13,7 @@ import pytest
 
 import toolkit
 from toolkit import errors
-from toolkit.inspection import prometheus
+from toolkit.inspection import prometheus, widgets
 
 
 def _hold_and_die(sm: toolkit.StateManager, worker: str) -> toolkit.Job | None:
@@ -51,6 +51,10 @@ def test_a_job_whose_workers_keep_dying_is_failed_at_the_cap(make_sm: Any) -> No
     assert "orphan cap" in ins.explain(pill.id).verdict
     assert "toolkit_jobs_orphan_capped_total 1.0" in prometheus.render(ins)
     assert ins.jobs(workflow_id=wf.id).loc[pill.id, "error"].startswith("orphan cap")
+    assert ins.summary().loc["jobs_orphan_capped", "value"] == 1
+    board = widgets.summary_html(ins.summary())
+    assert "data-item='jobs_orphan_capped'" in board
+    assert "jobs_orphan_capped" in widgets.board_alerts({"jobs_orphan_capped": 1})
     report = sm.check_consistency()
     assert report.ok, str(report)
 

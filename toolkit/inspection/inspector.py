@@ -353,7 +353,8 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
         """A status board of counts (index ``item``, ``value`` Int64); ``queues()`` names the paused.
 
         ``jobs_queued`` counts every queued job; ``jobs_scheduled`` those of them whose
-        ``run_at`` is still in the future (scheduled, or a retry backing off).
+        ``run_at`` is still in the future (scheduled, or a retry backing off);
+        ``jobs_orphan_capped`` the jobs the orphan cap failed (``sm.orphan_cap``).
         """
         jobs = frames.from_arrow(export.select(self._db, "jobs", {"status": "status"}))
         counts = jobs["status"].value_counts() if len(jobs) else pd.Series(dtype="int64")
@@ -373,7 +374,16 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
         items["in_flight"] = int(q["in_flight"].sum()) if len(q) else 0
         items["queues_paused"] = len(self._paused())
         items["oldest_queued_age_s"] = self._oldest_queued_age()
+        items["jobs_orphan_capped"] = self._counter("jobs_orphan_capped")
         return frames.conform("summary", {"item": list(items), "value": list(items.values())})
+
+    def _counter(self, name: str) -> int:
+        """A counter as Prometheus shows it: the larger of Redis and its checkpoint (0 if none)."""
+        m = self.metrics()
+        if name not in m.index:
+            return 0
+        row = m.loc[[name], ["value", "checkpoint"]].astype("Float64").max(axis=1, skipna=True)
+        return 0 if pd.isna(row.iloc[0]) else int(row.iloc[0])
 
     def _oldest_queued_age(self) -> int:
         """Whole seconds since the oldest queued job was last updated (0 when none is queued)."""

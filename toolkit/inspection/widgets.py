@@ -247,7 +247,8 @@ _BOARD: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("workflows", (("total", "workflows"), ("running", "workflows_running"),
                    ("completed", "workflows_completed"), ("failed", "workflows_failed"))),
     ("jobs", (("queued", "jobs_queued"), ("scheduled", "jobs_scheduled"), ("running", "jobs_running"),
-              ("completed", "jobs_completed"), ("failed", "jobs_failed"))),
+              ("completed", "jobs_completed"), ("failed", "jobs_failed"),
+              ("orphan-capped", "jobs_orphan_capped"))),
     ("workers", (("alive", "workers_alive"), ("total", "workers"))),
     ("queue", (("depth", "queue_depth"), ("in flight", "in_flight"), ("paused", "queues_paused"),
                ("oldest s", "oldest_queued_age_s"))),
@@ -273,7 +274,8 @@ def board_alerts(values: Mapping[str, int]) -> set[str]:
     set of str
         The items to draw in red.
     """
-    alerts = {k for k in ("workflows_failed", "jobs_failed") if values.get(k, 0) > 0}
+    alerts = {k for k in ("workflows_failed", "jobs_failed", "jobs_orphan_capped")
+              if values.get(k, 0) > 0}
     if values.get("workers_alive", 0) < values.get("workers", 0):
         alerts.add("workers_alive")
     if values.get("queue_depth", 0) > 0 and values.get("workers_alive", 0) == 0:
