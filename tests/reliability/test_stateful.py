@@ -127,7 +127,7 @@ class StateMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def fail(self, data: st.DataObject) -> None:
         j = data.draw(st.sampled_from(self._with("assigned", "running")))
-        self.sm.fail_job(j, "boom", retry=True)
+        self.sm.fail_job(j, "boom", retry=True, retry_in=0)  # the model has no clock: retry now
         m = self.model.jobs[j]
         m.status = "queued" if m.attempts < m.max_attempts else "failed"
         m.worker = None if m.status == "queued" else m.worker
