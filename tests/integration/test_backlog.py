@@ -16,14 +16,6 @@ from toolkit import errors
 from toolkit.inspection import prometheus, widgets
 
 
-@pytest.fixture
-def ins(clean: Any) -> Any:
-    inspector = toolkit.Inspector(clean.database_url, clean.redis_url, namespace=clean.namespace,
-                                  schema=clean.schema, heartbeat_ttl=2.0)
-    yield inspector
-    inspector.close()
-
-
 def test_a_draining_queue_has_rates_an_age_and_an_eta(sm: toolkit.StateManager, ins: Any) -> None:
     sm.create_workflow("wf", jobs=[{"name": f"j{i}"} for i in range(10)])
     sm.create_workflow("other", jobs=[{"name": "r", "queue": "reports"}])

@@ -15,14 +15,6 @@ from toolkit import cli
 from toolkit.inspection import prometheus, widgets
 
 
-@pytest.fixture
-def ins(clean: Any) -> Any:
-    inspector = toolkit.Inspector(clean.database_url, clean.redis_url, namespace=clean.namespace,
-                                  schema=clean.schema, heartbeat_ttl=2.0)
-    yield inspector
-    inspector.close()
-
-
 def _three(sm: toolkit.StateManager) -> dict[str, toolkit.Job]:
     """One job now, one in a minute (default queue), one in two minutes (``later``)."""
     wf = sm.create_workflow("sched", jobs=[{"name": "now"}, {"name": "soon", "delay": 60},

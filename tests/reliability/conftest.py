@@ -268,3 +268,16 @@ def everything(sm: toolkit.StateManager, servers: Any) -> tuple[Any, ...]:
             for t in ("workflows", "jobs", "workers", "job_assignments", "job_events")}
     mem = {kind: sorted((e.id, repr(e)) for e in sm.memory.all(kind)) for kind in KINDS}
     return pg, rds, mem
+
+
+def retry_storage(fn: Any, attempts: int = 3) -> Any:
+    """Call ``fn`` again after a StorageUnavailable (pooled connections to a restarted Redis
+    fail once)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except toolkit.StorageUnavailable:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.1)
+    return None

@@ -22,6 +22,7 @@ from tests.reliability.conftest import (
     inflight_ids,
     pg_job_statuses,
     queue_census,
+    retry_storage,
 )
 from toolkit.tiers.redis import keys
 
@@ -174,7 +175,7 @@ def test_redis_lost_under_live_workers_repair_rebuilds_and_reaps_only_the_dead(
         time.sleep(ttl + 0.7)  # longer than the TTL: no heartbeat reaches anyone meanwhile
         private.stack.restart_redis()
         came_back = time.monotonic()
-        report = _retry(sm.repair)
+        report = retry_storage(sm.repair)
         assert not report.ok  # it found the empty Redis ...
         assert_invariants(sm, raw, private.libpq_url)  # ... and rebuilt it
         assert queue_census(raw, private.namespace) == Counter({f"j{i}": 1 for i in range(2, 5)})
@@ -198,17 +199,6 @@ def test_redis_lost_under_live_workers_repair_rebuilds_and_reaps_only_the_dead(
         sm.close()
 
 
-def _retry(fn, attempts: int = 3):  # type: ignore[no-untyped-def]
-    """Call ``fn`` again after a StorageUnavailable (pooled connections to a dead Redis fail once)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except toolkit.StorageUnavailable:
-            if i == attempts - 1:
-                raise
-            time.sleep(0.1)
-    return None
-
 
 def test_fencing_tokens_grow_across_a_real_redis_restart(private: Private) -> None:
     sm = private.manager()
@@ -224,7 +214,7 @@ def test_fencing_tokens_grow_across_a_real_redis_restart(private: Private) -> No
             assert fresh.acquire()
             return fresh
 
-        lock = _retry(take)
+        lock = retry_storage(take)
         try:
             assert lock.fencing_token > before
         finally:

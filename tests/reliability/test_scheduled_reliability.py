@@ -16,7 +16,7 @@ import pytest
 
 import toolkit
 from tests.conftest import Servers
-from tests.reliability.conftest import Private, assert_invariants, schedule_census
+from tests.reliability.conftest import Private, assert_invariants, retry_storage, schedule_census
 
 
 def _drain_on_time(sm: toolkit.StateManager, worker: str, expected: int,
@@ -84,7 +84,7 @@ def test_a_redis_restart_with_due_jobs_pending_loses_none_and_runs_none_early(
                            + [{"name": f"later{i}", "delay": 2.5} for i in range(3)])
         private.stack.restart_redis()  # every key gone; the first three fall due meanwhile
         time.sleep(0.4)
-        report = _retry(sm.repair)
+        report = retry_storage(sm.repair)
         assert not report.ok  # it found the empty Redis ...
         assert_invariants(sm, raw, private.libpq_url)  # ... and restored queues and schedule
         got = _drain_on_time(sm, "w", 6)
@@ -94,14 +94,3 @@ def test_a_redis_restart_with_due_jobs_pending_loses_none_and_runs_none_early(
         raw.close()
         sm.close()
 
-
-def _retry(fn, attempts: int = 3):  # type: ignore[no-untyped-def]
-    """Call ``fn`` again after a StorageUnavailable (pooled connections to a dead Redis fail once)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except toolkit.StorageUnavailable:
-            if i == attempts - 1:
-                raise
-            time.sleep(0.1)
-    return None

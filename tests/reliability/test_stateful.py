@@ -7,9 +7,7 @@ Runs on the private server pair (one rule restarts Redis).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -22,9 +20,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import toolkit
 from tests.conftest import unique, wipe_namespace
-from tests.reliability.conftest import Private, assert_invariants
+from tests.reliability.conftest import Private, assert_invariants, retry_storage
 
 WORKERS = ("w1", "w2")
 
@@ -44,16 +41,6 @@ class Model:
     workflows: set[str] = field(default_factory=set)
     active: set[str] = field(default_factory=set)
 
-
-def _retry(fn: Any) -> Any:
-    for i in range(3):
-        try:
-            return fn()
-        except toolkit.StorageUnavailable:
-            if i == 2:
-                raise
-            time.sleep(0.1)
-    return None
 
 
 class StateMachine(RuleBasedStateMachine):
@@ -171,7 +158,7 @@ class StateMachine(RuleBasedStateMachine):
     @rule()
     def restart_redis(self) -> None:
         self.p.stack.restart_redis()
-        _retry(self.sm.repair)
+        retry_storage(self.sm.repair)
 
     # -- checks -----------------------------------------------------------------------------
     @invariant()
