@@ -176,25 +176,30 @@ def _change(conn: sa.Connection, ch: Changes, plan: ActionPlan, ids: list[str], 
             held.setdefault(job_id, []).append(a)
     else:
         values = pg_bulk.values_for(plan.verb, plan.value, plan.reason, now)
-        rows = pg_bulk.update_batch(conn, ids, versions, VERBS[plan.verb], values)
+        rows = pg_bulk.update_batch(conn, ids, versions, VERBS[plan.verb], values,
+                                    _event_log(plan, detail, now))
         ch.add_all(Kind.JOB, rows)
     if plan.verb in ("cancel", "fail") and rows:
         ch.add_all(Kind.ASSIGNMENT, lifecycle.end_assignments(
             conn, "cancelled" if plan.verb == "cancel" else "failed", now,
             job_ids=[r["id"] for r in rows]))
-    for r in rows:
-        extra: dict[str, Any] = {"value": plan.value} if plan.value is not None else {}
-        if plan.verb == "delete":
-            extra["assignments"] = held.get(r["id"], [])
-        ch.event(EVENT_OF[plan.verb], r, now, **detail, **extra)
-        if plan.verb == "requeue" and r["attempts"]:
-            ch.event("retried", r, now, manual=True, **detail,
-                     attempts_left=r["max_attempts"] - r["attempts"])
+    for r in rows if plan.verb == "delete" else ():  # the updates logged theirs in SQL
+        ch.event("deleted", r, now, **detail, assignments=held.get(r["id"], []))
     if plan.verb in COUNTER_OF:
         ch.counters[COUNTER_OF[plan.verb]] += len(rows)
     for wf in sorted({r["workflow_id"] for r in rows}):
         ch.add(Kind.WORKFLOW, job_steps.rollup(conn, wf, now))
     return rows
+
+
+def _event_log(plan: ActionPlan, detail: Mapping[str, Any], now: datetime) -> pg_bulk.EventLog:
+    """The events of an updating verb: its own (naming the action), and ``retried`` for a
+    requeued job that had run."""
+    extra = {"value": plan.value} if plan.value is not None else {}
+    events = [(EVENT_OF[plan.verb], {**detail, **extra}, False)]
+    if plan.verb == "requeue":
+        events.append(("retried", {"manual": True, **detail, **extra}, True))
+    return pg_bulk.EventLog(now, events)
 
 
 def _resync(conn: sa.Connection, ch: Changes, done: list[str], queues: Mapping[str, str],

@@ -67,13 +67,14 @@ def _needed() -> sa.Exists:
 
 def select_jobs(conn: sa.Connection, conditions: Sequence[sa.ColumnElement[bool]],
                 statuses: Sequence[str], *, deletable: bool = False) -> list[store.Row]:
-    """The :data:`PLAN_COLUMNS` of the jobs matching ``conditions`` in ``statuses``, by id."""
+    """The :data:`PLAN_COLUMNS` of the jobs matching ``conditions`` in ``statuses``, by workflow
+    then id: an apply's batch then touches one or two workflows and rolls up only those."""
     j = t.jobs
     stmt = sa.select(*[j.c[c] for c in PLAN_COLUMNS]).where(
         *conditions, j.c.status == sa.any_(sa.bindparam(None, list(statuses), type_=ARRAY(sa.Text))))
     if deletable:
         stmt = stmt.where(~_needed())
-    return store.all_rows(conn.execute(stmt.order_by(j.c.id)))
+    return store.all_rows(conn.execute(stmt.order_by(j.c.workflow_id, j.c.id)))
 
 
 def _planned(ids: Sequence[str], versions: Sequence[int]) -> Any:
@@ -85,18 +86,48 @@ def _planned(ids: Sequence[str], versions: Sequence[int]) -> Any:
 
 
 def update_batch(conn: sa.Connection, ids: Sequence[str], versions: Sequence[int],
-                 statuses: Sequence[str], values: Mapping[str, Any]) -> list[store.Row]:
-    """Update each job of the batch still at its planned version and in ``statuses``.
+                 statuses: Sequence[str], values: Mapping[str, Any], log: EventLog) -> list[store.Row]:
+    """Update each job of the batch still at its planned version and in ``statuses``, and log
+    its events in the same statement.
 
     ``values`` may use the markers of :func:`values_for`. Bumps the version; returns
     the changed rows (a job that moved since the plan is left alone and not returned).
+    One round trip: the job events of ``log`` are inserted by a data-modifying CTE
+    over the changed rows, so no event row is built or sent from Python.
     """
     j, p = t.jobs, _planned(ids, versions)
-    stmt = (sa.update(j).where(j.c.id == p.c.id, j.c.version == p.c.version,
-                               j.c.status == sa.any_(sa.bindparam(None, list(statuses),
-                                                                  type_=ARRAY(sa.Text))))
-            .values(**values, version=j.c.version + 1).returning(j))
+    moved = (sa.update(j).where(j.c.id == p.c.id, j.c.version == p.c.version,
+                                j.c.status == sa.any_(sa.bindparam(None, list(statuses),
+                                                                   type_=ARRAY(sa.Text))))
+             .values(**values, version=j.c.version + 1).returning(*j.c).cte("moved"))
+    logged = sa.insert(t.job_events).from_select(
+        ["job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at", "detail"],
+        sa.union_all(*[_event_rows(moved, e, log.at) for e in log.events])).cte("logged")
+    stmt = sa.select(moved).add_cte(logged) if log.events else sa.select(moved)
     return store.all_rows(conn.execute(stmt))
+
+
+class EventLog:
+    """The events each job a bulk batch changes gets: ``(event, detail, retried)`` triples.
+
+    ``retried``: only jobs that had run (``attempts > 0``), with ``attempts_left`` added to
+    the detail; the rest: every changed job. ``at`` is the time of every event.
+    """
+
+    def __init__(self, at: datetime, events: Sequence[tuple[str, Mapping[str, Any], bool]]) -> None:
+        self.at, self.events = at, list(events)
+
+
+def _event_rows(moved: Any, event: tuple[str, Mapping[str, Any], bool], at: datetime
+                ) -> sa.Select[Any]:
+    name, detail, retried = event
+    body: Any = sa.bindparam(None, dict(detail), type_=JSONB)
+    if retried:
+        body = body.op("||")(sa.func.jsonb_build_object(
+            "attempts_left", moved.c.max_attempts - moved.c.attempts))
+    stmt = sa.select(moved.c.id, moved.c.workflow_id, sa.literal(name, sa.Text), moved.c.status,
+                     moved.c.worker_id, moved.c.attempts, sa.bindparam(None, at, type_=t.TZ), body)
+    return stmt.where(moved.c.attempts > 0) if retried else stmt
 
 
 def values_for(verb: str, value: Any, reason: str | None, now: datetime) -> dict[str, Any]:

@@ -46,7 +46,8 @@ def one_row(result: sa.CursorResult[Any]) -> Row | None:
 
 
 def all_rows(result: sa.CursorResult[Any]) -> list[Row]:
-    return [dict(r) for r in result.mappings()]
+    names = tuple(result.keys())  # zip over plain rows: about twice as fast as .mappings()
+    return [dict(zip(names, r, strict=True)) for r in result]
 
 
 # -- generic reads -----------------------------------------------------------------------
