@@ -138,10 +138,8 @@ def check_value(verb: str, value: Any) -> Any:
 
 def plan_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The typed frame of planned job rows (index ``job_id``, :data:`FRAME_DTYPES`)."""
-    data = {c: [r[c] for r in rows] for c in FRAME_DTYPES}
-    df = pd.DataFrame(data, index=pd.Index([r["id"] for r in rows], dtype="string", name="job_id"))
-    df["updated_at"] = pd.to_datetime(df["updated_at"].astype(object), utc=True)
-    return df.astype(dict(FRAME_DTYPES))
+    data = {c: pd.array([r[c] for r in rows], dtype=d) for c, d in FRAME_DTYPES.items()}
+    return pd.DataFrame(data, index=pd.Index([r["id"] for r in rows], dtype="string", name="job_id"))
 
 
 def count_frame(frame: pd.DataFrame) -> pd.DataFrame:

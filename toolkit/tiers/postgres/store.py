@@ -46,8 +46,8 @@ def one_row(result: sa.CursorResult[Any]) -> Row | None:
 
 
 def all_rows(result: sa.CursorResult[Any]) -> list[Row]:
-    names = tuple(result.keys())  # zip over plain rows: about twice as fast as .mappings()
-    return [dict(zip(names, r, strict=True)) for r in result]
+    names = tuple(result.keys())  # fetchall, then zip: much faster than .mappings() row by row
+    return [dict(zip(names, r, strict=True)) for r in result.all()]
 
 
 # -- generic reads -----------------------------------------------------------------------
