@@ -133,6 +133,32 @@ def test_a_requeue_logs_queued_and_retried_for_each_job_naming_the_action(
         assert detail == expected, (job_id, event, detail)
 
 
+def test_workflow_statuses_after_a_requeue_and_a_priority_change(sm: toolkit.StateManager) -> None:
+    """A failed workflow runs again; a running one stays running, its row untouched (its
+    roll-up is skipped: a queued job can neither complete nor fail it); a priority change
+    touches no workflow."""
+    failed = _failed(sm, 2, name="all-failed")
+    wf_failed = failed[0].workflow_id
+    assert sm.get_workflow(wf_failed).status == "failed"  # type: ignore[union-attr]
+    mixed = sm.create_workflow("mixed", jobs=[{"name": "a", "max_attempts": 1}, {"name": "b"}])
+    sm.register_worker("w-mixed")
+    job = sm.dequeue("w-mixed")
+    assert job is not None
+    sm.start_job(job.id)
+    sm.fail_job(job.id, "boom", retry=False)
+    before = sm.get_workflow(mixed.id)
+    assert before is not None and before.status == "running"
+    result = sm.apply_action(sm.plan_action("requeue", status="failed"), progress=False)
+    assert result.applied == 3
+    assert sm.get_workflow(wf_failed).status == "running"  # type: ignore[union-attr]
+    after = sm.get_workflow(mixed.id)
+    assert after is not None and (after.status, after.version) == ("running", before.version)
+    moved = sm.apply_action(sm.plan_action("set_priority", workflow_id=mixed.id, value=7),
+                            progress=False)
+    assert moved.applied == 2 and sm.get_workflow(mixed.id).version == before.version  # type: ignore[union-attr]
+    assert sm.check_consistency().ok
+
+
 def test_a_second_apply_of_the_same_plan_changes_nothing_more(sm: toolkit.StateManager) -> None:
     _failed(sm, 3)
     plan = sm.plan_action("requeue", status="failed")

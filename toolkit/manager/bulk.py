@@ -30,11 +30,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit import errors, validate
-from toolkit.manager import jobs as job_steps
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.planning import VERBS, ActionPlan, ActionResult, plan_on, plan_read_only
 from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
+from toolkit.models import WorkflowStatus as WS
 from toolkit.tiers.postgres import bulk as pg_bulk
 from toolkit.tiers.postgres import lifecycle, store
 
@@ -42,6 +42,8 @@ EVENT_OF = {"requeue": "queued", "cancel": "cancelled", "fail": "failed", "delet
             "set_priority": "edited", "move_queue": "edited"}
 """Verb -> the event each changed job gets (its detail names the action)."""
 COUNTER_OF = {"cancel": "jobs_cancelled", "fail": "jobs_failed"}
+STATUS_KEPT = frozenset({"set_priority", "move_queue"})
+"""Verbs that change no job's status, so no workflow's: no roll-up at all."""
 PROGRESS_FROM = 5_000
 """Planned jobs from which :meth:`Bulk.apply` shows a progress bar by default."""
 
@@ -187,9 +189,23 @@ def _change(conn: sa.Connection, ch: Changes, plan: ActionPlan, ids: list[str], 
         ch.event("deleted", r, now, **detail, assignments=held.get(r["id"], []))
     if plan.verb in COUNTER_OF:
         ch.counters[COUNTER_OF[plan.verb]] += len(rows)
-    for wf in sorted({r["workflow_id"] for r in rows}):
-        ch.add(Kind.WORKFLOW, job_steps.rollup(conn, wf, now))
+    if plan.verb not in STATUS_KEPT:
+        for wf in sorted({r["workflow_id"] for r in rows}):
+            ch.add(Kind.WORKFLOW, _rollup(conn, plan.verb, wf, now))
     return rows
+
+
+def _rollup(conn: sa.Connection, verb: str, workflow_id: str, now: datetime) -> store.Row | None:
+    """Roll a workflow up after a batch, unless the verb cannot change its status.
+
+    A requeue adds a queued job, so a ``running`` workflow stays ``running`` (it cannot
+    complete with an open job, nor fail with one that can progress): its roll-up
+    statement is skipped once the row lock shows the status.
+    """
+    status = lifecycle.lock_workflow(conn, workflow_id)  # as manager.jobs.rollup: lock, then roll up
+    if status is None or (verb == "requeue" and status == WS.RUNNING):
+        return None
+    return lifecycle.rollup_workflow(conn, workflow_id, now)
 
 
 def _event_log(plan: ActionPlan, detail: Mapping[str, Any], now: datetime) -> pg_bulk.EventLog:
