@@ -144,6 +144,22 @@ def test_a_search_keeps_the_wait_of_the_jobs_it_found(sm: toolkit.StateManager, 
     pd.testing.assert_series_equal(capped["wait_s"], whole.loc[capped.index, "wait_s"])
 
 
+def test_a_search_keeps_the_due_time_and_key_of_the_jobs_it_found(sm: toolkit.StateManager,
+                                                                   ins) -> None:
+    """Due times and idempotency keys are read by id for the jobs a search found (not for
+    every job, which scanned the whole table): the same values as the whole frame."""
+    sm.create_job("wf", "later", job_id="j5", payload={"customer": {"plan": "pro"}}, delay=3600,
+                  idempotency_key="order-5")
+    sm.create_job("wf", "other", job_id="j6", payload={"customer": {"plan": "free"}}, delay=60,
+                  idempotency_key="order-6")
+    whole = ins.jobs()
+    found = ins.jobs(payload={"customer": {"plan": "pro"}})
+    assert sorted(found.index) == ["j1", "j3", "j5"]
+    assert found.loc["j5", "idempotency_key"] == "order-5" and pd.notna(found.loc["j5", "run_at"])
+    for column in ("run_at", "idempotency_key"):
+        pd.testing.assert_series_equal(found[column], whole.loc[found.index, column])
+
+
 def test_a_tuple_in_the_filter_is_a_json_list_live_and_offline(ins, tmp_path: Path) -> None:
     offline = toolkit.Inspector.from_snapshot(ins.snapshot(tmp_path / "s"))
     assert list(ins.jobs(payload={"tags": ("a",)}).index) == ["j1"]

@@ -110,7 +110,8 @@ JOB_COLUMNS["id"] = "job_id"
 
 
 FEW_JOBS = 10_000
-"""A search that found at most this many jobs reads only their events for ``wait_s``."""
+"""A search that found at most this many jobs reads only their events (``wait_s``), due times
+and idempotency keys, by id, instead of every job's."""
 
 
 def read_jobs(db: Database, q: Query) -> pd.DataFrame:
@@ -126,14 +127,14 @@ def read_jobs(db: Database, q: Query) -> pd.DataFrame:
     for col in ("created_at", "updated_at", "started_at", "finished_at"):
         df[col] = frames.epoch_us_to_utc(df[col])
     few = (q.payload is not None or q.limit is not None) and len(df) <= FEW_JOBS
-    waits = frames.from_arrow(export.attempt_waits(
-        db, q.workflow_id, job_ids=df["job_id"].tolist() if few else None))
+    found = df["job_id"].tolist() if few else None
+    waits = frames.from_arrow(export.attempt_waits(db, q.workflow_id, job_ids=found))
     per_job = (pd.Series(waits["wait_s"].astype("Float64").array, index=waits["job_id"])
                if len(waits) else pd.Series([], dtype="Float64"))
     df["wait_s"] = df["job_id"].map(per_job).astype("Float64")
     df.loc[df["status"].isin(["pending", "queued"]), "wait_s"] = pd.NA
     df["duration_s"] = frames.seconds_between(df["finished_at"], df["started_at"])
-    frames.add_job_extras(df, export.idempotency_keys(db, "job"), export.run_at_times(db))
+    frames.add_job_extras(df, export.idempotency_keys(db, "job", found), export.run_at_times(db, found))
     return frames.conform("jobs", df)
 
 

@@ -141,10 +141,11 @@ def dependencies(db: Database) -> pa.Table:
 _HAS_KEYS = sql.SQL("SELECT to_regclass(format('%%I.idempotency_keys', %s::text)) IS NOT NULL")
 
 
-def idempotency_keys(db: Database, kind: str) -> pa.Table:
+def idempotency_keys(db: Database, kind: str, ids: Sequence[str] | None = None) -> pa.Table:
     """The idempotency key of each ``kind`` (``workflow`` or ``job``) made under one: ``entity_id, key``.
 
-    No rows from a schema not yet migrated to 0005 (an Inspector newer than the coordinator).
+    ``ids``: only these entities (a search that found a few), else all. No rows from a
+    schema not yet migrated to 0005 (an Inspector newer than the coordinator).
     """
     if not scalar_rows(db, _HAS_KEYS, [db.schema])[0][0]:
         return pa.table({"entity_id": pa.array([], pa.string()), "key": pa.array([], pa.string())})
@@ -152,23 +153,29 @@ def idempotency_keys(db: Database, kind: str) -> pa.Table:
                     else ("workflow_id", sql.SQL("job_id IS NULL")))
     query = sql.SQL("SELECT {} AS entity_id, key FROM {} WHERE {}").format(
         sql.Identifier(column), sql.Identifier(db.schema, "idempotency_keys"), made)
-    return copy_query(db, query, (), ["entity_id", "key"])
+    if ids is not None:
+        query = sql.SQL("{} AND {} = ANY(%s)").format(query, sql.Identifier(column))
+    return copy_query(db, query, () if ids is None else (list(ids),), ["entity_id", "key"])
 
 
 _HAS_RUN_AT = sql.SQL("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE "
                       "table_schema = %s AND table_name = 'jobs' AND column_name = 'run_at')")
 
 
-def run_at_times(db: Database) -> pa.Table:
+def run_at_times(db: Database, ids: Sequence[str] | None = None) -> pa.Table:
     """When each scheduled (or once scheduled) job may run: ``job_id, run_at`` (epoch microseconds).
 
-    No rows from a schema not yet migrated to 0009 (an Inspector newer than the coordinator).
+    ``ids``: only these jobs (read by primary key: a search that found a few no longer
+    scans every job), else all. No rows from a schema not yet migrated to 0009 (an
+    Inspector newer than the coordinator).
     """
     if not scalar_rows(db, _HAS_RUN_AT, [db.schema])[0][0]:
         return pa.table({"job_id": pa.array([], pa.string()), "run_at": pa.array([], pa.int64())})
     query = sql.SQL("SELECT id AS job_id, {} FROM {} WHERE run_at IS NOT NULL").format(
         _column("run_at", "run_at"), sql.Identifier(db.schema, "jobs"))
-    return copy_query(db, query, (), ["job_id", "run_at"])
+    if ids is not None:
+        query = sql.SQL("{} AND id = ANY(%s)").format(query)
+    return copy_query(db, query, () if ids is None else (list(ids),), ["job_id", "run_at"])
 
 
 def scheduled_count(db: Database) -> int:
