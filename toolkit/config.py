@@ -10,12 +10,16 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from toolkit import errors
 
 DATABASE_URL_VAR = "DATABASE_URL"
 REDIS_URL_VAR = "REDIS_URL"
+PG_PREPARE_VAR = "TOOLKIT_PG_PREPARE"
+"""``auto`` (default), ``on`` or ``off``: server-side prepared statements (see
+:func:`pg_prepare_mode`)."""
 
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -80,6 +84,27 @@ def host_port(url: str) -> str:
         return f"{parts.hostname or 'localhost'}:{parts.port or ''}".rstrip(":")
     except ValueError:
         return "<unparsable url>"
+
+
+def pg_prepare_mode(environ: Mapping[str, str] | None = None) -> str:
+    """Whether the state layer's PostgreSQL connections use server-side prepared statements.
+
+    ``auto`` (the default): yes on a direct connection to the server, no when something sits
+    between (the server's port is not the URL's: a pooler such as PgBouncer, or a proxy),
+    because a transaction pooler before 1.21, or without ``max_prepared_statements``, hands
+    the next transaction a server connection that lacks them. ``on``: always (PgBouncer
+    1.21+ with ``max_prepared_statements`` set). ``off``: never.
+
+    Raises
+    ------
+    ConfigurationError
+        ``TOOLKIT_PG_PREPARE`` holds anything else.
+    """
+    env = os.environ if environ is None else environ
+    mode = env.get(PG_PREPARE_VAR, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "on", "off"):
+        raise errors.ConfigurationError(f"{PG_PREPARE_VAR} must be auto, on or off, not {mode!r}")
+    return mode
 
 
 def resolve_database_url(url: str | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -54,10 +54,31 @@ def retryable(exc: BaseException) -> bool:
     return sqlstate(exc) in RETRYABLE
 
 
-def _session_utc(dbapi_connection: Any, record: Any) -> None:
-    dbapi_connection.execute("SET TIME ZONE 'UTC'")
-    dbapi_connection.commit()
-    _mark_idle(dbapi_connection, record)  # just proven alive
+PREPARE_THRESHOLD = 5
+"""Runs of one statement on one connection after which psycopg prepares it on the server
+(psycopg's own default), where :func:`toolkit.config.pg_prepare_mode` allows it."""
+
+
+def _on_connect(mode: str) -> Callable[[Any, Any], None]:
+    """The hook each new connection runs: session time zone UTC, prepared statements or not."""
+
+    def setup(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.execute("SET TIME ZONE 'UTC'")
+        prepare = mode == "on" or (mode == "auto" and _direct(dbapi_connection))
+        dbapi_connection.commit()
+        dbapi_connection.prepare_threshold = PREPARE_THRESHOLD if prepare else None
+        _mark_idle(dbapi_connection, record)  # just proven alive
+
+    return setup
+
+
+def _direct(dbapi_connection: Any) -> bool:
+    """Whether this connection reaches the server itself: over a Unix socket, or over TCP to
+    the port the server listens on (through PgBouncer or a proxy the ports differ)."""
+    if str(dbapi_connection.info.host).startswith("/"):
+        return True
+    port = dbapi_connection.execute("SELECT inet_server_port()").fetchone()[0]
+    return port is not None and int(port) == int(dbapi_connection.info.port)
 
 
 def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
@@ -131,15 +152,16 @@ class Database:
             connect_args={
                 "connect_timeout": max(1, int(connect_timeout)),
                 "application_name": "toolkit-inspector" if read_only else "toolkit",
-                # No server-side prepared statements: a transaction pooler
-                # (PgBouncer) hands each transaction a different server connection.
+                # No server-side prepared statements until the connect hook has seen
+                # a direct connection (a transaction pooler such as PgBouncer hands each
+                # transaction a different server connection): TOOLKIT_PG_PREPARE.
                 "prepare_threshold": None,
             },
         )
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # Times come back in UTC; a SET (not a startup option, which PgBouncer
         # refuses) that the pooler tracks and re-applies.
-        sa.event.listen(self.engine, "connect", _session_utc)
+        sa.event.listen(self.engine, "connect", _on_connect(config.pg_prepare_mode()))
         sa.event.listen(self.engine, "checkout", _ping_if_idle)
         sa.event.listen(self.engine, "checkin", _mark_idle)
 
