@@ -30,6 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from toolkit import errors, validate
+from toolkit.manager.behind import WriteBehind
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.planning import VERBS, ActionPlan, ActionResult, plan_on, plan_read_only
 from toolkit.models import EntityKind as Kind
@@ -112,9 +113,9 @@ class Bulk:
             conn, _record(plan), self.pipe.now()))
         applied = already = 0
         skipped: list[str] = []
-        with _bar(len(ids), plan.verb, progress) as bar:
+        with _bar(len(ids), plan.verb, progress) as bar, WriteBehind(self.pipe) as behind:
             for start in range(0, len(ids), size):
-                n, done, passed = self._batch(plan, ids[start:start + size],
+                n, done, passed = self._batch(behind, plan, ids[start:start + size],
                                               versions[start:start + size], queues)
                 applied, already = applied + n, already + len(done)
                 skipped += passed
@@ -122,9 +123,12 @@ class Bulk:
         self.pipe.write(f"finish {plan.verb}", lambda conn, ch: _finish(conn, plan.id, self.pipe.now()))
         return ActionResult(plan.id, len(ids), applied, already, len(skipped), tuple(skipped))
 
-    def _batch(self, plan: ActionPlan, ids: list[str], versions: list[int], queues: Mapping[str, str]
-               ) -> tuple[int, list[str], list[str]]:
-        """One batch in one transaction: changed now, changed by this action before, skipped."""
+    def _batch(self, behind: WriteBehind, plan: ActionPlan, ids: list[str], versions: list[int],
+               queues: Mapping[str, str]) -> tuple[int, list[str], list[str]]:
+        """One batch in one transaction: changed now, changed by this action before, skipped.
+
+        Its Redis and memory update runs while the next batch's statements do (``behind``).
+        """
         out: dict[str, list[str]] = {"changed": [], "done": [], "skipped": []}
         holder: list[Changes] = []
 
@@ -146,9 +150,10 @@ class Bulk:
             _resync(conn, holder[0], out["done"], queues, plan.id)
             pg_bulk.count_action(conn, plan.id, len(changed), len(out["skipped"]), now)
 
-        self.pipe.write(f"bulk {plan.verb}", tx)
+        behind.write(f"bulk {plan.verb}", tx)
         resync = holder[0]
         if resync.rows or resync.deleted:
+            behind.wait()  # a resumed apply's catch-up: after this batch's update
             queued = sum(1 for k, r in resync.rows if k == Kind.JOB and r["status"] == JS.QUEUED)
             resync.counters["jobs_queued"] -= queued  # not queued again: Redis is only caught up
             with self.pipe.watermark.pending():

@@ -180,6 +180,11 @@ class Pipeline:
         with self.watermark.pending():
             return self.apply(self._commit(action, fn, one_statement))
 
+    def commit(self, action: str, fn: Transaction) -> Changes:
+        """Run ``fn`` in one transaction and return its changes, not yet applied: the caller
+        is inside the watermark and applies them (see :mod:`toolkit.manager.behind`)."""
+        return self._commit(action, fn, False)
+
     def _commit(self, action: str, fn: Transaction, one_statement: bool) -> Changes:
         """Run ``fn`` in a transaction; run it again (fresh) after a serialization failure
         or a deadlock, which PostgreSQL rolled back whole. Other errors raise at once."""

@@ -49,14 +49,23 @@ class Watermark:
     @contextmanager
     def pending(self) -> Iterator[None]:
         """A write from before its commit until its Redis update is done (or given up)."""
-        token = next(self._tokens)
-        with self._lock:
-            self._pending[token] = time.time()
+        token = self.begin()
         try:
             yield
         finally:
-            with self._lock:
-                del self._pending[token]
+            self.end(token)
+
+    def begin(self) -> int:
+        """:meth:`pending` in two calls, for a write whose Redis update ends on another thread:
+        call before the commit; pass the token to :meth:`end` once Redis is updated."""
+        token = next(self._tokens)
+        with self._lock:
+            self._pending[token] = time.time()
+        return token
+
+    def end(self, token: int) -> None:
+        with self._lock:
+            del self._pending[token]
 
     def failed(self, *, everything: bool = False) -> None:
         """A committed write did not reach Redis: keep the watermark before it (``everything``: 0)."""
