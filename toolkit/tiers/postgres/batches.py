@@ -246,7 +246,7 @@ def _claim_statement() -> sa.Select[Any]:
 
 
 _CLAIM = _claim_statement()
-_W_COLUMNS = tuple(f"_w_{c}" for c in t.workflows.c.keys())
+_W_COLUMNS = tuple(f"_w_{c.name}" for c in t.workflows.c)
 
 
 def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequence[str],
@@ -292,16 +292,3 @@ def release_dependents(conn: sa.Connection, workflow_ids: Collection[str], job_i
     dependencies are now all completed (one statement for a whole batch)."""
     return store.all_rows(conn.execute(_RELEASE, {"_wfs": sorted(set(workflow_ids)),
                                                   "_jobs": list(job_ids), "_now": now}))
-
-
-_LOCK_WORKFLOWS = (sa.select(t.workflows.c.id)
-                   .where(t.workflows.c.id == sa.any_(_array("_wfs", sa.Text)))
-                   .order_by(t.workflows.c.id).with_for_update())
-
-
-def lock_workflows(conn: sa.Connection, workflow_ids: Collection[str]) -> None:
-    """Lock workflow rows for this transaction, in id order (one statement).
-
-    A later statement's snapshot then sees every job move of these workflows
-    committed before the locks were granted (dependents, roll-ups)."""
-    conn.execute(_LOCK_WORKFLOWS, {"_wfs": sorted(set(workflow_ids))}).all()
