@@ -128,3 +128,20 @@ def test_a_failure_for_good_still_rolls_the_workflow_up(sm: toolkit.StateManager
     sm.fail_jobs([(job.id, "boom")], worker_id=w, retry_in=0)
     want = toolkit.WorkflowStatus.FAILED if final else toolkit.WorkflowStatus.RUNNING
     assert sm.get_workflow(wf.id).status is want  # type: ignore[union-attr]
+
+
+def test_single_completions_and_requeued_failures(sm: toolkit.StateManager) -> None:
+    w = _running_workflow(sm, 6)
+    jobs = [sm.dequeue(w, start=True) for _ in range(6)]
+    with _traced(sm) as seen:
+        for job in jobs[:3]:
+            sm.complete_job(job.id, worker_id=w, attempt=job.attempts)  # type: ignore[union-attr]
+    # BEGIN, complete (+ assignment, event, lock), release, roll-up, COMMIT.
+    assert seen["round trips"] == 3 * 5, seen
+    with _traced(sm) as seen:
+        for job in jobs[3:]:
+            again = sm.fail_job(job.id, "boom", retry_in=0)  # type: ignore[union-attr]
+            assert again.status is toolkit.JobStatus.QUEUED
+    # BEGIN, lock and read the job's budget, fail (+ assignment, events, lock), COMMIT: the
+    # workflow stays running, no roll-up.
+    assert seen["round trips"] == 3 * 4, seen

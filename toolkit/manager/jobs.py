@@ -319,6 +319,7 @@ class Jobs:
         validate.identifier("job_id", job_id)
         error = validate.text("error", error)
         guard = attempt_guard(worker_id, attempt)
+        item = pgb.Item(job_id, (guard or {}).get("worker_id"), (guard or {}).get("attempts"), error)
         wait = scheduling.retry_in_seconds(retry_in)
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
@@ -326,20 +327,18 @@ class Jobs:
             locked = lifecycle.failing_job(conn, job_id) if retry else None
             due = (scheduling.retry_at(locked, self.pipe.retry_policy, wait, now)
                    if locked and locked["attempts"] < locked["max_attempts"] else None)
-            row = lifecycle.fail_job(conn, job_id, error, bool(retry), now, guard, due)
-            if row is None:
+            # One statement: the move, the assignment ended, the events, the workflow locked.
+            rows, ended, statuses = pgb.fail_job(conn, item, bool(retry), now, due,
+                                                 scheduling.retry_detail({"run_at": due}, now))
+            if not rows:
                 raise self.pipe.refusal(conn, Kind.JOB, job_id, JS.FAILED, guard)
+            row = rows[0]
             ch.rows.insert(0, (Kind.JOB, row))
-            ended = lifecycle.end_assignments(conn, "failed", now, job_ids=[job_id])
             ch.add_all(Kind.ASSIGNMENT, ended)
-            failed_by = ended[0]["worker_id"] if ended else None
-            ch.event("failed", {**row, "status": JS.FAILED.value}, now, worker_id=failed_by,
-                     error=error)
             requeued = row["status"] == JS.QUEUED
-            if requeued:
-                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"],
-                         **scheduling.retry_detail(row, now))
-            ch.add(Kind.WORKFLOW, rollup(conn, row["workflow_id"], now, unless_requeued=requeued))
+            # A re-queue leaves a running workflow running (see ``rollup``): no roll-up then.
+            if not (requeued and statuses.get(row["workflow_id"]) == models.WorkflowStatus.RUNNING):
+                ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, row["workflow_id"], now))
             ch.counters["jobs_failed"] += 1
             if requeued:
                 ch.counters["jobs_retried"] += 1

@@ -123,32 +123,40 @@ _COMPLETE = _ending({"status": "completed", "finished_at": _NOW,
                     lambda m, e: [_event(m, _O, 1, "completed", m.c.status, m.c.worker_id)])
 
 
-def _fail_events(moved: Any, ended: Any) -> list[sa.Select[Any]]:
-    """``failed`` (by the worker whose attempt failed), then ``retried`` when re-queued."""
+def _fail_events(moved: Any, ended: Any, waited: Any = None) -> list[sa.Select[Any]]:
+    """``failed`` (by the worker whose attempt failed), then ``retried`` when re-queued
+    (its detail with ``waited``'s keys too, a JSONB object: the wait of a single failure)."""
+    left = sa.func.jsonb_build_object("attempts_left", moved.c.max_attempts - moved.c.attempts)
     failed = _event(moved, _O, 1, "failed", sa.literal("failed", sa.Text),
                     sa.func.coalesce(sa.select(ended.c.worker_id)
                                      .where(ended.c.job_id == moved.c.id).scalar_subquery(),
                                      moved.c.worker_id),
                     sa.func.jsonb_build_object("error", moved.c.error))
     retried = _event(moved, _O, 2, "retried", moved.c.status, moved.c.worker_id,
-                     sa.func.jsonb_build_object("attempts_left",
-                                                moved.c.max_attempts - moved.c.attempts)
+                     left if waited is None else left.op("||")(waited)
                      ).where(moved.c.status == "queued")
     return [failed, retried]
 
 
-def _fail_statement() -> sa.Select[Any]:
+def _fail_statement(single: bool) -> sa.Select[Any]:
+    """Fail jobs; ``single``: one job, whose retry's ``run_at`` and wait detail are known."""
     again = sa.and_(sa.bindparam("_retry", type_=sa.Boolean), j.c.attempts < j.c.max_attempts)
-    return _ending({
+    values: dict[str, Any] = {
         "status": sa.case((again, "queued"), else_="failed"),
         "enqueue_seq": sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
         "worker_id": sa.case((again, sa.null()), else_=j.c.worker_id),
         "finished_at": sa.case((again, sa.null()), else_=_NOW),
         "error": _U.c.val,
-    }, "failed", _fail_events)
+    }
+    if not single:
+        return _ending(values, "failed", _fail_events)
+    values["run_at"] = sa.case((again, sa.bindparam("_run_at", type_=t.TZ)), else_=j.c.run_at)
+    waited = sa.bindparam("_waited", type_=JSONB)
+    return _ending(values, "failed", lambda m, e: _fail_events(m, e, waited))
 
 
-_FAIL = _fail_statement()
+_FAIL = _fail_statement(False)
+_FAIL_ONE = _fail_statement(True)
 
 
 class Ended(NamedTuple):
@@ -205,6 +213,15 @@ def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: date
     params = _params(items, ["assigned", "running"], now)
     rows = store.all_rows(conn.execute(_FAIL, {**params, "_retry": bool(retry)}))
     return split_ended(rows, "failed", now)
+
+
+def fail_job(conn: sa.Connection, item: Item, retry: bool, now: datetime,
+             run_at: datetime | None, waited: dict[str, Any]) -> Ended:
+    """Fail one assigned or running job as :func:`fail_jobs` does, its retry due at ``run_at``
+    (None: at once) and ``waited`` (the wait) added to its ``retried`` event: ONE statement."""
+    params = {**_params([item], ["assigned", "running"], now), "_retry": bool(retry),
+              "_run_at": run_at, "_waited": waited}
+    return split_ended(store.all_rows(conn.execute(_FAIL_ONE, params)), "failed", now)
 
 
 def _claim_statement() -> sa.Select[Any]:
