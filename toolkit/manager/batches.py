@@ -109,18 +109,23 @@ def _guard(item: pgb.Item) -> dict[str, Any] | None:
 # -- the steps inside a transaction ----------------------------------------------------------
 
 class _Batch:
-    """What one batch transaction did: each refusal, the jobs completed, the workflows touched."""
+    """What one batch transaction did: each refusal, the jobs completed, the workflows whose
+    jobs were completed or failed (locked by that move), those a job was claimed in, and
+    those whose status the moves cannot have changed."""
 
     def __init__(self) -> None:
         self.refused: dict[str, errors.ToolkitError] = {}
         self.completed: list[str] = []
         self.workflows: set[str] = set()
+        self.claimed: set[str] = set()
+        self.steady: set[str] = set()
 
     def reset(self) -> _Batch:
         """Forget a rolled-back run (the transaction runs again after a deadlock)."""
         self.refused.clear()
         self.completed.clear()
-        self.workflows.clear()
+        for s in (self.workflows, self.claimed, self.steady):
+            s.clear()
         return self
 
     def outcomes(self, items: Sequence[pgb.Item], written: Iterable[models.Entity]
@@ -138,10 +143,9 @@ def _refuse(pipe: Pipeline, conn: sa.Connection, b: _Batch, items: Sequence[pgb.
             b.refused[item.job_id] = pipe.refusal(conn, Kind.JOB, item.job_id, target, _guard(item))
 
 
-def _completed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
-    """After completing ``rows``: their events (dependents wait for :func:`_finish`)."""
-    for r in rows:
-        ch.event("completed", r, now)
+def _completed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]]) -> None:
+    """After completing ``rows`` (their events logged by the move; dependents wait for
+    :func:`_finish`)."""
     b.completed += [r["id"] for r in rows]
     b.workflows |= {r["workflow_id"] for r in rows}
     ch.counters["jobs_completed"] += len(rows)
@@ -151,38 +155,35 @@ def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue
              worker_id: str, start: bool, now: datetime) -> None:
     """Assign (or start) the claimed jobs still queued, with their assignments: one statement."""
     aids = dict(zip((c.job_id for c in claims), validate.new_ids(len(claims)), strict=True))
-    found = {r["id"]: r for r in pgb.claim_jobs(conn, list(aids), list(aids.values()), worker_id,
-                                                 now, start=start)}
+    moved, woken = pgb.claim_jobs(conn, list(aids), list(aids.values()), worker_id, now,
+                                  start=start)
+    found = {r["id"]: r for r in moved}
     rows = [found[c.job_id] for c in claims if c.job_id in found]
     assignments = [{"id": aids[r["id"]], "job_id": r["id"], "worker_id": worker_id,
                     "status": models.AssignmentStatus.ACTIVE.value, "attempt": r["attempts"],
                     "assigned_at": now, "finished_at": None} for r in rows]
     ch.add_all(Kind.JOB, rows)
     ch.add_all(Kind.ASSIGNMENT, assignments)
-    for r in rows:
-        ch.event("assigned", {**r, "status": JS.ASSIGNED.value}, now)
-        if start:
-            ch.event("started", r, now)
-    b.workflows |= {r["workflow_id"] for r in rows}
+    ch.add_all(Kind.WORKFLOW, woken)  # their events (assigned, started) were logged by the claim
+    b.claimed |= {r["workflow_id"] for r in rows}
     ch.counters["jobs_assigned"] += len(rows)
 
 
 def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime) -> None:
-    """Lock every workflow the batch touched (one statement, in id order: two batches never
-    deadlock on them), release the dependents of the completed jobs, roll each workflow up once.
+    """Release the dependents of the completed jobs, roll each workflow up once.
 
-    The release and the roll-ups run after the locks, so their snapshots see every move of
-    these workflows committed before (two batches completing two dependencies of one job:
-    the second releases it)."""
-    if not b.workflows:
-        return
-    pgb.lock_workflows(conn, b.workflows)
+    The moves that completed or failed jobs locked their workflows (in id order: two
+    batches never deadlock on them), so the release and the roll-ups, later statements,
+    see every move of these workflows committed before (two batches completing two
+    dependencies of one job: the second releases it). No roll-up where it cannot change
+    the status: a workflow a job was just claimed in is running (the claim set it so), one
+    whose jobs were only re-queued while it was running stays running."""
     done = set(b.completed)
     if done:
         for r in pgb.release_dependents(conn, b.workflows, b.completed, now):
             ch.add(Kind.JOB, r)
             ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
-    for wf in sorted(b.workflows):
+    for wf in sorted(b.workflows - b.claimed - b.steady):
         ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, wf, now))
 
 
@@ -213,10 +214,11 @@ class Batches:
             queue.settle(self.pipe.redis, self.pipe.ns, c, requeue=requeue)
 
     def _write_with_claims(self, action: str, claims: Sequence[queue.Claim],
-                           tx: Callable[[sa.Connection, Changes], None]) -> list[models.Entity]:
+                           tx: Callable[[sa.Connection, Changes], None], *,
+                           one_statement: bool = False) -> list[models.Entity]:
         """Run ``tx``; the claims PostgreSQL did not assign go back (or are forgotten)."""
         try:
-            written = self.pipe.write(action, tx)
+            written = self.pipe.write(action, tx, one_statement=one_statement)
         except BaseException:
             self._settle(claims, requeue=True)
             raise
@@ -249,12 +251,10 @@ class Batches:
                 continue
 
             def tx(conn: sa.Connection, ch: Changes, claims: list[queue.Claim] = claims) -> None:
-                now = self.pipe.now()
-                b = _Batch()
-                _claimed(conn, ch, b, claims, worker_id, bool(start), now)
-                _finish(conn, ch, b, now)
+                _claimed(conn, ch, _Batch(), claims, worker_id, bool(start), self.pipe.now())
 
-            written = self._write_with_claims("dequeue", claims, tx)
+            # One statement (the claim, its assignments, events and workflows): no BEGIN/COMMIT.
+            written = self._write_with_claims("dequeue", claims, tx, one_statement=True)
             jobs = {e.id: e for e in written if isinstance(e, models.Job)}
             got = [jobs[c.job_id] for c in claims if c.job_id in jobs]
             if got:
@@ -293,11 +293,10 @@ class Batches:
             b.reset()
             rows = pgb.start_jobs(conn, parsed, models.values(models.job_sources(JS.RUNNING)), now)
             _refuse(self.pipe, conn, b, parsed, rows, JS.RUNNING)
-            ch.add_all(Kind.JOB, rows)
-            for r in rows:
-                ch.event("started", r, now)
+            ch.add_all(Kind.JOB, rows)  # their events were logged by the move
 
-        return b.outcomes(parsed, self.pipe.write("start jobs", tx))
+        # One statement (no roll-up: assigned and running weigh the same in it).
+        return b.outcomes(parsed, self.pipe.write("start jobs", tx, one_statement=True))
 
     def complete_jobs(self, items: Sequence[Any], *, worker_id: str | None = None
                       ) -> list[Outcome]:
@@ -321,12 +320,12 @@ class Batches:
 
     def _complete(self, conn: sa.Connection, ch: Changes, b: _Batch, items: Sequence[pgb.Item],
                   now: datetime) -> None:
-        rows, ended = pgb.complete_jobs(conn, items,
-                                        models.values(models.job_sources(JS.COMPLETED)), now)
+        rows, ended, _ = pgb.complete_jobs(conn, items,
+                                           models.values(models.job_sources(JS.COMPLETED)), now)
         _refuse(self.pipe, conn, b, items, rows, JS.COMPLETED)
         ch.add_all(Kind.JOB, rows)
         ch.add_all(Kind.ASSIGNMENT, ended)
-        _completed(ch, b, rows, now)
+        _completed(ch, b, rows)
 
     def fail_jobs(self, items: Sequence[Any], *, retry: bool = True,
                   worker_id: str | None = None, retry_in: float | None = None) -> list[Outcome]:
@@ -344,12 +343,12 @@ class Batches:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
             b.reset()
-            rows, ended = pgb.fail_jobs(conn, parsed, bool(retry), now)
+            rows, ended, statuses = pgb.fail_jobs(conn, parsed, bool(retry), now)
             rows = scheduling.back_off(conn, rows, self.pipe.retry_policy, now, wait)
             _refuse(self.pipe, conn, b, parsed, rows, JS.FAILED)
             ch.add_all(Kind.JOB, rows)
             ch.add_all(Kind.ASSIGNMENT, ended)
-            _failed(ch, b, rows, ended, {i.job_id: i.value for i in parsed}, now)
+            _failed(ch, b, rows, statuses)
             _finish(conn, ch, b, now)
 
         return b.outcomes(parsed, self.pipe.write("fail jobs", tx))
@@ -392,16 +391,18 @@ class Batches:
 
 
 def _failed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],
-            ended: Sequence[Mapping[str, Any]], errors_of: Mapping[str, str | None],
-            now: datetime) -> None:
-    """After failing ``rows``: log failed (and retried) with the worker whose attempt failed."""
-    by_job = {a["job_id"]: a["worker_id"] for a in ended}
-    for r in rows:
-        ch.event("failed", {**r, "status": JS.FAILED.value}, now, worker_id=by_job.get(r["id"]),
-                 error=errors_of[r["id"]])
-        if r["status"] == JS.QUEUED:
-            ch.event("retried", r, now, attempts_left=r["max_attempts"] - r["attempts"])
-            ch.counters["jobs_retried"] += 1
-    b.workflows |= {r["workflow_id"] for r in rows}
+            statuses: Mapping[str, str]) -> None:
+    """After failing ``rows`` (their events, failed and retried, logged by the move).
+
+    A workflow that was running and whose failed jobs were all re-queued stays running:
+    queued and assigned or running weigh the same in the roll-up's rules 1 and 2, and
+    rules 3 to 5 leave a running workflow running."""
+    final = {r["workflow_id"] for r in rows if r["status"] != JS.QUEUED}
+    retried = sum(1 for r in rows if r["status"] == JS.QUEUED)
+    if retried:
+        ch.counters["jobs_retried"] += retried
+    touched = {r["workflow_id"] for r in rows}
+    b.workflows |= touched
+    b.steady |= {wf for wf in touched - final if statuses.get(wf) == "running"}
     ch.counters["jobs_failed"] += len(rows)
 

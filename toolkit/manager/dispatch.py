@@ -23,9 +23,9 @@ from toolkit.manager import jobs, scheduling
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
 from toolkit.models import EntityKind as Kind
-from toolkit.models import JobStatus as JS
 from toolkit.recovery import queues as recovered_queues
-from toolkit.tiers.postgres import lifecycle, records, store
+from toolkit.tiers.postgres import batches as pgb
+from toolkit.tiers.postgres import lifecycle
 from toolkit.tiers.redis import queue
 
 CLAIM_LEASE = 30.0
@@ -33,22 +33,24 @@ CLAIM_LEASE = 30.0
 
 
 def assign(conn: sa.Connection, ch: Changes, job_id: str, worker_id: str, pipe: Pipeline) -> bool:
-    """Assign a queued job in the caller's transaction; False when it is no longer queued."""
+    """Assign a queued job; False when it is no longer queued.
+
+    ONE statement (:func:`~toolkit.tiers.postgres.batches.claim_jobs`): the move, the
+    assignment, the ``assigned`` event and the workflow set running when it was not (an
+    assigned job makes it running whatever else it holds: no roll-up needed).
+    """
     now = pipe.now()
-    row, wf_status = store.move_job(
-        conn, job_id, {"status": JS.ASSIGNED.value, "worker_id": worker_id,
-                       "attempts": store.INCREMENT},
-        statuses_in=[JS.QUEUED], now=now, event="assigned", lock_workflow=True)
-    if row is None:
+    aid = validate.new_id()
+    rows, woken = pgb.claim_jobs(conn, [job_id], [aid], worker_id, now, start=False)
+    if not rows:
         return False
-    assignment = {"id": validate.new_id(), "job_id": job_id, "worker_id": worker_id,
+    row = rows[0]
+    assignment = {"id": aid, "job_id": job_id, "worker_id": worker_id,
                   "status": models.AssignmentStatus.ACTIVE.value, "attempt": row["attempts"],
                   "assigned_at": now, "finished_at": None}
-    store.insert(conn, Kind.ASSIGNMENT, assignment)
     ch.add(Kind.JOB, row)
     ch.add(Kind.ASSIGNMENT, assignment)
-    if wf_status is not None:
-        ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, row["workflow_id"], now))
+    ch.add_all(Kind.WORKFLOW, woken)
     ch.counters["jobs_assigned"] += 1
     return True
 
@@ -71,7 +73,7 @@ class Dispatch:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             assign(conn, ch, job_id, worker_id, self.pipe)
 
-        written = self.pipe.write("assign job", tx)
+        written = self.pipe.write("assign job", tx, one_statement=True)
         return next(e for e in written if isinstance(e, models.JobAssignment))
 
     def dequeue(self, worker_id: str, *, queues: Sequence[str] | None = None,
@@ -100,9 +102,8 @@ class Dispatch:
             ch = Changes(action="dequeue")
             with p.watermark.pending():
                 try:
-                    with p.db.begin("dequeue") as conn:
+                    with p.db.autocommit("dequeue") as conn:  # one statement: no BEGIN/COMMIT
                         won = assign(conn, ch, claim.job_id, worker_id, p)
-                        records.insert_events(conn, p.db.schema, ch.events)
                 except BaseException:
                     queue.settle(p.redis, p.ns, claim, requeue=True)
                     raise
@@ -137,7 +138,7 @@ class Dispatch:
             for row in moved:
                 ch.event("reclaimed", row, now, worker_id=worker_id, rule="returned unstarted")
             for wf in sorted({r["workflow_id"] for r in moved}):
-                ch.add(Kind.WORKFLOW, jobs.rollup(conn, wf, now))
+                ch.add(Kind.WORKFLOW, jobs.rollup(conn, wf, now, unless_requeued=True))
 
         if not ids:
             return []

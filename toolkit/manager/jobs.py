@@ -11,6 +11,7 @@ Touches the tiers only through :class:`~toolkit.manager.pipeline.Pipeline` and `
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,8 +23,10 @@ from toolkit.manager import idempotency, scheduling
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
+from toolkit.tiers.postgres import batches as pgb
 from toolkit.tiers.postgres import lifecycle, store
 
+_COMPLETABLE = models.values(models.job_sources(JS.COMPLETED))
 _EVENT_OF = {JS.QUEUED: "queued", JS.RUNNING: "started", JS.COMPLETED: "completed",
              JS.CANCELLED: "cancelled"}
 
@@ -42,13 +45,18 @@ def job_row(workflow_id: str, spec: Mapping[str, Any], now: datetime, seqs: Any)
     }
 
 
-def rollup(conn: sa.Connection, workflow_id: str, now: datetime) -> Mapping[str, Any] | None:
+def rollup(conn: sa.Connection, workflow_id: str, now: datetime, *,
+           unless_requeued: bool = False) -> Mapping[str, Any] | None:
     """Recompute a workflow's status from its jobs; return the new row if it changed.
 
     Two statements: the row lock first, so that the roll-up's snapshot sees
     every concurrent job move that committed before this one could proceed.
+    ``unless_requeued``: the move re-queued an assigned or running job, so a
+    running workflow stays running (queued weighs as assigned and running in the
+    rules that could end it): the lock only.
     """
-    if lifecycle.lock_workflow(conn, workflow_id) is None:
+    status = lifecycle.lock_workflow(conn, workflow_id)
+    if status is None or (unless_requeued and status == models.WorkflowStatus.RUNNING):
         return None
     return lifecycle.rollup_workflow(conn, workflow_id, now)
 
@@ -271,11 +279,26 @@ class Jobs:
         ``worker_id``/``attempt`` fence the call to one attempt, as in ``start_job``:
         a stale attempt's result never overwrites the current attempt's.
         """
+        validate.identifier("job_id", job_id)
         result = validate.json_value("result", result)
-        return self.move(job_id, JS.COMPLETED, {"result": result, "finished_at": NOW},
-                         steps=[end_assignment("completed"), release_dependents, roll_up,
-                                count("jobs_completed")],
-                         guard=attempt_guard(worker_id, attempt))
+        guard = attempt_guard(worker_id, attempt) or {}
+        item = pgb.Item(job_id, guard.get("worker_id"), guard.get("attempts"),
+                        None if result is None else json.dumps(result))
+
+        def tx(conn: sa.Connection, ch: Changes) -> None:
+            now = self.pipe.now()
+            # One statement: the move, the assignment ended, the event, the workflow locked.
+            rows, ended, _ = pgb.complete_jobs(conn, [item], _COMPLETABLE, now)
+            if not rows:
+                raise self.pipe.refusal(conn, Kind.JOB, job_id, JS.COMPLETED, guard)
+            ch.rows.insert(0, (Kind.JOB, rows[0]))
+            ch.add_all(Kind.ASSIGNMENT, ended)
+            moved = Moved(rows[0], True, now)
+            release_dependents(conn, ch, moved)
+            roll_up(conn, ch, moved)
+            ch.counters["jobs_completed"] += 1
+
+        return self.pipe.write("job -> completed", tx)[0]  # type: ignore[return-value]
 
     def cancel(self, job_id: str) -> models.Job:
         """Cancel a job that is not final."""
@@ -296,6 +319,7 @@ class Jobs:
         validate.identifier("job_id", job_id)
         error = validate.text("error", error)
         guard = attempt_guard(worker_id, attempt)
+        item = pgb.Item(job_id, (guard or {}).get("worker_id"), (guard or {}).get("attempts"), error)
         wait = scheduling.retry_in_seconds(retry_in)
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
@@ -303,20 +327,18 @@ class Jobs:
             locked = lifecycle.failing_job(conn, job_id) if retry else None
             due = (scheduling.retry_at(locked, self.pipe.retry_policy, wait, now)
                    if locked and locked["attempts"] < locked["max_attempts"] else None)
-            row = lifecycle.fail_job(conn, job_id, error, bool(retry), now, guard, due)
-            if row is None:
+            # One statement: the move, the assignment ended, the events, the workflow locked.
+            rows, ended, statuses = pgb.fail_job(conn, item, bool(retry), now, due,
+                                                 scheduling.retry_detail({"run_at": due}, now))
+            if not rows:
                 raise self.pipe.refusal(conn, Kind.JOB, job_id, JS.FAILED, guard)
+            row = rows[0]
             ch.rows.insert(0, (Kind.JOB, row))
-            ended = lifecycle.end_assignments(conn, "failed", now, job_ids=[job_id])
             ch.add_all(Kind.ASSIGNMENT, ended)
-            failed_by = ended[0]["worker_id"] if ended else None
-            ch.event("failed", {**row, "status": JS.FAILED.value}, now, worker_id=failed_by,
-                     error=error)
             requeued = row["status"] == JS.QUEUED
-            if requeued:
-                ch.event("retried", row, now, attempts_left=row["max_attempts"] - row["attempts"],
-                         **scheduling.retry_detail(row, now))
-            ch.add(Kind.WORKFLOW, rollup(conn, row["workflow_id"], now))
+            # A re-queue leaves a running workflow running (see ``rollup``): no roll-up then.
+            if not (requeued and statuses.get(row["workflow_id"]) == models.WorkflowStatus.RUNNING):
+                ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, row["workflow_id"], now))
             ch.counters["jobs_failed"] += 1
             if requeued:
                 ch.counters["jobs_retried"] += 1

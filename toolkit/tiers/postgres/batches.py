@@ -55,11 +55,45 @@ def _move(values: dict[str, Any]) -> sa.Update:
     )
 
 
-def _ending(values: dict[str, Any], ending: str) -> sa.Select[Any]:
-    """:func:`_move`, and the moved jobs' active assignments ended as ``ending``: ONE statement.
+_O = sa.func.unnest(_array("_ids", sa.Text)).table_valued(
+    sa.column("id", sa.Text), with_ordinality="n").render_derived(name="o")
+"""The items' ids with their place in the batch (the order of their events)."""
+_EVENT_COLUMNS = ("job_id", "workflow_id", "event", "status", "worker_id", "attempt", "at", "detail")
+
+
+def _event(moved: Any, order: Any, k: int, event: str, status: Any, worker: Any,
+           detail: Any = None) -> sa.Select[Any]:
+    """One event per moved job: the columns of ``job_events``, its batch place and ``k``."""
+    return sa.select(
+        moved.c.id, moved.c.workflow_id, sa.literal(event, sa.Text), status, worker,
+        moved.c.attempts, _NOW, sa.cast(detail if detail is not None else sa.null(), JSONB),
+        order.c.n.label("n"), sa.literal(k).label("k"),
+    ).select_from(moved.join(order, order.c.id == moved.c.id))
+
+
+def _logged(*events: sa.Select[Any]) -> sa.CTE:
+    """``INSERT INTO job_events`` of the events given (each job's in ``k`` order): a CTE."""
+    ev = sa.union_all(*events).subquery("ev") if len(events) > 1 else events[0].subquery("ev")
+    cols = list(ev.c)
+    return sa.insert(t.job_events).from_select(
+        list(_EVENT_COLUMNS), sa.select(*cols[:8]).order_by(ev.c.n, ev.c.k)).cte("logged")
+
+
+def _locked(moved: Any) -> sa.CTE:
+    """Lock the moved jobs' workflows, in id order (two batches never deadlock on them)."""
+    w = t.workflows
+    return (sa.select(w.c.id, w.c.status).where(w.c.id.in_(sa.select(moved.c.workflow_id)))
+            .order_by(w.c.id).with_for_update().cte("locked"))
+
+
+def _ending(values: dict[str, Any], ending: str,
+            events: Any) -> sa.Select[Any]:
+    """:func:`_move`, the moved jobs' active assignments ended as ``ending``, their events
+    (``events(moved, ended)``) logged and their workflows locked: ONE statement.
 
     Each job row carries its ended assignment's ``_a_id``, ``_a_worker``, ``_a_attempt``,
-    ``_a_assigned_at`` (NULL when it had none; at most one is active per job)."""
+    ``_a_assigned_at`` (NULL when it had none; at most one is active per job) and its
+    workflow's status ``_w_status``, read under the lock."""
     a = t.job_assignments
     moved = _move(values).cte("moved")
     ended = (sa.update(a)
@@ -67,45 +101,88 @@ def _ending(values: dict[str, Any], ending: str) -> sa.Select[Any]:
              .values(status=ending, finished_at=_NOW)
              .returning(a.c.id, a.c.job_id, a.c.worker_id, a.c.attempt, a.c.assigned_at)
              ).cte("ended")
+    locked = _locked(moved)
+    status = (sa.select(locked.c.status).where(locked.c.id == moved.c.workflow_id)
+              .scalar_subquery().label("_w_status"))
     return (sa.select(*moved.c, ended.c.id.label("_a_id"), ended.c.worker_id.label("_a_worker"),
                       ended.c.attempt.label("_a_attempt"),
-                      ended.c.assigned_at.label("_a_assigned_at"))
-            .select_from(moved.outerjoin(ended, ended.c.job_id == moved.c.id)))
+                      ended.c.assigned_at.label("_a_assigned_at"), status)
+            .select_from(moved.outerjoin(ended, ended.c.job_id == moved.c.id))
+            .add_cte(_logged(*events(moved, ended))))
 
 
-_START = _move({"status": "running", "started_at": _NOW})
+def _start_statement() -> sa.Select[Any]:
+    moved = _move({"status": "running", "started_at": _NOW}).cte("moved")
+    logged = _logged(_event(moved, _O, 1, "started", moved.c.status, moved.c.worker_id))
+    return sa.select(*moved.c).add_cte(logged)
+
+
+_START = _start_statement()
 _COMPLETE = _ending({"status": "completed", "finished_at": _NOW,
-                     "result": sa.cast(_U.c.val, JSONB(none_as_null=True))}, "completed")
+                     "result": sa.cast(_U.c.val, JSONB(none_as_null=True))}, "completed",
+                    lambda m, e: [_event(m, _O, 1, "completed", m.c.status, m.c.worker_id)])
 
 
-def _fail_statement() -> sa.Select[Any]:
+def _fail_events(moved: Any, ended: Any, waited: Any = None) -> list[sa.Select[Any]]:
+    """``failed`` (by the worker whose attempt failed), then ``retried`` when re-queued
+    (its detail with ``waited``'s keys too, a JSONB object: the wait of a single failure)."""
+    left = sa.func.jsonb_build_object("attempts_left", moved.c.max_attempts - moved.c.attempts)
+    failed = _event(moved, _O, 1, "failed", sa.literal("failed", sa.Text),
+                    sa.func.coalesce(sa.select(ended.c.worker_id)
+                                     .where(ended.c.job_id == moved.c.id).scalar_subquery(),
+                                     moved.c.worker_id),
+                    sa.func.jsonb_build_object("error", moved.c.error))
+    retried = _event(moved, _O, 2, "retried", moved.c.status, moved.c.worker_id,
+                     left if waited is None else left.op("||")(waited)
+                     ).where(moved.c.status == "queued")
+    return [failed, retried]
+
+
+def _fail_statement(single: bool) -> sa.Select[Any]:
+    """Fail jobs; ``single``: one job, whose retry's ``run_at`` and wait detail are known."""
     again = sa.and_(sa.bindparam("_retry", type_=sa.Boolean), j.c.attempts < j.c.max_attempts)
-    return _ending({
+    values: dict[str, Any] = {
         "status": sa.case((again, "queued"), else_="failed"),
         "enqueue_seq": sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
         "worker_id": sa.case((again, sa.null()), else_=j.c.worker_id),
         "finished_at": sa.case((again, sa.null()), else_=_NOW),
         "error": _U.c.val,
-    }, "failed")
+    }
+    if not single:
+        return _ending(values, "failed", _fail_events)
+    values["run_at"] = sa.case((again, sa.bindparam("_run_at", type_=t.TZ)), else_=j.c.run_at)
+    waited = sa.bindparam("_waited", type_=JSONB)
+    return _ending(values, "failed", lambda m, e: _fail_events(m, e, waited))
 
 
-_FAIL = _fail_statement()
+_FAIL = _fail_statement(False)
+_FAIL_ONE = _fail_statement(True)
 
 
-def split_ended(rows: Sequence[store.Row], ending: str, now: datetime
-                ) -> tuple[list[store.Row], list[store.Row]]:
-    """The job rows and the ended assignment rows of a :func:`complete_jobs` or :func:`fail_jobs`."""
+class Ended(NamedTuple):
+    """What :func:`complete_jobs` or :func:`fail_jobs` did: the job rows, the ended
+    assignments, and the status of each workflow of the moved jobs (locked meanwhile)."""
+
+    jobs: list[store.Row]
+    ended: list[store.Row]
+    workflows: dict[str, str]
+
+
+def split_ended(rows: Sequence[store.Row], ending: str, now: datetime) -> Ended:
+    """The job rows, ended assignment rows and workflow statuses of a moving statement."""
     jobs: list[store.Row] = []
     ended: list[store.Row] = []
+    workflows: dict[str, str] = {}
     for r in rows:
         row = dict(r)
+        workflows[row["workflow_id"]] = row.pop("_w_status")
         aid, worker, attempt, at = (row.pop(k) for k in ("_a_id", "_a_worker", "_a_attempt",
                                                           "_a_assigned_at"))
         jobs.append(row)
         if aid is not None:
             ended.append({"id": aid, "job_id": row["id"], "worker_id": worker, "status": ending,
                           "attempt": attempt, "assigned_at": at, "finished_at": now})
-    return jobs, ended
+    return Ended(jobs, ended, workflows)
 
 
 def _params(items: Sequence[Item], statuses: Sequence[str], now: datetime) -> dict[str, Any]:
@@ -116,30 +193,39 @@ def _params(items: Sequence[Item], statuses: Sequence[str], now: datetime) -> di
 
 def start_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[str],
                now: datetime) -> list[store.Row]:
-    """Mark running the jobs whose status is in ``statuses`` and whose fence matches."""
+    """Mark running the jobs whose status is in ``statuses`` and whose fence matches, and log
+    ``started``: ONE statement."""
     return store.all_rows(conn.execute(_START, _params(items, statuses, now)))
 
 
 def complete_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[str],
-                  now: datetime) -> tuple[list[store.Row], list[store.Row]]:
-    """Complete the matching jobs, each with its result (``value``: JSON text or None), and
-    end their active assignments; return the job rows and the ended assignment rows."""
+                  now: datetime) -> Ended:
+    """Complete the matching jobs, each with its result (``value``: JSON text or None), end
+    their active assignments, log ``completed`` and lock their workflows: ONE statement."""
     rows = store.all_rows(conn.execute(_COMPLETE, _params(items, statuses, now)))
     return split_ended(rows, "completed", now)
 
 
-def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: datetime
-              ) -> tuple[list[store.Row], list[store.Row]]:
+def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: datetime) -> Ended:
     """Fail the matching assigned or running jobs (``value``: the error; with ``retry``, a
-    job with attempts left is queued again instead) and end their active assignments;
-    return the job rows and the ended assignment rows."""
+    job with attempts left is queued again instead), end their active assignments, log
+    ``failed`` (and ``retried``) and lock their workflows: ONE statement."""
     params = _params(items, ["assigned", "running"], now)
     rows = store.all_rows(conn.execute(_FAIL, {**params, "_retry": bool(retry)}))
     return split_ended(rows, "failed", now)
 
 
+def fail_job(conn: sa.Connection, item: Item, retry: bool, now: datetime,
+             run_at: datetime | None, waited: dict[str, Any]) -> Ended:
+    """Fail one assigned or running job as :func:`fail_jobs` does, its retry due at ``run_at``
+    (None: at once) and ``waited`` (the wait) added to its ``retried`` event: ONE statement."""
+    params = {**_params([item], ["assigned", "running"], now), "_retry": bool(retry),
+              "_run_at": run_at, "_waited": waited}
+    return split_ended(store.all_rows(conn.execute(_FAIL_ONE, params)), "failed", now)
+
+
 def _claim_statement() -> sa.Select[Any]:
-    a = t.job_assignments
+    a, w = t.job_assignments, t.workflows
     moved = (
         sa.update(j)
         .where(j.c.id == sa.any_(_array("_ids", sa.Text)), j.c.status == "queued")
@@ -151,26 +237,53 @@ def _claim_statement() -> sa.Select[Any]:
         .returning(*j.c)
     ).cte("moved")
     u = sa.func.unnest(_array("_ids", sa.Text), _array("_aids", sa.Text)).table_valued(
-        sa.column("job", sa.Text), sa.column("aid", sa.Text)).render_derived(name="u")
+        sa.column("id", sa.Text), sa.column("aid", sa.Text), with_ordinality="n"
+    ).render_derived(name="u")
     assigned = sa.insert(a).from_select(
         ["id", "job_id", "worker_id", "status", "attempt", "assigned_at"],
         sa.select(u.c.aid, moved.c.id, sa.bindparam("_worker", type_=sa.Text),
                   sa.literal("active", sa.Text), moved.c.attempts, _NOW)
-        .select_from(moved.join(u, u.c.job == moved.c.id)),
+        .select_from(moved.join(u, u.c.id == moved.c.id)),
     ).cte("assigned")
-    return sa.select(*moved.c).add_cte(assigned)
+    logged = _logged(
+        _event(moved, u, 1, "assigned", sa.literal("assigned", sa.Text), moved.c.worker_id),
+        _event(moved, u, 2, "started", moved.c.status, moved.c.worker_id)
+        .where(sa.bindparam("_start", type_=sa.Boolean)))
+    # A job assigned makes its workflow running, whatever else it holds (lifecycle's rule 3:
+    # that job is open and progressing): no roll-up needed, only this update.
+    woken = (sa.select(w.c.id).where(w.c.id.in_(sa.select(moved.c.workflow_id)),
+                                     w.c.status.in_(["pending", "failed"]))
+             .order_by(w.c.id).with_for_update().cte("woken"))
+    running = (sa.update(w).where(w.c.id.in_(sa.select(woken.c.id)))
+               .values(status="running", version=w.c.version + 1, updated_at=_NOW)
+               .returning(*w.c)).cte("running")
+    return (sa.select(*moved.c, *[c.label(f"_w_{c.name}") for c in running.c])
+            .select_from(moved.outerjoin(running, running.c.id == moved.c.workflow_id))
+            .add_cte(assigned, logged))
 
 
 _CLAIM = _claim_statement()
+_W_COLUMNS = tuple(f"_w_{c.name}" for c in t.workflows.c)
 
 
 def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequence[str],
-               worker_id: str, now: datetime, *, start: bool) -> list[store.Row]:
-    """Assign (``start``: straight to running) the jobs of ``job_ids`` still queued, and insert
-    their active assignments (ids from ``assignment_ids``, in the same order): ONE statement."""
+               worker_id: str, now: datetime, *, start: bool
+               ) -> tuple[list[store.Row], list[store.Row]]:
+    """Assign (``start``: straight to running) the jobs of ``job_ids`` still queued, insert
+    their active assignments (ids from ``assignment_ids``, in the same order), log
+    ``assigned`` (and ``started``) and set their pending or failed workflows running: ONE
+    statement. Returns the job rows and the workflow rows it changed."""
     params = {"_ids": list(job_ids), "_aids": list(assignment_ids), "_worker": worker_id,
               "_start": start, "_now": now, "_status": "running" if start else "assigned"}
-    return store.all_rows(conn.execute(_CLAIM, params))
+    jobs: list[store.Row] = []
+    woken: dict[str, store.Row] = {}
+    for r in conn.execute(_CLAIM, params).mappings():
+        row = dict(r)
+        wf = {c[3:]: row.pop(c) for c in _W_COLUMNS}
+        if wf["id"] is not None:
+            woken[wf["id"]] = wf
+        jobs.append(row)
+    return jobs, list(woken.values())
 
 
 def _release_statement() -> sa.Update:
@@ -196,16 +309,3 @@ def release_dependents(conn: sa.Connection, workflow_ids: Collection[str], job_i
     dependencies are now all completed (one statement for a whole batch)."""
     return store.all_rows(conn.execute(_RELEASE, {"_wfs": sorted(set(workflow_ids)),
                                                   "_jobs": list(job_ids), "_now": now}))
-
-
-_LOCK_WORKFLOWS = (sa.select(t.workflows.c.id)
-                   .where(t.workflows.c.id == sa.any_(_array("_wfs", sa.Text)))
-                   .order_by(t.workflows.c.id).with_for_update())
-
-
-def lock_workflows(conn: sa.Connection, workflow_ids: Collection[str]) -> None:
-    """Lock workflow rows for this transaction, in id order (one statement).
-
-    A later statement's snapshot then sees every job move of these workflows
-    committed before the locks were granted (dependents, roll-ups)."""
-    conn.execute(_LOCK_WORKFLOWS, {"_wfs": sorted(set(workflow_ids))}).all()

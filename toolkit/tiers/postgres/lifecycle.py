@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -195,32 +194,6 @@ def failing_job(conn: sa.Connection, job_id: str) -> store.Row | None:
     j = t.jobs
     stmt = (sa.select(j.c.id, j.c.attempts, j.c.max_attempts, j.c.retry_policy)
             .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"])).with_for_update())
-    return store.one_row(conn.execute(stmt))
-
-
-def fail_job(conn: sa.Connection, job_id: str, error: str, retry: bool, now: datetime,
-             guard: Mapping[str, Any] | None = None, run_at: datetime | None = None
-             ) -> store.Row | None:
-    """Fail an assigned or running job; with ``retry`` and attempts left, queue it again.
-
-    A re-queued job gets ``run_at`` (when its retry may run; None: at once).
-    """
-    j = t.jobs
-    again = sa.and_(sa.literal(retry), j.c.attempts < j.c.max_attempts)
-    stmt = (
-        sa.update(j)
-        .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"]),
-               *[j.c[k] == v for k, v in (guard or {}).items()])
-        .values(
-            status=sa.case((again, "queued"), else_="failed"),
-            enqueue_seq=sa.case((again, t.enqueue_seq.next_value()), else_=j.c.enqueue_seq),
-            worker_id=sa.case((again, sa.null()), else_=j.c.worker_id),
-            finished_at=sa.case((again, sa.null()), else_=now),
-            run_at=sa.case((again, sa.literal(run_at, t.TZ)), else_=j.c.run_at),
-            error=error, version=j.c.version + 1, updated_at=now,
-        )
-        .returning(j)
-    )
     return store.one_row(conn.execute(stmt))
 
 
