@@ -44,13 +44,29 @@ def _traced(sm: toolkit.StateManager) -> Iterator[Counter[str]]:
         sa.event.remove(engine, "connect", on_connect)
         os.close(fd)
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) > 2 and parts[0] == "F" and parts[2].split(" ")[0] in ("Sync", "Query"):
-                    seen["round trips"] += 1
-                    if parts[2].startswith("Query"):
-                        seen[parts[3].strip().strip('"').split()[0].upper()] += 1
+            _count(f, seen)
         os.unlink(path)
+
+
+def _count(trace: Any, seen: Counter[str]) -> None:
+    """Count round trips in a libpq trace. A ``Parse`` synced without a ``Bind`` is psycopg
+    preparing a statement on the server (once per statement and connection, after it ran
+    PREPARE_THRESHOLD times): counted as ``prepares``, not as a round trip of the job."""
+    parse_only = False
+    for line in trace:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) <= 2 or parts[0] != "F":
+            continue
+        message = parts[2].split(" ")[0]
+        if message in ("Parse", "Bind"):
+            parse_only = message == "Parse"
+        elif message == "Sync" and parse_only:
+            seen["prepares"] += 1
+            parse_only = False
+        elif message in ("Sync", "Query"):
+            seen["round trips"] += 1
+            if message == "Query":
+                seen[parts[3].strip().strip('"').split()[0].upper()] += 1
 
 
 def _running_workflow(sm: toolkit.StateManager, n: int) -> str:
