@@ -373,6 +373,9 @@ def _targets(choice: str) -> list[str]:
         return ["loopback" if env else "embedded"]
     if choice == "both":
         return ["loopback", "embedded"] if env else ["embedded"]
+    if choice == "loopback" and not env:  # scenarios.target() would start the embedded stack
+        raise SystemExit("--target loopback needs DATABASE_URL and REDIS_URL (unset: the results "
+                         "would be the embedded stack's under the loopback label)")
     return [choice]
 
 
