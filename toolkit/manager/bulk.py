@@ -134,8 +134,7 @@ class Bulk:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            ch.lean = True  # hundreds of rows: cache values from the rows, no entities built
-            holder[:] = [Changes(action=f"resync {plan.verb}", lean=True)]
+            holder[:] = [Changes(action=f"resync {plan.verb}")]
             changed = _change(conn, ch, plan, ids, versions, now)
             if ch.deleted:  # a fast start finds a delete only by this note (made before COMMIT)
                 self.pipe.note_deleting(ch.deleted)

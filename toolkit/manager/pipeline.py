@@ -61,8 +61,6 @@ class Changes:
     counters: Counter[str] = dataclasses.field(default_factory=Counter)
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     action: str = ""
-    lean: bool = False
-    """Applied without building entities (see :meth:`Pipeline.apply`): for big batches."""
 
     def add(self, kind: str, row: Mapping[str, Any] | None) -> None:
         if row is not None:
@@ -208,13 +206,8 @@ class Pipeline:
         raise AssertionError("unreachable")
 
     def apply(self, changes: Changes) -> list[models.Entity]:
-        """Push committed changes to Redis (one pipeline), then memory. Never raises.
-
-        A ``lean`` batch (a bulk action's) builds no entity: its cache values are
-        encoded from the rows (:func:`cache.encode_row`, the same bytes) and its
-        entities leave memory instead of entering it; it returns no entities.
-        """
-        entities = [] if changes.lean else build_entities(changes.rows)
+        """Push committed changes to Redis (one pipeline), then memory. Never raises."""
+        entities = build_entities(changes.rows)
         queued = sum(1 for kind, row in changes.rows if kind == Kind.JOB and row["status"] == JS.QUEUED)
         if queued:
             changes.counters["jobs_queued"] += queued
@@ -225,19 +218,16 @@ class Pipeline:
             log.warning("committed to PostgreSQL but Redis was not updated (repair() will): %s",
                         exc, extra={"action": "write_redis"})
             self.watermark.failed()
-            self._drop_cached(changes)
+            self._drop_cached(entities, changes)
         for e in entities:
             self.memory.put(cache.kind_of(e), e)
-        for kind, entity_id in [*changes.deleted, *((k, r["id"]) for k, r in changes.rows
-                                                    if changes.lean)]:
+        for kind, entity_id in changes.deleted:
             self.memory.drop(kind, entity_id)
         return entities
 
     def _push_redis(self, changes: Changes, entities: list[models.Entity]) -> None:
         def go() -> None:
             pipe = self.redis.pipeline()
-            if changes.lean:
-                cache.put_rows(self.redis, self.ns, changes.rows, pipe=pipe)
             cache.put(self.redis, self.ns, entities, pipe=pipe)
             pushes, removes = queue_moves(changes.rows)
             pushes, later = split_scheduled(changes.rows, pushes, time.time())
@@ -250,7 +240,7 @@ class Pipeline:
             for kind, entity_id in changes.deleted:
                 cache.delete(self.ns, kind, [entity_id], pipe=pipe)
             watermark.done_deleting(self.ns, changes.deleted, pipe=pipe)
-            announced = [(kind, cache.row_version(kind, row), row["id"]) for kind, row in changes.rows]
+            announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
             announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
             cache.publish_many(self.ns, announced, pipe=pipe)
             now = time.time()
@@ -297,12 +287,12 @@ class Pipeline:
         except errors.StorageUnavailable:
             self.watermark.failed(everything=True)
 
-    def _drop_cached(self, changes: Changes) -> None:
+    def _drop_cached(self, entities: list[models.Entity], changes: Changes) -> None:
         """After a failed Redis update, try at least to remove the now-stale entries."""
         try:
             pipe = self.redis.pipeline()
-            for kind, row in changes.rows:
-                cache.delete(self.ns, kind, [row["id"]], pipe=pipe)
+            for e in entities:
+                cache.delete(self.ns, cache.kind_of(e), [e.id], pipe=pipe)
             for kind, entity_id in changes.deleted:
                 cache.delete(self.ns, kind, [entity_id], pipe=pipe)
             self.redis.call("invalidate", pipe.execute)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -104,49 +104,11 @@ def put(client: Client, ns: str, entities: Iterable[models.Entity], *, pipe: Any
 
     One ``set_many_if_newer`` call per :data:`BATCH` entities.
     """
-    _put_encoded(client, ns, ((kind_of(e), e.id, models.entity_version(e), encode(e), _ttl_ms(e))
-                              for e in entities), pipe)
-
-
-_FIELDS = {kind: models.field_names(kind) for kind in models.ENTITY_TYPES}
-
-
-def row_version(kind: str, row: Mapping[str, Any]) -> int:
-    """:func:`models.entity_version` of the entity ``row`` would build."""
-    if kind == "assignment":
-        return 1 if row["status"] == models.AssignmentStatus.ACTIVE else 2
-    return int(row["version"])
-
-
-def encode_row(kind: str, row: Mapping[str, Any]) -> bytes:
-    """:func:`encode` of the entity ``row`` (a committed row of ``kind``) would build, without
-    building it: the same fields in the same order, the same bytes."""
-    fields = {n: row.get(n) for n in _FIELDS[kind]}
-    return b"%d|%s" % (row_version(kind, row), orjson.dumps(fields))
-
-
-def _row_ttl_ms(kind: str, row: Mapping[str, Any]) -> int:
-    if kind == "job" and row["status"] in models.FINAL_JOB_STATUSES:
-        return FINAL_TTL_MS
-    if kind == "assignment" and row["status"] != "active":
-        return FINAL_TTL_MS
-    return 0
-
-
-def put_rows(client: Client, ns: str, rows: Iterable[tuple[str, Mapping[str, Any]]], *,
-             pipe: Any) -> None:
-    """:func:`put` of committed rows, encoded with :func:`encode_row` (no entity built)."""
-    _put_encoded(client, ns, ((kind, row["id"], row_version(kind, row), encode_row(kind, row),
-                               _row_ttl_ms(kind, row)) for kind, row in rows), pipe)
-
-
-def _put_encoded(client: Client, ns: str, items: Iterable[tuple[str, str, int, bytes, int]],
-                 pipe: Any) -> None:
     names: list[str] = []
     args: list[Any] = []
-    for kind, entity_id, version, value, ttl in items:
-        names.append(keys.entity(ns, kind, entity_id))
-        args += [version, value, ttl]
+    for e in entities:
+        names.append(keys.entity(ns, kind_of(e), e.id))
+        args += [models.entity_version(e), encode(e), _ttl_ms(e)]
         if len(names) == BATCH:
             run_script(client, "set_many_if_newer", names, args, pipe=pipe)
             names, args = [], []
