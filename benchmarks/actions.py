@@ -10,7 +10,7 @@ Cases
 -----
 bulk.plan_apply.vs_raw
     ``sm.plan_action("requeue", status="failed", reason=...)`` then
-    ``sm.apply_action(plan, progress=False)`` (batches of 500, each job guarded by its
+    ``sm.apply_action(plan, progress=False)`` (batches of 1,000, each job guarded by its
     planned version, an event per job, the workflow roll-ups, the action's record, the
     cache fills and queue pushes in Redis) against the floor: one bare ``UPDATE jobs SET
     status = 'queued', enqueue_seq = nextval(...), ... WHERE status = 'failed' RETURNING
@@ -102,7 +102,7 @@ def run(bench: harness.Bench) -> None:
         bench.record("actions", "bulk.plan_apply.vs_raw", n, harness.duration(tk),
                      harness.duration(floor), harness.at_most(3.0),
                      floor_name="bare UPDATE ... WHERE + ZADD by hand (redis-py pipeline)",
-                     extra={"batch": 500})
+                     extra={"batch": 1000})
 
 
 if __name__ == "__main__":

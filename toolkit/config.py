@@ -90,10 +90,10 @@ def pg_prepare_mode(environ: Mapping[str, str] | None = None) -> str:
     """Whether the state layer's PostgreSQL connections use server-side prepared statements.
 
     ``auto`` (the default): yes on a direct connection to the server, no when something sits
-    between (the server's port is not the URL's: a pooler such as PgBouncer, or a proxy),
-    because a transaction pooler before 1.21, or without ``max_prepared_statements``, hands
+    between (see ``toolkit.tiers.postgres.db._direct``: a pooler such as PgBouncer, a proxy),
+    because a transaction pooler before 1.22, or without ``max_prepared_statements``, hands
     the next transaction a server connection that lacks them. ``on``: always (PgBouncer
-    1.21+ with ``max_prepared_statements`` set). ``off``: never.
+    1.22+ with ``max_prepared_statements`` set). ``off``: never.
 
     Raises
     ------

@@ -8,8 +8,16 @@ test_pgbouncer.py`` runs the whole state layer through a stock PgBouncer in tran
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -67,6 +75,73 @@ def test_the_setting_overrides_the_detection(clean: Servers, proxy: TcpProxy,
     url = clean.database_url if mode == "off" else proxy.url_for(clean.database_url)
     threshold, held = _prepared_after_runs(url, clean.schema)
     assert threshold == expected and any("41 + 1" in s for s in held) == (mode == "on")
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def socket_relay(clean: Servers) -> Iterator[str]:
+    """A Unix socket on port 6432 relaying one connection to the server's TCP port, as
+    PgBouncer's ``unix_socket_dir`` gives: a libpq conninfo that reaches the server through it."""
+    where = urlsplit(clean.database_url.replace("+psycopg", ""))
+    folder = tempfile.mkdtemp(prefix="tk-sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(folder, ".s.PGSQL.6432"))
+    listener.listen(1)
+    held: list[socket.socket] = [listener]
+
+    def relay() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = listener.accept()
+            upstream = socket.create_connection((where.hostname or "127.0.0.1", where.port or 5432))
+            held.extend([client, upstream])
+            back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+            back.start()
+            _pump(client, upstream)
+            back.join(5)
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        yield f"host={folder} port=6432 user={where.username or 'postgres'} dbname={where.path.lstrip('/')}"
+    finally:
+        for sock in held:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        thread.join(5)
+        os.unlink(os.path.join(folder, ".s.PGSQL.6432"))
+        os.rmdir(folder)
+
+
+def test_a_unix_socket_that_is_not_the_servers_is_not_direct(clean: Servers, socket_relay: str) -> None:
+    with psycopg.connect(socket_relay) as conn:
+        assert conn.info.host.startswith("/") and conn.info.port == 6432
+        assert pg_db._direct(conn) is False
+
+
+def test_an_idle_ping_keeps_the_prepared_statements(clean: Servers,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkout ping ends its transaction with COMMIT: psycopg's rollback() would drop
+    every prepared statement of the connection (and send DEALLOCATE ALL)."""
+    monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
+    db = pg_db.Database(clean.database_url, clean.schema, pool_size=1)
+    query = sa.text("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%41 + 1%'")
+    try:
+        for _ in range(pg_db.PREPARE_THRESHOLD + 2):
+            with db.begin("warm") as conn:
+                conn.execute(sa.text("SELECT 41 + 1 AS answer")).scalar_one()
+        time.sleep(pg_db.PING_AFTER_IDLE + 0.2)  # the next checkout pings
+        with db.begin("after an idle ping") as conn:
+            assert conn.execute(query).scalar_one() == 1
+    finally:
+        db.dispose()
 
 
 def test_a_bad_setting_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:

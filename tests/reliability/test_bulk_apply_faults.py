@@ -75,20 +75,21 @@ def test_sigkill_mid_apply_then_a_second_apply_finishes_the_rest(
             env=env, capture_output=True, text=True, timeout=120)
         assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
 
-        # Every job is changed or unchanged, never half: 3 batches of 10 committed.
+        # Every job is changed or unchanged, never half: 3 batches of 10 committed, or 4 when
+        # the 4th committed while the 3rd's Redis update (where it died) ran behind it.
         by_id = {j.id: j for j in jobs}
         now = {j.id: j for j in sm.list_jobs()}
         changed = [i for i in by_id if i not in now or now[i].version != by_id[i].version]
-        assert len(changed) == 30
+        assert len(changed) in (30, 40)
         assert all((now[i].status if i in now else None) == after for i in changed)
         assert all(now[i].status == "failed" and now[i].version == by_id[i].version
                    for i in by_id if i not in changed)
         row = sm.inspector.actions().loc[plan.id]
-        assert (row["planned"], row["applied"], row["status"]) == (60, 30, "applying")
+        assert (row["planned"], row["applied"], row["status"]) == (60, len(changed), "applying")
         assert not sm.check_consistency().ok  # the fault was real: the 3rd batch never reached Redis
 
         again = sm.apply_action(plan, batch=10, progress=False)
-        assert (again.applied, again.already, again.skipped) == (30, 30, 0)
+        assert (again.applied, again.already, again.skipped) == (60 - len(changed), len(changed), 0)
         assert {j.status for j in sm.list_jobs()} == ({after} if after else set())
         row = sm.inspector.actions().loc[plan.id]
         assert (row["planned"], row["applied"], row["skipped"], row["status"]) == \

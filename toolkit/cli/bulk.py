@@ -47,7 +47,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
     p.add_argument("--yes", action="store_true", help="apply without asking")
     p.add_argument("--json", action="store_true", help="print the plan and the result as JSON")
-    p.add_argument("--batch", type=int, default=500, help="jobs per transaction (default 500)")
+    p.add_argument("--batch", type=int, default=1000, help="jobs per transaction (default 1000)")
 
 
 def add_commands(sub: Any, common: Callable[..., None]) -> None:

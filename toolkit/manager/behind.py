@@ -3,10 +3,11 @@
 A long run of batches (a bulk apply) spends about as long updating Redis and memory
 after each commit as PostgreSQL spends on the next batch's statements. :class:`WriteBehind`
 overlaps the two: batch k's update runs on a background thread while batch k+1's
-statements run, and batch k+1's COMMIT waits for it. So at most one committed batch is
-not yet in Redis, as with :meth:`Pipeline.write` between its commit and its update; each
-batch is inside the coordinator's watermark (:meth:`Watermark.begin` / ``end``) from
-before its commit until its update is done, and the updates run in commit order.
+statements and COMMIT run; batch k+1's update is queued once batch k's is done. No
+transaction waits on Redis (a slow Redis never holds a row lock), at most two committed
+batches are not yet in Redis, each batch is inside the coordinator's watermark
+(:meth:`Watermark.begin` / ``end``) from before its commit until its update is done, and
+the updates run in commit order.
 
 Uses only :class:`~toolkit.manager.pipeline.Pipeline`.
 """
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-
-import sqlalchemy as sa
 
 from toolkit.manager.pipeline import Changes, Pipeline, Transaction
 
@@ -33,19 +32,21 @@ class WriteBehind:
         self._last: Future[None] | None = None
 
     def write(self, action: str, fn: Transaction) -> Changes:
-        """Commit ``fn``'s batch (after the previous batch's update is done) and queue its update."""
-        token = self.pipe.watermark.begin()
-
-        def tx(conn: sa.Connection, ch: Changes) -> None:
-            fn(conn, ch)
-            self.wait()  # before this COMMIT: the previous batch is in Redis
-
+        """Commit ``fn``'s batch, wait for the previous batch's update, queue this one's."""
+        mark = self.pipe.watermark
+        token = mark.begin()
         try:
-            changes = self.pipe.commit(action, tx)
+            changes = self.pipe.commit(action, fn)
         except BaseException:
-            self.pipe.watermark.end(token)
+            mark.end(token)  # not committed (or not known to be, as in Pipeline.write)
             raise
-        self._last = self._pool.submit(self._apply, changes, token)
+        try:
+            self.wait()  # after this COMMIT, never inside the transaction
+            self._last = self._pool.submit(self._apply, changes, token)
+        except BaseException:
+            mark.failed()  # committed but not queued for Redis: keep the watermark before it
+            mark.end(token)
+            raise
         return changes
 
     def _apply(self, changes: Changes, token: int) -> None:

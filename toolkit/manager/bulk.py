@@ -90,7 +90,7 @@ class Bulk:
                        error_contains=error_contains, older_than=older_than, since=since,
                        payload=payload, all=all, value=value, reason=reason, actor=actor)
 
-    def apply(self, plan: ActionPlan, *, batch: int = 500, progress: bool | None = None) -> ActionResult:
+    def apply(self, plan: ActionPlan, *, batch: int = 1000, progress: bool | None = None) -> ActionResult:
         """Apply a plan in batches of ``batch`` jobs, each job guarded by its planned version.
 
         A job changed since the plan is skipped and reported (``skipped_ids``),

@@ -72,13 +72,23 @@ def _on_connect(mode: str) -> Callable[[Any, Any], None]:
     return setup
 
 
+_WHERE_SERVED = ("SELECT host(inet_server_addr()), inet_server_port(), current_setting('port'), "
+                 "current_setting('unix_socket_directories')")
+
+
 def _direct(dbapi_connection: Any) -> bool:
-    """Whether this connection reaches the server itself: over a Unix socket, or over TCP to
-    the port the server listens on (through PgBouncer or a proxy the ports differ)."""
-    if str(dbapi_connection.info.host).startswith("/"):
-        return True
-    port = dbapi_connection.execute("SELECT inet_server_port()").fetchone()[0]
-    return port is not None and int(port) == int(dbapi_connection.info.port)
+    """Whether this connection reaches the server itself, not a pooler or a proxy: over TCP,
+    the server's own address and port are the ones dialled; over a Unix socket, the socket is
+    one of the server's (its directory and port; PgBouncer's is ``/tmp/.s.PGSQL.6432``).
+    Anything else, or anything unknown, counts as not direct."""
+    info = dbapi_connection.info
+    addr, port, own_port, socket_dirs = dbapi_connection.execute(_WHERE_SERVED).fetchone()
+    if str(info.host).startswith("/"):
+        dirs = {d.strip() for d in str(socket_dirs).split(",")}
+        return addr is None and str(own_port) == str(info.port) and info.host in dirs
+    if addr is None or port is None:
+        return False
+    return int(port) == int(info.port) and str(addr) == str(info.hostaddr)
 
 
 def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
@@ -92,7 +102,7 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         return
     try:
         dbapi_connection.execute("SELECT 1")
-        dbapi_connection.rollback()
+        dbapi_connection.commit()  # not rollback(): psycopg forgets its prepared statements there
     except psycopg.Error as exc:
         # The pool discards this connection and checks out (or opens) another.
         raise sa_exc.DisconnectionError(type(exc).__name__) from exc
