@@ -64,6 +64,7 @@ def _on_connect(mode: str) -> Callable[[Any, Any], None]:
 
     def setup(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()  # before _direct, which may roll back
         prepare = mode == "on" or (mode == "auto" and _direct(dbapi_connection))
         dbapi_connection.commit()
         dbapi_connection.prepare_threshold = PREPARE_THRESHOLD if prepare else None
@@ -72,23 +73,29 @@ def _on_connect(mode: str) -> Callable[[Any, Any], None]:
     return setup
 
 
-_WHERE_SERVED = ("SELECT host(inet_server_addr()), inet_server_port(), current_setting('port'), "
-                 "current_setting('unix_socket_directories')")
-
-
 def _direct(dbapi_connection: Any) -> bool:
     """Whether this connection reaches the server itself, not a pooler or a proxy: over TCP,
     the server's own address and port are the ones dialled; over a Unix socket, the socket is
-    one of the server's (its directory and port; PgBouncer's is ``/tmp/.s.PGSQL.6432``).
-    Anything else, or anything unknown, counts as not direct."""
+    one of the server's (its port, and its directory where the role may read
+    ``unix_socket_directories``; PgBouncer's is ``/tmp/.s.PGSQL.6432``). Anything else, or
+    anything this role cannot tell, counts as not direct."""
     info = dbapi_connection.info
-    addr, port, own_port, socket_dirs = dbapi_connection.execute(_WHERE_SERVED).fetchone()
-    if str(info.host).startswith("/"):
-        dirs = {d.strip() for d in str(socket_dirs).split(",")}
-        return addr is None and str(own_port) == str(info.port) and info.host in dirs
-    if addr is None or port is None:
+    if not str(info.host).startswith("/"):
+        addr, port = dbapi_connection.execute(
+            "SELECT host(inet_server_addr()), inet_server_port()").fetchone()
+        return (addr is not None and port is not None and int(port) == int(info.port)
+                and str(addr) == str(info.hostaddr))
+    local, port = dbapi_connection.execute(
+        "SELECT inet_server_addr() IS NULL, current_setting('port')").fetchone()
+    if not local or str(port) != str(info.port):
         return False
-    return int(port) == int(info.port) and str(addr) == str(info.hostaddr)
+    try:
+        dirs = dbapi_connection.execute(
+            "SELECT current_setting('unix_socket_directories')").fetchone()[0]
+    except psycopg.errors.InsufficientPrivilege:  # pg_read_all_settings only
+        dbapi_connection.rollback()
+        return False
+    return str(info.host) in {d.strip() for d in str(dirs).split(",")}
 
 
 def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
