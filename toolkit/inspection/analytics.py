@@ -79,9 +79,11 @@ def _detail_run_at(detail: Any) -> pd.Timestamp | None:
 def scheduled_seconds(at: pd.Series, state: pd.Series, run_at: pd.Series) -> pd.Series:
     """Of each state, the seconds spent before its ``run_at``: ``min(run_at, state end) - at``,
     never negative; NA where the event scheduled nothing. A state still open ends at ``run_at``."""
-    end = at + pd.to_timedelta(state.astype(float).fillna(np.inf).clip(upper=1e9), unit="s")
-    stop = run_at.where(run_at.isna() | (run_at <= end), end)
-    return (stop - at).dt.total_seconds().clip(lower=0.0).astype("Float64")
+    # In seconds, not timestamps: ``at + state`` carries nanoseconds that a microsecond
+    # ``run_at`` column cannot hold, and mixing the two made an object column (a TypeError).
+    until = (run_at - at).dt.total_seconds().to_numpy(dtype=float, na_value=np.nan)
+    lasted = state.astype(float).fillna(np.inf).to_numpy()
+    return pd.Series(np.minimum(until, lasted), index=at.index).clip(lower=0.0).astype("Float64")
 
 
 def suggest_ttl(max_gap: float | None) -> float | None:
