@@ -34,6 +34,7 @@ import redis
 import toolkit
 from tests.conftest import unique
 from toolkit import config, models
+from toolkit.scenarios.common import retry as scenarios_retry
 from toolkit.tiers.memory import KINDS
 from toolkit.tiers.redis import keys
 
@@ -270,14 +271,6 @@ def everything(sm: toolkit.StateManager, servers: Any) -> tuple[Any, ...]:
     return pg, rds, mem
 
 
-def retry_storage(fn: Any, attempts: int = 3) -> Any:
-    """Call ``fn`` again after a StorageUnavailable (pooled connections to a restarted Redis
-    fail once)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except toolkit.StorageUnavailable:
-            if i == attempts - 1:
-                raise
-            time.sleep(0.1)
-    return None
+retry_storage = scenarios_retry
+"""Call ``fn`` again after a StorageUnavailable (pooled connections to a restarted server fail
+once): the scenarios' own helper, under the name these tests use."""
