@@ -8,11 +8,11 @@ no such table: the frame is then empty, and nothing is created.
 from __future__ import annotations
 
 import pandas as pd
-from psycopg import sql
 
 from toolkit import masking
 from toolkit.inspection import frames
 from toolkit.tiers.postgres import export
+from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import Database
 
 _COLUMNS = {"id": "action_id", "verb": "verb", "status": "status", "actor": "actor",
@@ -39,10 +39,9 @@ class Actions:
         sensitive keys in a payload filter read ``"***"`` unless ``unmask=True``
         (default: the Inspector's ``unmask``).
         """
-        name = f"{sql.Identifier(self._db.schema).as_string(None)}.operator_actions"
-        if not export.scalar_rows(self._db, sql.SQL("SELECT to_regclass(%s) IS NOT NULL"), (name,))[0][0]:
+        if not export.has_table(self._db, t.operator_actions.name):
             return frames.empty("actions")
-        df = frames.from_arrow(export.select(self._db, "operator_actions", _COLUMNS,
+        df = frames.from_arrow(export.select(self._db, t.operator_actions.name, _COLUMNS,
                                              order=("created_at", "id")))
         if df.empty:
             return frames.empty("actions")

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
-from psycopg import sql
 
 from toolkit import compare, config, masking, models, validate
 from toolkit.handles import Tiers
@@ -387,10 +386,7 @@ class Inspector(live.RedisFrames, analytics.Analytics, actions.Actions):
 
     def _oldest_queued_age(self) -> int:
         """Whole seconds since the oldest queued job was last updated (0 when none is queued)."""
-        rows = export.scalar_rows(self._db, sql.SQL(
-            "SELECT coalesce(extract(epoch FROM now() - min(updated_at)), 0)::bigint FROM {} "
-            "WHERE status = 'queued'").format(sql.Identifier(self._db.schema, "jobs")))
-        return max(0, int(rows[0][0]))
+        return max(0, export.oldest_queued_age(self._db))
 
     def _repr_html_(self) -> str:
         s = self.summary()["value"]

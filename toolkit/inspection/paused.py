@@ -11,21 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-from psycopg import sql
+import sqlalchemy as sa
 
 from toolkit.inspection import frames
 from toolkit.tiers.postgres import export
+from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import Database
 
 
 def read(db: Database) -> pd.DataFrame:
     """The ``paused`` frame: one row per paused queue (index ``queue``), oldest pause first."""
-    table = f"{sql.Identifier(db.schema).as_string(None)}.paused_queues"
-    if not export.scalar_rows(db, sql.SQL("SELECT to_regclass(%s) IS NOT NULL"), (table,))[0][0]:
+    p = t.paused_queues
+    if not export.has_table(db, p.name):
         return frames.empty("paused")
-    rows = export.scalar_rows(db, sql.SQL(
-        "SELECT queue, reason, actor, paused_at FROM {} ORDER BY paused_at, queue").format(
-            sql.Identifier(db.schema, "paused_queues")))
+    rows = export.scalar_rows(db, sa.select(p.c.queue, p.c.reason, p.c.actor, p.c.paused_at)
+                              .order_by(p.c.paused_at, p.c.queue))
     if not rows:
         return frames.empty("paused")
     return frames.conform("paused", {

@@ -11,9 +11,10 @@ import dataclasses
 import logging
 import time
 
-from psycopg import sql
+import sqlalchemy as sa
 
 from toolkit.tiers.postgres import export
+from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import Database
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,12 @@ class Recorded:
 
 def read(db: Database, namespace: str) -> Recorded:
     """Return the TTL recorded for ``namespace``, or the default and why (never writes)."""
-    table = f"{sql.Identifier(db.schema).as_string(None)}.settings"
-    exists = export.scalar_rows(db, sql.SQL("SELECT to_regclass(%s) IS NOT NULL"), (table,))
-    if not exists[0][0]:
+    s = t.settings
+    if not export.has_table(db, s.name):
         return _default(f"no settings table in schema {db.schema!r} (a schema from before "
                         "migration 0004: start a coordinator of this version to record them)")
-    rows = export.scalar_rows(db, sql.SQL(
-        "SELECT heartbeat_ttl, written_by, updated_at FROM {} WHERE namespace = %s").format(
-            sql.Identifier(db.schema, "settings")), (namespace,))
+    rows = export.scalar_rows(db, sa.select(s.c.heartbeat_ttl, s.c.written_by, s.c.updated_at)
+                              .where(s.c.namespace == namespace))
     if not rows:
         return _default(f"no coordinator has recorded settings for namespace {namespace!r}")
     ttl, by, at = rows[0]

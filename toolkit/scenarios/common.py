@@ -114,12 +114,16 @@ def wipe_namespace(redis_url: str, ns: str) -> int:
 
 def drop_schema(database_url: str, schema: str) -> None:
     """Drop one PostgreSQL schema by name (never a database)."""
-    import psycopg
+    import sqlalchemy as sa
 
-    url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-            psycopg.sql.Identifier(config.validate_schema(schema))))
+    name = config.validate_schema(schema)
+    engine = sa.create_engine(config.resolve_database_url(database_url),
+                              isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.schema.DropSchema(name, cascade=True, if_exists=True))
+    finally:
+        engine.dispose()
 
 
 def cleanup(sm: StateManager, t: Target, keep: bool = False) -> None:

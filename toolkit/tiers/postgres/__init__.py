@@ -1,11 +1,19 @@
 """Tier 3: PostgreSQL, the source of truth.
 
-One way to write SQL here: **SQLAlchemy Core**, built in ``store.py``, ``lifecycle.py``, ``batches.py`` and
-``records.py`` (statements of a fixed shape are built once and cached), always with bound
-parameters. The schema is chosen **per connection** by ``schema_translate_map``
-(``db.Database``), so no statement names its schema. ``psycopg.sql`` composes only what Core
-cannot express: ``COPY`` (binary in for bulk writes, binary out for the rebuild, CSV out to
-Arrow in ``export.py``) and the DDL of ``migrate.py``; there the schema is an identifier taken
-from validated configuration, never text from a user. Literal SQL (``sa.text``) is kept to
-statements with no Core form (``SET TRANSACTION``, catalog lookups), named in ``store.py``.
+One way to write SQL here: **SQLAlchemy Core** over the tables of ``tables.py``, always with
+bound parameters: the entities in ``store.py``, ``lifecycle.py`` and ``batches.py``, the
+records in ``records.py``, bulk operator actions in ``bulk.py``, the Inspector's reads in
+``export.py`` (statements of a fixed shape are built once and cached). One way to select the
+schema: **per connection**, by ``schema_translate_map`` (``db.Database``), so no statement
+names its schema; where psycopg runs a Core statement on its own cursor (streamed and binary
+reads, ``COPY``), ``db.driver_sql`` compiles it with that same map.
+
+Literal SQL is left to what Core cannot express, and a test
+(``tests/unit/test_sql_ways.py``) holds every module to it: ``psycopg.sql`` wraps ``COPY``
+(binary in for bulk writes, binary out for the rebuild, CSV out to Arrow around a compiled
+SELECT in ``export.py``) and writes the two DDL statements of ``migrate.py`` that run before
+any table exists (the migrations themselves are plain SQL files in ``migrations/``); short
+``sa.text`` and driver strings carry transaction and session settings (``SET TRANSACTION``,
+``SET LOCAL``) and the partial indexes' predicates. Identifiers there come from validated
+configuration, never text from a user.
 """

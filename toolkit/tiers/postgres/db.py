@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import psycopg
 import sqlalchemy as sa
+from psycopg import sql as pgsql
 from sqlalchemy import exc as sa_exc
 
 from toolkit import config, errors
@@ -52,6 +53,19 @@ def sqlstate(exc: BaseException | None) -> str | None:
 def retryable(exc: BaseException) -> bool:
     """Whether ``exc`` is a serialization failure or a deadlock: run the transaction again."""
     return sqlstate(exc) in RETRYABLE
+
+
+def driver_sql(conn: sa.Connection, stmt: sa.ClauseElement) -> tuple[pgsql.SQL, dict[str, Any]]:
+    """A Core statement as psycopg runs it on the driver's own cursor: text and parameters.
+
+    For what SQLAlchemy's execute cannot carry (``COPY (SELECT ...)``, binary and streamed
+    reads): the statement is still built with Core, its values still bound, and the
+    connection's schema is written into the text as ``schema_translate_map`` would.
+    """
+    schema_map = conn.get_execution_options().get("schema_translate_map")
+    compiled = stmt.compile(dialect=conn.dialect, schema_translate_map=schema_map,
+                            render_schema_translate=True)
+    return pgsql.SQL(compiled.string), dict(compiled.params)
 
 
 PREPARE_THRESHOLD = 5

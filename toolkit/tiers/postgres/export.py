@@ -1,38 +1,53 @@
 """Bulk reads for inspection: one ``COPY (SELECT ...) TO STDOUT`` per frame, parsed by Arrow.
 
 Read-only: the connection runs ``SET TRANSACTION READ ONLY`` first, so the
-server refuses any write. Identifiers are composed with ``psycopg.sql``;
-filter values are bound by psycopg (never formatted into the text by us).
-Times leave PostgreSQL as microseconds since the epoch (no text parsing).
+server refuses any write. The SELECTs are SQLAlchemy Core over ``tables``, like
+every other statement of the tier, with every filter value bound; psycopg only
+wraps the compiled SELECT in ``COPY`` (:func:`copy_query`). Times leave
+PostgreSQL as microseconds since the epoch (no text parsing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
-from psycopg import sql
+import sqlalchemy as sa
+from psycopg import sql as pgsql
 from pyarrow import csv as pacsv
+from sqlalchemy.dialects.postgresql import JSONB
 
-from toolkit.tiers.postgres.db import Database
+from toolkit.models import JobStatus
+from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import tables as t
+from toolkit.tiers.postgres.db import Database, driver_sql
 
 TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "finished_at", "last_heartbeat",
                           "registered_at", "assigned_at", "bucket_start", "at", "run_at"})
+_JSON_COLUMNS = frozenset({"payload", "result", "metadata", "detail"})
+_LIST_COLUMNS = frozenset({"queues", "depends_on"})
+_MICROS: sa.ColumnElement[int] = sa.literal_column("1000000")
+_ASSIGNED_EVENT = "assigned"
 
 
-def _column(expr: str, alias: str) -> sql.Composable:
-    name = sql.Identifier(expr)
+def epoch_us(column: Any) -> sa.ColumnElement[int]:
+    """``(extract(epoch FROM column) * 1000000)::bigint``: a timestamp as epoch microseconds."""
+    return sa.cast(sa.extract("epoch", column) * _MICROS, sa.BigInteger)
+
+
+def _column(table: sa.Table, expr: str, alias: str) -> sa.Label[Any]:
+    col: sa.ColumnElement[Any] = table.c[expr]
     if expr in TIME_COLUMNS:
-        return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint AS {}").format(
-            name, sql.Identifier(alias))
-    if expr in ("payload", "result", "metadata", "detail"):
-        return sql.SQL("{}::text AS {}").format(name, sql.Identifier(alias))
-    if expr in ("queues", "depends_on"):
-        return sql.SQL("array_to_string({}, ',') AS {}").format(name, sql.Identifier(alias))
-    return sql.SQL("{} AS {}").format(name, sql.Identifier(alias))
+        col = epoch_us(col)
+    elif expr in _JSON_COLUMNS:
+        col = sa.cast(col, sa.Text)
+    elif expr in _LIST_COLUMNS:
+        col = sa.func.array_to_string(col, sa.literal_column("','"))
+    return col.label(alias)
 
 
 def select(db: Database, table: str, columns: Mapping[str, str], *,
@@ -44,22 +59,16 @@ def select(db: Database, table: str, columns: Mapping[str, str], *,
     JSONB column to JSON text it must contain (``column @> value::jsonb``, served
     by a GIN index); ``limit`` caps the rows. Every value is a bound parameter.
     """
-    cols = sql.SQL(", ").join(_column(src, alias) for src, alias in columns.items())
-    query = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier(db.schema, table))
-    conds = [sql.SQL("{} = %s").format(sql.Identifier(k)) for k, v in (where or {}).items()
-             if v is not None]
-    params: list[Any] = [v for v in (where or {}).values() if v is not None]
+    tbl = t.metadata.tables[table]
+    stmt = sa.select(*(_column(tbl, src, alias) for src, alias in columns.items()))
+    stmt = stmt.where(*(tbl.c[k] == v for k, v in (where or {}).items() if v is not None))
     for column, text in (contains or {}).items():
-        conds.append(sql.SQL("{} @> %s::jsonb").format(sql.Identifier(column)))
-        params.append(text)
-    if conds:
-        query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
+        stmt = stmt.where(tbl.c[column].op("@>")(sa.cast(sa.cast(text, sa.Text), JSONB)))
     if order:
-        query += sql.SQL(" ORDER BY ") + sql.SQL(", ").join(map(sql.Identifier, order))
+        stmt = stmt.order_by(*(tbl.c[name] for name in order))
     if limit is not None:
-        query += sql.SQL(" LIMIT %s")
-        params.append(int(limit))
-    return copy_query(db, query, params, list(columns.values()))
+        stmt = stmt.limit(int(limit))
+    return copy_query(db, stmt, list(columns.values()))
 
 
 EVENT_COLUMNS = {"id": "event_id", "job_id": "job_id", "workflow_id": "workflow_id",
@@ -74,38 +83,12 @@ def job_events(db: Database, *, since: datetime | None = None,
 
     ``since`` is a timezone-aware datetime; every value is a bound parameter.
     """
-    cols = sql.SQL(", ").join(_column(src, alias) for src, alias in EVENT_COLUMNS.items())
-    query = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier(db.schema, "job_events"))
-    conds: list[sql.Composable] = []
-    params: list[Any] = []
-    for column, value in (equal or {}).items():
-        if value is not None:
-            conds.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-            params.append(value)
+    e = t.job_events
+    stmt = sa.select(*(_column(e, src, alias) for src, alias in EVENT_COLUMNS.items()))
+    stmt = stmt.where(*(e.c[k] == v for k, v in (equal or {}).items() if v is not None))
     if since is not None:
-        conds.append(sql.SQL("{} >= %s").format(sql.Identifier("at")))
-        params.append(since)
-    if conds:
-        query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
-    query += sql.SQL(" ORDER BY {}").format(sql.Identifier("id"))
-    return copy_query(db, query, params, list(EVENT_COLUMNS.values()))
-
-
-_ATTEMPT_WAITS = """
-SELECT DISTINCT ON (job_id) job_id, extract(epoch FROM at - queued_at)::float8 AS wait_s
-FROM (
-    SELECT job_id, id, event, at,
-           max(CASE WHEN status = 'queued' AND NOT coalesce(after_queued, false) THEN at END)
-               OVER (PARTITION BY job_id ORDER BY id) AS queued_at
-    FROM (
-        SELECT job_id, id, event, status, at,
-               lag(status) OVER (PARTITION BY job_id ORDER BY id) = 'queued' AS after_queued
-        FROM {events} {where}
-    ) stays
-) marked
-WHERE event = 'assigned' AND queued_at IS NOT NULL
-ORDER BY job_id, id DESC
-"""
+        stmt = stmt.where(e.c.at >= since)
+    return copy_query(db, stmt.order_by(e.c.id), list(EVENT_COLUMNS.values()))
 
 
 def attempt_waits(db: Database, workflow_id: str | None = None,
@@ -117,28 +100,53 @@ def attempt_waits(db: Database, workflow_id: str | None = None,
     same measure as ``Inspector.wait_times()``. Jobs never assigned have no row.
     ``job_ids`` reads only those jobs' events (a search's few jobs, by the job_id index).
     """
-    conds: list[sql.Composable] = []
-    params: list[Any] = []
+    e = t.job_events
+    after_queued = sa.func.lag(e.c.status).over(partition_by=e.c.job_id, order_by=e.c.id)
+    stays = sa.select(e.c.job_id, e.c.id, e.c.event, e.c.status, e.c.at,
+                      (after_queued == JobStatus.QUEUED.value).label("after_queued"))
     if workflow_id is not None:
-        conds.append(sql.SQL("workflow_id = %s"))
-        params.append(workflow_id)
+        stays = stays.where(e.c.workflow_id == workflow_id)
     if job_ids is not None:
-        conds.append(sql.SQL("job_id = ANY(%s)"))
-        params.append(list(job_ids))
-    where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
-    query = sql.SQL(_ATTEMPT_WAITS).format(events=sql.Identifier(db.schema, "job_events"),
-                                           where=where)
-    return copy_query(db, query, params, ["job_id", "wait_s"])
+        stays = stays.where(store.any_of(e.c.job_id, job_ids))
+    s = stays.subquery("stays")
+    arrived = sa.and_(s.c.status == JobStatus.QUEUED.value,
+                      sa.not_(sa.func.coalesce(s.c.after_queued, sa.false())))
+    queued_at = sa.func.max(sa.case((arrived, s.c.at))).over(partition_by=s.c.job_id,
+                                                             order_by=s.c.id)
+    m = sa.select(s.c.job_id, s.c.id, s.c.event, s.c.at, queued_at.label("queued_at")).subquery("marked")
+    wait = sa.cast(sa.extract("epoch", m.c.at - m.c.queued_at), sa.Double)
+    stmt = (_distinct_on(sa.select(m.c.job_id, wait.label("wait_s")), m.c.job_id)
+            .where(m.c.event == _ASSIGNED_EVENT, m.c.queued_at.is_not(None))
+            .order_by(m.c.job_id, m.c.id.desc()))
+    return copy_query(db, stmt, ["job_id", "wait_s"])
+
+
+def _distinct_on(stmt: sa.Select[Any], column: Any) -> sa.Select[Any]:
+    """``SELECT DISTINCT ON (column)``: SQLAlchemy 2.1's extension, or 2.0's ``distinct(column)``."""
+    try:
+        from sqlalchemy.dialects.postgresql import distinct_on
+    except ImportError:  # SQLAlchemy 2.0
+        return stmt.distinct(column)
+    return stmt.ext(distinct_on(column))
 
 
 def dependencies(db: Database) -> pa.Table:
     """One row per dependency edge: ``job_id`` depends on ``depends_on`` (a job id)."""
-    query = sql.SQL("SELECT id AS job_id, unnest(depends_on) AS depends_on FROM {} "
-                    "ORDER BY 1, 2").format(sql.Identifier(db.schema, "jobs"))
-    return copy_query(db, query, (), ["job_id", "depends_on"])
+    j = t.jobs
+    stmt = sa.select(j.c.id.label("job_id"), sa.func.unnest(j.c.depends_on).label("depends_on"))
+    return copy_query(db, stmt.order_by("job_id", "depends_on"), ["job_id", "depends_on"])
 
 
-_HAS_KEYS = sql.SQL("SELECT to_regclass(format('%%I.idempotency_keys', %s::text)) IS NOT NULL")
+def has_table(db: Database, table: str) -> bool:
+    """Whether the schema holds ``table`` (read in a read-only transaction; creates nothing)."""
+    with _read_only(db) as conn:
+        return store.has_table(conn, db.schema, table)
+
+
+def has_column(db: Database, table: str, column: str) -> bool:
+    """Whether the schema's ``table`` has ``column`` (a schema from before the migration)."""
+    with _read_only(db) as conn:
+        return store.has_column(conn, db.schema, table, column)
 
 
 def idempotency_keys(db: Database, kind: str, ids: Sequence[str] | None = None) -> pa.Table:
@@ -147,19 +155,15 @@ def idempotency_keys(db: Database, kind: str, ids: Sequence[str] | None = None) 
     ``ids``: only these entities (a search that found a few), else all. No rows from a
     schema not yet migrated to 0005 (an Inspector newer than the coordinator).
     """
-    if not scalar_rows(db, _HAS_KEYS, [db.schema])[0][0]:
+    if not has_table(db, t.idempotency_keys.name):
         return pa.table({"entity_id": pa.array([], pa.string()), "key": pa.array([], pa.string())})
-    column, made = (("job_id", sql.SQL("job_id IS NOT NULL")) if kind == "job"
-                    else ("workflow_id", sql.SQL("job_id IS NULL")))
-    query = sql.SQL("SELECT {} AS entity_id, key FROM {} WHERE {}").format(
-        sql.Identifier(column), sql.Identifier(db.schema, "idempotency_keys"), made)
+    k = t.idempotency_keys
+    column, made = ((k.c.job_id, k.c.job_id.is_not(None)) if kind == "job"
+                    else (k.c.workflow_id, k.c.job_id.is_(None)))
+    stmt = sa.select(column.label("entity_id"), k.c.key).where(made)
     if ids is not None:
-        query = sql.SQL("{} AND {} = ANY(%s)").format(query, sql.Identifier(column))
-    return copy_query(db, query, () if ids is None else (list(ids),), ["entity_id", "key"])
-
-
-_HAS_RUN_AT = sql.SQL("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE "
-                      "table_schema = %s AND table_name = 'jobs' AND column_name = 'run_at')")
+        stmt = stmt.where(store.any_of(column, ids))
+    return copy_query(db, stmt, ["entity_id", "key"])
 
 
 def run_at_times(db: Database, ids: Sequence[str] | None = None) -> pa.Table:
@@ -169,40 +173,50 @@ def run_at_times(db: Database, ids: Sequence[str] | None = None) -> pa.Table:
     scans every job), else all. No rows from a schema not yet migrated to 0009 (an
     Inspector newer than the coordinator).
     """
-    if not scalar_rows(db, _HAS_RUN_AT, [db.schema])[0][0]:
+    if not has_column(db, "jobs", "run_at"):
         return pa.table({"job_id": pa.array([], pa.string()), "run_at": pa.array([], pa.int64())})
-    query = sql.SQL("SELECT id AS job_id, {} FROM {} WHERE run_at IS NOT NULL").format(
-        _column("run_at", "run_at"), sql.Identifier(db.schema, "jobs"))
+    j = t.jobs
+    stmt = sa.select(j.c.id.label("job_id"), _column(j, "run_at", "run_at")).where(
+        j.c.run_at.is_not(None))
     if ids is not None:
-        query = sql.SQL("{} AND id = ANY(%s)").format(query)
-    return copy_query(db, query, () if ids is None else (list(ids),), ["job_id", "run_at"])
+        stmt = stmt.where(store.any_of(j.c.id, ids))
+    return copy_query(db, stmt, ["job_id", "run_at"])
 
 
 def scheduled_count(db: Database) -> int:
     """Queued jobs whose ``run_at`` is after the server's ``now()`` (0 before migration 0009)."""
-    if not scalar_rows(db, _HAS_RUN_AT, [db.schema])[0][0]:
+    if not has_column(db, "jobs", "run_at"):
         return 0
-    query = sql.SQL("SELECT count(*) FROM {} WHERE status = 'queued' AND run_at > now()").format(
-        sql.Identifier(db.schema, "jobs"))
-    return int(scalar_rows(db, query)[0][0])
+    j = t.jobs
+    stmt = sa.select(sa.func.count()).select_from(j).where(
+        j.c.status == JobStatus.QUEUED.value, j.c.run_at > sa.func.now())
+    return int(scalar_rows(db, stmt)[0][0])
+
+
+def oldest_queued_age(db: Database) -> int:
+    """Whole seconds since the oldest queued job was last updated, by the server's clock (0: none)."""
+    j = t.jobs
+    age = sa.func.coalesce(sa.extract("epoch", sa.func.now() - sa.func.min(j.c.updated_at)), 0)
+    stmt = sa.select(sa.cast(age, sa.BigInteger)).where(j.c.status == JobStatus.QUEUED.value)
+    return int(scalar_rows(db, stmt)[0][0])
 
 
 def job_counts(db: Database) -> pa.Table:
     """Jobs per (workflow, status), counted by PostgreSQL."""
-    query = sql.SQL("SELECT workflow_id, status, count(*) AS n FROM {} GROUP BY 1, 2").format(
-        sql.Identifier(db.schema, "jobs"))
-    return copy_query(db, query, (), ["workflow_id", "status", "n"])
+    j = t.jobs
+    stmt = sa.select(j.c.workflow_id, j.c.status, sa.func.count().label("n")).group_by(
+        j.c.workflow_id, j.c.status)
+    return copy_query(db, stmt, ["workflow_id", "status", "n"])
 
 
-def copy_query(db: Database, query: sql.Composable, params: Sequence[Any],
-               names: list[str]) -> pa.Table:
-    """Run ``COPY (query) TO STDOUT`` in a read-only transaction and parse it with Arrow."""
-    copy = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER true)").format(query)
+def copy_query(db: Database, stmt: sa.Select[Any], names: list[str]) -> pa.Table:
+    """Run ``COPY (stmt) TO STDOUT`` in a read-only transaction and parse it with Arrow."""
     buf = io.BytesIO()
-    with db.begin("inspect: read PostgreSQL") as conn:
+    with _read_only(db) as conn:
         raw = conn.connection.driver_connection
         assert raw is not None
-        raw.execute("SET TRANSACTION READ ONLY")
+        query, params = driver_sql(conn, stmt)
+        copy = pgsql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER true)").format(query)
         with raw.cursor() as cur, cur.copy(copy, params) as cp:
             for block in cp:
                 buf.write(block)
@@ -218,10 +232,17 @@ def copy_query(db: Database, query: sql.Composable, params: Sequence[Any],
     )
 
 
-def scalar_rows(db: Database, query: sql.Composable, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+def scalar_rows(db: Database, stmt: sa.Select[Any]) -> list[tuple[Any, ...]]:
     """Run a small read-only query and return its rows."""
+    with _read_only(db) as conn:
+        return [tuple(row) for row in conn.execute(stmt)]
+
+
+@contextlib.contextmanager
+def _read_only(db: Database) -> Iterator[sa.Connection]:
+    """``db.begin`` whose transaction is ``READ ONLY`` from its first statement."""
     with db.begin("inspect: read PostgreSQL") as conn:
         raw = conn.connection.driver_connection
         assert raw is not None
         raw.execute("SET TRANSACTION READ ONLY")
-        return list(raw.execute(query, params).fetchall())
+        yield conn

@@ -24,6 +24,7 @@ from toolkit.tiers.postgres.db import Database
 
 log = logging.getLogger(__name__)
 _LOCK_KEY = 0x746F6F6C6B6974  # "toolkit": serialises migrations across processes
+_BOOK = tables.schema_migrations
 
 
 @contextlib.contextmanager
@@ -76,23 +77,16 @@ def upgrade(db: Database, *, target: int | None = None) -> list[int]:
     with _refused_as_configuration(refused), db.begin("migrate schema") as conn:
         raw = conn.connection.driver_connection
         assert raw is not None
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_KEY)))
         raw.execute(pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         raw.execute(pgsql.SQL("SET LOCAL search_path TO {}").format(schema))
-        conn.execute(sa.text(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL, "
-            "name TEXT NOT NULL, applied_at TIMESTAMP WITH TIME ZONE NOT NULL, "
-            "CONSTRAINT pk_schema_migrations PRIMARY KEY (version))"
-        ))
-        done = {r[0] for r in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
+        conn.execute(sa.schema.CreateTable(_BOOK, if_not_exists=True))
+        done = {r[0] for r in conn.execute(sa.select(_BOOK.c.version))}
         for version, name, sql in wanted:
             if version in done:
                 continue
             raw.execute(sql)
-            conn.execute(
-                sa.text("INSERT INTO schema_migrations VALUES (:v, :n, now())"),
-                {"v": version, "n": name},
-            )
+            conn.execute(sa.insert(_BOOK).values(version=version, name=name, applied_at=sa.func.now()))
             new.append(version)
     if new:
         log.info("applied migrations %s to schema %s", new, db.schema, extra={"action": "migrate"})

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from toolkit.models import EntityKind as Kind
 from toolkit.tiers.postgres import tables as t
+from toolkit.tiers.postgres.db import driver_sql
 
 Row = Mapping[str, Any]
 JOB_COPY_COLUMNS = (
@@ -102,7 +103,7 @@ def stream_live(conn: sa.Connection, kind: str, columns: Sequence[str]) -> Itera
     raw = conn.connection.driver_connection
     assert raw is not None
     size = STREAM_CHUNK if capabilities.has_stream_chunked() else 1
-    query, params = _driver_sql(conn, stmt)
+    query, params = driver_sql(conn, stmt)
     with _live_index_only(conn, kind == Kind.JOB), raw.cursor(binary=True) as cur:
         yield from cur.stream(query, params, size=size)
 
@@ -376,7 +377,7 @@ def queued_ids(conn: sa.Connection, queue_name: str) -> set[str]:
     """
     j = t.jobs
     stmt = sa.select(j.c.id).where(j.c.status == "queued", j.c.queue == queue_name)
-    query, params = _driver_sql(conn, stmt)
+    query, params = driver_sql(conn, stmt)
     raw = conn.connection.driver_connection
     assert raw is not None
     with raw.cursor(binary=True) as cur:
@@ -384,21 +385,9 @@ def queued_ids(conn: sa.Connection, queue_name: str) -> set[str]:
         return {r[0] for r in cur.fetchall()}
 
 
-def _driver_sql(conn: sa.Connection, stmt: sa.Select[Any]) -> tuple[pgsql.SQL, dict[str, Any]]:
-    """Compile a Core statement for the driver: SQL text (schema applied) and its parameters."""
-    schema_map = conn.get_execution_options().get("schema_translate_map")
-    compiled = stmt.compile(dialect=conn.dialect, schema_translate_map=schema_map,
-                            render_schema_translate=True)
-    return pgsql.SQL(str(compiled)), dict(compiled.params)
-
-
 # -- transactions and the catalog -----------------------------------------------------------
 
 _SNAPSHOT = sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-_HAS_TABLES = sa.text(
-    "SELECT to_regclass(format('%I.schema_migrations', CAST(:s AS text))) IS NOT NULL")
-_HAS_TABLE = sa.text("SELECT to_regclass(format('%I.%I', CAST(:s AS text), CAST(:t AS text))) "
-                     "IS NOT NULL")
 
 
 def begin_snapshot(conn: sa.Connection) -> None:
@@ -408,9 +397,21 @@ def begin_snapshot(conn: sa.Connection) -> None:
 
 def has_toolkit_tables(conn: sa.Connection, schema: str) -> bool:
     """Whether ``schema`` holds the toolkit's tables (reads the catalog; creates nothing)."""
-    return bool(conn.execute(_HAS_TABLES, {"s": schema}).scalar_one())
+    return has_table(conn, schema, t.schema_migrations.name)
 
 
 def has_table(conn: sa.Connection, schema: str, table: str) -> bool:
     """Whether ``schema`` holds ``table`` (a schema from before the migration that made it)."""
-    return bool(conn.execute(_HAS_TABLE, {"s": schema, "t": table}).scalar_one())
+    name = sa.func.format("%I.%I", sa.cast(schema, sa.Text), sa.cast(table, sa.Text))
+    return bool(conn.execute(sa.select(sa.func.to_regclass(name).is_not(None))).scalar_one())
+
+
+_COLUMNS = sa.table("columns", sa.column("table_schema"), sa.column("table_name"),
+                    sa.column("column_name"), schema="information_schema")
+
+
+def has_column(conn: sa.Connection, schema: str, table: str, column: str) -> bool:
+    """Whether ``schema.table`` has ``column`` (a schema from before the migration that added it)."""
+    c = _COLUMNS.c
+    found = sa.exists().where(c.table_schema == schema, c.table_name == table, c.column_name == column)
+    return bool(conn.execute(sa.select(found)).scalar_one())
