@@ -6,7 +6,9 @@ records in ``records.py``, bulk operator actions in ``bulk.py``, the Inspector's
 ``export.py`` (statements of a fixed shape are built once and cached). One way to select the
 schema: **per connection**, by ``schema_translate_map`` (``db.Database``), so no statement
 names its schema; where psycopg runs a Core statement on its own cursor (streamed and binary
-reads, ``COPY``), ``db.driver_sql`` compiles it with that same map.
+reads, ``COPY``), ``db.driver_sql`` compiles it with that same map, and so does ``direct.py``
+for the hot statements (a job's claim, start, completion, failure, release and roll-up), which
+it compiles once per schema and runs on psycopg's cursor without SQLAlchemy's per-call layers.
 
 Literal SQL is left to what Core cannot express, and a test
 (``tests/unit/test_sql_ways.py``) holds every module to it: ``psycopg.sql`` wraps ``COPY``

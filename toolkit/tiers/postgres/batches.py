@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import direct, store
 from toolkit.tiers.postgres import tables as t
 
 j = t.jobs
@@ -195,14 +195,14 @@ def start_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[st
                now: datetime) -> list[store.Row]:
     """Mark running the jobs whose status is in ``statuses`` and whose fence matches, and log
     ``started``: ONE statement."""
-    return store.all_rows(conn.execute(_START, _params(items, statuses, now)))
+    return direct.rows(conn, _START, _params(items, statuses, now))
 
 
 def complete_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[str],
                   now: datetime) -> Ended:
     """Complete the matching jobs, each with its result (``value``: JSON text or None), end
     their active assignments, log ``completed`` and lock their workflows: ONE statement."""
-    rows = store.all_rows(conn.execute(_COMPLETE, _params(items, statuses, now)))
+    rows = direct.rows(conn, _COMPLETE, _params(items, statuses, now))
     return split_ended(rows, "completed", now)
 
 
@@ -211,7 +211,7 @@ def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: date
     job with attempts left is queued again instead), end their active assignments, log
     ``failed`` (and ``retried``) and lock their workflows: ONE statement."""
     params = _params(items, ["assigned", "running"], now)
-    rows = store.all_rows(conn.execute(_FAIL, {**params, "_retry": bool(retry)}))
+    rows = direct.rows(conn, _FAIL, {**params, "_retry": bool(retry)})
     return split_ended(rows, "failed", now)
 
 
@@ -221,7 +221,7 @@ def fail_job(conn: sa.Connection, item: Item, retry: bool, now: datetime,
     (None: at once) and ``waited`` (the wait) added to its ``retried`` event: ONE statement."""
     params = {**_params([item], ["assigned", "running"], now), "_retry": bool(retry),
               "_run_at": run_at, "_waited": waited}
-    return split_ended(store.all_rows(conn.execute(_FAIL_ONE, params)), "failed", now)
+    return split_ended(direct.rows(conn, _FAIL_ONE, params), "failed", now)
 
 
 def _claim_statement() -> sa.Select[Any]:
@@ -252,7 +252,8 @@ def _claim_statement() -> sa.Select[Any]:
     # A job assigned makes its workflow running, whatever else it holds (lifecycle's rule 3:
     # that job is open and progressing): no roll-up needed, only this update.
     woken = (sa.select(w.c.id).where(w.c.id.in_(sa.select(moved.c.workflow_id)),
-                                     w.c.status.in_(["pending", "failed"]))
+                                     w.c.status == sa.any_(sa.literal(["pending", "failed"],
+                                                                      ARRAY(sa.Text))))
              .order_by(w.c.id).with_for_update().cte("woken"))
     running = (sa.update(w).where(w.c.id.in_(sa.select(woken.c.id)))
                .values(status="running", version=w.c.version + 1, updated_at=_NOW)
@@ -277,8 +278,7 @@ def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequ
               "_start": start, "_now": now, "_status": "running" if start else "assigned"}
     jobs: list[store.Row] = []
     woken: dict[str, store.Row] = {}
-    for r in conn.execute(_CLAIM, params).mappings():
-        row = dict(r)
+    for row in direct.dicts(conn, _CLAIM, params):
         wf = {c[3:]: row.pop(c) for c in _W_COLUMNS}
         if wf["id"] is not None:
             woken[wf["id"]] = wf
@@ -307,5 +307,5 @@ def release_dependents(conn: sa.Connection, workflow_ids: Collection[str], job_i
                        now: datetime) -> list[store.Row]:
     """Queue the pending jobs of these workflows that depend on one of ``job_ids`` and whose
     dependencies are now all completed (one statement for a whole batch)."""
-    return store.all_rows(conn.execute(_RELEASE, {"_wfs": sorted(set(workflow_ids)),
-                                                  "_jobs": list(job_ids), "_now": now}))
+    return direct.rows(conn, _RELEASE, {"_wfs": sorted(set(workflow_ids)),
+                                        "_jobs": list(job_ids), "_now": now})

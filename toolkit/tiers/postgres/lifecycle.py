@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from toolkit import models
-from toolkit.tiers.postgres import store
+from toolkit.tiers.postgres import direct, store
 from toolkit.tiers.postgres import tables as t
 
 
@@ -39,7 +39,7 @@ _RELEASE = _release_statement()
 
 def release_dependents(conn: sa.Connection, workflow_id: str, job_id: str, now: datetime) -> list[store.Row]:
     """Queue the pending jobs of a workflow whose dependencies are now all completed."""
-    return store.all_rows(conn.execute(_RELEASE, {"_wf": workflow_id, "_job": job_id, "_now": now}))
+    return direct.rows(conn, _RELEASE, {"_wf": workflow_id, "_job": job_id, "_now": now})
 
 
 def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -> list[store.Row]:
@@ -71,8 +71,8 @@ def end_assignments(
     """End the active assignments of some jobs or of a worker; return the ended rows."""
     a = t.job_assignments
     if job_ids and worker_id is None:
-        return store.all_rows(conn.execute(_END_JOB_ASSIGNMENTS, {"_jobs": list(job_ids), "_status": status,
-                                                        "_now": now}))
+        return direct.rows(conn, _END_JOB_ASSIGNMENTS,
+                           {"_jobs": list(job_ids), "_status": status, "_now": now})
     stmt = sa.update(a).where(a.c.status == "active")
     if job_ids:
         stmt = stmt.where(store.any_of(a.c.job_id, job_ids))
@@ -110,7 +110,8 @@ _LOCK_WORKFLOW = (sa.select(t.workflows.c.status)
 
 def lock_workflow(conn: sa.Connection, workflow_id: str) -> str | None:
     """Lock a workflow row for this transaction; return its status (None: no such workflow)."""
-    return conn.execute(_LOCK_WORKFLOW, {"_wf": workflow_id}).scalar_one_or_none()
+    found = direct.first(conn, _LOCK_WORKFLOW, {"_wf": workflow_id})
+    return None if found is None else str(found["status"])
 
 
 _JS = models.JobStatus
@@ -142,7 +143,9 @@ def _rollup_statement() -> sa.Update:
     )
     return (
         sa.update(w)
-        .where(w.c.id == wf, w.c.status.not_in(models.values(models.FINISHED_WORKFLOW_STATUSES)),
+        .where(w.c.id == wf,
+               w.c.status != sa.all_(sa.literal(models.values(models.FINISHED_WORKFLOW_STATUSES),
+                                                ARRAY(sa.Text))),
                w.c.status != new)
         .values(status=new, version=w.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
         .returning(w)
@@ -173,7 +176,7 @@ def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> sto
     snapshot sees every job move committed before it. Cancelled and completed
     workflows never change.
     """
-    return store.one_row(conn.execute(_ROLLUP, {"_wf": workflow_id, "_now": now}))
+    return direct.first(conn, _ROLLUP, {"_wf": workflow_id, "_now": now})
 
 
 def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> list[store.Row]:
@@ -191,10 +194,13 @@ def failing_job(conn: sa.Connection, job_id: str) -> store.Row | None:
 
     None when it is not assigned or running (the failure's update will say why).
     """
-    j = t.jobs
-    stmt = (sa.select(j.c.id, j.c.attempts, j.c.max_attempts, j.c.retry_policy)
-            .where(j.c.id == job_id, j.c.status.in_(["assigned", "running"])).with_for_update())
-    return store.one_row(conn.execute(stmt))
+    return direct.first(conn, _FAILING, {"_id": job_id})
+
+
+_FAILING = (sa.select(t.jobs.c.id, t.jobs.c.attempts, t.jobs.c.max_attempts, t.jobs.c.retry_policy)
+            .where(t.jobs.c.id == sa.bindparam("_id", type_=sa.Text),
+                   t.jobs.c.status == sa.any_(sa.literal(["assigned", "running"], ARRAY(sa.Text))))
+            .with_for_update())
 
 
 def set_run_at(conn: sa.Connection, due: Mapping[str, datetime]) -> None:

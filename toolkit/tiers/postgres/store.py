@@ -17,6 +17,7 @@ from psycopg import sql as pgsql
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from toolkit.models import EntityKind as Kind
+from toolkit.tiers.postgres import direct
 from toolkit.tiers.postgres import tables as t
 from toolkit.tiers.postgres.db import driver_sql
 
@@ -61,7 +62,7 @@ def _get_template(kind: str) -> sa.Select[Any]:
 
 def get(conn: sa.Connection, kind: str, entity_id: str) -> Row | None:
     """Return one row by primary key."""
-    return one_row(conn.execute(_get_template(kind), {"_id": entity_id}))
+    return direct.first(conn, _get_template(kind), {"_id": entity_id})
 
 
 def get_many(conn: sa.Connection, kind: str, ids: Sequence[str]) -> list[Row]:
@@ -277,7 +278,7 @@ def update(
     """
     shape, params = _update_shape(kind, entity_id, values, statuses_in=statuses_in, now=now,
                                   guard=guard)
-    return one_row(conn.execute(_update_returning(shape), params))
+    return direct.first(conn, _update_returning(shape), params)
 
 
 @functools.lru_cache(maxsize=64)
@@ -313,10 +314,9 @@ def move_job(
                                   guard=guard)
     stmt = _move_template(shape, lock_workflow)
     params.update(_event=event, _at=now)
-    found = conn.execute(stmt, params).mappings().first()
-    if found is None:
+    row = direct.first(conn, stmt, params)
+    if row is None:
         return None, None
-    row = dict(found)
     return row, row.pop("_workflow_status", None)
 
 
