@@ -35,6 +35,7 @@ class _Compiled(NamedTuple):
     names: tuple[str, ...]
     defaults: dict[str, Any]
     processors: dict[str, Callable[[Any], Any]]
+    keys: list[str]  # the result's column names, read from the first result (fixed per statement)
 
 
 _cache: dict[tuple[int, str | None, int], _Compiled] = {}
@@ -68,7 +69,7 @@ def _compile(conn: sa.Connection, stmt: sa.ClauseElement) -> _Compiled:
     processors = {n: p for n, p in compiled._bind_processors.items() if n in names}
     defaults = {name: bp.effective_value for bp, name in compiled.bind_names.items()
                 if not bp.required}
-    found = _Compiled(stmt, text.encode(), names, defaults, processors)
+    found = _Compiled(stmt, text.encode(), names, defaults, processors, [])
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
     _cache[key] = found
@@ -92,9 +93,12 @@ def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
     cur = psycopg.RawCursor(raw)
     try:
         cur.execute(c.text, args)
-        if cur.description is None:
+        result = cur.pgresult
+        if result is None or not result.nfields:
             return []
-        keys = [d.name for d in cur.description]
+        if not c.keys:  # building ``description`` costs more than the rows: once per statement
+            c.keys.extend(d.name for d in cur.description or ())
+        keys = c.keys
         return [dict(zip(keys, r, strict=True)) for r in cur.fetchall()]
     except psycopg.Error as exc:
         conn._handle_dbapi_exception(exc, c.text.decode(), args, cast(Any, cur), None)
