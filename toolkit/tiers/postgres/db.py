@@ -55,16 +55,21 @@ def retryable(exc: BaseException) -> bool:
     return sqlstate(exc) in RETRYABLE
 
 
+def compile_for(conn: sa.Connection, stmt: sa.ClauseElement) -> Any:
+    """``stmt`` compiled for ``conn``: its dialect, and its schema written into the text as
+    ``schema_translate_map`` would at execution (for psycopg's own cursor)."""
+    schema_map = conn.get_execution_options().get("schema_translate_map")
+    return stmt.compile(dialect=conn.dialect, schema_translate_map=schema_map,
+                        render_schema_translate=True)
+
+
 def driver_sql(conn: sa.Connection, stmt: sa.ClauseElement) -> tuple[pgsql.SQL, dict[str, Any]]:
     """A Core statement as psycopg runs it on the driver's own cursor: text and parameters.
 
     For what SQLAlchemy's execute cannot carry (``COPY (SELECT ...)``, binary and streamed
-    reads): the statement is still built with Core, its values still bound, and the
-    connection's schema is written into the text as ``schema_translate_map`` would.
+    reads): the statement is still built with Core, its values still bound.
     """
-    schema_map = conn.get_execution_options().get("schema_translate_map")
-    compiled = stmt.compile(dialect=conn.dialect, schema_translate_map=schema_map,
-                            render_schema_translate=True)
+    compiled = compile_for(conn, stmt)
     return pgsql.SQL(compiled.string), dict(compiled.params)
 
 

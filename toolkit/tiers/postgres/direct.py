@@ -25,6 +25,8 @@ from typing import Any, NamedTuple, cast
 import psycopg
 import sqlalchemy as sa
 
+from toolkit.tiers.postgres import db
+
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
 _CACHE_LIMIT = 2048
 
@@ -60,8 +62,7 @@ def _compile(conn: sa.Connection, stmt: sa.ClauseElement) -> _Compiled:
     found = _cache.get(key)
     if found is not None and found.stmt is stmt:
         return found
-    compiled: Any = stmt.compile(dialect=conn.dialect, schema_translate_map=schema_map,
-                                 render_schema_translate=True)
+    compiled = db.compile_for(conn, stmt)
     if "__[POSTCOMPILE_" in compiled.string:
         raise TypeError("a direct statement cannot expand an IN list at run time: "
                         "bind one array with = ANY(...) instead")
@@ -79,7 +80,7 @@ def _compile(conn: sa.Connection, stmt: sa.ClauseElement) -> _Compiled:
 def rows(conn: sa.Connection, stmt: sa.ClauseElement,
          params: Mapping[str, Any] | None = None) -> list[Mapping[str, Any]]:
     """Run ``stmt`` in ``conn``'s transaction and return its rows as dicts (none: ``[]``)."""
-    return list(dicts(conn, stmt, params))
+    return cast(list[Mapping[str, Any]], dicts(conn, stmt, params))
 
 
 def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
