@@ -18,6 +18,9 @@ import sqlalchemy as sa
 
 import toolkit
 from tests.conftest import Servers, drop_schema, unique, wipe_namespace
+from toolkit import config
+from toolkit.tiers.postgres import direct
+from toolkit.tiers.postgres import tables as t
 
 
 @contextlib.contextmanager
@@ -109,3 +112,78 @@ def test_a_connection_lost_under_a_direct_statement_is_a_toolkit_error(
         complete()  # the pool trusts a connection used this recently: the statement meets the loss
     assert sm.get_job(job_id).status is toolkit.JobStatus.RUNNING  # nothing written
     assert complete().status is toolkit.JobStatus.COMPLETED  # the pool reconnected
+
+
+@contextlib.contextmanager
+def _manager(clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str
+             ) -> Iterator[toolkit.StateManager]:
+    monkeypatch.setenv(config.PG_PREPARE_VAR, prepare)
+    schema, ns = unique("tk_explicit"), unique("tk_explicit")
+    manager = toolkit.init_state_manager(clean.database_url, clean.redis_url, namespace=ns,
+                                         schema=schema, heartbeat_ttl=2.0)
+    try:
+        yield manager
+    finally:
+        manager.close()
+        drop_schema(clean.libpq_url, schema)
+        wipe_namespace(clean.redis_url, ns)
+
+
+@pytest.mark.parametrize("prepare", ["auto", "off"])
+def test_a_transaction_opened_by_its_first_statements_is_all_or_nothing(
+        clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str) -> None:
+    """``direct.explicit`` + ``pipelined``: BEGIN goes with the first statements (pipelined on
+    a direct connection, one by one with ``TOOLKIT_PG_PREPARE=off``); a failing statement
+    rolls back the ones before it, and the error is the toolkit's."""
+    with _manager(clean, monkeypatch, prepare) as sm:
+        wf = sm.create_workflow("wf", jobs=[{"name": "j"}])
+        (job,) = sm.list_jobs()
+        rename = sa.update(t.jobs).where(t.jobs.c.id == job.id).values(name="renamed")
+        again = sa.insert(t.workflows).from_select(  # the same workflow twice
+            list(t.workflows.c.keys()), sa.select(t.workflows).where(t.workflows.c.id == wf.id))
+
+        def ok(conn: sa.Connection, _ch: Any) -> None:
+            direct.pipelined(conn, [(rename, {}), (sa.select(t.jobs.c.name), {})])
+
+        def failing(conn: sa.Connection, _ch: Any) -> None:
+            direct.pipelined(conn, [(rename.values(name="lost"), {}), (again, {})])
+
+        with pytest.raises(toolkit.ValidationError, match="pk_workflows"):
+            sm._pipe.write("test", failing, opens=True)
+        assert _name(sm, job.id) == "j"  # the first statement was rolled back with the second
+        sm._pipe.write("test", ok, opens=True)
+        assert _name(sm, job.id) == "renamed"  # committed
+
+        def sqlalchemy_first(conn: sa.Connection, _ch: Any) -> None:
+            conn.execute(rename.values(name="autocommitted"))
+
+        with pytest.raises(RuntimeError, match="ran no statement through direct first"):
+            sm._pipe.write("test", sqlalchemy_first, opens=True)
+
+
+def _name(sm: toolkit.StateManager, job_id: str) -> str:
+    with sm.db.engine.connect() as conn:
+        conn = conn.execution_options(schema_translate_map={None: sm.settings.schema})
+        return str(conn.execute(sa.select(t.jobs.c.name).where(t.jobs.c.id == job_id)).scalar_one())
+
+
+@pytest.mark.parametrize("prepare", ["auto", "off"])
+def test_the_fused_loop_is_the_same_pipelined_or_not(
+        clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str) -> None:
+    with _manager(clean, monkeypatch, prepare) as sm:
+        w = sm.register_worker("w").id
+        sm.create_workflow("wf", jobs=[{"name": "a"}, {"name": "b", "depends_on": ["a"]},
+                                       {"name": "c", "depends_on": ["b"]}])
+        job = sm.dequeue(w, start=True)
+        names = []
+        while job is not None:
+            names.append(job.name)
+            done, job = sm.complete_and_dequeue(job.id, {"n": job.name}, worker_id=w, start=True)
+            assert done.status is toolkit.JobStatus.COMPLETED
+            # The claim goes first: a dependent the completion releases waits for the next call.
+            job = job or sm.dequeue(w, start=True)
+        assert names == ["a", "b", "c"]  # each released by the one before, in the same round trip
+        events = sm.inspector.events()
+        queued = events[events["event"] == "queued"]
+        assert len(queued) >= 2, events
+        assert sm.list_workflows()[0].status is toolkit.WorkflowStatus.COMPLETED

@@ -42,6 +42,7 @@ Outcome = models.Job | errors.ToolkitError
 """One item's outcome in a batch: the moved job, or why it was refused."""
 
 _FENCES = ("worker_id", "attempt")
+_COMPLETABLE = models.values(models.job_sources(JS.COMPLETED))
 
 
 # -- items ----------------------------------------------------------------------------------
@@ -151,15 +152,19 @@ def _completed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]]) -> Non
     ch.counters["jobs_completed"] += len(rows)
 
 
-def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue.Claim],
-             worker_id: str, start: bool, now: datetime) -> None:
-    """Assign (or start) the claimed jobs still queued, with their assignments: one statement."""
-    aids = dict(zip((c.job_id for c in claims), validate.new_ids(len(claims)), strict=True))
-    moved, woken = pgb.claim_jobs(conn, list(aids), list(aids.values()), worker_id, now,
-                                  start=start)
+def _claim(claims: Sequence[queue.Claim], worker_id: str, start: bool) -> pgb.Claim:
+    """The claim of the jobs Redis handed out, each with a new assignment id."""
+    ids = [c.job_id for c in claims]
+    return pgb.Claim(ids, validate.new_ids(len(ids)), worker_id, bool(start))
+
+
+def _claimed(ch: Changes, b: _Batch, claim: pgb.Claim, moved: Sequence[Mapping[str, Any]],
+             woken: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """After the claim statement: the jobs it moved, their assignments, the workflows it woke."""
+    aids = dict(zip(claim.job_ids, claim.assignment_ids, strict=True))
     found = {r["id"]: r for r in moved}
-    rows = [found[c.job_id] for c in claims if c.job_id in found]
-    assignments = [{"id": aids[r["id"]], "job_id": r["id"], "worker_id": worker_id,
+    rows = [found[j] for j in claim.job_ids if j in found]
+    assignments = [{"id": aids[r["id"]], "job_id": r["id"], "worker_id": claim.worker_id,
                     "status": models.AssignmentStatus.ACTIVE.value, "attempt": r["attempts"],
                     "assigned_at": now, "finished_at": None} for r in rows]
     ch.add_all(Kind.JOB, rows)
@@ -169,8 +174,28 @@ def _claimed(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue
     ch.counters["jobs_assigned"] += len(rows)
 
 
-def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime) -> None:
-    """Release the dependents of the completed jobs, roll each workflow up once.
+def _claim_now(conn: sa.Connection, ch: Changes, b: _Batch, claims: Sequence[queue.Claim],
+               worker_id: str, start: bool, now: datetime) -> None:
+    """Assign (or start) the claimed jobs still queued, with their assignments: one statement."""
+    claim = _claim(claims, worker_id, start)
+    moved, woken = pgb.claim_jobs(conn, claim.job_ids, claim.assignment_ids, worker_id, now,
+                                  start=claim.start)
+    _claimed(ch, b, claim, moved, woken, now)
+
+
+def _released(ch: Changes, b: _Batch, released: Sequence[Mapping[str, Any]],
+              now: datetime) -> None:
+    """The jobs the completions released: queued, each with its ``queued`` event."""
+    done = set(b.completed)
+    for r in released:
+        ch.add(Kind.JOB, r)
+        ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
+
+
+def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime,
+            released: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """Release the dependents of the completed jobs (``released``: already done), roll each
+    workflow up once.
 
     The moves that completed or failed jobs locked their workflows (in id order: two
     batches never deadlock on them), so the release and the roll-ups, later statements,
@@ -178,11 +203,9 @@ def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime) -> None:
     dependencies of one job: the second releases it). No roll-up where it cannot change
     the status: a workflow a job was just claimed in is running (the claim set it so), one
     whose jobs were only re-queued while it was running stays running."""
-    done = set(b.completed)
-    if done:
-        for r in pgb.release_dependents(conn, b.workflows, b.completed, now):
-            ch.add(Kind.JOB, r)
-            ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
+    if released is None and b.completed:
+        released = pgb.release_dependents(conn, b.completed, now)
+    _released(ch, b, released or [], now)
     for wf in sorted(b.workflows - b.claimed - b.steady):
         ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, wf, now))
 
@@ -215,10 +238,11 @@ class Batches:
 
     def _write_with_claims(self, action: str, claims: Sequence[queue.Claim],
                            tx: Callable[[sa.Connection, Changes], None], *,
-                           one_statement: bool = False) -> list[models.Entity]:
+                           one_statement: bool = False, opens: bool = False
+                           ) -> list[models.Entity]:
         """Run ``tx``; the claims PostgreSQL did not assign go back (or are forgotten)."""
         try:
-            written = self.pipe.write(action, tx, one_statement=one_statement)
+            written = self.pipe.write(action, tx, one_statement=one_statement, opens=opens)
         except BaseException:
             self._settle(claims, requeue=True)
             raise
@@ -251,7 +275,7 @@ class Batches:
                 continue
 
             def tx(conn: sa.Connection, ch: Changes, claims: list[queue.Claim] = claims) -> None:
-                _claimed(conn, ch, _Batch(), claims, worker_id, bool(start), self.pipe.now())
+                _claim_now(conn, ch, _Batch(), claims, worker_id, bool(start), self.pipe.now())
 
             # One statement (the claim, its assignments, events and workflows): no BEGIN/COMMIT.
             written = self._write_with_claims("dequeue", claims, tx, one_statement=True)
@@ -319,9 +343,11 @@ class Batches:
         return b.outcomes(parsed, self.pipe.write("complete jobs", tx))
 
     def _complete(self, conn: sa.Connection, ch: Changes, b: _Batch, items: Sequence[pgb.Item],
-                  now: datetime) -> None:
-        rows, ended, _ = pgb.complete_jobs(conn, items,
-                                           models.values(models.job_sources(JS.COMPLETED)), now)
+                  now: datetime, done: pgb.Ended | None = None) -> None:
+        """Complete ``items`` (``done``: the completion already ran) and note what it did."""
+        if done is None:
+            done = pgb.complete_jobs(conn, items, _COMPLETABLE, now)
+        rows, ended, _ = done
         _refuse(self.pipe, conn, b, items, rows, JS.COMPLETED)
         ch.add_all(Kind.JOB, rows)
         ch.add_all(Kind.ASSIGNMENT, ended)
@@ -376,13 +402,17 @@ class Batches:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
             b.reset()
-            _claimed(conn, ch, b, claims, worker_id, bool(start), now)
-            self._complete(conn, ch, b, item, now)
+            claim = _claim(claims, worker_id, bool(start)) if claims else None
+            # The claim, the completion and the release in one round trip (with the BEGIN).
+            fused = pgb.claim_complete_release(conn, claim, item, _COMPLETABLE, now)
+            if claim is not None:
+                _claimed(ch, b, claim, fused.claimed, fused.woken, now)
+            self._complete(conn, ch, b, item, now, fused.ended)
             if b.refused:
                 raise b.refused[job_id]
-            _finish(conn, ch, b, now)
+            _finish(conn, ch, b, now, fused.released)
 
-        written = self._write_with_claims("complete and dequeue", claims, tx)
+        written = self._write_with_claims("complete and dequeue", claims, tx, opens=True)
         jobs = {e.id: e for e in written if isinstance(e, models.Job)}
         nxt = next((jobs[c.job_id] for c in claims if c.job_id in jobs), None)
         if claims and nxt is None:  # the claimed job was no longer queued: try once more

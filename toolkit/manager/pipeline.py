@@ -16,12 +16,13 @@ Touches: every tier, through its own functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,7 +36,7 @@ from toolkit.models import JobStatus as JS
 from toolkit.recovery import invalidation
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import db as pg_db
-from toolkit.tiers.postgres import records, store
+from toolkit.tiers.postgres import direct, records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, metrics, queue, schedule, watermark
 from toolkit.tiers.redis.client import Client
@@ -170,30 +171,46 @@ class Pipeline:
 
     # -- writes -------------------------------------------------------------------------
 
-    def write(self, action: str, fn: Transaction, *, one_statement: bool = False
-              ) -> list[models.Entity]:
+    def write(self, action: str, fn: Transaction, *, one_statement: bool = False,
+              opens: bool = False) -> list[models.Entity]:
         """Run ``fn(conn, changes)`` in one transaction, then apply the changes.
 
         ``one_statement``: ``fn`` writes with a single statement (reads after it
         are allowed), which then commits by itself, without BEGIN and COMMIT.
+        ``opens``: ``fn``'s first statement goes through ``direct`` and carries the
+        transaction's BEGIN (``direct.explicit``): one round trip less.
         """
+        mode = "one statement" if one_statement else "opens" if opens else "begin"
         with self.watermark.pending():
-            return self.apply(self._commit(action, fn, one_statement))
+            return self.apply(self._commit(action, fn, mode))
 
     def commit(self, action: str, fn: Transaction) -> Changes:
         """Run ``fn`` in one transaction and return its changes, not yet applied: the caller
         is inside the watermark and applies them (see :mod:`toolkit.manager.behind`)."""
-        return self._commit(action, fn, False)
+        return self._commit(action, fn, "begin")
 
-    def _commit(self, action: str, fn: Transaction, one_statement: bool) -> Changes:
+    @contextlib.contextmanager
+    def _transaction(self, action: str, mode: str) -> Iterator[sa.Connection]:
+        if mode == "begin":
+            with self.db.begin(action) as conn:
+                yield conn
+        else:
+            with self.db.autocommit(action) as conn:
+                if mode == "one statement":
+                    yield conn
+                else:
+                    with self.db.translate(action), direct.explicit(conn):
+                        yield conn
+
+    def _commit(self, action: str, fn: Transaction, mode: str) -> Changes:
         """Run ``fn`` in a transaction; run it again (fresh) after a serialization failure
         or a deadlock, which PostgreSQL rolled back whole. Other errors raise at once."""
         for attempt in range(1, self.tx_attempts + 1):
             changes = Changes(action=action)
             try:
-                with self.db.autocommit(action) if one_statement else self.db.begin(action) as conn:
+                with self._transaction(action, mode) as conn:
                     fn(conn, changes)
-                    if one_statement:
+                    if mode == "one statement":
                         assert not changes.events, "events need a transaction"
                     records.insert_events(conn, self.db.schema, changes.events)
                 return changes

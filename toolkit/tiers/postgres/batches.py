@@ -10,9 +10,9 @@ transaction.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -267,18 +267,25 @@ _CLAIM = _claim_statement()
 _W_COLUMNS = tuple(f"_w_{c.name}" for c in t.workflows.c)
 
 
-def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequence[str],
-               worker_id: str, now: datetime, *, start: bool
-               ) -> tuple[list[store.Row], list[store.Row]]:
-    """Assign (``start``: straight to running) the jobs of ``job_ids`` still queued, insert
-    their active assignments (ids from ``assignment_ids``, in the same order), log
-    ``assigned`` (and ``started``) and set their pending or failed workflows running: ONE
-    statement. Returns the job rows and the workflow rows it changed."""
-    params = {"_ids": list(job_ids), "_aids": list(assignment_ids), "_worker": worker_id,
-              "_start": start, "_now": now, "_status": "running" if start else "assigned"}
+class Claim(NamedTuple):
+    """Jobs to claim for a worker: their ids and the ids of their new assignments (in order)."""
+
+    job_ids: Sequence[str]
+    assignment_ids: Sequence[str]
+    worker_id: str
+    start: bool
+
+
+def _claim_call(claim: Claim, now: datetime) -> direct.Call:
+    return _CLAIM, {"_ids": list(claim.job_ids), "_aids": list(claim.assignment_ids),
+                    "_worker": claim.worker_id, "_start": claim.start, "_now": now,
+                    "_status": "running" if claim.start else "assigned"}
+
+
+def _claimed(rows: Sequence[dict[str, Any]]) -> tuple[list[store.Row], list[store.Row]]:
     jobs: list[store.Row] = []
     woken: dict[str, store.Row] = {}
-    for row in direct.dicts(conn, _CLAIM, params):
+    for row in rows:
         wf = {c[3:]: row.pop(c) for c in _W_COLUMNS}
         if wf["id"] is not None:
             woken[wf["id"]] = wf
@@ -286,13 +293,28 @@ def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequ
     return jobs, list(woken.values())
 
 
+def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequence[str],
+               worker_id: str, now: datetime, *, start: bool
+               ) -> tuple[list[store.Row], list[store.Row]]:
+    """Assign (``start``: straight to running) the jobs of ``job_ids`` still queued, insert
+    their active assignments (ids from ``assignment_ids``, in the same order), log
+    ``assigned`` (and ``started``) and set their pending or failed workflows running: ONE
+    statement. Returns the job rows and the workflow rows it changed."""
+    stmt, params = _claim_call(Claim(job_ids, assignment_ids, worker_id, start), now)
+    return _claimed(direct.dicts(conn, stmt, params))
+
+
 def _release_statement() -> sa.Update:
     dep = j.alias("dep")
     unmet = (sa.select(sa.literal(1)).select_from(dep)
              .where(dep.c.id == sa.any_(j.c.depends_on), dep.c.status != "completed"))
+    done = j.alias("done")
+    workflows = sa.func.array(sa.select(done.c.workflow_id)
+                              .where(done.c.id == sa.any_(_array("_jobs", sa.Text)))
+                              .scalar_subquery())
     return (
         sa.update(j)
-        .where(j.c.workflow_id == sa.any_(_array("_wfs", sa.Text)), j.c.status == "pending",
+        .where(j.c.workflow_id == sa.any_(workflows), j.c.status == "pending",
                j.c.depends_on.overlap(_array("_jobs", sa.Text)), ~sa.exists(unmet))
         .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
                 version=j.c.version + 1, updated_at=_NOW)
@@ -303,9 +325,36 @@ def _release_statement() -> sa.Update:
 _RELEASE = _release_statement()
 
 
-def release_dependents(conn: sa.Connection, workflow_ids: Collection[str], job_ids: Sequence[str],
-                       now: datetime) -> list[store.Row]:
-    """Queue the pending jobs of these workflows that depend on one of ``job_ids`` and whose
-    dependencies are now all completed (one statement for a whole batch)."""
-    return direct.rows(conn, _RELEASE, {"_wfs": sorted(set(workflow_ids)),
-                                        "_jobs": list(job_ids), "_now": now})
+def release_dependents(conn: sa.Connection, job_ids: Sequence[str], now: datetime
+                       ) -> list[store.Row]:
+    """Queue the pending jobs that depend on one of ``job_ids`` (in the same workflow) and
+    whose dependencies are now all completed (one statement for a whole batch)."""
+    return direct.rows(conn, _RELEASE, {"_jobs": list(job_ids), "_now": now})
+
+
+class Fused(NamedTuple):
+    """What :func:`claim_complete_release` did: the claim's job and workflow rows, the
+    completion (as :func:`complete_jobs`) and the jobs released."""
+
+    claimed: list[store.Row]
+    woken: list[store.Row]
+    ended: Ended
+    released: list[store.Row]
+
+
+def claim_complete_release(conn: sa.Connection, claim: Claim | None, items: Sequence[Item],
+                           statuses: Sequence[str], now: datetime) -> Fused:
+    """Claim (as :func:`claim_jobs`), complete ``items`` (as :func:`complete_jobs`) and release
+    their ready dependents (as :func:`release_dependents`, for every item: an item not
+    completed releases nothing), three statements in order, in ONE round trip.
+
+    The release is a later statement than the completion, which locked the workflows: it
+    sees every move of them committed before, as when it runs by itself."""
+    calls: list[direct.Call] = [(_COMPLETE, _params(items, statuses, now)),
+                                (_RELEASE, {"_jobs": [i.job_id for i in items], "_now": now})]
+    if claim is not None:
+        calls.insert(0, _claim_call(claim, now))
+    out = direct.pipelined(conn, calls)
+    claimed, woken = _claimed(out[0]) if claim is not None else ([], [])
+    return Fused(claimed, woken, split_ended(out[-2], "completed", now),
+                 cast(list[store.Row], out[-1]))

@@ -92,6 +92,13 @@ def _on_connect(mode: str) -> Callable[[Any, Any], None]:
     return setup
 
 
+def may_pipeline(dbapi_connection: Any) -> bool:
+    """Whether statements may be pipelined on this connection (psycopg's pipeline mode):
+    where it prepares statements (a direct connection, or ``TOOLKIT_PG_PREPARE=on``), since
+    a pooler that cannot keep prepared statements may not keep a pipeline's order either."""
+    return dbapi_connection.prepare_threshold is not None
+
+
 def _direct(dbapi_connection: Any) -> bool:
     """Whether this connection reaches the server itself, not a pooler or a proxy: over TCP,
     the server's own address and port are the ones dialled; over a Unix socket, the socket is

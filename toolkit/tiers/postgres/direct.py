@@ -18,8 +18,9 @@ is invalidated in the pool and ``Database.translate`` sees the usual ``DBAPIErro
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import psycopg
@@ -83,28 +84,128 @@ def rows(conn: sa.Connection, stmt: sa.ClauseElement,
     return cast(list[Mapping[str, Any]], dicts(conn, stmt, params))
 
 
+def _args(c: _Compiled, params: Mapping[str, Any] | None) -> list[Any]:
+    values = {**c.defaults, **(params or {})}
+    return [c.processors[n](values[n]) if n in c.processors else values[n] for n in c.names]
+
+
+def _fetched(c: _Compiled, cur: psycopg.RawCursor[Any]) -> list[dict[str, Any]]:
+    result = cur.pgresult
+    if result is None or not result.nfields:
+        return []
+    if not c.keys:  # building ``description`` costs more than the rows: once per statement
+        c.keys.extend(d.name for d in cur.description or ())
+    keys = c.keys
+    return [dict(zip(keys, r, strict=True)) for r in cur.fetchall()]
+
+
+def _driver(conn: sa.Connection) -> psycopg.Connection[Any]:
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    return cast(psycopg.Connection[Any], raw)
+
+
 def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
           params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """As :func:`rows`, typed as the dicts they are (for a caller that pops keys)."""
+    if conn.info.get(_PENDING_BEGIN):
+        return pipelined(conn, [(stmt, params or {})])[0]
     c = _compile(conn, stmt)
-    values = {**c.defaults, **(params or {})}
-    args = [c.processors[n](values[n]) if n in c.processors else values[n] for n in c.names]
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    cur = psycopg.RawCursor(raw)
+    args = _args(c, params)
+    cur = psycopg.RawCursor(_driver(conn))
     try:
         cur.execute(c.text, args)
-        result = cur.pgresult
-        if result is None or not result.nfields:
-            return []
-        if not c.keys:  # building ``description`` costs more than the rows: once per statement
-            c.keys.extend(d.name for d in cur.description or ())
-        keys = c.keys
-        return [dict(zip(keys, r, strict=True)) for r in cur.fetchall()]
+        return _fetched(c, cur)
     except psycopg.Error as exc:
         conn._handle_dbapi_exception(exc, c.text.decode(), args, cast(Any, cur), None)
     finally:
         cur.close()
+
+
+Call = tuple[sa.ClauseElement, Mapping[str, Any]]
+"""A statement and its parameters, for :func:`pipelined`."""
+
+
+def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str, Any]]]:
+    """Run the statements of ``calls`` in order, in ``conn``'s transaction, in ONE round trip.
+
+    For statements that do not need each other's results: psycopg's pipeline mode sends them
+    together (with the ``BEGIN`` of an :func:`explicit` transaction not yet open) and reads
+    every result after one ``Sync``. Each still runs as its own statement, in order, seeing
+    the ones before it. The first that fails aborts the rest and raises as :func:`rows`
+    would. Where the connection may not pipeline (:func:`db.may_pipeline`: not a direct
+    connection to the server), they run one by one, with the same results.
+    """
+    raw = _driver(conn)
+    begin = bool(conn.info.pop(_PENDING_BEGIN, False))
+    if not db.may_pipeline(raw):
+        if begin:
+            _command(conn, _BEGIN)
+        return [dicts(conn, stmt, params) for stmt, params in calls]
+    compiled = [(_compile(conn, stmt), params) for stmt, params in calls]
+    cursors: list[psycopg.RawCursor[Any]] = []
+    text, args = _BEGIN, []
+    try:
+        with raw.pipeline():  # one Sync, on leaving the block
+            if begin:
+                cursors.append(cur := psycopg.RawCursor(raw))
+                cur.execute(_BEGIN, prepare=False)
+            for c, params in compiled:
+                text, args = c.text, _args(c, params)
+                cursors.append(cur := psycopg.RawCursor(raw))
+                cur.execute(text, args)
+        ours = cursors[1:] if begin else cursors
+        return [_fetched(c, cur) for (c, _), cur in zip(compiled, ours, strict=True)]
+    except psycopg.Error as exc:
+        conn._handle_dbapi_exception(exc, text.decode(), args,
+                                     cast(Any, cursors[-1] if cursors else None), None)
+    finally:
+        for cur in cursors:
+            cur.close()
+
+
+_BEGIN, _COMMIT, _ROLLBACK = b"BEGIN", b"COMMIT", b"ROLLBACK"
+_PENDING_BEGIN = "toolkit_pending_begin"
+"""Set on a connection's ``info`` while an :func:`explicit` transaction waits for its first
+statement, which sends the ``BEGIN``."""
+
+
+def _command(conn: sa.Connection, text: bytes) -> None:
+    cur = psycopg.RawCursor(_driver(conn))
+    try:
+        cur.execute(text, prepare=False)
+    except psycopg.Error as exc:
+        conn._handle_dbapi_exception(exc, text.decode(), [], cast(Any, cur), None)
+    finally:
+        cur.close()
+
+
+@contextlib.contextmanager
+def explicit(conn: sa.Connection) -> Iterator[sa.Connection]:
+    """Make the block ONE transaction on ``conn``, an autocommit connection, whose ``BEGIN``
+    goes out with the block's first statement instead of in a round trip of its own (a
+    non-autocommit psycopg connection sends it alone, and waits for it even in pipeline
+    mode). ``COMMIT`` when the block ends; ``ROLLBACK`` when it raises.
+
+    The block's first statement must go through this module (:func:`rows`, :func:`dicts`,
+    :func:`pipelined`); one run by SQLAlchemy before it would commit by itself, so that is
+    refused when the block ends.
+    """
+    raw = _driver(conn)
+    if not raw.autocommit or raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise RuntimeError("an explicit transaction needs an idle autocommit connection")
+    conn.info[_PENDING_BEGIN] = True
+    try:
+        yield conn
+        if conn.info.pop(_PENDING_BEGIN, False):
+            raise RuntimeError("an explicit transaction ran no statement through direct first")
+    except BaseException:
+        conn.info.pop(_PENDING_BEGIN, None)
+        if raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(Exception):
+                _command(conn, _ROLLBACK)
+        raise
+    _command(conn, _COMMIT)
 
 
 def first(conn: sa.Connection, stmt: sa.ClauseElement,
