@@ -107,7 +107,7 @@ def test_single_claims_commit_by_themselves(sm: toolkit.StateManager) -> None:
     assert seen["BEGIN"] == 0, seen
 
 
-def test_a_batch_of_100_costs_six_round_trips(sm: toolkit.StateManager, raw_pg: psycopg.Connection,
+def test_a_batch_of_100_costs_four_round_trips(sm: toolkit.StateManager, raw_pg: psycopg.Connection,
                                               clean: Any) -> None:
     w = _running_workflow(sm, 100)
     with _traced(sm) as seen:
@@ -117,9 +117,10 @@ def test_a_batch_of_100_costs_six_round_trips(sm: toolkit.StateManager, raw_pg: 
     with _traced(sm) as seen:
         out = sm.complete_jobs([(j.id, None) for j in got], worker_id=w)
         assert all(isinstance(o, toolkit.Job) for o in out)
-    # BEGIN, complete (+ assignments, events, locks), release, roll-up (the workflow is now
-    # done), COMMIT: no COPY of events.
-    assert seen["round trips"] == 5, seen
+    # BEGIN, complete (+ assignments, events, locks) and release in one round trip, roll-up
+    # (the workflow is now done), COMMIT: no COPY of events.
+    assert seen["round trips"] == 3, seen
+    assert (seen["BEGIN"], seen["COMMIT"]) == (1, 1), seen
     assert seen["COPY"] == 0, seen
     assert sm.get_workflow(got[0].workflow_id).status is toolkit.WorkflowStatus.COMPLETED  # type: ignore[union-attr]
     q = sql.SQL("SELECT event, count(*) FROM {} GROUP BY event").format(
@@ -157,8 +158,10 @@ def test_single_completions_and_requeued_failures(sm: toolkit.StateManager) -> N
     with _traced(sm) as seen:
         for job in jobs[:3]:
             sm.complete_job(job.id, worker_id=w, attempt=job.attempts)  # type: ignore[union-attr]
-    # BEGIN, complete (+ assignment, event, lock), release, roll-up, COMMIT.
-    assert seen["round trips"] == 3 * 5, seen
+    # BEGIN, complete (+ assignment, event, lock) and release in one round trip, roll-up,
+    # COMMIT.
+    assert seen["round trips"] == 3 * 3, seen
+    assert (seen["BEGIN"], seen["COMMIT"]) == (3, 3), seen
     with _traced(sm) as seen:
         for job in jobs[3:]:
             again = sm.fail_job(job.id, "boom", retry_in=0)  # type: ignore[union-attr]

@@ -337,10 +337,12 @@ class Batches:
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
             b.reset()
-            self._complete(conn, ch, b, parsed, now)
-            _finish(conn, ch, b, now)
+            # The completion and the release in one round trip (with the BEGIN).
+            fused = pgb.claim_complete_release(conn, None, parsed, _COMPLETABLE, now)
+            self._complete(conn, ch, b, parsed, now, fused.ended)
+            _finish(conn, ch, b, now, fused.released)
 
-        return b.outcomes(parsed, self.pipe.write("complete jobs", tx))
+        return b.outcomes(parsed, self.pipe.write("complete jobs", tx, opens=True))
 
     def _complete(self, conn: sa.Connection, ch: Changes, b: _Batch, items: Sequence[pgb.Item],
                   now: datetime, done: pgb.Ended | None = None) -> None:

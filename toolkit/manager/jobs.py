@@ -92,9 +92,8 @@ def end_assignment(ending: str) -> Step:
     return step
 
 
-def release_dependents(conn: sa.Connection, ch: Changes, m: Moved) -> None:
-    """Queue the pending jobs whose last unmet dependency this was."""
-    released = lifecycle.release_dependents(conn, m.row["workflow_id"], m.row["id"], m.now)
+def queued(ch: Changes, m: Moved, released: Sequence[Mapping[str, Any]]) -> None:
+    """The jobs ``m``'s move released: queued, each with its ``queued`` event."""
     ch.add_all(Kind.JOB, released)
     for r in released:
         ch.event("queued", r, m.now, released_by=m.row["id"])
@@ -287,18 +286,20 @@ class Jobs:
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
-            # One statement: the move, the assignment ended, the event, the workflow locked.
-            rows, ended, _ = pgb.complete_jobs(conn, [item], _COMPLETABLE, now)
+            # One round trip (with the BEGIN): the move, the assignment ended, the event, the
+            # workflow locked; then the dependents it released, in a statement of their own.
+            fused = pgb.claim_complete_release(conn, None, [item], _COMPLETABLE, now)
+            rows, ended, _ = fused.ended
             if not rows:
                 raise self.pipe.refusal(conn, Kind.JOB, job_id, JS.COMPLETED, guard)
             ch.rows.insert(0, (Kind.JOB, rows[0]))
             ch.add_all(Kind.ASSIGNMENT, ended)
             moved = Moved(rows[0], True, now)
-            release_dependents(conn, ch, moved)
+            queued(ch, moved, fused.released)
             roll_up(conn, ch, moved)
             ch.counters["jobs_completed"] += 1
 
-        return self.pipe.write("job -> completed", tx)[0]  # type: ignore[return-value]
+        return self.pipe.write("job -> completed", tx, opens=True)[0]  # type: ignore[return-value]
 
     def cancel(self, job_id: str) -> models.Job:
         """Cancel a job that is not final."""

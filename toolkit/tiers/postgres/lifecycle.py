@@ -1,5 +1,6 @@
-"""The statements of a job's and a workflow's life after a move: dependents released, jobs
-cancelled or reclaimed, assignments ended, the roll-up, failures and heartbeats.
+"""The statements of a job's and a workflow's life after a move: jobs cancelled or
+reclaimed, assignments ended, the roll-up, failures and heartbeats (dependents are released
+by ``batches.py``, in the completion's round trip).
 
 SQLAlchemy Core with bound parameters, built once where the shape is fixed; every function
 takes an open connection, so the caller decides the transaction.
@@ -16,30 +17,6 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from toolkit import models
 from toolkit.tiers.postgres import direct, store
 from toolkit.tiers.postgres import tables as t
-
-
-def _release_statement() -> sa.Update:
-    dep = t.jobs.alias("dep")
-    unmet = (sa.select(sa.literal(1)).select_from(dep)
-             .where(dep.c.id == sa.any_(t.jobs.c.depends_on), dep.c.status != "completed"))
-    return (
-        sa.update(t.jobs)
-        .where(t.jobs.c.workflow_id == sa.bindparam("_wf", type_=sa.Text),
-               t.jobs.c.status == "pending",
-               sa.bindparam("_job", type_=sa.Text) == sa.any_(t.jobs.c.depends_on),
-               ~sa.exists(unmet))
-        .values(status="queued", enqueue_seq=t.enqueue_seq.next_value(),
-                version=t.jobs.c.version + 1, updated_at=sa.bindparam("_now", type_=t.TZ))
-        .returning(t.jobs)
-    )
-
-
-_RELEASE = _release_statement()
-
-
-def release_dependents(conn: sa.Connection, workflow_id: str, job_id: str, now: datetime) -> list[store.Row]:
-    """Queue the pending jobs of a workflow whose dependencies are now all completed."""
-    return direct.rows(conn, _RELEASE, {"_wf": workflow_id, "_job": job_id, "_now": now})
 
 
 def cancel_workflow_jobs(conn: sa.Connection, workflow_id: str, now: datetime) -> list[store.Row]:
