@@ -260,9 +260,7 @@ class Pipeline:
             announced = [(cache.kind_of(e), models.entity_version(e), e.id) for e in entities]
             announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
             cache.publish_many(self.ns, announced, pipe=pipe)
-            now = time.time()
-            for name, amount in changes.counters.items():
-                metrics.incr(self.redis, self.ns, name, amount, now, pipe=pipe)
+            metrics.incr_many_on(self.redis, self.ns, changes.counters, time.time(), pipe=pipe)
             pipe.execute()
 
         # Not idempotent as a whole (counters), so never re-sent.

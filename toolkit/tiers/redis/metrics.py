@@ -32,29 +32,43 @@ def incr(client: Client, ns: str, name: str, amount: int, now: float, *, pipe: A
     ))
 
 
+def _calls(ns: str, amounts: Mapping[str, int], now: float
+           ) -> list[tuple[list[str], list[Any], list[str]]]:
+    """The ``incr_metrics`` calls adding ``amounts``: keys, arguments and names, per
+    :data:`INCR_CHUNK` counters."""
+    out = []
+    for chunk in chunks(list(amounts.items()), INCR_CHUNK):
+        ks = [keys.metrics(ns), *(keys.metric_buckets(ns, name) for name, _ in chunk)]
+        args: list[Any] = [bucket_start(now)]
+        for name, amount in chunk:
+            args += (name, amount)
+        out.append((ks, args, [name for name, _ in chunk]))
+    return out
+
+
 def incr_many(client: Client, ns: str, amounts: Mapping[str, int], now: float) -> dict[str, int]:
     """Add to many counters and their buckets; return their new totals.
 
     One ``incr_metrics`` script call per :data:`INCR_CHUNK` counters, each
     sent once and never re-sent after a timeout or a connection error.
     """
-    items = list(amounts.items())
-    bucket = bucket_start(now)
-    totals_key = keys.metrics(ns)
+    calls = _calls(ns, amounts, now)
 
     def go() -> dict[str, int]:
         out: dict[str, int] = {}
-        for chunk in chunks(items, INCR_CHUNK):
-            ks = [totals_key]
-            args: list[Any] = [bucket]
-            for name, amount in chunk:
-                ks.append(keys.metric_buckets(ns, name))
-                args += (name, amount)
+        for ks, args, names in calls:
             new = run_script(client, "incr_metrics", ks, args)
-            out.update(zip((name for name, _ in chunk), map(int, new), strict=True))
+            out.update(zip(names, map(int, new), strict=True))
         return out
 
-    return client.call("incr_metrics", go, idempotent=False) if items else {}
+    return client.call("incr_metrics", go, idempotent=False) if calls else {}
+
+
+def incr_many_on(client: Client, ns: str, amounts: Mapping[str, int], now: float, *,
+                 pipe: Any) -> None:
+    """Queue :func:`incr_many`'s script calls on ``pipe`` (a write's one pipeline)."""
+    for ks, args, _ in _calls(ns, amounts, now):
+        run_script(client, "incr_metrics", ks, args, pipe=pipe)
 
 
 def totals(client: Client, ns: str) -> dict[str, int]:
