@@ -16,6 +16,7 @@ Literal SQL is left to what Core cannot express, and a test
 SELECT in ``export.py``) and writes the two DDL statements of ``migrate.py`` that run before
 any table exists (the migrations themselves are plain SQL files in ``migrations/``); short
 ``sa.text`` and driver strings carry transaction and session settings (``SET TRANSACTION``,
-``SET LOCAL``) and the partial indexes' predicates. Identifiers there come from validated
+``SET LOCAL``, and ``direct.py``'s ``BEGIN``/``COMMIT``/``ROLLBACK`` of a transaction opened
+by its first statements) and the partial indexes' predicates. Identifiers there come from validated
 configuration, never text from a user.
 """

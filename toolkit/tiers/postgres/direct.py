@@ -12,6 +12,12 @@ few runs where the connection allows, see ``db.PREPARE_THRESHOLD``) and returns 
 Results need no processing: the connection's own loaders already give aware datetimes, lists
 and JSON decoded by the engine's deserializer, exactly as a normal read does.
 
+Statements that do not need each other's results go out together (:func:`pipelined`,
+psycopg's pipeline mode: one round trip), and a transaction can be opened by its first
+statements (:func:`explicit`: ``BEGIN`` sent with them on an autocommit connection) instead
+of by a ``BEGIN`` of its own: a completion's ``BEGIN``, claim, completion and release are one
+round trip. Both only where the connection prepares statements (``db.may_pipeline``).
+
 A driver error goes through the SQLAlchemy connection's own handler, so a lost connection
 is invalidated in the pool and ``Database.translate`` sees the usual ``DBAPIError``.
 """
@@ -188,8 +194,8 @@ def explicit(conn: sa.Connection) -> Iterator[sa.Connection]:
     mode). ``COMMIT`` when the block ends; ``ROLLBACK`` when it raises.
 
     The block's first statement must go through this module (:func:`rows`, :func:`dicts`,
-    :func:`pipelined`); one run by SQLAlchemy before it would commit by itself, so that is
-    refused when the block ends.
+    :func:`pipelined`): one run by SQLAlchemy before it would have committed by itself. A
+    block that ran none raises when it ends (a programming error, caught by the tests).
     """
     raw = _driver(conn)
     if not raw.autocommit or raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
