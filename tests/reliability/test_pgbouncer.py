@@ -96,6 +96,19 @@ def test_state_layer_works_through_pgbouncer_transaction_mode(
         assert not errors, errors
         assert done == 24
         assert all(sm.get_workflow(w.id).status == "completed" for w in wfs)
+        # The fused and batched verbs: not pipelined through a pooler (statements one by one
+        # after an explicit BEGIN on an autocommit connection), the same outcome.
+        fused = sm.create_workflow("fused", jobs=[{"name": f"f{i}"} for i in range(10)])
+        job = sm.dequeue("w1", start=True)
+        while job is not None:
+            _, job = sm.complete_and_dequeue(job.id, {"fused": True}, worker_id="w1", start=True)
+        batched = sm.create_workflow("batched", jobs=[{"name": f"b{i}"} for i in range(10)])
+        got = sm.dequeue_many("w2", 10, start=True)
+        assert all(isinstance(o, toolkit.Job) for o in sm.complete_jobs(
+            [(j.id, None) for j in got], worker_id="w2"))
+        for wf in (fused, batched):
+            assert sm.get_workflow(wf.id).status == "completed"  # type: ignore[union-attr]
+            assert {j.status for j in sm.list_jobs(workflow_id=wf.id)} == {"completed"}
         extra = sm.create_workflow("left", jobs=[{"name": f"q{i}"} for i in range(30)])
         sm.checkpoint_metrics()
         with sm.lock("bounced", ttl=10) as lock:
