@@ -19,7 +19,7 @@ import sqlalchemy as sa
 import toolkit
 from tests.conftest import Servers, drop_schema, unique, wipe_namespace
 from toolkit import config
-from toolkit.tiers.postgres import direct
+from toolkit.tiers.postgres import db, direct
 from toolkit.tiers.postgres import tables as t
 
 
@@ -108,8 +108,21 @@ def test_a_connection_lost_under_a_direct_statement_is_a_toolkit_error(
 
     for pid in _backend_pids(sm):
         raw_pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    with pytest.raises(toolkit.StorageUnavailable, match="complete"):
-        complete()  # the pool trusts a connection used this recently: the statement meets the loss
+    opened: list[object] = []
+
+    def on_connect(*_: object) -> None:
+        opened.append(1)
+
+    sa.event.listen(sm.db.engine, "connect", on_connect)
+    try:
+        with pytest.raises(toolkit.StorageUnavailable, match="complete") as caught:
+            complete()  # the pool trusts a connection used this recently: it meets the loss
+    finally:
+        sa.event.remove(sm.db.engine, "connect", on_connect)
+    # The failed write's clean-up did not dial the server again (a second wait in an outage),
+    # and the error is the loss itself, not a follow-up of it.
+    assert opened == [], "the error path opened a new connection"
+    assert "PendingRollback" not in str(caught.value)
     assert sm.get_job(job_id).status is toolkit.JobStatus.RUNNING  # nothing written
     assert complete().status is toolkit.JobStatus.COMPLETED  # the pool reconnected
 
@@ -129,13 +142,15 @@ def _manager(clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str
         wipe_namespace(clean.redis_url, ns)
 
 
-@pytest.mark.parametrize("prepare", ["auto", "off"])
+@pytest.mark.parametrize("prepare", ["on", "off"])
 def test_a_transaction_opened_by_its_first_statements_is_all_or_nothing(
         clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str) -> None:
-    """``direct.explicit`` + ``pipelined``: BEGIN goes with the first statements (pipelined on
-    a direct connection, one by one with ``TOOLKIT_PG_PREPARE=off``); a failing statement
-    rolls back the ones before it, and the error is the toolkit's."""
+    """``direct.explicit`` + ``pipelined``: BEGIN goes with the first statements (pipelined
+    where statements are prepared, one by one with ``TOOLKIT_PG_PREPARE=off``); a failing
+    statement rolls back the ones before it, and the error is the toolkit's."""
     with _manager(clean, monkeypatch, prepare) as sm:
+        with sm.db.engine.connect() as conn:
+            assert db.may_pipeline(conn.connection.driver_connection) is (prepare == "on")
         wf = sm.create_workflow("wf", jobs=[{"name": "j"}])
         (job,) = sm.list_jobs()
         rename = sa.update(t.jobs).where(t.jobs.c.id == job.id).values(name="renamed")
@@ -167,7 +182,7 @@ def _name(sm: toolkit.StateManager, job_id: str) -> str:
         return str(conn.execute(sa.select(t.jobs.c.name).where(t.jobs.c.id == job_id)).scalar_one())
 
 
-@pytest.mark.parametrize("prepare", ["auto", "off"])
+@pytest.mark.parametrize("prepare", ["on", "off"])
 def test_the_fused_loop_is_the_same_pipelined_or_not(
         clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str) -> None:
     with _manager(clean, monkeypatch, prepare) as sm:
@@ -187,3 +202,68 @@ def test_the_fused_loop_is_the_same_pipelined_or_not(
         queued = events[events["event"] == "queued"]
         assert len(queued) >= 2, events
         assert sm.list_workflows()[0].status is toolkit.WorkflowStatus.COMPLETED
+
+
+def _idle_connections(sm: toolkit.StateManager) -> list[tuple[bool, str]]:
+    """(autocommit, transaction status) of every pooled connection of the autocommit engine."""
+    engine = sm.db._autocommit
+    held = [engine.connect() for _ in range(max(1, engine.pool.checkedin()))]  # type: ignore[attr-defined]
+    try:
+        return [(c.connection.driver_connection.autocommit,  # type: ignore[union-attr]
+                 psycopg.pq.TransactionStatus(c.connection.driver_connection.pgconn.transaction_status).name)  # type: ignore[union-attr]
+                for c in held]
+    finally:
+        for c in held:
+            c.close()
+
+
+@pytest.mark.parametrize("prepare", ["on", "off"])
+def test_a_refused_fused_completion_writes_nothing_and_leaves_the_pool_clean(
+        clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str) -> None:
+    with _manager(clean, monkeypatch, prepare) as sm:
+        w = sm.register_worker("w").id
+        sm.create_workflow("wf", jobs=[{"name": "a"}, {"name": "b"}])
+        job = sm.dequeue(w, start=True)
+        assert job is not None
+        with pytest.raises(toolkit.StaleAttempt):
+            sm.complete_and_dequeue(job.id, None, worker_id=w, attempt=job.attempts + 1,
+                                    start=True)
+        assert sm.get_job(job.id).status is toolkit.JobStatus.RUNNING  # nothing written
+        (other,) = [j for j in sm.list_jobs() if j.id != job.id]
+        assert other.status is toolkit.JobStatus.QUEUED  # the claim was rolled back ...
+        queued = sm.inspector.queue()
+        assert other.id in queued.index and not queued.loc[other.id, "in_flight"]  # queued again
+        assert len(direct._pending_begin) == 0
+        assert _idle_connections(sm) and all(c == (True, "IDLE") for c in _idle_connections(sm))
+        done, nxt = sm.complete_and_dequeue(job.id, None, worker_id=w, start=True)
+        assert (done.status, getattr(nxt, "id", None)) == (toolkit.JobStatus.COMPLETED, other.id)
+        assert sm.dequeue(w) is None  # a one-statement write after it commits by itself
+        assert sm.get_job(other.id).status is toolkit.JobStatus.RUNNING
+
+
+def test_a_deadlock_in_the_pipeline_runs_the_transaction_again(
+        sm: toolkit.StateManager, clean: Servers, raw_pg: psycopg.Connection) -> None:
+    """PostgreSQL rolls a deadlocked transaction back whole: the fused verb runs it again."""
+    w = sm.register_worker("w").id
+    sm.create_workflow("wf", jobs=[{"name": "a"}, {"name": "b"}])
+    job = sm.dequeue(w, start=True)
+    assert job is not None
+    s = psycopg.sql.Identifier(clean.schema)
+    raw_pg.execute(psycopg.sql.SQL(
+        "CREATE SEQUENCE {s}.once; "
+        "CREATE FUNCTION {s}.deadlock_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF nextval({seq}) = 1 THEN RAISE EXCEPTION 'forced' USING ERRCODE = '40P01'; END IF; "
+        "RETURN NEW; END $$; "
+        "CREATE TRIGGER deadlock_once BEFORE UPDATE ON {s}.jobs FOR EACH ROW "
+        "WHEN (NEW.status = 'completed') EXECUTE FUNCTION {s}.deadlock_once()").format(
+            s=s, seq=psycopg.sql.Literal(f"{clean.schema}.once")))
+    try:
+        done, nxt = sm.complete_and_dequeue(job.id, {"ok": 1}, worker_id=w, start=True)
+        assert done.status is toolkit.JobStatus.COMPLETED and nxt is not None
+        assert raw_pg.execute(psycopg.sql.SQL("SELECT last_value FROM {}.once").format(s)
+                              ).fetchone() == (2,)  # refused once, then done
+        events = sm.inspector.events()
+        assert (events["event"] == "completed").sum() == 1  # the first run left nothing
+        assert (events["event"] == "assigned").sum() == 2  # a and b, once each
+    finally:
+        raw_pg.execute(psycopg.sql.SQL("DROP TRIGGER deadlock_once ON {}.jobs").format(s))

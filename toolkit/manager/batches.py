@@ -189,7 +189,10 @@ def _released(ch: Changes, b: _Batch, released: Sequence[Mapping[str, Any]],
     done = set(b.completed)
     for r in released:
         ch.add(Kind.JOB, r)
-        ch.event("queued", r, now, released_by=next(d for d in r["depends_on"] if d in done))
+        # A refused item already completed may release a dependent too (its release was
+        # missed before): None says no job of this batch did.
+        ch.event("queued", r, now, released_by=next((d for d in r["depends_on"] if d in done),
+                                                    None))
 
 
 def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime,

@@ -95,8 +95,9 @@ def _on_connect(mode: str) -> Callable[[Any, Any], None]:
 def may_pipeline(dbapi_connection: Any) -> bool:
     """Whether statements may be pipelined on this connection (psycopg's pipeline mode):
     where it prepares statements (a direct connection, or ``TOOLKIT_PG_PREPARE=on``), since
-    a pooler that cannot keep prepared statements may not keep a pipeline's order either."""
-    return dbapi_connection.prepare_threshold is not None
+    a pooler that cannot keep prepared statements may not keep a pipeline's order either;
+    and only with a libpq that has pipeline mode (14 or later)."""
+    return dbapi_connection.prepare_threshold is not None and psycopg.Pipeline.is_supported()
 
 
 def _direct(dbapi_connection: Any) -> bool:

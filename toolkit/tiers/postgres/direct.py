@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -114,7 +115,7 @@ def _driver(conn: sa.Connection) -> psycopg.Connection[Any]:
 def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
           params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """As :func:`rows`, typed as the dicts they are (for a caller that pops keys)."""
-    if conn.info.get(_PENDING_BEGIN):
+    if conn in _pending_begin:
         return pipelined(conn, [(stmt, params or {})])[0]
     c = _compile(conn, stmt)
     args = _args(c, params)
@@ -143,7 +144,8 @@ def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str,
     connection to the server), they run one by one, with the same results.
     """
     raw = _driver(conn)
-    begin = bool(conn.info.pop(_PENDING_BEGIN, False))
+    begin = conn in _pending_begin
+    _pending_begin.discard(conn)
     if not db.may_pipeline(raw):
         if begin:
             _command(conn, _BEGIN)
@@ -163,6 +165,9 @@ def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str,
         ours = cursors[1:] if begin else cursors
         return [_fetched(c, cur) for (c, _), cur in zip(compiled, ours, strict=True)]
     except psycopg.Error as exc:
+        failed = _failed(cursors, compiled, begin)  # the statement the server refused
+        if failed is not None:
+            text, args = failed[0].text, _args(*failed)
         conn._handle_dbapi_exception(exc, text.decode(), args,
                                      cast(Any, cursors[-1] if cursors else None), None)
     finally:
@@ -170,10 +175,22 @@ def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str,
             cur.close()
 
 
+def _failed(cursors: Sequence[psycopg.RawCursor[Any]],
+            compiled: Sequence[tuple[_Compiled, Mapping[str, Any]]], begin: bool
+            ) -> tuple[_Compiled, Mapping[str, Any]] | None:
+    """The call of a pipeline whose statement failed on the server, if one is known."""
+    ours = cursors[1:] if begin else cursors
+    for cur, call in zip(ours, compiled, strict=False):
+        result = cur.pgresult
+        if result is not None and result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+            return call
+    return None
+
+
 _BEGIN, _COMMIT, _ROLLBACK = b"BEGIN", b"COMMIT", b"ROLLBACK"
-_PENDING_BEGIN = "toolkit_pending_begin"
-"""Set on a connection's ``info`` while an :func:`explicit` transaction waits for its first
-statement, which sends the ``BEGIN``."""
+_pending_begin: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
+"""The connections (SQLAlchemy's, not the pooled ones: nothing outlives the block) whose
+:func:`explicit` transaction waits for its first statement, which sends the ``BEGIN``."""
 
 
 def _command(conn: sa.Connection, text: bytes) -> None:
@@ -197,19 +214,20 @@ def explicit(conn: sa.Connection) -> Iterator[sa.Connection]:
     :func:`pipelined`): one run by SQLAlchemy before it would have committed by itself. A
     block that ran none raises when it ends (a programming error, caught by the tests).
     """
-    raw = _driver(conn)
+    raw = _driver(conn)  # kept: after a lost connection, conn would open another
     if not raw.autocommit or raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise RuntimeError("an explicit transaction needs an idle autocommit connection")
-    conn.info[_PENDING_BEGIN] = True
+    _pending_begin.add(conn)
     try:
         yield conn
-        if conn.info.pop(_PENDING_BEGIN, False):
+        if conn in _pending_begin:
             raise RuntimeError("an explicit transaction ran no statement through direct first")
     except BaseException:
-        conn.info.pop(_PENDING_BEGIN, None)
-        if raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            with contextlib.suppress(Exception):
-                _command(conn, _ROLLBACK)
+        _pending_begin.discard(conn)
+        if not conn.invalidated and not raw.closed \
+                and raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                raw.rollback()  # psycopg sends ROLLBACK whatever its autocommit setting
         raise
     _command(conn, _COMMIT)
 
