@@ -138,6 +138,7 @@ def describe(conn: psycopg.Connection, schema: str) -> dict[str, list]:
         "JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = %s ORDER BY 1",
         (schema + ".", schema)).fetchall()
     sequences = conn.execute(
-        "SELECT sequence_name FROM information_schema.sequences WHERE sequence_schema = %s",
+        "SELECT sequence_name FROM information_schema.sequences WHERE sequence_schema = %s "
+        "ORDER BY 1",
         (schema,)).fetchall()
     return {"columns": columns, "indexes": indexes, "constraints": constraints, "sequences": sequences}
