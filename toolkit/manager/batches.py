@@ -196,9 +196,9 @@ def _released(ch: Changes, b: _Batch, released: Sequence[Mapping[str, Any]],
 
 
 def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime,
-            released: Sequence[Mapping[str, Any]] | None = None) -> None:
-    """Release the dependents of the completed jobs (``released``: already done), roll each
-    workflow up once.
+            released: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Note the dependents the completions released (``released``: the release statement
+    ran with them, see ``pgb.claim_complete_release``), roll each workflow up once.
 
     The moves that completed or failed jobs locked their workflows (in id order: two
     batches never deadlock on them), so the release and the roll-ups, later statements,
@@ -206,9 +206,7 @@ def _finish(conn: sa.Connection, ch: Changes, b: _Batch, now: datetime,
     dependencies of one job: the second releases it). No roll-up where it cannot change
     the status: a workflow a job was just claimed in is running (the claim set it so), one
     whose jobs were only re-queued while it was running stays running."""
-    if released is None and b.completed:
-        released = pgb.release_dependents(conn, b.completed, now)
-    _released(ch, b, released or [], now)
+    _released(ch, b, released, now)
     for wf in sorted(b.workflows - b.claimed - b.steady):
         ch.add(Kind.WORKFLOW, lifecycle.rollup_workflow(conn, wf, now))
 
@@ -342,16 +340,14 @@ class Batches:
             b.reset()
             # The completion and the release in one round trip (with the BEGIN).
             fused = pgb.claim_complete_release(conn, None, parsed, _COMPLETABLE, now)
-            self._complete(conn, ch, b, parsed, now, fused.ended)
+            self._complete(conn, ch, b, parsed, fused.ended)
             _finish(conn, ch, b, now, fused.released)
 
         return b.outcomes(parsed, self.pipe.write("complete jobs", tx, opens=True))
 
     def _complete(self, conn: sa.Connection, ch: Changes, b: _Batch, items: Sequence[pgb.Item],
-                  now: datetime, done: pgb.Ended | None = None) -> None:
-        """Complete ``items`` (``done``: the completion already ran) and note what it did."""
-        if done is None:
-            done = pgb.complete_jobs(conn, items, _COMPLETABLE, now)
+                  done: pgb.Ended) -> None:
+        """Note what the completion of ``items`` did (``done``), and why any was refused."""
         rows, ended, _ = done
         _refuse(self.pipe, conn, b, items, rows, JS.COMPLETED)
         ch.add_all(Kind.JOB, rows)
@@ -412,7 +408,7 @@ class Batches:
             fused = pgb.claim_complete_release(conn, claim, item, _COMPLETABLE, now)
             if claim is not None:
                 _claimed(ch, b, claim, fused.claimed, fused.woken, now)
-            self._complete(conn, ch, b, item, now, fused.ended)
+            self._complete(conn, ch, b, item, fused.ended)
             if b.refused:
                 raise b.refused[job_id]
             _finish(conn, ch, b, now, fused.released)

@@ -160,7 +160,7 @@ _FAIL_ONE = _fail_statement(True)
 
 
 class Ended(NamedTuple):
-    """What :func:`complete_jobs` or :func:`fail_jobs` did: the job rows, the ended
+    """What a completion (:func:`claim_complete_release`) or :func:`fail_jobs` did: the job rows, the ended
     assignments, and the status of each workflow of the moved jobs (locked meanwhile)."""
 
     jobs: list[store.Row]
@@ -196,14 +196,6 @@ def start_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[st
     """Mark running the jobs whose status is in ``statuses`` and whose fence matches, and log
     ``started``: ONE statement."""
     return direct.rows(conn, _START, _params(items, statuses, now))
-
-
-def complete_jobs(conn: sa.Connection, items: Sequence[Item], statuses: Sequence[str],
-                  now: datetime) -> Ended:
-    """Complete the matching jobs, each with its result (``value``: JSON text or None), end
-    their active assignments, log ``completed`` and lock their workflows: ONE statement."""
-    rows = direct.rows(conn, _COMPLETE, _params(items, statuses, now))
-    return split_ended(rows, "completed", now)
 
 
 def fail_jobs(conn: sa.Connection, items: Sequence[Item], retry: bool, now: datetime) -> Ended:
@@ -325,16 +317,9 @@ def _release_statement() -> sa.Update:
 _RELEASE = _release_statement()
 
 
-def release_dependents(conn: sa.Connection, job_ids: Sequence[str], now: datetime
-                       ) -> list[store.Row]:
-    """Queue the pending jobs that depend on one of ``job_ids`` (in the same workflow) and
-    whose dependencies are now all completed (one statement for a whole batch)."""
-    return direct.rows(conn, _RELEASE, {"_jobs": list(job_ids), "_now": now})
-
-
 class Fused(NamedTuple):
     """What :func:`claim_complete_release` did: the claim's job and workflow rows, the
-    completion (as :func:`complete_jobs`) and the jobs released."""
+    completion and the jobs released."""
 
     claimed: list[store.Row]
     woken: list[store.Row]
@@ -344,9 +329,11 @@ class Fused(NamedTuple):
 
 def claim_complete_release(conn: sa.Connection, claim: Claim | None, items: Sequence[Item],
                            statuses: Sequence[str], now: datetime) -> Fused:
-    """Claim (as :func:`claim_jobs`), complete ``items`` (as :func:`complete_jobs`) and release
-    their ready dependents (as :func:`release_dependents`, for every item: an item not
-    completed releases nothing), three statements in order, in ONE round trip.
+    """Claim (as :func:`claim_jobs`), complete the matching ``items`` (each with its result;
+    their active assignments ended, ``completed`` logged, their workflows locked) and release
+    their ready dependents (the pending jobs of their workflows that depend on an item and
+    whose dependencies are all completed: an item not completed releases nothing), three
+    statements in order, in ONE round trip.
 
     The release is a later statement than the completion, which locked the workflows: it
     sees every move of them committed before, as when it runs by itself."""
