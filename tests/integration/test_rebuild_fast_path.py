@@ -9,6 +9,7 @@ drifts from the normal one fails.
 
 from __future__ import annotations
 
+import gc
 import sys
 from datetime import UTC, timedelta
 from typing import Any
@@ -250,3 +251,38 @@ def test_rebuild_progress_counts_every_row(sm: toolkit.StateManager,
     monkeypatch.setattr(rebuilding, "PROGRESS_STEP", 10)
     sm.rebuild(progress=True)
     assert seen == {"total": 27, "done": 27, "closed": 1}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_rebuild_pauses_the_cyclic_collector_and_restores_it(sm: toolkit.StateManager, clean,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             enabled: bool) -> None:
+    """Millions of long-lived objects, no cycles: a collection during the load would scan
+    them all again and again. None runs inside; the collector is as it was afterwards."""
+    sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}", "payload": {"i": i}}
+                                  for i in range(3_000)])
+    wipe_namespace(clean.redis_url, clean.namespace)
+    collections: list[int] = []
+    inside: list[int] = []
+    last_step = rebuilding.watermark.mark_rebuilt
+
+    def watched(*args: Any) -> None:
+        last_step(*args)
+        inside.append(len(collections))  # the rebuild's last step: the collector not restored yet
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    monkeypatch.setattr(rebuilding.watermark, "mark_rebuilt", watched)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    gc.callbacks.append(seen)
+    try:
+        report = sm.rebuild()
+        after = gc.isenabled()
+    finally:
+        gc.callbacks.remove(seen)
+        (gc.enable if was else gc.disable)()
+    assert report.jobs == 3_000
+    assert inside == [0] and after is enabled
