@@ -216,3 +216,34 @@ def test_incr_metrics_returns_totals_and_fills_buckets(sm: toolkit.StateManager,
         counts = raw_redis.hgetall(keys.metric_buckets(clean.namespace, n))
         assert sum(int(v) for v in counts.values()) == i + 2
         assert all(int(b) % metrics.BUCKET_SECONDS == 0 for b in counts)
+
+
+def test_send_packed_sends_every_command_and_returns_each_reply(client: Client,
+                                                               raw_redis: redis.Redis,
+                                                               clean: Servers) -> None:
+    ns = clean.namespace
+    a, b, z = keys.entity(ns, "job", "a"), keys.entity(ns, "job", "b\u00e9"), keys.queue(ns, "q")
+    replies = client.call("test", lambda: client.send_packed([
+        ["MSETNX", a, b"1|{}", b, "2|\u2603"], ["ZADD", z, -4e12 + 7, "j1", 0.5, "j2"],
+        ["MSETNX", a, b"9|{}"]]))
+    assert replies == [1, 2, 0]
+    assert raw_redis.mget([a, b]) == ["1|{}", "2|\u2603"]
+    assert raw_redis.zrange(z, 0, -1, withscores=True) == [("j1", -4e12 + 7), ("j2", 0.5)]
+
+
+BUSY = """local t0 = redis.call('TIME')
+repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1e6 + (t[2] - t0[2]) > 200000
+return 'late'"""
+"""A script that keeps Redis busy for 0.2 s before it answers."""
+
+
+def test_send_packed_error_reply_raises_and_leaves_the_pool_usable(client: Client,
+                                                                   raw_redis: redis.Redis,
+                                                                   clean: Servers) -> None:
+    k = keys.entity(clean.namespace, "job", "s")
+    raw_redis.set(k, "not a sorted set")
+    with pytest.raises(toolkit.StorageUnavailable, match="WRONGTYPE"):
+        client.call("test", lambda: client.send_packed([["ZADD", k, 1, "m"], ["EVAL", BUSY, 0]]))
+    # The script's reply was still on its way when the error was raised: the next command
+    # must get its own reply, not that one.
+    assert client.call("test", lambda: client.send_packed([["GET", k]])) == ["not a sorted set"]

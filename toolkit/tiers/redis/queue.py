@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from toolkit.tiers.redis import keys
-from toolkit.tiers.redis.client import Client, chunks, run_script
+from toolkit.tiers.redis.client import Client, Packable, chunks, run_script
 
 PRIORITY_LIMIT = 1_000_000
 """Priorities must lie in ``[-PRIORITY_LIMIT, PRIORITY_LIMIT]`` (exact float scores)."""
@@ -109,17 +109,24 @@ def remove_many(ns: str, jobs: Iterable[tuple[str, str]], *, pipe: Any) -> None:
         pipe.hdel(keys.scheduled_meta(ns), *chunk)
 
 
-def correct(ns: str, queue_name: str, scores: Mapping[str, float], drop: Sequence[str], *,
-            pipe: Any) -> None:
-    """Queue setting the scores of ``scores`` and removing ``drop`` in one queue (repairs).
+def correct(ns: str, queue_name: str, scores: Mapping[str, float], drop: Sequence[str]
+            ) -> list[list[Packable]]:
+    """The commands that set the scores of ``scores`` and remove ``drop`` in one queue
+    (repairs; for :meth:`Client.send_packed`: a rebuild after Redis was lost sends every
+    queued job here).
 
     Unlike :func:`remove_many`, the in-flight set is left alone (the janitor owns it).
     """
+    key = keys.queue(ns, queue_name)
+    commands: list[list[Packable]] = []
     for members in chunks(list(scores.items()), PUSH_CHUNK):
-        pipe.zadd(keys.queue(ns, queue_name), dict(members))
-    for chunk in chunks(list(drop), PUSH_CHUNK):
-        pipe.zrem(keys.queue(ns, queue_name), *chunk)
-    pipe.sadd(keys.queues(ns), queue_name)
+        command: list[Packable] = ["ZADD", key]
+        for job_id, score in members:
+            command += (score, job_id)
+        commands.append(command)
+    commands += [["ZREM", key, *chunk] for chunk in chunks(list(drop), PUSH_CHUNK)]
+    commands.append(["SADD", keys.queues(ns), queue_name])
+    return commands
 
 
 def remove(ns: str, job_id: str, queue_name: str, *, pipe: Any) -> None:
