@@ -126,9 +126,17 @@ class Memory:
             self._live[kind] = {}
             for key in [k for k in self._final if k[0] == kind]:
                 del self._final[key]
-            self._stored_at[kind] = {}
             now = self._stamp()
-            for e in entities:
+            live: dict[str, models.Entity] = {}
+            final: list[models.Entity] = []
+            for e in entities:  # what _store does, in bulk for the live ones
+                if models.is_final(e):
+                    final.append(e)
+                else:
+                    live[e.id] = e
+            self._live[kind] = live
+            self._stored_at[kind] = dict.fromkeys(live, now)
+            for e in final:
                 self._store(kind, e, now)
 
     def clear(self) -> None:
