@@ -158,8 +158,8 @@ def test_rebuild_fill_falls_back_when_a_writer_got_there_first(
     # and the chunk goes through the versioned path, which keeps the newer value.
     newer = cache.encode(sm.get_job("j3")).decode().replace("1|", "5|", 1)
     raw_redis.set(keys.entity(clean.namespace, "job", "j3"), newer)
-    monkeypatch.setattr(rebuilding, "_scan_cache", lambda client, ns, live: (
-        dict.fromkeys(keys.ENTITY_KINDS, 0), {k: [] for k in keys.ENTITY_KINDS}))
+    monkeypatch.setattr(rebuilding, "_scan_cache", lambda client, ns: {
+        k: set() for k in keys.ENTITY_KINDS})
     monkeypatch.setattr(rebuilding, "FILL_CHUNK", 7)
     sm.memory.clear()
     sm.rebuild()

@@ -18,6 +18,7 @@ import functools
 import gc
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,12 +29,13 @@ from toolkit.models import EntityKind as Kind
 from toolkit.recovery import queues, repairing
 from toolkit.tiers.memory import KINDS
 from toolkit.tiers.postgres import records, store
-from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, heartbeats, keys, metrics, queue, watermark
-from toolkit.tiers.redis.client import Client, Packable, chunks
+from toolkit.tiers.redis.client import Client, Packable
 
 FILL_CHUNK = 2_000
 """Cache entries per ``MSETNX`` of the rebuild."""
+FILL_AHEAD = 4
+"""Chunks of the rebuild's fill that may wait to be sent (bounds the memory they hold)."""
 SCAN_COUNT = 10_000
 """``COUNT`` of the rebuild's SCAN of the namespace."""
 PROGRESS_STEP = 10_000
@@ -65,29 +67,89 @@ def _progress(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, disable=not show, desc="rebuild", unit="row", leave=False)
 
 
-def _snapshot(db: Database, progress: bool | None
+class _Fill:
+    """The cache fill of one kind while its rows stream in (Redis emptied or restarted:
+    the case to be fast).
+
+    Each row is encoded from its values (:func:`cache.row_encoder`, the same
+    bytes as :func:`cache.encode` of its entity) and written ``MSETNX`` per
+    :data:`FILL_CHUNK`: one command that writes every entry of the chunk or,
+    when one of its keys exists (an entry the scan saw, or one a writer created
+    since), none. The chunks go out on ``sender``'s thread, so Redis works on
+    one while the next is read. :meth:`finish` returns the entities of the
+    refused chunks, for :func:`cache.fill_missing_or_older` (MGET, then ``SET
+    NX`` for the absent and the versioned Lua fill for the older), so a newer
+    value is never overwritten. The rows are live ones (:func:`store.stream_live`):
+    none is final, so none needs the TTL of a final entry.
+    """
+
+    def __init__(self, client: Client, ns: str, kind: str, sender: Executor) -> None:
+        self.client, self.sender = client, sender
+        self.head, self.encode = keys.entity(ns, kind, ""), cache.row_encoder(kind)
+        self.command: list[Packable] = ["MSETNX"]
+        self.chunk: list[models.Entity] = []
+        self.sent: list[tuple[Future[list[Any]], list[models.Entity]]] = []
+
+    def add(self, entity: models.Entity, values: tuple[Any, ...]) -> None:
+        self.command += (self.head + entity.id, self.encode(values))
+        self.chunk.append(entity)
+        if len(self.chunk) == FILL_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.chunk:
+            return
+        send = functools.partial(self.client.send_packed, [self.command])
+        self.sent.append((self.sender.submit(self.client.call, "cache fill", send), self.chunk))
+        self.command, self.chunk = ["MSETNX"], []
+        if len(self.sent) > FILL_AHEAD:  # one thread sends in order: at most FILL_AHEAD wait
+            self.sent[-FILL_AHEAD - 1][0].result()
+
+    def finish(self) -> list[models.Entity]:
+        """Send the last chunk, wait for every reply (raising the first error); return the
+        entities of the chunks ``MSETNX`` refused."""
+        self.flush()
+        refused: list[models.Entity] = []
+        for future, chunk in self.sent:
+            if not future.result()[0]:
+                refused += chunk
+        return refused
+
+
+def _snapshot(t: Tiers, progress: bool | None, cached: Mapping[str, set[str]]
               ) -> tuple[dict[str, list[models.Entity]], compare.Wanted, compare.Later,
                          dict[str, int]]:
-    """Read the live state in one REPEATABLE READ snapshot."""
+    """Read the live state in one REPEATABLE READ snapshot, filling the cache of each kind
+    that had at most half of its live entities cached at the scan as it goes; fill the
+    others (most cached: after a crash with Redis intact) afterwards, versioned."""
     entities: dict[str, list[models.Entity]] = {}
     wanted: compare.Wanted = {}
     later: compare.Later = {}
-    with db.begin("rebuild: read PostgreSQL") as conn:
+    with t.db.begin("rebuild: read PostgreSQL") as conn, \
+            ThreadPoolExecutor(1, thread_name_prefix="rebuild-fill") as sender:
         store.begin_snapshot(conn)
         counts = store.count_live(conn)
+        fills = {kind: _Fill(t.redis, t.ns, kind, sender) for kind in KINDS
+                 if 2 * len(cached[kind]) <= counts[kind]}
         bar = _progress(sum(counts.values()), progress)
         try:
             for kind in (Kind.WORKFLOW, Kind.WORKER, Kind.ASSIGNMENT, Kind.JOB):
-                entities[kind] = _read_live(conn, kind, bar, wanted, later)
+                entities[kind] = _read_live(conn, kind, bar, (wanted, later), fills.get(kind))
         finally:
             bar.close()
         checkpoints = records.metric_checkpoints(conn)
+        checked = {kind: fill.finish() for kind, fill in fills.items()}
+    for kind in KINDS:
+        cache.fill_missing_or_older(t.redis, t.ns, checked.get(kind, entities[kind]))
     return entities, wanted, later, checkpoints
 
 
-def _read_live(conn: sa.Connection, kind: str, bar: Any, wanted: compare.Wanted,
-               later: compare.Later) -> list[models.Entity]:
-    """Build the live entities of ``kind`` (and note queued jobs in ``wanted`` or ``later``)."""
+def _read_live(conn: sa.Connection, kind: str, bar: Any,
+               queued: tuple[compare.Wanted, compare.Later], fill: _Fill | None
+               ) -> list[models.Entity]:
+    """Build the live entities of ``kind`` (and note queued jobs in ``wanted`` or ``later``;
+    hand each entity and its row to ``fill``, when given)."""
+    wanted, later = queued
     columns = compare.live_columns(kind)
     out: list[models.Entity] = []
     append, build, score = out.append, models.row_builder(kind), queue.score
@@ -98,7 +160,10 @@ def _read_live(conn: sa.Connection, kind: str, bar: Any, wanted: compare.Wanted,
     step = 0
     now = time.time()
     for values in store.stream_live(conn, kind, columns):
-        append(build(values))
+        entity = build(values)
+        append(entity)
+        if fill is not None:
+            fill.add(entity, values)
         if is_job and values[i_status] == "queued":
             if values[i_run_at] is None:  # the usual case, kept fast
                 wanted.setdefault(values[i_queue], {})[values[i_id]] = score(
@@ -150,17 +215,17 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
 
 def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     start = time.perf_counter()
-    entities, wanted, later, checkpoints = _snapshot(t.db, progress)
+    cached = _scan_cache(t.redis, t.ns)
+    entities, wanted, later, checkpoints = _snapshot(t, progress, cached)
     for kind in KINDS:
         t.memory.replace(kind, entities[kind])
-    live: dict[str, set[str]] = {kind: {e.id for e in entities[kind]} for kind in KINDS}
-    cached, others = _scan_cache(t.redis, t.ns, live)
-    for kind in KINDS:
-        _fill(t.redis, t.ns, kind, entities[kind], cached[kind])
         # Entries the snapshot does not cover (jobs that became final or were
         # deleted in a commit whose cache update was lost) are checked too.
-        if others[kind]:
-            repairing.fix_cache(t, kind, others[kind])
+        if cached[kind]:
+            live = {e.id for e in entities[kind]}
+            others = sorted(i for i in cached[kind] if i not in live)
+            if others:
+                repairing.fix_cache(t, kind, others)
     # A coordinator that crashed between a pop and its commit left claims in
     # flight: return them now rather than after their lease.
     queues.return_claims(t, before=float("inf"))
@@ -177,53 +242,16 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     )
 
 
-def _scan_cache(client: Client, ns: str, live: Mapping[str, set[str]]
-                ) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """One SCAN of the namespace: per kind, how many live entities are cached, and
-    the ids of the cached entities that are not live."""
+def _scan_cache(client: Client, ns: str) -> dict[str, set[str]]:
+    """One SCAN of the namespace, before the snapshot: per kind, the ids of the cached
+    entities (it decides how each kind is filled, and which cached entities the
+    snapshot does not cover)."""
     heads = {kind: keys.entity(ns, kind, "") for kind in KINDS}
-    cached: dict[str, int] = dict.fromkeys(KINDS, 0)
-    others: dict[str, set[str]] = {kind: set() for kind in KINDS}
+    cached: dict[str, set[str]] = {kind: set() for kind in KINDS}
     with client.translate("cache scan"):
         for key in client.redis.scan_iter(match=keys.namespace_pattern(ns), count=SCAN_COUNT):
             for kind, head in heads.items():
                 if key.startswith(head):
-                    entity_id = key[len(head):]
-                    if entity_id in live[kind]:
-                        cached[kind] += 1  # SCAN may repeat a key: a count, not a set
-                    else:
-                        others[kind].add(entity_id)
+                    cached[kind].add(key[len(head):])
                     break
-    return cached, {kind: sorted(ids) for kind, ids in others.items()}
-
-
-def _fill(client: Client, ns: str, kind: str, entities: list[models.Entity], cached: int) -> int:
-    """Bring the cache up to ``entities`` (live ones); return how many were written.
-
-    ``cached`` of them had a cache entry at the scan. When that is at most
-    half (Redis was emptied or restarted: the case to be fast), they are
-    written ``MSETNX`` per chunk: one command that writes every entry of the
-    chunk or, when one of its keys exists (an entry the scan saw, or one a
-    writer created since), none. Such chunks, or all the entities when most
-    were cached, go through :func:`cache.fill_missing_or_older` (MGET, then
-    ``SET NX`` for the absent and the versioned Lua fill for the older), so a
-    newer value is never overwritten.
-    """
-    if 2 * cached > len(entities):
-        return cache.fill_missing_or_older(client, ns, entities)
-    fresh: list[models.Entity] = []
-    checked: list[models.Entity] = []
-    for e in entities:
-        # Final entities are cached with a TTL: the versioned path sets it.
-        (checked if models.is_final(e) else fresh).append(e)
-    written = 0
-    head, encode = keys.entity(ns, kind, ""), cache.encode
-    for chunk in chunks(fresh, FILL_CHUNK):
-        command: list[Packable] = ["MSETNX"]
-        for e in chunk:
-            command += (head + e.id, encode(e))
-        if client.call("cache fill", functools.partial(client.send_packed, [command]))[0]:
-            written += len(chunk)
-        else:
-            checked += chunk
-    return written + cache.fill_missing_or_older(client, ns, checked)
+    return cached
