@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import toolkit
@@ -165,12 +165,14 @@ def test_any_string_either_works_or_is_a_validation_error_never_a_driver_error(
 
 @SETTINGS
 @given(bad=UNSTORABLE | _around(CONTROL) | st.just("j" * 300))
+@example(bad="-\u00f9\x1eM\uda7f\x1b")  # starts with "-": once taken for an option
 def test_cli_refuses_unstorable_arguments_with_exit_2_and_one_line(
         clean: Servers, capsys: pytest.CaptureFixture[str], bad: str) -> None:
     where = ["--database-url", clean.database_url, "--redis-url", clean.redis_url,
              "--namespace", clean.namespace, "--schema", clean.schema]
-    for argv in (["explain", bad, *where], ["inspect", "jobs", "--workflow-id", bad, *where],
-                 ["inspect", "assignments", *where[:4], "--namespace", bad,
+    # Passed as ``--flag=value`` or after ``--``: a value that starts with "-" is still a value.
+    for argv in (["explain", *where, "--", bad], ["inspect", "jobs", f"--workflow-id={bad}", *where],
+                 ["inspect", "assignments", *where[:4], f"--namespace={bad}",
                   "--schema", clean.schema]):
         code = toolkit.cli.main(argv)
         out, err = capsys.readouterr()
