@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 import toolkit
 from tests.conftest import wipe_namespace
@@ -158,8 +160,8 @@ def test_rebuild_fill_falls_back_when_a_writer_got_there_first(
     # and the chunk goes through the versioned path, which keeps the newer value.
     newer = cache.encode(sm.get_job("j3")).decode().replace("1|", "5|", 1)
     raw_redis.set(keys.entity(clean.namespace, "job", "j3"), newer)
-    monkeypatch.setattr(rebuilding, "_scan_cache", lambda client, ns: {
-        k: set() for k in keys.ENTITY_KINDS})
+    monkeypatch.setattr(rebuilding, "_scan_cache", lambda client, ns: (
+        {k: set() for k in keys.ENTITY_KINDS}, False))
     monkeypatch.setattr(rebuilding, "FILL_CHUNK", 7)
     sm.memory.clear()
     sm.rebuild()
@@ -286,3 +288,44 @@ def test_rebuild_pauses_the_cyclic_collector_and_restores_it(sm: toolkit.StateMa
         (gc.enable if was else gc.disable)()
     assert report.jobs == 3_000
     assert inside == [0] and after is enabled
+
+
+def test_queues_filled_while_reading_drop_what_changed_since_the_snapshot(
+        sm: toolkit.StateManager, raw_redis, raw_pg, clean,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis emptied: the queues are filled from the snapshot as it is read. A job finished
+    since the snapshot and one claimed since (in flight) are not left in the queue."""
+    n = recovered_queues.WHOLE_QUEUE_AT + 20  # the re-check reads the whole queue
+    sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}", "priority": i % 3}
+                                  for i in range(n)])
+    expected = raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1, withscores=True)
+    wipe_namespace(clean.redis_url, clean.namespace)
+    finish = rebuilding._EarlyQueues.finish
+
+    def after_the_snapshot(early: rebuilding._EarlyQueues) -> set[str]:
+        added = finish(early)
+        raw_pg.execute(sql.SQL("UPDATE {} SET status = 'cancelled' WHERE id = %s").format(
+            sql.Identifier(clean.schema, "jobs")), ["j5"])  # its writer's Redis update was lost
+        raw_redis.zadd(keys.inflight(clean.namespace), {"j7": time.time() + 60})
+        raw_redis.zrem(keys.queue(clean.namespace, "default"), "j7")  # claimed meanwhile
+        return added
+
+    monkeypatch.setattr(rebuilding._EarlyQueues, "finish", after_the_snapshot)
+    monkeypatch.setattr(recovered_queues, "return_claims", lambda t, before: 0)  # keep j7 out
+    report = rebuilding.rebuild(sm._pipe.tiers)
+    assert report.queued == n
+    members = raw_redis.zrange(keys.queue(clean.namespace, "default"), 0, -1, withscores=True)
+    assert members == [(j, s) for j, s in expected if j not in ("j5", "j7")]
+    assert raw_redis.sismember(keys.queues(clean.namespace), "default")
+
+
+def test_queues_are_not_filled_while_reading_when_redis_holds_a_queue(
+        sm: toolkit.StateManager, raw_redis, clean, monkeypatch: pytest.MonkeyPatch) -> None:
+    sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}"} for i in range(30)])
+    raw_redis.zrem(keys.queue(clean.namespace, "default"), "j3", "j4")
+    added: list[str] = []
+    monkeypatch.setattr(rebuilding._EarlyQueues, "add",
+                        lambda self, name, job_id, score: added.append(job_id))
+    rebuilding.rebuild(sm._pipe.tiers)
+    assert added == []
+    assert raw_redis.zcard(keys.queue(clean.namespace, "default")) == 30  # reconciled as before

@@ -7,7 +7,7 @@ Queue keys are written only through ``tiers/redis/queue.py``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -67,9 +67,35 @@ def return_claims(t: Tiers, *, before: float) -> int:
     return moved
 
 
+def drop_not_queued(t: Tiers, added: Mapping[str, Sequence[str]],
+                    wanted: dict[str, dict[str, float]]) -> int:
+    """Take out of their queues (and out of ``wanted``) the jobs of ``added`` that
+    PostgreSQL no longer calls queued, or that are in flight; return how many.
+
+    For the queues the rebuild filled from its snapshot while reading it (empty
+    before): a job another coordinator claimed or finished since is not left in
+    a queue. Those queues are then right (a job queued since was pushed by its
+    writer after its commit), and :func:`reconcile` is told to leave them.
+    """
+    if not added:
+        return 0
+    client, ns = t.redis, t.ns
+    inflight = queue.inflight_ids(client, ns)
+    gone: dict[str, list[str]] = {}
+    for name, ids in added.items():
+        with t.db.begin("check queued jobs") as conn:
+            still = _still_queued(conn, name, list(ids), len(ids))
+        gone[name] = [j for j in ids if j not in still or j in inflight]
+        for job_id in gone[name]:
+            wanted.get(name, {}).pop(job_id, None)
+    commands = [c for name, ids in gone.items() for c in queue.correct(ns, name, {}, ids)]
+    client.call("queue fill check", functools.partial(client.send_packed, commands))
+    return sum(len(ids) for ids in gone.values())
+
+
 def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]],
-              later: Mapping[str, Mapping[str, tuple[float, float]]] | None = None
-              ) -> tuple[int, int]:
+              later: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+              checked: Collection[str] = ()) -> tuple[int, int]:
     """Make every queue hold exactly the jobs PostgreSQL calls queued; return (added, removed).
 
     A job found in a queue that the snapshot did not call queued is checked
@@ -77,12 +103,15 @@ def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]],
     queued after the snapshot is left alone. Jobs in flight are left to the
     janitor. With ``later`` (the jobs scheduled for later, per queue: due time
     and queue score), the jobs due now are in ``wanted``, and each queue's
-    due-time set is made to hold exactly ``later`` (:func:`reconcile_schedule`).
+    due-time set is made to hold exactly ``later`` (:func:`reconcile_schedule`). The
+    queues named in ``checked`` are left as they are (see :func:`drop_not_queued`).
     """
     client, ns = t.redis, t.ns
     inflight = queue.inflight_ids(client, ns)
     added = removed = 0
     for name in sorted(set(wanted) | set(later or {}) | queue.queue_names(client, ns)):
+        if name in checked:
+            continue
         current = dict(queue.members(client, ns, name))
         want = wanted.get(name, {})
         early = (later or {}).get(name, {})

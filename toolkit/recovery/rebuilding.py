@@ -116,12 +116,59 @@ class _Fill:
         return refused
 
 
-def _snapshot(t: Tiers, progress: bool | None, cached: Mapping[str, set[str]]
+class _EarlyQueues:
+    """The queues filled while the rows stream in, when the scan found no queue and nothing
+    in flight (Redis emptied or restarted).
+
+    Each queued job of the snapshot goes out ``ZADD NX`` (a score a writer set
+    meanwhile is kept) per :data:`FILL_CHUNK`, on the fill's sender thread, so
+    Redis inserts while the next rows are read. The snapshot may be older than
+    the queues by then: :func:`queues.drop_not_queued` then checks every job
+    added here against PostgreSQL and takes out those no longer queued, before
+    the queues are reconciled.
+    """
+
+    def __init__(self, client: Client, ns: str, sender: Executor) -> None:
+        self.client, self.ns, self.sender = client, ns, sender
+        self.commands: dict[str, list[Packable]] = {}
+        self.filled: set[str] = set()
+        self.sent: list[Future[list[Any]]] = []
+
+    def add(self, name: str, job_id: str, score: float) -> None:
+        command = self.commands.get(name)
+        if command is None:
+            command = self.commands[name] = ["ZADD", keys.queue(self.ns, name), "NX"]
+            self.filled.add(name)
+        command += (score, job_id)
+        if len(command) >= 2 * FILL_CHUNK:
+            self.flush(name)
+
+    def flush(self, name: str) -> None:
+        command = self.commands.pop(name, None)
+        if command is not None:
+            send = functools.partial(self.client.send_packed, [command])
+            self.sent.append(self.sender.submit(self.client.call, "queue fill", send))
+            if len(self.sent) > FILL_AHEAD:
+                self.sent[-FILL_AHEAD - 1].result()
+
+    def finish(self) -> set[str]:
+        """Send what is left and wait for every reply (raising the first error); return the
+        names of the queues filled (each with every job of its ``wanted``)."""
+        for name in list(self.commands):
+            self.flush(name)
+        for future in self.sent:
+            future.result()
+        return self.filled
+
+
+def _snapshot(t: Tiers, progress: bool | None, cached: Mapping[str, set[str]], empty: bool
               ) -> tuple[dict[str, list[models.Entity]], compare.Wanted, compare.Later,
-                         dict[str, int]]:
+                         dict[str, int], set[str]]:
     """Read the live state in one REPEATABLE READ snapshot, filling the cache of each kind
     that had at most half of its live entities cached at the scan as it goes; fill the
-    others (most cached: after a crash with Redis intact) afterwards, versioned."""
+    others (most cached: after a crash with Redis intact) afterwards, versioned. When the
+    queues were ``empty`` at the scan, they are filled as the rows stream in too
+    (:class:`_EarlyQueues`); the names of the queues so filled are returned last."""
     entities: dict[str, list[models.Entity]] = {}
     wanted: compare.Wanted = {}
     later: compare.Later = {}
@@ -131,25 +178,28 @@ def _snapshot(t: Tiers, progress: bool | None, cached: Mapping[str, set[str]]
         counts = store.count_live(conn)
         fills = {kind: _Fill(t.redis, t.ns, kind, sender) for kind in KINDS
                  if 2 * len(cached[kind]) <= counts[kind]}
+        early = _EarlyQueues(t.redis, t.ns, sender) if empty else None
         bar = _progress(sum(counts.values()), progress)
         try:
             for kind in (Kind.WORKFLOW, Kind.WORKER, Kind.ASSIGNMENT, Kind.JOB):
-                entities[kind] = _read_live(conn, kind, bar, (wanted, later), fills.get(kind))
+                entities[kind] = _read_live(conn, kind, bar, (wanted, later, early), fills.get(kind))
         finally:
             bar.close()
         checkpoints = records.metric_checkpoints(conn)
         checked = {kind: fill.finish() for kind, fill in fills.items()}
+        added = early.finish() if early is not None else set()
     for kind in KINDS:
         cache.fill_missing_or_older(t.redis, t.ns, checked.get(kind, entities[kind]))
-    return entities, wanted, later, checkpoints
+    return entities, wanted, later, checkpoints, added
 
 
 def _read_live(conn: sa.Connection, kind: str, bar: Any,
-               queued: tuple[compare.Wanted, compare.Later], fill: _Fill | None
-               ) -> list[models.Entity]:
-    """Build the live entities of ``kind`` (and note queued jobs in ``wanted`` or ``later``;
-    hand each entity and its row to ``fill``, when given)."""
-    wanted, later = queued
+               queued: tuple[compare.Wanted, compare.Later, _EarlyQueues | None],
+               fill: _Fill | None) -> list[models.Entity]:
+    """Build the live entities of ``kind`` (and note queued jobs in ``wanted`` or ``later``,
+    and hand the due ones to ``early``; hand each entity and its row to ``fill``; each
+    when given)."""
+    wanted, later, early = queued
     columns = compare.live_columns(kind)
     out: list[models.Entity] = []
     append, build, score = out.append, models.row_builder(kind), queue.score
@@ -166,11 +216,16 @@ def _read_live(conn: sa.Connection, kind: str, bar: Any,
             fill.add(entity, values)
         if is_job and values[i_status] == "queued":
             if values[i_run_at] is None:  # the usual case, kept fast
-                wanted.setdefault(values[i_queue], {})[values[i_id]] = score(
+                at = wanted.setdefault(values[i_queue], {})[values[i_id]] = score(
                     values[i_priority], values[i_seq] or 0)
+                if early is not None:
+                    early.add(values[i_queue], values[i_id], at)
             else:
                 compare.place(wanted, later, (values[i_id], values[i_queue], values[i_priority],
                                               values[i_seq], values[i_run_at]), now)
+                due = wanted.get(values[i_queue], {}).get(values[i_id])
+                if early is not None and due is not None:
+                    early.add(values[i_queue], values[i_id], due)
         step += 1
         if step == PROGRESS_STEP:
             bar.update(step)
@@ -215,8 +270,12 @@ def rebuild(t: Tiers, *, progress: bool | None = None) -> RebuildReport:
 
 def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     start = time.perf_counter()
-    cached = _scan_cache(t.redis, t.ns)
-    entities, wanted, later, checkpoints = _snapshot(t, progress, cached)
+    # The paused mirror first: a queue filled early is never served while its pause is missing.
+    queues.restore_paused(t)
+    cached, empty = _scan_cache(t.redis, t.ns)
+    entities, wanted, later, checkpoints, added = _snapshot(t, progress, cached, empty)
+    queued = sum(len(v) for v in wanted.values()) + sum(len(v) for v in later.values())
+    queues.drop_not_queued(t, {name: list(wanted.get(name, {})) for name in added}, wanted)
     for kind in KINDS:
         t.memory.replace(kind, entities[kind])
         # Entries the snapshot does not cover (jobs that became final or were
@@ -229,29 +288,32 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     # A coordinator that crashed between a pop and its commit left claims in
     # flight: return them now rather than after their lease.
     queues.return_claims(t, before=float("inf"))
-    queues.restore_paused(t)
-    queues.reconcile(t, wanted, later)
+    queues.reconcile(t, wanted, later, checked=added)
     metrics.raise_to(t.redis, t.ns, checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
     watermark.mark_rebuilt(t.redis, t.ns, time.time())
     return RebuildReport(
         workflows=len(entities[Kind.WORKFLOW]), jobs=len(entities[Kind.JOB]),
         workers=len(entities[Kind.WORKER]), assignments=len(entities[Kind.ASSIGNMENT]),
-        queued=sum(len(v) for v in wanted.values()) + sum(len(v) for v in later.values()),
-        seconds=time.perf_counter() - start,
+        queued=queued, seconds=time.perf_counter() - start,
     )
 
 
-def _scan_cache(client: Client, ns: str) -> dict[str, set[str]]:
+def _scan_cache(client: Client, ns: str) -> tuple[dict[str, set[str]], bool]:
     """One SCAN of the namespace, before the snapshot: per kind, the ids of the cached
     entities (it decides how each kind is filled, and which cached entities the
-    snapshot does not cover)."""
+    snapshot does not cover); and whether no queue and no in-flight set exist."""
     heads = {kind: keys.entity(ns, kind, "") for kind in KINDS}
     cached: dict[str, set[str]] = {kind: set() for kind in KINDS}
+    queue_head, inflight = keys.queue(ns, ""), keys.inflight(ns)
+    empty = True
     with client.translate("cache scan"):
         for key in client.redis.scan_iter(match=keys.namespace_pattern(ns), count=SCAN_COUNT):
             for kind, head in heads.items():
                 if key.startswith(head):
                     cached[kind].add(key[len(head):])
                     break
-    return cached
+            else:
+                if key.startswith(queue_head) or key == inflight:
+                    empty = False
+    return cached, empty
