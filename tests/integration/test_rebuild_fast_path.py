@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 import time
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis
 from psycopg import sql
 
 import toolkit
@@ -25,6 +27,7 @@ from toolkit.recovery import queues as recovered_queues
 from toolkit.recovery import rebuilding
 from toolkit.tiers.postgres import store
 from toolkit.tiers.redis import cache, keys
+from toolkit.tiers.redis.client import Client
 
 PAYLOADS: list[Any] = [
     {"i": 1, "kind": "bench"},
@@ -329,3 +332,111 @@ def test_queues_are_not_filled_while_reading_when_redis_holds_a_queue(
     rebuilding.rebuild(sm._pipe.tiers)
     assert added == []
     assert raw_redis.zcard(keys.queue(clean.namespace, "default")) == 30  # reconciled as before
+
+
+def _fill_early_then(monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> None:
+    """Run ``meanwhile()`` right after the rebuild's early queue fill, before its check."""
+    finish = rebuilding._EarlyQueues.finish
+
+    def then(early: rebuilding._EarlyQueues) -> set[str]:
+        filled = finish(early)
+        meanwhile()
+        return filled
+
+    monkeypatch.setattr(rebuilding._EarlyQueues, "finish", then)
+
+
+def test_check_of_early_queues_keeps_a_job_queued_again_and_drops_one_not_due(
+        sm: toolkit.StateManager, raw_redis, raw_pg, clean,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}"} for i in range(40)])
+    wipe_namespace(clean.redis_url, clean.namespace)
+    q = keys.queue(clean.namespace, "default")
+
+    def meanwhile() -> None:
+        raw_pg.execute(sql.SQL("UPDATE {} SET run_at = now() + interval '1 hour' "
+                               "WHERE id = 'j6'").format(sql.Identifier(clean.schema, "jobs")))
+        raw_pg.execute(sql.SQL("UPDATE {} SET status = 'cancelled' WHERE id = 'j5'").format(
+            sql.Identifier(clean.schema, "jobs")))
+
+    due_ids = recovered_queues.store.due_ids
+
+    def checked_then_requeued(*args: Any) -> set[str]:
+        found = due_ids(*args)
+        raw_redis.zadd(q, {"j5": 12345.0})  # queued again (a new score) after the check
+        return found
+
+    _fill_early_then(monkeypatch, meanwhile)
+    monkeypatch.setattr(recovered_queues.store, "due_ids", checked_then_requeued)
+    rebuilding.rebuild(sm._pipe.tiers)
+    members = dict(raw_redis.zrange(q, 0, -1, withscores=True))
+    assert "j6" not in members  # scheduled for later since the snapshot: not handed out now
+    assert members["j5"] == 12345.0  # moved since the check: left to its writer
+    assert len(members) == 39
+
+
+def test_redis_lost_during_the_rebuild_gets_the_full_reconciliation(
+        sm: toolkit.StateManager, raw_redis, clean, monkeypatch: pytest.MonkeyPatch) -> None:
+    sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}", "queue": q}
+                                  for i, q in enumerate(["default", "other"] * 10)])
+    sm.pause_queue("other", reason="test")
+    wipe_namespace(clean.redis_url, clean.namespace)
+    _fill_early_then(monkeypatch, lambda: wipe_namespace(clean.redis_url, clean.namespace))
+    report = rebuilding.rebuild(sm._pipe.tiers)
+    assert report.queued == 20
+    for name in ("default", "other"):
+        assert raw_redis.zcard(keys.queue(clean.namespace, name)) == 10, name
+    assert raw_redis.smembers(keys.paused_queues(clean.namespace)) == {"other"}
+    assert not raw_redis.exists(keys.rebuilding(clean.namespace))
+
+
+def test_scan_sees_queues_as_empty_only_without_a_queue_or_a_claim(raw_redis, clean) -> None:
+    client = Client(clean.redis_url, namespace=clean.namespace)
+    try:
+        raw_redis.set(keys.entity(clean.namespace, "job", "a"), "1|{}")
+        assert rebuilding._scan_cache(client, clean.namespace) == (
+            {**{k: set() for k in keys.ENTITY_KINDS}, "job": {"a"}}, True)
+        raw_redis.zadd(keys.inflight(clean.namespace), {"x": 1.0})
+        assert rebuilding._scan_cache(client, clean.namespace)[1] is False
+        raw_redis.delete(keys.inflight(clean.namespace))
+        raw_redis.zadd(keys.queue(clean.namespace, "q"), {"y": 1.0})
+        assert rebuilding._scan_cache(client, clean.namespace)[1] is False
+    finally:
+        client.close()
+
+
+def test_a_failed_fill_stops_the_rebuild_quickly_and_leaves_nothing_running(
+        sm: toolkit.StateManager, clean, monkeypatch: pytest.MonkeyPatch) -> None:
+    sm.create_workflow("w", jobs=[{"name": f"j{i}", "id": f"j{i}"} for i in range(200)])
+    wipe_namespace(clean.redis_url, clean.namespace)
+    monkeypatch.setattr(rebuilding, "FILL_CHUNK", 10)
+    sent: list[int] = []
+
+    def refuse(commands: Any) -> list[Any]:
+        sent.append(1)
+        time.sleep(0.05)
+        raise redis.ResponseError("OOM command not allowed")
+
+    monkeypatch.setattr(sm._pipe.tiers.redis, "send_packed", refuse)
+    before = {k: list(v) for k, v in ((k, sm.memory.live(k)) for k in keys.ENTITY_KINDS)}
+    with pytest.raises(toolkit.StorageUnavailable, match="OOM"):
+        rebuilding.rebuild(sm._pipe.tiers)
+    assert gc.isenabled()
+    assert not [t for t in threading.enumerate() if t.name.startswith("rebuild-fill")]
+    assert len(sent) <= 3  # the chunks still waiting were dropped (5 would be sent otherwise)
+    assert {k: list(v) for k, v in ((k, sm.memory.live(k)) for k in keys.ENTITY_KINDS)} == before
+
+
+@pytest.mark.parametrize("kind", list(keys.ENTITY_KINDS))
+def test_row_encoder_equals_the_entity_encoder(sm: toolkit.StateManager, kind: str) -> None:
+    _rich_state(sm)
+    sm.create_workflow("sched", jobs=[{"name": "later", "delay": 3600},
+                                      {"name": "due", "run_at": datetime.now(UTC) - timedelta(hours=1)}])
+    encode = cache.row_encoder(kind)
+    with sm.db.begin("test: stream") as conn:
+        rows = list(store.stream_live(conn, kind, compare.live_columns(kind)))
+    assert rows
+    if kind == "job":
+        assert sum(1 for r in rows if r[compare.live_columns(kind).index("run_at")]) == 2
+    for row in rows:
+        assert encode(row) == cache.encode(models.from_row(kind, row)), row[0]

@@ -67,30 +67,29 @@ def return_claims(t: Tiers, *, before: float) -> int:
     return moved
 
 
-def drop_not_queued(t: Tiers, added: Mapping[str, Sequence[str]],
-                    wanted: dict[str, dict[str, float]]) -> int:
-    """Take out of their queues (and out of ``wanted``) the jobs of ``added`` that
-    PostgreSQL no longer calls queued, or that are in flight; return how many.
+def drop_not_queued(t: Tiers, filled: Mapping[str, Mapping[str, float]]) -> int:
+    """Check the queues the rebuild filled from its snapshot (``filled``: per queue, each
+    job's id and score) against PostgreSQL; return how many jobs were taken out.
 
-    For the queues the rebuild filled from its snapshot while reading it (empty
-    before): a job another coordinator claimed or finished since is not left in
-    a queue. Those queues are then right (a job queued since was pushed by its
+    A job PostgreSQL no longer calls queued and due, or that is in flight, leaves
+    its queue, unless something moved it since the check (``queue.drop_unchanged``:
+    a job queued again has a new score). Each queue is checked and corrected in
+    turn. Those queues are then right (a job queued since was pushed by its
     writer after its commit), and :func:`reconcile` is told to leave them.
     """
-    if not added:
+    if not filled:
         return 0
     client, ns = t.redis, t.ns
     inflight = queue.inflight_ids(client, ns)
-    gone: dict[str, list[str]] = {}
-    for name, ids in added.items():
+    removed = 0
+    for name, scores in filled.items():
+        ids = list(scores)
+        whole = len(ids) >= WHOLE_QUEUE_AT
         with t.db.begin("check queued jobs") as conn:
-            still = _still_queued(conn, name, list(ids), len(ids))
-        gone[name] = [j for j in ids if j not in still or j in inflight]
-        for job_id in gone[name]:
-            wanted.get(name, {}).pop(job_id, None)
-    commands = [c for name, ids in gone.items() for c in queue.correct(ns, name, {}, ids)]
-    client.call("queue fill check", functools.partial(client.send_packed, commands))
-    return sum(len(ids) for ids in gone.values())
+            due = store.due_ids(conn, name, None if whole else ids, datetime.now(UTC))
+        gone = [(j, s, j in inflight) for j, s in scores.items() if j not in due or j in inflight]
+        removed += queue.drop_unchanged(client, ns, name, gone)
+    return removed
 
 
 def reconcile(t: Tiers, wanted: Mapping[str, Mapping[str, float]],

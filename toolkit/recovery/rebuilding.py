@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import gc
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
@@ -35,7 +36,10 @@ from toolkit.tiers.redis.client import Client, Packable
 FILL_CHUNK = 2_000
 """Cache entries per ``MSETNX`` of the rebuild."""
 FILL_AHEAD = 4
-"""Chunks of the rebuild's fill that may wait to be sent (bounds the memory they hold)."""
+"""Chunks of one fill (a kind's cache, or the queues) that may wait to be sent (bounds the
+memory they hold; both share one sending thread)."""
+REBUILDING_TTL_MS = 3_600_000
+"""How long the token of a rebuild stays in Redis at most (it is deleted at the end)."""
 SCAN_COUNT = 10_000
 """``COUNT`` of the rebuild's SCAN of the namespace."""
 PROGRESS_STEP = 10_000
@@ -102,7 +106,7 @@ class _Fill:
         send = functools.partial(self.client.send_packed, [self.command])
         self.sent.append((self.sender.submit(self.client.call, "cache fill", send), self.chunk))
         self.command, self.chunk = ["MSETNX"], []
-        if len(self.sent) > FILL_AHEAD:  # one thread sends in order: at most FILL_AHEAD wait
+        if len(self.sent) > FILL_AHEAD:  # the thread sends in order: this fill's waiting chunks
             self.sent[-FILL_AHEAD - 1][0].result()
 
     def finish(self) -> list[models.Entity]:
@@ -161,36 +165,53 @@ class _EarlyQueues:
         return self.filled
 
 
+@dataclasses.dataclass
+class _Snapshot:
+    """What the rebuild read, and what is left to write after the read."""
+
+    entities: dict[str, list[models.Entity]]
+    wanted: compare.Wanted
+    later: compare.Later
+    checkpoints: dict[str, int]
+    versioned: dict[str, list[models.Entity]]
+    """Per kind, the entities still to go through the versioned cache fill."""
+    filled: set[str]
+    """The queues filled as the rows streamed in (:class:`_EarlyQueues`)."""
+
+
 def _snapshot(t: Tiers, progress: bool | None, cached: Mapping[str, set[str]], empty: bool
-              ) -> tuple[dict[str, list[models.Entity]], compare.Wanted, compare.Later,
-                         dict[str, int], set[str]]:
-    """Read the live state in one REPEATABLE READ snapshot, filling the cache of each kind
-    that had at most half of its live entities cached at the scan as it goes; fill the
-    others (most cached: after a crash with Redis intact) afterwards, versioned. When the
-    queues were ``empty`` at the scan, they are filled as the rows stream in too
-    (:class:`_EarlyQueues`); the names of the queues so filled are returned last."""
+              ) -> _Snapshot:
+    """Read the live state in one REPEATABLE READ snapshot.
+
+    A kind of which at most half as many entries were cached at the scan as it
+    has live rows is cached as the rows stream in (:class:`_Fill`); the others
+    (most cached: a crash with Redis intact) are left for the versioned fill.
+    When no queue existed at the scan (``empty``), the queues are filled as the
+    rows stream in too (:class:`_EarlyQueues`). After an error, the chunks not
+    sent yet are dropped.
+    """
     entities: dict[str, list[models.Entity]] = {}
     wanted: compare.Wanted = {}
     later: compare.Later = {}
-    with t.db.begin("rebuild: read PostgreSQL") as conn, \
-            ThreadPoolExecutor(1, thread_name_prefix="rebuild-fill") as sender:
+    with t.db.begin("rebuild: read PostgreSQL") as conn:
         store.begin_snapshot(conn)
         counts = store.count_live(conn)
-        fills = {kind: _Fill(t.redis, t.ns, kind, sender) for kind in KINDS
-                 if 2 * len(cached[kind]) <= counts[kind]}
-        early = _EarlyQueues(t.redis, t.ns, sender) if empty else None
-        bar = _progress(sum(counts.values()), progress)
+        sender = ThreadPoolExecutor(1, thread_name_prefix="rebuild-fill")
         try:
-            for kind in (Kind.WORKFLOW, Kind.WORKER, Kind.ASSIGNMENT, Kind.JOB):
-                entities[kind] = _read_live(conn, kind, bar, (wanted, later, early), fills.get(kind))
+            fills = {kind: _Fill(t.redis, t.ns, kind, sender) for kind in KINDS
+                     if 2 * len(cached[kind]) <= counts[kind]}
+            early = _EarlyQueues(t.redis, t.ns, sender) if empty else None
+            with contextlib.closing(_progress(sum(counts.values()), progress)) as bar:
+                for kind in (Kind.WORKFLOW, Kind.WORKER, Kind.ASSIGNMENT, Kind.JOB):
+                    entities[kind] = _read_live(conn, kind, bar, (wanted, later, early),
+                                                fills.get(kind))
+            checkpoints = records.metric_checkpoints(conn)
+            versioned = {kind: fill.finish() for kind, fill in fills.items()}
+            filled = early.finish() if early is not None else set()
         finally:
-            bar.close()
-        checkpoints = records.metric_checkpoints(conn)
-        checked = {kind: fill.finish() for kind, fill in fills.items()}
-        added = early.finish() if early is not None else set()
-    for kind in KINDS:
-        cache.fill_missing_or_older(t.redis, t.ns, checked.get(kind, entities[kind]))
-    return entities, wanted, later, checkpoints, added
+            sender.shutdown(wait=True, cancel_futures=True)
+    left: dict[str, list[models.Entity]] = {k: versioned.get(k, entities[k]) for k in KINDS}
+    return _Snapshot(entities, wanted, later, checkpoints, left, filled)
 
 
 def _read_live(conn: sa.Connection, kind: str, bar: Any,
@@ -272,31 +293,56 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     start = time.perf_counter()
     # The paused mirror first: a queue filled early is never served while its pause is missing.
     queues.restore_paused(t)
+    token = _mark_rebuilding(t)
     cached, empty = _scan_cache(t.redis, t.ns)
-    entities, wanted, later, checkpoints, added = _snapshot(t, progress, cached, empty)
-    queued = sum(len(v) for v in wanted.values()) + sum(len(v) for v in later.values())
-    queues.drop_not_queued(t, {name: list(wanted.get(name, {})) for name in added}, wanted)
+    read = _snapshot(t, progress, cached, empty)
     for kind in KINDS:
-        t.memory.replace(kind, entities[kind])
+        t.memory.replace(kind, read.entities[kind])
+    for kind in KINDS:
+        cache.fill_missing_or_older(t.redis, t.ns, read.versioned[kind])
         # Entries the snapshot does not cover (jobs that became final or were
         # deleted in a commit whose cache update was lost) are checked too.
         if cached[kind]:
-            live = {e.id for e in entities[kind]}
+            live = {e.id for e in read.entities[kind]}
             others = sorted(i for i in cached[kind] if i not in live)
             if others:
                 repairing.fix_cache(t, kind, others)
+    checked = read.filled
+    queues.drop_not_queued(t, {name: read.wanted.get(name, {}) for name in checked})
+    if checked and not _still_rebuilding(t, token):
+        # Redis lost its data during the rebuild: what was filled early is gone too.
+        queues.restore_paused(t)
+        checked = set()
     # A coordinator that crashed between a pop and its commit left claims in
     # flight: return them now rather than after their lease.
     queues.return_claims(t, before=float("inf"))
-    queues.reconcile(t, wanted, later, checked=added)
-    metrics.raise_to(t.redis, t.ns, checkpoints)
+    queues.reconcile(t, read.wanted, read.later, checked=checked)
+    metrics.raise_to(t.redis, t.ns, read.checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
     watermark.mark_rebuilt(t.redis, t.ns, time.time())
+    t.redis.call("rebuild done", lambda: t.redis.redis.delete(keys.rebuilding(t.ns)))
     return RebuildReport(
-        workflows=len(entities[Kind.WORKFLOW]), jobs=len(entities[Kind.JOB]),
-        workers=len(entities[Kind.WORKER]), assignments=len(entities[Kind.ASSIGNMENT]),
-        queued=queued, seconds=time.perf_counter() - start,
+        workflows=len(read.entities[Kind.WORKFLOW]), jobs=len(read.entities[Kind.JOB]),
+        workers=len(read.entities[Kind.WORKER]),
+        assignments=len(read.entities[Kind.ASSIGNMENT]),
+        queued=sum(len(v) for v in read.wanted.values()) + sum(len(v) for v in read.later.values()),
+        seconds=time.perf_counter() - start,
     )
+
+
+def _mark_rebuilding(t: Tiers) -> str:
+    """Write a token of this rebuild into Redis (kept an hour at most); return it."""
+    token = uuid.uuid4().hex
+    t.redis.call("rebuild mark", lambda: t.redis.redis.set(keys.rebuilding(t.ns), token,
+                                                           px=REBUILDING_TTL_MS))
+    return token
+
+
+def _still_rebuilding(t: Tiers, token: str) -> bool:
+    """Whether Redis still holds this rebuild's token (it lost nothing since the mark; another
+    coordinator's rebuild replacing the token reads as a loss: a full reconcile, no harm)."""
+    return bool(t.redis.call("rebuild check", lambda: t.redis.redis.get(keys.rebuilding(t.ns)))
+                == token)
 
 
 def _scan_cache(client: Client, ns: str) -> tuple[dict[str, set[str]], bool]:

@@ -369,6 +369,23 @@ STREAM_CHUNK = 1_000
 """Rows per chunk of :func:`stream_live`."""
 
 
+def due_ids(conn: sa.Connection, queue_name: str, ids: Sequence[str] | None, now: datetime
+            ) -> set[str]:
+    """Return which of ``ids`` (``None``: the whole queue, one scan of the queued-jobs index)
+    PostgreSQL calls queued on ``queue_name`` and due (no ``run_at`` after ``now``)."""
+    j = t.jobs
+    stmt = sa.select(j.c.id).where(j.c.status == "queued", j.c.queue == queue_name,
+                                   sa.or_(j.c.run_at.is_(None), j.c.run_at <= now))
+    if ids is not None:
+        stmt = stmt.where(any_of(j.c.id, ids))
+    query, params = driver_sql(conn, stmt)
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    with raw.cursor(binary=True) as cur:
+        cur.execute(query, params)
+        return {r[0] for r in cur.fetchall()}
+
+
 def queued_ids(conn: sa.Connection, queue_name: str) -> set[str]:
     """Return the ids of every job PostgreSQL calls queued on ``queue_name`` now.
 

@@ -149,6 +149,11 @@ def boot(ns: str) -> str:
     return f"{prefix(ns)}boot"
 
 
+def rebuilding(ns: str) -> str:
+    """Return the key holding the token of the rebuild going on (gone: Redis lost it)."""
+    return f"{prefix(ns)}rebuilding"
+
+
 def lock(ns: str, name: str) -> str:
     """Return the key of a distributed lock."""
     return f"{prefix(ns)}lock:{name}"

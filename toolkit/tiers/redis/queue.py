@@ -14,6 +14,7 @@ ever handed to two workers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -127,6 +128,23 @@ def correct(ns: str, queue_name: str, scores: Mapping[str, float], drop: Sequenc
     commands += [["ZREM", key, *chunk] for chunk in chunks(list(drop), PUSH_CHUNK)]
     commands.append(["SADD", keys.queues(ns), queue_name])
     return commands
+
+
+def drop_unchanged(client: Client, ns: str, queue_name: str,
+                   jobs: Sequence[tuple[str, float, bool]]) -> int:
+    """Take ``(job id, score, was in flight)`` out of a queue where nothing moved them since:
+    still at that score, and still in flight when they were (``drop_unchanged.lua``); return
+    how many were removed. The queue's name goes into the set of queue names either way."""
+    removed = 0
+    for chunk in chunks(list(jobs), PUSH_CHUNK):
+        args: list[Any] = []
+        for job_id, score, in_flight in chunk:
+            args += (job_id, score, "1" if in_flight else "0")
+        removed += client.call("drop jobs no longer queued", functools.partial(
+            run_script, client, "drop_unchanged", [keys.queue(ns, queue_name), keys.inflight(ns)],
+            args))
+    client.call("name the queue", lambda: client.redis.sadd(keys.queues(ns), queue_name))
+    return removed
 
 
 def remove(ns: str, job_id: str, queue_name: str, *, pipe: Any) -> None:
