@@ -369,6 +369,16 @@ STREAM_CHUNK = 1_000
 """Rows per chunk of :func:`stream_live`."""
 
 
+def _ids(conn: sa.Connection, stmt: sa.Select[Any]) -> set[str]:
+    """The first column of every row of ``stmt``, read through the driver in binary."""
+    query, params = driver_sql(conn, stmt)
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    with raw.cursor(binary=True) as cur:
+        cur.execute(query, params)
+        return {r[0] for r in cur.fetchall()}
+
+
 def due_ids(conn: sa.Connection, queue_name: str, ids: Sequence[str] | None, now: datetime
             ) -> set[str]:
     """Return which of ``ids`` (``None``: the whole queue, one scan of the queued-jobs index)
@@ -378,12 +388,7 @@ def due_ids(conn: sa.Connection, queue_name: str, ids: Sequence[str] | None, now
                                    sa.or_(j.c.run_at.is_(None), j.c.run_at <= now))
     if ids is not None:
         stmt = stmt.where(any_of(j.c.id, ids))
-    query, params = driver_sql(conn, stmt)
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    with raw.cursor(binary=True) as cur:
-        cur.execute(query, params)
-        return {r[0] for r in cur.fetchall()}
+    return _ids(conn, stmt)
 
 
 def queued_ids(conn: sa.Connection, queue_name: str) -> set[str]:
@@ -394,12 +399,7 @@ def queued_ids(conn: sa.Connection, queue_name: str) -> set[str]:
     """
     j = t.jobs
     stmt = sa.select(j.c.id).where(j.c.status == "queued", j.c.queue == queue_name)
-    query, params = driver_sql(conn, stmt)
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    with raw.cursor(binary=True) as cur:
-        cur.execute(query, params)
-        return {r[0] for r in cur.fetchall()}
+    return _ids(conn, stmt)
 
 
 # -- transactions and the catalog -----------------------------------------------------------
