@@ -12,6 +12,7 @@ Its cost grows with the live state, not with the finished history.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -19,7 +20,7 @@ import gc
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,8 +37,7 @@ from toolkit.tiers.redis.client import Client, Packable
 FILL_CHUNK = 2_000
 """Cache entries per ``MSETNX`` of the rebuild."""
 FILL_AHEAD = 4
-"""Chunks of one fill (a kind's cache, or the queues) that may wait to be sent (bounds the
-memory they hold; both share one sending thread)."""
+"""Commands of the rebuild's fills that may wait to be sent (bounds the memory they hold)."""
 REBUILDING_TTL_MS = 3_600_000
 """How long the token of a rebuild stays in Redis at most (it is deleted at the end)."""
 SCAN_COUNT = 10_000
@@ -71,6 +71,33 @@ def _progress(total: int, enabled: bool | None) -> Any:
     return tqdm(total=total, disable=not show, desc="rebuild", unit="row", leave=False)
 
 
+class _Sender:
+    """One thread that sends the rebuild's bulk commands, in order, while the rows are read.
+
+    At most :data:`FILL_AHEAD` commands wait to be sent (they hold memory):
+    :meth:`send` waits for the oldest beyond that. :meth:`close` drops the
+    commands not sent yet (after an error nothing more is sent) and waits for
+    the one being sent.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rebuild-fill")
+        self.waiting: collections.deque[Future[list[Any]]] = collections.deque()
+
+    def send(self, action: str, command: list[Packable]) -> Future[list[Any]]:
+        """Queue ``command`` (through :meth:`Client.call`); its future gives the replies."""
+        future = self.pool.submit(self.client.call, action,
+                                  functools.partial(self.client.send_packed, [command]))
+        self.waiting.append(future)
+        if len(self.waiting) > FILL_AHEAD:
+            self.waiting.popleft().result()
+        return future
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Fill:
     """The cache fill of one kind while its rows stream in (Redis emptied or restarted:
     the case to be fast).
@@ -79,7 +106,7 @@ class _Fill:
     bytes as :func:`cache.encode` of its entity) and written ``MSETNX`` per
     :data:`FILL_CHUNK`: one command that writes every entry of the chunk or,
     when one of its keys exists (an entry the scan saw, or one a writer created
-    since), none. The chunks go out on ``sender``'s thread, so Redis works on
+    since), none. The chunks go out through ``sender``, so Redis works on
     one while the next is read. :meth:`finish` returns the entities of the
     refused chunks, for :func:`cache.fill_missing_or_older` (MGET, then ``SET
     NX`` for the absent and the versioned Lua fill for the older), so a newer
@@ -87,8 +114,8 @@ class _Fill:
     none is final, so none needs the TTL of a final entry.
     """
 
-    def __init__(self, client: Client, ns: str, kind: str, sender: Executor) -> None:
-        self.client, self.sender = client, sender
+    def __init__(self, ns: str, kind: str, sender: _Sender) -> None:
+        self.sender = sender
         self.head, self.encode = keys.entity(ns, kind, ""), cache.row_encoder(kind)
         self.command: list[Packable] = ["MSETNX"]
         self.chunk: list[models.Entity] = []
@@ -103,11 +130,8 @@ class _Fill:
     def flush(self) -> None:
         if not self.chunk:
             return
-        send = functools.partial(self.client.send_packed, [self.command])
-        self.sent.append((self.sender.submit(self.client.call, "cache fill", send), self.chunk))
+        self.sent.append((self.sender.send("cache fill", self.command), self.chunk))
         self.command, self.chunk = ["MSETNX"], []
-        if len(self.sent) > FILL_AHEAD:  # the thread sends in order: this fill's waiting chunks
-            self.sent[-FILL_AHEAD - 1][0].result()
 
     def finish(self) -> list[models.Entity]:
         """Send the last chunk, wait for every reply (raising the first error); return the
@@ -125,15 +149,15 @@ class _EarlyQueues:
     in flight (Redis emptied or restarted).
 
     Each queued job of the snapshot goes out ``ZADD NX`` (a score a writer set
-    meanwhile is kept) per :data:`FILL_CHUNK`, on the fill's sender thread, so
+    meanwhile is kept) per :data:`FILL_CHUNK`, through the fill's ``sender``, so
     Redis inserts while the next rows are read. The snapshot may be older than
     the queues by then: :func:`queues.drop_not_queued` then checks every job
     added here against PostgreSQL and takes out those no longer queued, before
     the queues are reconciled.
     """
 
-    def __init__(self, client: Client, ns: str, sender: Executor) -> None:
-        self.client, self.ns, self.sender = client, ns, sender
+    def __init__(self, ns: str, sender: _Sender) -> None:
+        self.ns, self.sender = ns, sender
         self.commands: dict[str, list[Packable]] = {}
         self.filled: set[str] = set()
         self.sent: list[Future[list[Any]]] = []
@@ -150,10 +174,7 @@ class _EarlyQueues:
     def flush(self, name: str) -> None:
         command = self.commands.pop(name, None)
         if command is not None:
-            send = functools.partial(self.client.send_packed, [command])
-            self.sent.append(self.sender.submit(self.client.call, "queue fill", send))
-            if len(self.sent) > FILL_AHEAD:
-                self.sent[-FILL_AHEAD - 1].result()
+            self.sent.append(self.sender.send("queue fill", command))
 
     def finish(self) -> set[str]:
         """Send what is left and wait for every reply (raising the first error); return the
@@ -196,11 +217,10 @@ def _snapshot(t: Tiers, progress: bool | None, cached: Mapping[str, set[str]], e
     with t.db.begin("rebuild: read PostgreSQL") as conn:
         store.begin_snapshot(conn)
         counts = store.count_live(conn)
-        sender = ThreadPoolExecutor(1, thread_name_prefix="rebuild-fill")
-        try:
-            fills = {kind: _Fill(t.redis, t.ns, kind, sender) for kind in KINDS
+        with contextlib.closing(_Sender(t.redis)) as sender:
+            fills = {kind: _Fill(t.ns, kind, sender) for kind in KINDS
                      if 2 * len(cached[kind]) <= counts[kind]}
-            early = _EarlyQueues(t.redis, t.ns, sender) if empty else None
+            early = _EarlyQueues(t.ns, sender) if empty else None
             with contextlib.closing(_progress(sum(counts.values()), progress)) as bar:
                 for kind in (Kind.WORKFLOW, Kind.WORKER, Kind.ASSIGNMENT, Kind.JOB):
                     entities[kind] = _read_live(conn, kind, bar, (wanted, later, early),
@@ -208,8 +228,6 @@ def _snapshot(t: Tiers, progress: bool | None, cached: Mapping[str, set[str]], e
             checkpoints = records.metric_checkpoints(conn)
             versioned = {kind: fill.finish() for kind, fill in fills.items()}
             filled = early.finish() if early is not None else set()
-        finally:
-            sender.shutdown(wait=True, cancel_futures=True)
     left: dict[str, list[models.Entity]] = {k: versioned.get(k, entities[k]) for k in KINDS}
     return _Snapshot(entities, wanted, later, checkpoints, left, filled)
 
