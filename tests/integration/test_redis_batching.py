@@ -247,3 +247,67 @@ def test_send_packed_error_reply_raises_and_leaves_the_pool_usable(client: Clien
     # The script's reply was still on its way when the error was raised: the next command
     # must get its own reply, not that one.
     assert client.call("test", lambda: client.send_packed([["GET", k]])) == ["not a sorted set"]
+
+
+def test_commands_leave_what_a_redis_py_pipeline_leaves(client: Client, raw_redis: redis.Redis,
+                                                        clean: Servers) -> None:
+    ns = clean.namespace
+
+    def write(pipe: Any, tag: str) -> None:
+        q, e = keys.queue(ns, f"q{tag}"), keys.entity(ns, "job", f"j{tag}")
+        pipe.zadd(q, {"a": -4e12 + 7, "b\u00e9": 0.5})
+        pipe.zrem(q, "a")
+        pipe.set(e, "1|{\"x\": \"\u2603\"}", px=60_000)
+        pipe.hset(keys.metrics(ns) + tag, mapping={"n": 3, "f": 0.1})
+        metrics.incr_many_on(client, ns, {"jobs_done": 2}, NOW, pipe=pipe)
+        pipe.publish(keys.invalidation_channel(ns), b"[]")
+
+    commands = client.commands()
+    write(commands, "1")
+    assert [c[0] for c in commands.commands] == ["ZADD", "ZREM", "SET", "HSET", "EVALSHA", "PUBLISH"]
+    # Redis's own replies (no redis-py reply callbacks: SET answers "OK", not True)
+    assert client.call("test", lambda: client.send_commands(commands)) == [2, 1, "OK", 2, [2], 0]
+    pipe = client.pipeline()
+    write(pipe, "2")
+    pipe.execute()
+    for k1, k2 in [(keys.queue(ns, "q1"), keys.queue(ns, "q2")),
+                   (keys.metrics(ns) + "1", keys.metrics(ns) + "2")]:
+        assert raw_redis.dump(k1) == raw_redis.dump(k2), k1
+    for tag in "12":
+        e = keys.entity(ns, "job", f"j{tag}")
+        assert raw_redis.get(e) == "1|{\"x\": \"\u2603\"}" and 0 < raw_redis.pttl(e) <= 60_000
+    assert metrics.totals(client, ns) == {"jobs_done": 4}
+    assert client.send_commands(client.commands()) == []  # nothing written down: nothing sent
+
+
+def test_a_script_redis_does_not_know_is_loaded_and_run_once(client: Client, raw_redis: redis.Redis,
+                                                             clean: Servers,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A script text of this test alone: Redis has never seen its SHA (as after a restart).
+    text = f"-- {clean.namespace}\nreturn redis.call('INCR', KEYS[1])"
+    client.scripts["probe"] = client.redis.register_script(text)
+    real_sha = client_mod.script_sha
+    monkeypatch.setattr(client_mod, "script_sha", lambda name: client.scripts["probe"].sha
+                        if name == "probe" else real_sha(name))
+    client._scripts_loaded = True  # what the client believes until Redis says NOSCRIPT
+    k = keys.entity(clean.namespace, "probe", "n")
+    assert raw_redis.script_exists(client.scripts["probe"].sha) == [False]
+    assert client_mod.run_script(client, "probe", [k], []) == 1
+    assert raw_redis.get(k) == "1"  # ran once: the NOSCRIPT reply ran nothing
+    assert client_mod.run_script(client, "probe", [k], []) == 2
+
+
+def test_commands_are_packed_by_hiredis_as_redis_py_packs_them(client: Client,
+                                                              raw_redis: redis.Redis,
+                                                              clean: Servers) -> None:
+    r, k = client.redis, keys.entity(clean.namespace, "job", "p")
+    assert r.client_getname() == "toolkit"  # "CLIENT GETNAME": a name of two words is split
+    for value, stored in [(0.1, "0.1"), (1e20, "1e+20"), (2**70, str(2**70)), ("\u00e9", "\u00e9"),
+                          (b"\xc3\xa9", "\u00e9"), (bytearray(b"ba"), "ba"),
+                          (memoryview(b"mv"), "mv")]:
+        r.set(k, value)
+        assert raw_redis.get(k) == stored, value
+    for bad in (None, True, ["a"]):
+        with pytest.raises(redis.DataError):
+            r.set(k, bad)
+    assert r.get(k) == "mv"  # a refused command sends nothing and leaves the connection usable

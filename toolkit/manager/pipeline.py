@@ -244,7 +244,7 @@ class Pipeline:
 
     def _push_redis(self, changes: Changes, entities: list[models.Entity]) -> None:
         def go() -> None:
-            pipe = self.redis.pipeline()
+            pipe = self.redis.commands()
             cache.put(self.redis, self.ns, entities, pipe=pipe)
             pushes, removes = queue_moves(changes.rows)
             pushes, later = split_scheduled(changes.rows, pushes, time.time())
@@ -261,7 +261,7 @@ class Pipeline:
             announced += [(kind, DELETED, entity_id) for kind, entity_id in changes.deleted]
             cache.publish_many(self.ns, announced, pipe=pipe)
             metrics.incr_many_on(self.redis, self.ns, changes.counters, time.time(), pipe=pipe)
-            pipe.execute()
+            self.redis.send_commands(pipe)
 
         # Not idempotent as a whole (counters), so never re-sent.
         self.redis.call("write-through", go, idempotent=False)
