@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -280,24 +281,57 @@ def test_commands_leave_what_a_redis_py_pipeline_leaves(client: Client, raw_redi
     assert client.send_commands(client.commands()) == []  # nothing written down: nothing sent
 
 
-def test_a_script_redis_does_not_know_is_loaded_and_run_once(client: Client, raw_redis: redis.Redis,
-                                                             clean: Servers,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    # A script text of this test alone: Redis has never seen its SHA (as after a restart).
-    text = f"-- {clean.namespace}\nreturn redis.call('INCR', KEYS[1])"
+def _probe(client: Client, clean: Servers, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
+    """Register a script whose text belongs to this test alone (Redis never saw its SHA, as
+    after a restart) under the name ``probe``; return its SHA."""
+    text = f"-- {clean.namespace} {uuid.uuid4().hex}\n{body}"
     client.scripts["probe"] = client.redis.register_script(text)
     real_sha = client_mod.script_sha
     monkeypatch.setattr(client_mod, "script_sha", lambda name: client.scripts["probe"].sha
                         if name == "probe" else real_sha(name))
     client._scripts_loaded = True  # what the client believes until Redis says NOSCRIPT
+    return client.scripts["probe"].sha
+
+
+def test_a_script_redis_does_not_know_is_loaded_and_run_once(client: Client, raw_redis: redis.Redis,
+                                                             clean: Servers,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    sha = _probe(client, clean, monkeypatch, "return redis.call('INCR', KEYS[1])")
     k = keys.entity(clean.namespace, "probe", "n")
-    assert raw_redis.script_exists(client.scripts["probe"].sha) == [False]
+    assert raw_redis.script_exists(sha) == [False]
     assert client_mod.run_script(client, "probe", [k], []) == 1
     assert raw_redis.get(k) == "1"  # ran once: the NOSCRIPT reply ran nothing
     assert client_mod.run_script(client, "probe", [k], []) == 2
 
 
-def test_commands_are_packed_by_hiredis_as_redis_py_packs_them(client: Client,
+def test_a_write_through_resends_only_the_scripts_redis_did_not_know(
+        client: Client, raw_redis: redis.Redis, clean: Servers,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted Redis whose connection redis-py replaced quietly: the write's other
+    commands ran once, its script calls are loaded and sent again, once."""
+    sha = _probe(client, clean, monkeypatch, "return redis.call('INCR', KEYS[1])")
+    assert raw_redis.script_exists(sha) == [False]
+    ran, counted = keys.entity(clean.namespace, "probe", "ran"), keys.metrics(clean.namespace)
+    commands = client.commands()
+    commands.set(keys.entity(clean.namespace, "job", "s"), "1|{}")
+    client_mod.run_script(client, "probe", [ran], [], pipe=commands)
+    commands.hincrby(counted, "writes", 1)
+    assert client.call("test", lambda: client.send_commands(commands), idempotent=False) == [
+        "OK", 1, 1]
+    assert raw_redis.get(ran) == "1" and raw_redis.hget(counted, "writes") == "1"
+
+
+def test_an_error_reply_raises_and_keeps_the_connection(client: Client, clean: Servers,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _probe(client, clean, monkeypatch, "return redis.error_reply('OOM probe refused')")
+    before = client.redis.client_id()
+    for _ in range(3):  # the first loads the script after NOSCRIPT; each then answers OOM
+        with pytest.raises(redis.ResponseError, match="probe refused"):
+            client_mod.run_script(client, "probe", [], [])
+    assert client.redis.client_id() == before  # no reconnect (and handshake) per error reply
+
+
+def test_commands_are_packed_by_hiredis_for_the_values_the_toolkit_sends(client: Client,
                                                               raw_redis: redis.Redis,
                                                               clean: Servers) -> None:
     r, k = client.redis, keys.entity(clean.namespace, "job", "p")

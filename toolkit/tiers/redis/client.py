@@ -58,9 +58,11 @@ class _HiredisPacker:
     redis-py's own packer (``HiredisRespSerializer``) checks and encodes each
     argument in Python before handing them to hiredis; in the one-job worker
     loop that was a seventh of the process's CPU time (about 60 arguments per
-    job, mostly the cache fill's). hiredis takes str (as UTF-8), bytes, int and
-    float itself. As redis-py's, it splits a command name such as ``"SCRIPT
-    LOAD"`` and refuses anything else (None, bool) with ``DataError``.
+    job, mostly the cache fill's). hiredis takes str (always as UTF-8: the
+    toolkit's clients set no other encoding), bytes, int and float itself. As
+    redis-py's, it splits a command name such as ``"SCRIPT LOAD"`` and refuses
+    None and bool with ``DataError``; unlike it, it refuses an int subclass
+    such as an ``IntEnum`` too (redis-py sent its ``repr``).
     """
 
     @staticmethod
@@ -223,45 +225,78 @@ class Client:
         return Commands()
 
     def send_commands(self, commands: Commands) -> list[Any]:
-        """Send what ``commands`` wrote down in one round trip, as :meth:`send_packed`.
-        Call it through :meth:`call`; a ``NOSCRIPT`` reply makes the next call load the
-        scripts again."""
-        return self.send_packed(commands.commands) if commands.commands else []
+        """Send what ``commands`` wrote down in one round trip; return each reply.
+
+        A script Redis does not know (``NOSCRIPT``: a restarted or flushed server
+        whose connection redis-py replaced quietly) ran nothing, so the scripts
+        are loaded and those calls alone are sent again. Any other error reply
+        raises, after every reply was read (the connection stays usable), though
+        Redis ran the other commands. Call it through :meth:`call`.
+        """
+        if not commands.commands:
+            return []
+        replies = self.send_packed(commands.commands, raise_on_error=False)
+        unknown = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+        if unknown:
+            self.load_scripts()
+            again = self.send_packed([commands.commands[i] for i in unknown], raise_on_error=False)
+            for i, reply in zip(unknown, again, strict=True):
+                replies[i] = reply
+        failed = next((r for r in replies if isinstance(r, redis.ResponseError)), None)
+        if failed is not None:
+            raise failed
+        return replies
 
     def evalsha(self, name: str, keys: Sequence[str], args: Sequence[Packable]) -> Any:
         """Run a registered script in one round trip (loading the scripts first when Redis
         does not know them: a restarted or flushed server)."""
-        command = ("EVALSHA", script_sha(name), len(keys), *keys, *args)
         if not self._scripts_loaded:
             self.load_scripts()
-        try:
-            return self.send_packed([command])[0]
-        except redis.exceptions.NoScriptError:
-            self.load_scripts()  # the script did not run: running it now runs it once
-            return self.send_packed([command])[0]
+        return self.send_commands(Commands([("EVALSHA", script_sha(name), len(keys), *keys,
+                                             *args)]))[0]
 
-    def send_packed(self, commands: Sequence[Sequence[Packable]]) -> list[Any]:
+    def send_packed(self, commands: Sequence[Sequence[Packable]], *,
+                    raise_on_error: bool = True) -> list[Any]:
         """Send ``commands`` (each a list of arguments) back to back, then read their replies.
 
         hiredis packs each command in one C call (:class:`_HiredisPacker`), and
         the replies are read straight from the connection: none of redis-py's
         per-command work (its command stack, reply callbacks and
-        instrumentation). An error reply raises after the connection is
-        dropped: the replies after it are never read, though Redis ran those
-        commands. Call it through :meth:`call`.
+        instrumentation). Every reply is read, so the connection stays usable
+        after an error reply; the first one raises then (``raise_on_error``;
+        otherwise the error takes its command's place in the list). A lost or
+        timed-out connection is dropped. Call it through :meth:`call`.
         """
-        # one buffer: redis-py sends each item of a list with a sendall (a syscall) of its own
-        packed = b"".join([chunk for c in commands for chunk in _PACKER.pack(*c)])
+        packed = [chunk for c in commands for chunk in _PACKER.pack(*c)]
+        if len(packed) > 1 and sum(map(len, packed)) <= _JOIN_UP_TO:
+            packed = [b"".join(packed)]  # redis-py sends each item with a syscall of its own
         pool = self.redis.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([packed])
-            return [conn.read_response() for _ in commands]
+            conn.send_packed_command(packed)
+            replies = [_reply(conn) for _ in commands]
         except BaseException:
             conn.disconnect()
             raise
         finally:
             pool.release(conn)
+        failed = next((r for r in replies if isinstance(r, redis.ResponseError)), None)
+        if failed is not None and raise_on_error:
+            raise failed
+        return replies
+
+
+_JOIN_UP_TO = 1 << 16
+"""Bytes up to which :meth:`Client.send_packed` joins its commands into one buffer (the
+rebuild's bulk commands, larger, go out as they are)."""
+
+
+def _reply(conn: Any) -> Any:
+    """The next reply on ``conn``; an error reply returned, not raised."""
+    try:
+        return conn.read_response()
+    except redis.ResponseError as exc:
+        return exc
 
 
 class Commands(CoreCommands):
@@ -276,8 +311,8 @@ class Commands(CoreCommands):
 
     _event_dispatcher: Any = None  # redis-py's connection events: none here
 
-    def __init__(self) -> None:
-        self.commands: list[tuple[Any, ...]] = []
+    def __init__(self, commands: Sequence[tuple[Any, ...]] = ()) -> None:
+        self.commands: list[tuple[Any, ...]] = list(commands)
 
     def execute_command(self, *args: Any, **options: Any) -> Commands:
         self.commands.append(args)
