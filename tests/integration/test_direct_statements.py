@@ -267,3 +267,46 @@ def test_a_deadlock_in_the_pipeline_runs_the_transaction_again(
         assert (events["event"] == "assigned").sum() == 2  # a and b, once each
     finally:
         raw_pg.execute(psycopg.sql.SQL("DROP TRIGGER deadlock_once ON {}.jobs").format(s))
+
+
+def _release_plans(sm: toolkit.StateManager) -> tuple[int, int]:
+    """(generic, custom) plans of the one-job release, over the autocommit engine's connections."""
+    engine = sm.db._autocommit
+    held = [engine.connect() for _ in range(max(1, engine.pool.checkedin()))]  # type: ignore[attr-defined]
+    try:
+        rows = [c.execute(sa.text(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE '%depends_on &&%' AND statement LIKE '%enqueue_seq%'")).all() for c in held]
+    finally:
+        for c in held:
+            c.close()
+    return sum(r[0] for rs in rows for r in rs), sum(r[1] for rs in rows for r in rs)
+
+
+def test_a_single_completion_releases_on_a_kept_plan(clean: Servers,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-job release takes its job as a scalar, so PostgreSQL keeps its generic plan
+    (with the jobs as an array it planned the statement at every run: the generic plan of
+    ``= ANY($1)`` expects ten elements). It releases what the batch form releases: a
+    dependent only once all its dependencies are completed."""
+    with _manager(clean, monkeypatch, "on") as sm:
+        w = sm.register_worker("w").id
+        jobs = [{"name": f"{x}{i}", "priority": 1} for x in "ab" for i in range(12)]
+        jobs += [{"name": "c", "depends_on": ["a0", "b0"], "priority": 1}]
+        jobs += [{"name": f"later{i}"} for i in range(1000)]  # the table a plan is chosen for
+        wf = sm.create_workflow("wf", jobs=jobs)
+        with sm.db.engine.begin() as conn:
+            conn.execute(sa.text(f'ANALYZE "{sm.db.schema}".jobs'))
+        c = next(j for j in sm.list_jobs(workflow_id=wf.id) if j.name == "c")
+        done: set[str] = set()
+        job = sm.dequeue(w, start=True)
+        while job is not None and job.name != "c":
+            done.add(job.name)
+            _, job = sm.complete_and_dequeue(job.id, None, worker_id=w, start=True)
+            released = sm.get_job(c.id).status is not toolkit.JobStatus.PENDING
+            assert released is ({"a0", "b0"} <= done), (done, sm.get_job(c.id).status)
+        assert job is not None and job.name == "c" and len(done) == 24, (job, done)
+        generic, custom = _release_plans(sm)
+        # psycopg prepares it after PREPARE_THRESHOLD runs; PostgreSQL tries five custom plans
+        assert generic + custom == 24 - db.PREPARE_THRESHOLD, (generic, custom)
+        assert custom == 5, (generic, custom)
