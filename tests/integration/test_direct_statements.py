@@ -310,3 +310,34 @@ def test_a_single_completion_releases_on_a_kept_plan(clean: Servers,
         # psycopg prepares it after PREPARE_THRESHOLD runs; PostgreSQL tries five custom plans
         assert generic + custom == 24 - db.PREPARE_THRESHOLD, (generic, custom)
         assert custom == 5, (generic, custom)
+
+
+@pytest.mark.parametrize("prepare", ["on", "off"])
+def test_a_commit_the_server_refuses_writes_nothing_and_leaves_the_pool_clean(
+        clean: Servers, monkeypatch: pytest.MonkeyPatch, prepare: str) -> None:
+    """The COMMIT of an explicit transaction is where a deferred constraint fires: refused
+    there, the call raises the toolkit's error, nothing of it stays (the claim neither),
+    and the connection goes back to the pool idle."""
+    with _manager(clean, monkeypatch, prepare) as sm, psycopg.connect(clean.libpq_url,
+                                                                      autocommit=True) as admin:
+        schema = psycopg.sql.Identifier(sm.db.schema)
+        admin.execute(psycopg.sql.SQL(
+            "CREATE FUNCTION {}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.status = 'completed' AND NEW.name = 'boom' THEN "
+            "RAISE EXCEPTION 'refused at commit'; END IF; RETURN NULL; END $$").format(schema))
+        admin.execute(psycopg.sql.SQL(
+            "CREATE CONSTRAINT TRIGGER refuse AFTER UPDATE ON {}.jobs DEFERRABLE INITIALLY "
+            "DEFERRED FOR EACH ROW EXECUTE FUNCTION {}.refuse()").format(schema, schema))
+        w = sm.register_worker("w").id
+        sm.create_workflow("wf", jobs=[{"name": "boom", "priority": 1}, {"name": "next"}])
+        boom = sm.dequeue(w, start=True)
+        assert boom is not None and boom.name == "boom"
+        with pytest.raises(toolkit.StorageUnavailable, match="refused at commit"):
+            sm.complete_and_dequeue(boom.id, None, worker_id=w, start=True)
+        assert {j.name: j.status.value for j in sm.list_jobs()} == {"boom": "running",
+                                                                    "next": "queued"}
+        assert _idle_connections(sm) == [(True, "IDLE")] * len(_idle_connections(sm))
+        admin.execute(psycopg.sql.SQL("DROP TRIGGER refuse ON {}.jobs").format(schema))
+        done, nxt = sm.complete_and_dequeue(boom.id, None, worker_id=w, start=True)
+        assert done.status is toolkit.JobStatus.COMPLETED and nxt is not None
+        assert nxt.name == "next"  # the refused call's claim went back to its queue

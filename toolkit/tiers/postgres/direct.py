@@ -187,7 +187,7 @@ def _failed(cursors: Sequence[psycopg.RawCursor[Any]],
     return None
 
 
-_BEGIN, _COMMIT, _ROLLBACK = b"BEGIN", b"COMMIT", b"ROLLBACK"
+_BEGIN = b"BEGIN"
 _pending_begin: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
 """The connections (SQLAlchemy's, not the pooled ones: nothing outlives the block) whose
 :func:`explicit` transaction waits for its first statement, which sends the ``BEGIN``."""
@@ -229,7 +229,10 @@ def explicit(conn: sa.Connection) -> Iterator[sa.Connection]:
             with contextlib.suppress(psycopg.Error):
                 raw.rollback()  # psycopg sends ROLLBACK whatever its autocommit setting
         raise
-    _command(conn, _COMMIT)
+    try:
+        raw.commit()  # psycopg's own COMMIT: 35-40 us of CPU against a cursor's 50-55
+    except psycopg.Error as exc:
+        conn._handle_dbapi_exception(exc, "COMMIT", [], None, None)
 
 
 def first(conn: sa.Connection, stmt: sa.ClauseElement,
