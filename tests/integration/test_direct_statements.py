@@ -31,11 +31,13 @@ def _through_sqlalchemy(sm: toolkit.StateManager) -> Iterator[list[str]]:
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         seen.append(" ".join(statement.split())[:80])
 
-    sa.event.listen(sm.db.engine, "before_cursor_execute", record)
+    for engine in sm.db.engines:
+        sa.event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
-        sa.event.remove(sm.db.engine, "before_cursor_execute", record)
+        for engine in sm.db.engines:
+            sa.event.remove(engine, "before_cursor_execute", record)
 
 
 def test_the_job_loops_run_no_statement_through_sqlalchemy(sm: toolkit.StateManager) -> None:
@@ -85,9 +87,9 @@ def test_one_statement_follows_each_connections_schema(sm: toolkit.StateManager,
 
 
 def _backend_pids(sm: toolkit.StateManager) -> list[int]:
-    """The server pids of every connection in the StateManager's pool."""
-    pool = sm.db.engine.pool
-    held = [sm.db.engine.connect() for _ in range(max(1, pool.checkedin()))]  # type: ignore[attr-defined]
+    """The server pids of every connection in the StateManager's pools."""
+    held = [e.connect() for e in sm.db.engines
+            for _ in range(max(1, e.pool.checkedin()))]  # type: ignore[attr-defined]
     try:
         return [int(c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()) for c in held]
     finally:
@@ -113,12 +115,14 @@ def test_a_connection_lost_under_a_direct_statement_is_a_toolkit_error(
     def on_connect(*_: object) -> None:
         opened.append(1)
 
-    sa.event.listen(sm.db.engine, "connect", on_connect)
+    for engine in sm.db.engines:
+        sa.event.listen(engine, "connect", on_connect)
     try:
         with pytest.raises(toolkit.StorageUnavailable, match="complete") as caught:
             complete()  # the pool trusts a connection used this recently: it meets the loss
     finally:
-        sa.event.remove(sm.db.engine, "connect", on_connect)
+        for engine in sm.db.engines:
+            sa.event.remove(engine, "connect", on_connect)
     # The failed write's clean-up did not dial the server again (a second wait in an outage),
     # and the error is the loss itself, not a follow-up of it.
     assert opened == [], "the error path opened a new connection"

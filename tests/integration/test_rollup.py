@@ -91,10 +91,14 @@ def test_pool_hands_out_a_working_connection_after_the_server_dropped_it(
     wf = sm.create_workflow("ping")
     monkeypatch.setattr(db_module, "PING_AFTER_IDLE", -1.0 if idle else 3600.0)
     # Terminate every backend of this manager's pool (and nothing else).
-    n = sm.db.engine.pool.checkedin()  # type: ignore[attr-defined]
-    assert n >= 1
+    with sm.db.autocommit("warm up") as conn:  # both pools hold a connection
+        conn.exec_driver_sql("SELECT 1")
+    counts = [e.pool.checkedin() for e in sm.db.engines]  # type: ignore[attr-defined]
+    n = sum(counts)
+    assert all(counts), counts
     with contextlib.ExitStack() as stack:
-        conns = [stack.enter_context(sm.db.engine.connect()) for _ in range(n)]
+        conns = [stack.enter_context(e.connect())
+                 for e, k in zip(sm.db.engines, counts, strict=True) for _ in range(k)]
         pids = [c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in conns]
     killed = raw_pg.execute("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
                             "unnest(%s::int[]) AS pid) t", (pids,)).fetchone()

@@ -34,14 +34,15 @@ def _traced(sm: toolkit.StateManager) -> Iterator[Counter[str]]:
         dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS
                                           | psycopg.pq.Trace.REGRESS_MODE)
 
-    engine = sm.db.engine
-    sa.event.listen(engine, "connect", on_connect)
-    engine.dispose()
+    for engine in sm.db.engines:
+        sa.event.listen(engine, "connect", on_connect)
+    sm.db.dispose()
     try:
         yield seen
-        engine.dispose()  # flushes and stops the traces
+        sm.db.dispose()  # flushes and stops the traces
     finally:
-        sa.event.remove(engine, "connect", on_connect)
+        for engine in sm.db.engines:
+            sa.event.remove(engine, "connect", on_connect)
         os.close(fd)
         with open(path, encoding="utf-8", errors="replace") as f:
             _count(f, seen)
