@@ -273,26 +273,26 @@ def test_a_deadlock_in_the_pipeline_runs_the_transaction_again(
         raw_pg.execute(psycopg.sql.SQL("DROP TRIGGER deadlock_once ON {}.jobs").format(s))
 
 
-def _release_plans(sm: toolkit.StateManager) -> tuple[int, int]:
-    """(generic, custom) plans of the one-job release, over the autocommit engine's connections."""
+def _release_plans(sm: toolkit.StateManager) -> list[tuple[int, int]]:
+    """(generic, custom) plans of the release, for each single-statement connection holding it
+    prepared."""
     engine = sm.db._autocommit
     held = [engine.connect() for _ in range(max(1, engine.pool.checkedin()))]  # type: ignore[attr-defined]
     try:
-        rows = [c.execute(sa.text(
+        return [(int(r[0]), int(r[1])) for c in held for r in c.execute(sa.text(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-            "WHERE statement LIKE '%depends_on &&%' AND statement LIKE '%enqueue_seq%'")).all() for c in held]
+            "WHERE statement LIKE '%depends_on &&%' AND statement LIKE '%enqueue_seq%'"))]
     finally:
         for c in held:
             c.close()
-    return sum(r[0] for rs in rows for r in rs), sum(r[1] for rs in rows for r in rs)
 
 
 def test_a_single_completion_releases_on_a_kept_plan(clean: Servers,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The one-job release takes its job as a scalar, so PostgreSQL keeps its generic plan
     (with the jobs as an array it planned the statement at every run: the generic plan of
-    ``= ANY($1)`` expects ten elements). It releases what the batch form releases: a
-    dependent only once all its dependencies are completed."""
+    ``= ANY($1)`` expects ten elements). It releases a dependent once all its dependencies
+    are completed, and not before."""
     with _manager(clean, monkeypatch, "on") as sm:
         w = sm.register_worker("w").id
         jobs = [{"name": f"{x}{i}", "priority": 1} for x in "ab" for i in range(12)]
@@ -310,10 +310,13 @@ def test_a_single_completion_releases_on_a_kept_plan(clean: Servers,
             released = sm.get_job(c.id).status is not toolkit.JobStatus.PENDING
             assert released is ({"a0", "b0"} <= done), (done, sm.get_job(c.id).status)
         assert job is not None and job.name == "c" and len(done) == 24, (job, done)
-        generic, custom = _release_plans(sm)
-        # psycopg prepares it after PREPARE_THRESHOLD runs; PostgreSQL tries five custom plans
-        assert generic + custom == 24 - db.PREPARE_THRESHOLD, (generic, custom)
-        assert custom == 5, (generic, custom)
+        plans = _release_plans(sm)
+        # psycopg prepares it after PREPARE_THRESHOLD runs on a connection; PostgreSQL tries
+        # five custom plans, then keeps the generic one (a second connection, opened by a
+        # thread of the manager meanwhile, would split the runs: hence per connection).
+        assert plans and all(custom <= 5 for _, custom in plans), plans
+        generic = sum(g for g, _ in plans)
+        assert generic >= 24 - (db.PREPARE_THRESHOLD + 5) * len(plans) and generic > 0, plans
 
 
 @pytest.mark.parametrize("prepare", ["on", "off"])

@@ -130,16 +130,31 @@ def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
         record.info["idle_since"] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    """Ping a connection that sat idle longer than :data:`PING_AFTER_IDLE`."""
-    if time.monotonic() - record.info.get("idle_since", 0.0) <= PING_AFTER_IDLE:
-        return
-    try:
-        dbapi_connection.execute("SELECT 1")
-        dbapi_connection.commit()  # not rollback(): psycopg forgets its prepared statements there
-    except psycopg.Error as exc:
-        # The pool discards this connection and checks out (or opens) another.
-        raise sa_exc.DisconnectionError(type(exc).__name__) from exc
+class _Losses:
+    """When a connection of either of a Database's two pools was last found lost.
+
+    SQLAlchemy empties only the pool that met the loss; a connection of the other pool
+    that sat idle since before it is pinged at its next checkout, so one outage fails one
+    call, as with a single pool."""
+
+    def __init__(self) -> None:
+        self.at = float("-inf")
+
+    def note(self, context: sa.engine.ExceptionContext) -> None:
+        if context.is_disconnect:
+            self.at = time.monotonic()
+
+    def ping_if_idle(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        """Ping a connection idle longer than :data:`PING_AFTER_IDLE`, or since a loss."""
+        idle_since = record.info.get("idle_since", 0.0)
+        if time.monotonic() - idle_since <= PING_AFTER_IDLE and idle_since > self.at:
+            return
+        try:
+            dbapi_connection.execute("SELECT 1")
+            dbapi_connection.commit()  # not rollback(): psycopg forgets its prepared statements
+        except psycopg.Error as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise sa_exc.DisconnectionError(type(exc).__name__) from exc
 
 
 _SETUP_STATES = {"42P01": "tables", "3F000": "tables", "42501": "privilege",
@@ -161,12 +176,12 @@ def setup_problem(orig: BaseException, first: str) -> str | None:
 
 
 def _engine(url: str, options: dict[str, Any], pool_size: int, connect_timeout: float,
-            read_only: bool, **kwargs: Any) -> sa.Engine:
+            read_only: bool, losses: _Losses, **kwargs: Any) -> sa.Engine:
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=10,
-        pool_pre_ping=False,  # _ping_if_idle instead: no round trip on a busy connection
+        pool_pre_ping=False,  # _Losses.ping_if_idle instead: no round trip on a busy connection
         pool_recycle=1800,
         execution_options=options,
         json_deserializer=orjson.loads,
@@ -183,8 +198,9 @@ def _engine(url: str, options: dict[str, Any], pool_size: int, connect_timeout: 
     # Times come back in UTC; a SET (not a startup option, which PgBouncer
     # refuses) that the pooler tracks and re-applies.
     sa.event.listen(engine, "connect", _on_connect(config.pg_prepare_mode()))
-    sa.event.listen(engine, "checkout", _ping_if_idle)
+    sa.event.listen(engine, "checkout", losses.ping_if_idle)
     sa.event.listen(engine, "checkin", _mark_idle)
+    sa.event.listen(engine, "handle_error", losses.note)
     return engine
 
 
@@ -213,11 +229,13 @@ class Database:
         options: dict[str, Any] = {"schema_translate_map": {None: schema}}
         if read_only:
             options["postgresql_readonly"] = True
-        self.engine = _engine(url, options, pool_size, connect_timeout, read_only)
+        losses = _Losses()
+        self.engine = _engine(url, options, pool_size, connect_timeout, read_only, losses)
         # Its own pool, its connections autocommit from the start: an AUTOCOMMIT execution
         # option on the shared engine switched the isolation level at every checkout and
-        # back at every return (29 us of CPU a checkout, 10 us this way).
-        self._autocommit = _engine(url, options, pool_size, connect_timeout, read_only,
+        # back at every return (29 us of CPU a checkout, 10 us this way). Each pool holds up
+        # to pool_size + 10 connections, opened when first needed.
+        self._autocommit = _engine(url, options, pool_size, connect_timeout, read_only, losses,
                                    isolation_level="AUTOCOMMIT")
 
     def __repr__(self) -> str:
