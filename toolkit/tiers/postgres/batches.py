@@ -32,6 +32,13 @@ class Item(NamedTuple):
     value: str | None
 
 
+def _literal(status: str) -> sa.ColumnElement[str]:
+    """A status written into the statement's text, not a parameter: the planner sees it (as
+    a parameter, the generic plan guesses its share of the rows)."""
+    assert status.isalpha(), status  # a fixed word of this module, never a caller's value
+    return sa.literal_column(f"'{status}'", sa.Text)
+
+
 def _array(name: str, item_type: Any) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=ARRAY(item_type))
 
@@ -97,7 +104,7 @@ def _ending(values: dict[str, Any], ending: str,
     a = t.job_assignments
     moved = _move(values).cte("moved")
     ended = (sa.update(a)
-             .where(a.c.status == "active", a.c.job_id.in_(sa.select(moved.c.id)))
+             .where(a.c.status == _literal("active"), a.c.job_id.in_(sa.select(moved.c.id)))
              .values(status=ending, finished_at=_NOW)
              .returning(a.c.id, a.c.job_id, a.c.worker_id, a.c.attempt, a.c.assigned_at)
              ).cte("ended")
@@ -216,11 +223,19 @@ def fail_job(conn: sa.Connection, item: Item, retry: bool, now: datetime,
     return split_ended(direct.rows(conn, _FAIL_ONE, params), "failed", now)
 
 
+_STILL_QUEUED = j.c.status.is_not_distinct_from(_literal("queued"))
+"""The claim's status check. Its jobs are found by id; the status only filters. PostgreSQL
+cannot search an index with IS NOT DISTINCT FROM (status is never NULL: the same as =), so a
+plan made before the table has statistics (a bulk create, autovacuum not yet by) cannot read
+every queued job through the status index and filter them by id: 0.8-1.2 ms a claim at
+5,000 queued, growing with the queue, against 0.1 ms by id."""
+
+
 def _claim_statement() -> sa.Select[Any]:
     a, w = t.job_assignments, t.workflows
     moved = (
         sa.update(j)
-        .where(j.c.id == sa.any_(_array("_ids", sa.Text)), j.c.status == "queued")
+        .where(j.c.id == sa.any_(_array("_ids", sa.Text)), _STILL_QUEUED)
         .values(status=sa.bindparam("_status", type_=sa.Text),
                 worker_id=sa.bindparam("_worker", type_=sa.Text), attempts=j.c.attempts + 1,
                 started_at=sa.case((sa.bindparam("_start", type_=sa.Boolean), _NOW),
@@ -294,12 +309,6 @@ def claim_jobs(conn: sa.Connection, job_ids: Sequence[str], assignment_ids: Sequ
     statement. Returns the job rows and the workflow rows it changed."""
     stmt, params = _claim_call(Claim(job_ids, assignment_ids, worker_id, start), now)
     return _claimed(direct.dicts(conn, stmt, params))
-
-
-def _literal(status: str) -> sa.ColumnElement[str]:
-    """A status written into the statement's text (not a parameter: the planner sees it)."""
-    assert status.isalpha(), status  # a fixed word of this module, never a caller's value
-    return sa.literal_column(f"'{status}'", sa.Text)
 
 
 def _release_statement(*, one: bool) -> sa.Update:
