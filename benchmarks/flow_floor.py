@@ -67,10 +67,13 @@ Row = tuple[str, str, int, str]  # id, workflow id, attempts, record JSON
 class Floor:
     """One hand-written worker: a prepared-statement psycopg connection, a redis-py client."""
 
-    def __init__(self, bench: harness.Bench, schema: str, worker: str) -> None:
+    def __init__(self, bench: harness.Bench, schema: str, worker: str, *,
+                 synchronous_commit: str = "on") -> None:
         self.conn = psycopg.connect(harness.pg_dsn(bench.target.database_url), autocommit=True,
                                     prepare_threshold=0)
         self.conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        if synchronous_commit == "off":  # as the toolkit's opt-in: commits do not wait for the disk
+            self.conn.execute("SET synchronous_commit TO off")
         self.r = bench.redis()
         self.key = f"{KEY_PREFIX}{uuid.uuid4().hex[:10]}"
         self.bench, self.schema, self.worker = bench, schema, worker
@@ -174,11 +177,13 @@ def drain_batched(floor: Floor, n: int, batch: int = 100) -> int:
 
 
 @contextlib.contextmanager
-def floor_worker(bench: harness.Bench) -> Iterator[Floor]:
-    """A hand-written worker on its own toolkit schema (created by a StateManager), removed after."""
+def floor_worker(bench: harness.Bench, *, synchronous_commit: str = "on") -> Iterator[Floor]:
+    """A hand-written worker on its own toolkit schema (created by a StateManager), removed after.
+
+    ``synchronous_commit="off"``: its session commits with ``synchronous_commit = off``."""
     with bench.state_manager("floor") as sm:
         worker = sm.register_worker("bench-floor").id
-        floor = Floor(bench, sm.settings.schema, worker)
+        floor = Floor(bench, sm.settings.schema, worker, synchronous_commit=synchronous_commit)
         try:
             yield floor
         finally:

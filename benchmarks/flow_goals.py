@@ -25,6 +25,10 @@ flow.fused.vs_rq / .vs_celery / .vs_pgqueuer
 flow.batch100.vs_celery / .vs_pgqueuer_batch100 / .vs_procrastinate
     The batched loop against Celery solo (goal >= 3x), pgqueuer ``batch_size=100``
     (goal >= 3x) and procrastinate ``concurrency=1`` (goal >= 10x).
+flow.fused_async.vs_floor_async / .vs_rq / .vs_celery
+    The opt-in ``init_state_manager(synchronous_commit="off")``, its own rows, no goal:
+    the fused loop on a StateManager whose sessions commit with ``synchronous_commit =
+    off``, against the one-commit floor with the same setting, RQ and Celery.
 
 The peers are measured by ``benchmarks.peers.peer_drain`` and
 ``benchmarks.pg_peers.pg_peer_drain`` (their venv, their clean-up); each toolkit
@@ -33,6 +37,7 @@ loop is measured once per round and serves every ratio that names it.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -54,10 +59,19 @@ CASES = (
     ("flow.batch100.vs_celery", "batch100", "celery", 3.0),
     ("flow.batch100.vs_pgqueuer_batch100", "batch100", "pgqueuer_batch100", 3.0),
     ("flow.batch100.vs_procrastinate", "batch100", "procrastinate", 10.0),
+    # The opt-in synchronous_commit=False, its own rows (no goal: the goals are the default's).
+    ("flow.fused_async.vs_floor_async", "fused_async", "floor_one_async", 0.0),
+    ("flow.fused_async.vs_rq", "fused_async", "rq", 0.0),
+    ("flow.fused_async.vs_celery", "fused_async", "celery", 0.0),
 )
+ASYNC_SIDES = {"fused_async": "fused", "floor_one_async": "floor_one"}
+"""Sides that run with ``synchronous_commit`` off (their own StateManager or floor session)
+-> the loop they run."""
+_SETTING = {True: "on", False: "off"}
 NAMES = {
     "floor_one": "hand-written floor, one commit per job",
     "floor_batch100": "hand-written floor, batches of 100 (two commits per batch)",
+    "floor_one_async": "hand-written floor, one commit per job, synchronous_commit off",
     "rq": "RQ SimpleWorker", "celery": "Celery --pool=solo",
     "pgqueuer": "pgqueuer batch_size=1", "pgqueuer_batch100": "pgqueuer batch_size=100",
     "procrastinate": "procrastinate concurrency=1",
@@ -93,19 +107,24 @@ def _checked(done: int, n: int, side: str) -> None:
     assert done == n, f"{side} drained {done} of {n}"
 
 
-def _round(bench: harness.Bench, sm: toolkit.StateManager, worker: str, floor: flow_floor.Floor,
+def _round(sms: dict[bool, tuple[toolkit.StateManager, str]], floors: dict[bool, flow_floor.Floor],
            sides: list[str], n: int, took: dict[str, list[float]]) -> None:
-    """One round: each toolkit loop and each floor once, jobs created untimed before each."""
+    """One round: each toolkit loop and each floor once, jobs created untimed before each.
+    ``sms`` and ``floors`` are keyed by ``synchronous_commit``."""
     for side in sides:
-        if side in TOOLKIT:
+        loop, sync = ASYNC_SIDES.get(side, side), side not in ASYNC_SIDES
+        if loop in TOOLKIT:
+            sm, worker = sms[sync]
             queues.queued_jobs(sm, n)
-            took[side].append(flow_floor.timed(lambda s=side: _checked(TOOLKIT[s](sm, worker, n),
-                                                                       n, s)))
-        elif side in FLOORS:
+            took[side].append(flow_floor.timed(
+                lambda s=side, f=TOOLKIT[loop], m=sm, w=worker: _checked(f(m, w, n), n, s)))
+        elif loop in FLOORS:
+            floor = floors[sync]
             floor.queue(n)
-            took[side].append(flow_floor.timed(lambda s=side: _checked(FLOORS[s](floor, n), n, s)))
-    if any(side in FLOORS for side in sides):
-        took["commits"].append(floor.commit_rate())
+            took[side].append(flow_floor.timed(
+                lambda s=side, f=FLOORS[loop], fl=floor: _checked(f(fl, n), n, s)))
+    if any(ASYNC_SIDES.get(side, side) in FLOORS for side in sides):
+        took["commits"].append(floors[True].commit_rate())
 
 
 def _peer_round(bench: harness.Bench, python: Path, sides: list[str], n: int,
@@ -118,6 +137,23 @@ def _peer_round(bench: harness.Bench, python: Path, sides: list[str], n: int,
             took[side].append(peers.peer_drain(bench, python, peer, n))
         else:
             took[side].append(pg_peers.pg_peer_drain(bench, python, peer, n, batch)[0])
+
+
+def _places(bench: harness.Bench, stack: contextlib.ExitStack, sides: list[str]
+            ) -> tuple[dict[bool, tuple[toolkit.StateManager, str]], dict[bool, flow_floor.Floor]]:
+    """The StateManagers and floors the sides need, keyed by ``synchronous_commit`` (the
+    default's are always opened: the floor measures the commit rate)."""
+    sms: dict[bool, tuple[toolkit.StateManager, str]] = {}
+    floors: dict[bool, flow_floor.Floor] = {}
+    for sync in (True, False):
+        if sync or any(ASYNC_SIDES.get(s) in TOOLKIT for s in sides if s in ASYNC_SIDES):
+            sm = stack.enter_context(bench.state_manager("flowgoals" if sync else "flowasync",
+                                                         synchronous_commit=_SETTING[sync]))
+            sms[sync] = (sm, sm.register_worker("bench-flow-goals").id)
+        if sync or any(ASYNC_SIDES.get(s) in FLOORS for s in sides if s in ASYNC_SIDES):
+            floors[sync] = stack.enter_context(
+                flow_floor.floor_worker(bench, synchronous_commit=_SETTING[sync]))
+    return sms, floors
 
 
 def _versions(python: Path | None) -> str:
@@ -135,10 +171,10 @@ def run(bench: harness.Bench) -> None:
     python = peers.peer_python() if any(s in PEER_SIDES for s in sides) else None
     versions = _versions(python)
     took: dict[str, list[float]] = {s: [] for s in [*sides, "commits"]}
-    with bench.state_manager("flowgoals") as sm, flow_floor.floor_worker(bench) as floor:
-        worker = sm.register_worker("bench-flow-goals").id
+    with contextlib.ExitStack() as stack:
+        sms, floors = _places(bench, stack, sides)
         for i in range(max(5, bench.runs)):  # interleaved: load on a shared machine hits each side
-            _round(bench, sm, worker, floor, sides, n, took)
+            _round(sms, floors, sides, n, took)
             if python is not None and i < PEER_ROUNDS:
                 _peer_round(bench, python, sides, n, took)
     for case in wanted:
@@ -148,11 +184,15 @@ def run(bench: harness.Bench) -> None:
 def _record(bench: harness.Bench, case: tuple[str, str, str, float], n: int,
             took: dict[str, list[float]], versions: str) -> None:
     name, tk_side, other, goal = case
-    extra: dict[str, Any] = {"toolkit_loop": tk_side, "other": other}
+    extra: dict[str, Any] = {"toolkit_loop": tk_side, "other": other,
+                             "synchronous_commit": _SETTING[tk_side not in ASYNC_SIDES]}
     note = "reported beside it (no goal)" if goal == 0 else ""
+    if tk_side in ASYNC_SIDES:
+        note = ("synchronous_commit off on both sides; " if other in ASYNC_SIDES
+                else "the toolkit with synchronous_commit off; ") + note
     if other in PEER_SIDES:
         extra["peers"] = versions
-    elif took["commits"]:  # what bounds the floor: one-row commits/s, fsync on
+    elif took["commits"] and other not in ASYNC_SIDES:  # what bounds the floor: one-row commits/s, fsync on
         c = took["commits"]
         extra["pg_commits_per_s"] = {"median": statistics.median(c), "min": min(c),
                                      "max": max(c), "runs": len(c)}

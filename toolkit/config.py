@@ -195,12 +195,17 @@ class Settings:
     namespace: str = "wf"
     schema: str = "public"
     heartbeat_ttl: float = 30.0
+    synchronous_commit: str = "on"
+    """``"off"``: the state layer's sessions commit with ``synchronous_commit = off`` (see
+    ``init_state_manager``); ``"on"``: the server's own setting."""
 
     def __repr__(self) -> str:
+        opt_in = "" if self.synchronous_commit == "on" else \
+            f", synchronous_commit={self.synchronous_commit!r}"
         return (
             f"Settings(database_url={mask_url(self.database_url)!r}, "
             f"redis_url={mask_url(self.redis_url)!r}, namespace={self.namespace!r}, "
-            f"schema={self.schema!r}, heartbeat_ttl={self.heartbeat_ttl})"
+            f"schema={self.schema!r}, heartbeat_ttl={self.heartbeat_ttl}{opt_in})"
         )
 
     __str__ = __repr__
@@ -213,10 +218,14 @@ def load_settings(
     namespace: str = "wf",
     schema: str = "public",
     heartbeat_ttl: float = 30.0,
+    synchronous_commit: str = "on",
 ) -> Settings:
     """Resolve URLs from arguments or the environment and validate every setting."""
     validate_namespace(namespace)
     validate_schema(schema)
+    if not isinstance(synchronous_commit, str) or synchronous_commit not in ("on", "off"):
+        raise errors.ConfigurationError(
+            f"invalid synchronous_commit={synchronous_commit!r}: use 'on' or 'off'")
     try:
         ttl = validate_seconds("heartbeat_ttl", heartbeat_ttl)
     except errors.ValidationError as exc:
@@ -227,4 +236,5 @@ def load_settings(
         namespace=namespace,
         schema=schema,
         heartbeat_ttl=ttl,
+        synchronous_commit=synchronous_commit,
     )

@@ -18,7 +18,8 @@ TOOLKIT = REPO / "toolkit"
 LITERAL_SQL_ALLOWED = {
     # module: the statement beginnings it may write as literal SQL
     # the connect hook, on the driver's connection: session settings and catalog lookups
-    "tiers/postgres/db.py": ("SET TIME ZONE", "SELECT 1", "SELECT host(inet_server_addr())",
+    "tiers/postgres/db.py": ("SET TIME ZONE", "SET synchronous_commit", "SELECT 1",
+                             "SELECT host(inet_server_addr())",
                              "SELECT inet_server_addr() IS NULL",
                              "SELECT current_setting('unix_socket_directories')"),
     "tiers/postgres/export.py": ("COPY (", "SET TRANSACTION READ ONLY"),

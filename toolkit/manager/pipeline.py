@@ -152,7 +152,8 @@ class Pipeline:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.ns = settings.namespace
-        self.db = Database(settings.database_url, settings.schema)
+        self.db = Database(settings.database_url, settings.schema,
+                           synchronous_commit=settings.synchronous_commit)
         self.redis = Client(settings.redis_url, namespace=settings.namespace)
         self.memory = Memory()
         self.tiers = Tiers(self.db, self.redis, self.ns, self.memory)

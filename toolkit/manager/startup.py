@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
@@ -13,7 +14,7 @@ from toolkit import config, errors, recovery
 from toolkit.manager import recorded
 from toolkit.retry_policy import Backoff, RetryPolicy, policy_setting
 from toolkit.tiers.postgres import migrate
-from toolkit.tiers.redis import eviction
+from toolkit.tiers.redis import eviction, watermark
 
 if TYPE_CHECKING:
     from toolkit import state
@@ -30,6 +31,7 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
                        rebuild: bool | Literal["fast"] = True,
                        require_noeviction: bool = False,
                        retry_policy: RetryPolicy | Mapping[str, float] | Backoff | None = None,
+                       synchronous_commit: Literal["on", "off"] = "on",
                        ) -> state.StateManager:
     """Connect, create or upgrade the schema, and rebuild memory and Redis from PostgreSQL.
 
@@ -63,6 +65,18 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         The default wait before a job's retry (``StateManager.retry_policy``): a
         ``RetryPolicy``, a dict of its fields, or a function ``attempt -> seconds``.
         ``None``: ``RetryPolicy()`` (1 s, doubling, capped at 300 s, ±10 % jitter).
+    synchronous_commit
+        ``"on"`` (the default): a write returns once PostgreSQL has flushed its commit to
+        disk (the server's own setting is left alone). ``"off"``, opt-in: this manager's
+        sessions run with PostgreSQL's ``synchronous_commit = off``, so a commit returns
+        before its WAL is flushed (no step waits for the disk). What it can lose: when the
+        PostgreSQL *server* crashes (or its machine loses power), the writes acknowledged in
+        the last moments before, up to three times ``wal_writer_delay`` (600 ms by
+        default), are gone from PostgreSQL, while Redis may still hold them. So the mode is
+        noted in Redis before the first write, and ``rebuild="fast"`` after the server
+        restarted runs the full rebuild instead, which puts Redis back to what PostgreSQL
+        holds. A crash of the coordinator itself loses nothing, the data stays
+        consistent, and other sessions see each commit at once, as with ``"on"``.
 
     Raises
     ------
@@ -76,7 +90,8 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         raise errors.ConfigurationError(f"rebuild must be True, False or 'fast', not {rebuild!r}")
     settings = config.load_settings(
         database_url, redis_url, namespace=namespace, schema=schema,
-        heartbeat_ttl=recorded.DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None else heartbeat_ttl)
+        heartbeat_ttl=recorded.DEFAULT_HEARTBEAT_TTL if heartbeat_ttl is None else heartbeat_ttl,
+        synchronous_commit=synchronous_commit)
     from toolkit.state import StateManager  # the facade imports this module
 
     try:
@@ -90,6 +105,8 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         recorded.settle(sm._pipe, stated=heartbeat_ttl is not None, claim_lease=sm.claim_lease)
         sm.redis.call("ping", sm.redis.redis.ping)
         _check_eviction(sm, require_noeviction)
+        if settings.synchronous_commit == "off":  # before any write: a fast start must know
+            watermark.note_async_commits(sm.redis, sm.ns, time.time())
         sm._listener.start()
         if not sm._listener.wait_subscribed(SUBSCRIBE_WAIT):
             log.warning("no invalidation subscription after %.0fs: memory is not used until "

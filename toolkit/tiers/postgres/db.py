@@ -78,11 +78,14 @@ PREPARE_THRESHOLD = 5
 (psycopg's own default), where :func:`toolkit.config.pg_prepare_mode` allows it."""
 
 
-def _on_connect(mode: str) -> Callable[[Any, Any], None]:
-    """The hook each new connection runs: session time zone UTC, prepared statements or not."""
+def _on_connect(mode: str, synchronous_commit: str) -> Callable[[Any, Any], None]:
+    """The hook each new connection runs: session time zone UTC, ``synchronous_commit`` off
+    when asked, prepared statements or not."""
 
     def setup(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.execute("SET TIME ZONE 'UTC'")
+        if synchronous_commit == "off":
+            dbapi_connection.execute("SET synchronous_commit TO off")
         dbapi_connection.commit()  # before _direct, which may roll back
         prepare = mode == "on" or (mode == "auto" and _direct(dbapi_connection))
         dbapi_connection.commit()
@@ -176,7 +179,8 @@ def setup_problem(orig: BaseException, first: str) -> str | None:
 
 
 def _engine(url: str, options: dict[str, Any], pool_size: int, connect_timeout: float,
-            read_only: bool, losses: _Losses, **kwargs: Any) -> sa.Engine:
+            read_only: bool, losses: _Losses, synchronous_commit: str, **kwargs: Any
+            ) -> sa.Engine:
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
@@ -197,7 +201,7 @@ def _engine(url: str, options: dict[str, Any], pool_size: int, connect_timeout: 
     )
     # Times come back in UTC; a SET (not a startup option, which PgBouncer
     # refuses) that the pooler tracks and re-applies.
-    sa.event.listen(engine, "connect", _on_connect(config.pg_prepare_mode()))
+    sa.event.listen(engine, "connect", _on_connect(config.pg_prepare_mode(), synchronous_commit))
     sa.event.listen(engine, "checkout", losses.ping_if_idle)
     sa.event.listen(engine, "checkin", _mark_idle)
     sa.event.listen(engine, "handle_error", losses.note)
@@ -217,11 +221,14 @@ class Database:
         Run every transaction as ``READ ONLY`` (the server refuses writes).
     connect_timeout
         Seconds libpq may spend connecting (a silent server fails in bounded time).
+    synchronous_commit
+        ``"off"``: every session sets ``synchronous_commit = off`` (a commit returns before
+        its WAL reaches the disk; see ``init_state_manager``). ``"on"``: left alone.
     """
 
     def __init__(
         self, url: str, schema: str, *, read_only: bool = False, connect_timeout: float = 5.0,
-        pool_size: int = 5,
+        pool_size: int = 5, synchronous_commit: str = "on",
     ) -> None:
         self.url = url
         self.schema = config.validate_schema(schema)
@@ -230,13 +237,14 @@ class Database:
         if read_only:
             options["postgresql_readonly"] = True
         losses = _Losses()
-        self.engine = _engine(url, options, pool_size, connect_timeout, read_only, losses)
+        self.engine = _engine(url, options, pool_size, connect_timeout, read_only, losses,
+                              synchronous_commit)
         # Its own pool, its connections autocommit from the start: an AUTOCOMMIT execution
         # option on the shared engine switched the isolation level at every checkout and
         # back at every return (29 us of CPU a checkout, 10 us this way). Each pool holds up
         # to pool_size + 10 connections, opened when first needed.
         self._autocommit = _engine(url, options, pool_size, connect_timeout, read_only, losses,
-                                   isolation_level="AUTOCOMMIT")
+                                   synchronous_commit, isolation_level="AUTOCOMMIT")
 
     def __repr__(self) -> str:
         return f"Database({config.mask_url(self.url)!r}, schema={self.schema!r})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import cast
 
 import sqlalchemy as sa
 from psycopg import sql as pgsql
@@ -217,6 +218,11 @@ def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) ->
 
 
 # -- what changed since a time (a fast start) ------------------------------------------------
+
+def server_started_at(conn: sa.Connection) -> datetime:
+    """When the PostgreSQL server started (its last restart, a crash's included)."""
+    return cast(datetime, conn.execute(sa.select(sa.func.pg_postmaster_start_time())).scalar_one())
+
 
 def changed_since(conn: sa.Connection, since: datetime) -> dict[str, list[str]]:
     """Ids of the entities that may have changed at or after ``since``, per kind.

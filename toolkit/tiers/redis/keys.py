@@ -91,6 +91,11 @@ def rebuilt(ns: str) -> str:
     return f"{prefix(ns)}rebuilt"
 
 
+def async_commits(ns: str) -> str:
+    """Return the key a coordinator committing with ``synchronous_commit = off`` sets first."""
+    return f"{prefix(ns)}async_commits"
+
+
 def deleting(ns: str) -> str:
     """Return the set of entities whose delete may not have reached Redis yet."""
     return f"{prefix(ns)}deleting"

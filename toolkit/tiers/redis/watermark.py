@@ -14,6 +14,10 @@ back, so the mark, not the watermarks, says that Redis survived.
 
 Deletes leave no row to find, so they are noted in ``{ns}:deleting`` before
 their commit and the note is removed with the cache entries after it.
+
+A coordinator that commits with ``synchronous_commit = off`` notes it in
+``{ns}:async_commits`` before its first write: a PostgreSQL server that crashed may have
+lost commits Redis holds, so a fast start after the server restarted is refused.
 """
 
 from __future__ import annotations
@@ -78,6 +82,29 @@ def forget_rebuilt(client: Client, ns: str) -> None:
 def was_rebuilt(client: Client, ns: str) -> bool:
     """Whether Redis still holds the mark of the last rebuild (a loss of data removes it)."""
     return bool(client.call("read rebuilt mark", lambda: client.redis.exists(keys.rebuilt(ns))))
+
+
+def rebuilt_at(client: Client, ns: str) -> float | None:
+    """When the last rebuild made Redis whole (None: no mark, or an unreadable one)."""
+    raw = client.call("read rebuilt mark", lambda: client.redis.get(keys.rebuilt(ns)))
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        return None
+
+
+def note_async_commits(client: Client, ns: str, now: float) -> None:
+    """Note, before its first write, that a coordinator of ``ns`` commits without waiting for
+    the disk (``synchronous_commit = off``): the first such coordinator's start is kept."""
+    client.call("note async commits", lambda: client.redis.set(keys.async_commits(ns), repr(now),
+                                                               nx=True))
+
+
+def async_commits_noted(client: Client, ns: str) -> bool:
+    """Whether a coordinator of ``ns`` ever committed with ``synchronous_commit = off`` while
+    this Redis kept its data."""
+    return bool(client.call("read async commits note",
+                            lambda: client.redis.exists(keys.async_commits(ns))))
 
 
 def note_deleting(client: Client, ns: str, pairs: Iterable[tuple[str, str]]) -> None:

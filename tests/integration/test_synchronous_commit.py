@@ -1,0 +1,113 @@
+"""The opt-in ``synchronous_commit="off"`` mode (issue 18): every session of the state layer
+sets PostgreSQL's ``synchronous_commit = off``; the default leaves the server's setting alone.
+
+What the mode can lose is documented on ``init_state_manager``; here, that it is applied on
+both pools (the transactions' and the single statements'), that the default is untouched,
+that bad input is refused before anything is created, and that the one-commit-per-job loop
+works and its commits are seen at once by another session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+
+import toolkit
+from tests.conftest import Servers, unique
+from toolkit import errors
+from toolkit.tiers.redis import keys
+
+_SETTING = sa.text("SELECT setting, source FROM pg_settings WHERE name = 'synchronous_commit'")
+
+
+def _per_pool(sm: toolkit.StateManager) -> list[tuple[str, str]]:
+    """``(setting, source)`` of ``synchronous_commit`` on a connection of each pool."""
+    out = []
+    for engine in sm.db.engines:
+        with engine.connect() as conn:
+            setting, source = conn.execute(_SETTING).one()
+            out.append((str(setting), str(source)))
+    return out
+
+
+def test_the_opt_in_turns_synchronous_commit_off_in_every_session(make_sm: Any) -> None:
+    fast = make_sm(synchronous_commit="off")
+    assert _per_pool(fast) == [("off", "session"), ("off", "session")]
+    assert "synchronous_commit='off'" in repr(fast.settings)
+
+
+def test_the_default_leaves_the_servers_setting_alone(sm: toolkit.StateManager) -> None:
+    pools = _per_pool(sm)
+    assert len(pools) == 2
+    assert all(source != "session" for _, source in pools), pools
+    assert sm.settings.synchronous_commit == "on"
+    assert "synchronous_commit" not in repr(sm.settings)
+
+
+@pytest.mark.parametrize("bad", [False, "OFF", "local", None])
+def test_a_setting_other_than_on_or_off_is_refused_before_anything_is_created(
+        clean: Servers, raw_pg: psycopg.Connection, bad: Any) -> None:
+    schema = unique("sc_bad")
+    with pytest.raises(errors.ConfigurationError, match="synchronous_commit"):
+        toolkit.init_state_manager(clean.database_url, clean.redis_url, namespace=schema,
+                                   schema=schema, synchronous_commit=bad)
+    found = raw_pg.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchall()
+    assert found == []
+
+
+def test_the_one_commit_loop_runs_and_its_commits_are_seen_at_once(
+        make_sm: Any, raw_pg: psycopg.Connection, clean: Servers) -> None:
+    fast = make_sm(synchronous_commit="off")
+    worker = fast.register_worker("w-async").id
+    wf = fast.create_workflow("async", jobs=[{"name": f"j{i}"} for i in range(6)])
+    count = sql.SQL("SELECT status, count(*) FROM {} WHERE workflow_id = %s GROUP BY status"
+                    ).format(sql.Identifier(clean.schema, "jobs"))
+    job = fast.dequeue(worker, start=True)
+    done = []
+    while job is not None:
+        finished, job = fast.complete_and_dequeue(job.id, {"ok": True}, worker_id=worker,
+                                                  start=True)
+        done.append(finished.id)
+        statuses = dict(raw_pg.execute(count, (wf.id,)).fetchall())
+        assert statuses.get("completed") == len(done), statuses  # seen by another session
+    assert len(done) == 6
+    assert fast.get_workflow(wf.id).status.value == "completed"
+
+
+def _server_started(raw_pg: psycopg.Connection) -> float:
+    row = raw_pg.execute("SELECT extract(epoch FROM pg_postmaster_start_time())").fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def test_an_async_coordinator_is_noted_in_redis_before_its_first_write(
+        sm: toolkit.StateManager, make_sm: Any, raw_redis: Any) -> None:
+    assert raw_redis.exists(keys.async_commits(sm.ns)) == 0  # the default notes nothing
+    make_sm(synchronous_commit="off")
+    noted = float(raw_redis.get(keys.async_commits(sm.ns)))
+    make_sm(synchronous_commit="off")  # the first one's start is kept
+    assert float(raw_redis.get(keys.async_commits(sm.ns))) == noted
+
+
+def test_a_fast_start_after_postgres_restarted_rebuilds_in_full_when_commits_were_async(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection) -> None:
+    fast = make_sm(synchronous_commit="off")
+    fast.create_workflow("async", jobs=[{"name": "a"}])
+    ns = fast.ns
+    # PostgreSQL has not restarted since the last rebuild: the fast start is safe.
+    assert make_sm(rebuild="fast").last_fast_start is not None
+    # The last rebuild from before this PostgreSQL server's run: it restarted since (after a
+    # crash, the commits acknowledged just before it may be gone, and Redis holds them).
+    before_restart = _server_started(raw_pg) - 60.0
+    raw_redis.set(keys.rebuilt(ns), repr(before_restart))
+    after = make_sm(rebuild="fast")
+    assert after.last_fast_start is None  # the full rebuild ran ...
+    assert float(raw_redis.get(keys.rebuilt(ns))) > _server_started(raw_pg)  # ... and marked it
+    # The same restart with no coordinator ever committing asynchronously: fast start.
+    raw_redis.delete(keys.async_commits(ns))
+    raw_redis.set(keys.rebuilt(ns), repr(before_restart))
+    assert make_sm(rebuild="fast").last_fast_start is not None
