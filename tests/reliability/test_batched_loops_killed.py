@@ -1,6 +1,7 @@
 """The batched and the fused worker loops and the worker helper, SIGKILLed at random points: no
 acknowledged completion is lost, and no job is handed to two workers (issue 18's reliability
-criterion, items 1, 2 and 5)."""
+criterion, items 1, 2 and 5); with the default commits and with the opt-in
+``synchronous_commit="off"``, which loses nothing when only the coordinator dies."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from collections import Counter
 
 import psycopg
+import pytest
 from psycopg import sql
 
 import toolkit
@@ -22,8 +24,9 @@ from tests.reliability.conftest import assert_invariants
 
 LOOP = r"""
 import json, sys, toolkit
-mode, worker, ns, schema = sys.argv[1:5]
-sm = toolkit.init_state_manager(namespace=ns, schema=schema, heartbeat_ttl=1.0)
+mode, worker, ns, schema, sync = sys.argv[1:6]
+sm = toolkit.init_state_manager(namespace=ns, schema=schema, heartbeat_ttl=1.0,
+                                synchronous_commit=sync)
 sm.claim_lease = 1.0
 sm.register_worker(worker)
 print(json.dumps({"ready": worker}), flush=True)
@@ -49,13 +52,13 @@ else:
 """
 
 
-def _run_and_kill(clean: Servers, mode: str, worker: str, after: float) -> list[str]:
+def _run_and_kill(clean: Servers, mode: str, worker: str, after: float, sync: str) -> list[str]:
     """Run one loop process and SIGKILL it ``after`` seconds after its first sign of progress
     (an ack or a handler run), so a slow machine still kills each loop mid-flight rather than
     before it did anything; its acked job ids."""
     env = {**os.environ, "DATABASE_URL": clean.database_url, "REDIS_URL": clean.redis_url}
-    proc = subprocess.Popen([sys.executable, "-c", LOOP, mode, worker, clean.namespace, clean.schema],
-                            env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, mode, worker, clean.namespace, clean.schema,
+                             sync], env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     first = proc.stdout.readline()
     assert "ready" in first, first
@@ -78,8 +81,9 @@ def _drain(sm: toolkit.StateManager, worker: str, seconds: float = 40.0) -> None
             assert all(isinstance(o, toolkit.Job) for o in out), out
 
 
+@pytest.mark.parametrize("sync", ["on", "off"])
 def test_batched_fused_and_worker_loops_killed_at_random_lose_no_acked_completion(
-        clean: Servers, make_sm, raw_redis) -> None:
+        clean: Servers, make_sm, raw_redis, sync: str) -> None:
     rng = random.Random(18)
     setup = make_sm(heartbeat_ttl=1.0)
     for k in range(2):  # the second half of each workflow waits for the first (releases)
@@ -91,7 +95,7 @@ def test_batched_fused_and_worker_loops_killed_at_random_lose_no_acked_completio
     for round_ in range(12):
         mode = ("batch", "fused", "worker1", "worker10")[round_ % 4]
         worker = f"{mode}-{round_}"
-        for job_id in _run_and_kill(clean, mode, worker, rng.uniform(0.0, 0.4)):
+        for job_id in _run_and_kill(clean, mode, worker, rng.uniform(0.0, 0.4), sync):
             assert job_id not in acked, f"{job_id} acked twice"
             acked[job_id] = worker
     assert len(set(acked.values())) >= 4, "most loops acknowledged nothing before they were killed"
