@@ -233,6 +233,13 @@ class LocalStack:
         self._require_started()
         self._pg.halt(self)
 
+    def crash_postgres(self) -> None:
+        """Crash PostgreSQL (fault injection): an immediate shutdown (SIGQUIT), no checkpoint,
+        WAL still in memory never written, as when the server dies; ``start_postgres()``
+        recovers from its log."""
+        self._require_started()
+        self._pg.halt(self, signal.SIGQUIT)
+
     def start_postgres(self) -> None:
         """Start PostgreSQL again on the same port and data; wait until it answers."""
         self._require_started()

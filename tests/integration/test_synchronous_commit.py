@@ -9,6 +9,8 @@ works and its commits are seen at once by another session.
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import psycopg
@@ -78,12 +80,6 @@ def test_the_one_commit_loop_runs_and_its_commits_are_seen_at_once(
     assert fast.get_workflow(wf.id).status.value == "completed"
 
 
-def _server_started(raw_pg: psycopg.Connection) -> float:
-    row = raw_pg.execute("SELECT extract(epoch FROM pg_postmaster_start_time())").fetchone()
-    assert row is not None
-    return float(row[0])
-
-
 def test_an_async_coordinator_is_noted_in_redis_before_its_first_write(
         sm: toolkit.StateManager, make_sm: Any, raw_redis: Any) -> None:
     assert raw_redis.exists(keys.async_commits(sm.ns)) == 0  # the default notes nothing
@@ -93,21 +89,60 @@ def test_an_async_coordinator_is_noted_in_redis_before_its_first_write(
     assert float(raw_redis.get(keys.async_commits(sm.ns))) == noted
 
 
-def test_a_fast_start_after_postgres_restarted_rebuilds_in_full_when_commits_were_async(
-        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection) -> None:
+def test_after_a_crash_recovery_a_fast_start_rebuilds_in_full_when_commits_were_async(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers) -> None:
     fast = make_sm(synchronous_commit="off")
     fast.create_workflow("async", jobs=[{"name": "a"}])
     ns = fast.ns
-    # PostgreSQL has not restarted since the last rebuild: the fast start is safe.
+    token = raw_redis.get(keys.crash_token(ns))
+    sentinel = sql.SQL("SELECT namespace, token FROM {}").format(
+        sql.Identifier(clean.schema, "crash_sentinel"))
+    assert raw_pg.execute(sentinel).fetchall() == [(ns, token)]  # the rebuild wrote both
+    # No crash since the last rebuild: the fast start is safe.
     assert make_sm(rebuild="fast").last_fast_start is not None
-    # The last rebuild from before this PostgreSQL server's run: it restarted since (after a
-    # crash, the commits acknowledged just before it may be gone, and Redis holds them).
-    before_restart = _server_started(raw_pg) - 60.0
-    raw_redis.set(keys.rebuilt(ns), repr(before_restart))
+    # What a crash recovery does to the UNLOGGED sentinel (a real crash:
+    # tests/reliability/test_async_commit_crash.py): emptied.
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(clean.schema, "crash_sentinel")))
     after = make_sm(rebuild="fast")
-    assert after.last_fast_start is None  # the full rebuild ran ...
-    assert float(raw_redis.get(keys.rebuilt(ns))) > _server_started(raw_pg)  # ... and marked it
-    # The same restart with no coordinator ever committing asynchronously: fast start.
+    assert after.last_fast_start is None  # the full rebuild ran, and wrote a new token
+    renewed = raw_redis.get(keys.crash_token(ns))
+    assert renewed != token and raw_pg.execute(sentinel).fetchall() == [(ns, renewed)]
+    # The same crash with no coordinator ever committing asynchronously: fast start.
     raw_redis.delete(keys.async_commits(ns))
-    raw_redis.set(keys.rebuilt(ns), repr(before_restart))
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(clean.schema, "crash_sentinel")))
     assert make_sm(rebuild="fast").last_fast_start is not None
+
+
+def test_an_async_coordinator_notes_itself_again_after_redis_lost_the_note(
+        make_sm: Any, raw_redis: Any) -> None:
+    fast = make_sm(synchronous_commit="off")
+    raw_redis.delete(keys.async_commits(fast.ns))  # as a Redis that lost its data
+    deadline = time.monotonic() + 5
+    while raw_redis.exists(keys.async_commits(fast.ns)) == 0:
+        assert time.monotonic() < deadline, "the note never came back"
+        time.sleep(0.1)
+
+
+
+def test_a_rebuild_after_a_crash_puts_back_what_postgres_kept_even_at_a_reissued_version(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers) -> None:
+    fast = make_sm(synchronous_commit="off")
+    ahead, reissued = fast.create_workflow("ahead"), fast.create_workflow("reissued")
+    for wf in (ahead, reissued):
+        assert fast.update_workflow_status(wf.id, "running").version == 2  # in Redis: v2 running
+    # The crash lost both commits (PostgreSQL is back at v1, pending); then a coordinator
+    # that ran on made another change to the second one, and PostgreSQL issued v2 again.
+    table = sql.Identifier(clean.schema, "workflows")
+    raw_pg.execute(sql.SQL("UPDATE {} SET status = 'pending', version = 1 WHERE id = ANY(%s)"
+                           ).format(table), ([ahead.id, reissued.id],))
+    raw_pg.execute(sql.SQL("UPDATE {} SET status = 'cancelled', version = 2 WHERE id = %s"
+                           ).format(table), (reissued.id,))
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(clean.schema, "crash_sentinel")))
+
+    after = make_sm()  # the full rebuild
+    for wf, status, version in ((ahead, "pending", 1), (reissued, "cancelled", 2)):
+        cached = raw_redis.get(keys.entity(after.ns, "workflow", wf.id))
+        assert cached.split("|", 1)[0] == str(version)
+        assert json.loads(cached.split("|", 1)[1])["status"] == status, (wf.name, cached)
+        assert after.get_workflow(wf.id).status.value == status
+    assert after.check_consistency().ok

@@ -159,6 +159,7 @@ class Pipeline:
         self.tiers = Tiers(self.db, self.redis, self.ns, self.memory)
         self.listener = invalidation.InvalidationListener(self.redis, self.ns, self.memory, KINDS)
         self.watermark = Watermark(self.redis, self.ns)
+        self.watermark.async_commits = settings.synchronous_commit == "off"
         self.memory_max_age = MEMORY_MAX_AGE
         self.tx_attempts = TX_ATTEMPTS
         self.retry_policy: retry_policy.RetryPolicy | retry_policy.Backoff = retry_policy.RetryPolicy()

@@ -73,10 +73,14 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         PostgreSQL *server* crashes (or its machine loses power), the writes acknowledged in
         the last moments before, up to three times ``wal_writer_delay`` (600 ms by
         default), are gone from PostgreSQL, while Redis may still hold them. So the mode is
-        noted in Redis before the first write, and ``rebuild="fast"`` after the server
-        restarted runs the full rebuild instead, which puts Redis back to what PostgreSQL
-        holds. A crash of the coordinator itself loses nothing, the data stays
-        consistent, and other sessions see each commit at once, as with ``"on"``.
+        noted in Redis before the first write, and after a crash recovery of the server
+        (seen by its ``UNLOGGED`` crash sentinel) the next rebuild lets PostgreSQL win
+        over every cached entry (``rebuild="fast"`` runs the full rebuild instead).
+        Coordinators that ran on through the server's crash serve those entries until
+        then: restart them, or call ``rebuild()`` on one. A crash of the coordinator
+        itself loses nothing, the data stays consistent, and other sessions see each
+        commit at once, as with ``"on"``. Through a transaction pooler (PgBouncer), a
+        session's ``SET`` is not kept to this manager's sessions: see the README.
 
     Raises
     ------
@@ -105,7 +109,8 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         recorded.settle(sm._pipe, stated=heartbeat_ttl is not None, claim_lease=sm.claim_lease)
         sm.redis.call("ping", sm.redis.redis.ping)
         _check_eviction(sm, require_noeviction)
-        if settings.synchronous_commit == "off":  # before any write: a fast start must know
+        if settings.synchronous_commit == "off":  # before any write that reaches Redis (the
+            # migrations' and settle's commits do not): a rebuild must know. Fails closed.
             watermark.note_async_commits(sm.redis, sm.ns, time.time())
         sm._listener.start()
         if not sm._listener.wait_subscribed(SUBSCRIBE_WAIT):

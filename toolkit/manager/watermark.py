@@ -45,6 +45,9 @@ class Watermark:
         self._run_id = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.async_commits = False
+        """This coordinator commits with ``synchronous_commit = off``: each publication notes
+        it again (``{ns}:async_commits``; a Redis that lost its data lost the note too)."""
 
     @contextmanager
     def pending(self) -> Iterator[None]:
@@ -93,6 +96,8 @@ class Watermark:
         if not self._run_id:
             self._run_id = watermark.run_id(self.client)
         now = time.time()
+        if self.async_commits:
+            watermark.note_async_commits(self.client, self.ns, now)
         watermark.publish(self.client, self.ns, self.coordinator,
                           watermark.Mark(self.coordinator, self.safe(), now, self._run_id))
 

@@ -13,7 +13,7 @@ When Redis lost the mark of the last rebuild (it lost data), or the watermarks
 say nothing useful (none, one at 0, from another Redis server run, or older
 than :data:`MAX_LAG`), or PostgreSQL may have lost commits that Redis holds (a
 coordinator of the namespace committed with ``synchronous_commit = off`` and the
-server restarted since the last rebuild), :func:`fast_start` returns None and
+server recovered from a crash since the last rebuild), :func:`fast_start` returns None and
 the caller runs the full rebuild.
 """
 
@@ -29,7 +29,7 @@ from toolkit.recovery import queues, repairing
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.redis import heartbeats, metrics, watermark
 
-MARGIN = 5.0
+MARGIN = repairing.CLOCK_SKEW
 """Seconds subtracted from the smallest watermark (clocks of coordinators may differ this much)."""
 MAX_LAG = 24 * 3600.0
 """A watermark older than this sends the start to the full rebuild (the event scan would be long)."""
@@ -60,7 +60,7 @@ def horizon(t: Tiers, now: float) -> float | None:
     """The time from which to check, or None when only a full rebuild will do."""
     if not watermark.was_rebuilt(t.redis, t.ns):
         return None  # Redis lost its data since the last rebuild
-    if _commits_may_be_lost(t):
+    if repairing.commits_may_be_lost(t):
         return None
     marks = watermark.read(t.redis, t.ns)
     if not marks:
@@ -70,18 +70,6 @@ def horizon(t: Tiers, now: float) -> float | None:
         return None
     since = min(m.safe for m in marks) - MARGIN
     return since if now - since <= MAX_LAG else None
-
-
-def _commits_may_be_lost(t: Tiers) -> bool:
-    """Whether PostgreSQL may have lost commits that Redis holds: a coordinator of this
-    namespace committed with ``synchronous_commit = off`` (a server crash loses its last
-    acknowledged commits) and the server started after the last rebuild (less :data:`MARGIN`)."""
-    if not watermark.async_commits_noted(t.redis, t.ns):
-        return False
-    rebuilt = watermark.rebuilt_at(t.redis, t.ns)
-    with t.db.autocommit("fast start: when PostgreSQL started") as conn:
-        started = records.server_started_at(conn).timestamp()
-    return rebuilt is None or started > rebuilt - MARGIN
 
 
 def fast_start(t: Tiers) -> FastStartReport | None:

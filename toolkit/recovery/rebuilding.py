@@ -312,19 +312,14 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     # The paused mirror first: a queue filled early is never served while its pause is missing.
     queues.restore_paused(t)
     token = _mark_rebuilding(t)
+    # Before the snapshot, in one transaction: the crash sentinel's last token (lost: then
+    # PostgreSQL wins over every cached entry) and a new one (a crash from here on is seen).
+    sentinel, lost = _renew_sentinel(t)
     cached, empty = _scan_cache(t.redis, t.ns)
     read = _snapshot(t, progress, cached, empty)
     for kind in KINDS:
         t.memory.replace(kind, read.entities[kind])
-    for kind in KINDS:
-        cache.fill_missing_or_older(t.redis, t.ns, read.versioned[kind])
-        # Entries the snapshot does not cover (jobs that became final or were
-        # deleted in a commit whose cache update was lost) are checked too.
-        if cached[kind]:
-            live = {e.id for e in read.entities[kind]}
-            others = sorted(i for i in cached[kind] if i not in live)
-            if others:
-                repairing.fix_cache(t, kind, others)
+    _fill_cache(t, read, cached, lost)
     checked = read.filled
     queues.drop_not_queued(t, {name: read.wanted.get(name, {}) for name in checked})
     if checked and not _still_rebuilding(t, token):
@@ -338,6 +333,7 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     metrics.raise_to(t.redis, t.ns, read.checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
     watermark.mark_rebuilt(t.redis, t.ns, time.time())
+    watermark.set_crash_token(t.redis, t.ns, sentinel)
     t.redis.call("rebuild done", lambda: t.redis.redis.delete(keys.rebuilding(t.ns)))
     return RebuildReport(
         workflows=len(read.entities[Kind.WORKFLOW]), jobs=len(read.entities[Kind.JOB]),
@@ -346,6 +342,31 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
         queued=sum(len(v) for v in read.wanted.values()) + sum(len(v) for v in read.later.values()),
         seconds=time.perf_counter() - start,
     )
+
+
+def _fill_cache(t: Tiers, read: _Snapshot, cached: Mapping[str, set[str]], lost: bool) -> None:
+    """The versioned fills of what the snapshot read; then the cached entries it does not
+    cover (jobs that became final or were deleted in a commit whose cache update was lost)
+    are checked against PostgreSQL, and every cached entry when commits may be ``lost``
+    (PostgreSQL wins, see :func:`repairing.fix_cache`)."""
+    for kind in KINDS:
+        cache.fill_missing_or_older(t.redis, t.ns, read.versioned[kind])
+        if cached[kind]:
+            live = set() if lost else {e.id for e in read.entities[kind]}
+            others = sorted(i for i in cached[kind] if i not in live)
+            if others:
+                repairing.fix_cache(t, kind, others, pg_wins=lost)
+
+
+def _renew_sentinel(t: Tiers) -> tuple[str, bool]:
+    """Write a new token to PostgreSQL's crash sentinel (UNLOGGED: a crash recovery empties
+    it), Redis gets it when the rebuild is done; and whether PostgreSQL may have lost commits
+    Redis holds (:func:`repairing.commits_may_be_lost`, from the token it replaced)."""
+    token = uuid.uuid4().hex
+    noted = watermark.async_commits_noted(t.redis, t.ns)
+    with t.db.begin("rebuild: crash sentinel") as conn:
+        old = records.renew_sentinel(conn, t.ns, token)
+    return token, noted and repairing.sentinel_lost(t, old)
 
 
 def _mark_rebuilding(t: Tiers) -> str:

@@ -4,24 +4,61 @@ queues' mirror, then the queues)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from toolkit import compare, models
 from toolkit.handles import Tiers
 from toolkit.recovery import queues
 from toolkit.tiers.postgres import records, store
-from toolkit.tiers.redis import cache, heartbeats, metrics
+from toolkit.tiers.redis import cache, heartbeats, metrics, watermark
 from toolkit.tiers.redis.client import chunks
 
 PIPELINE_CHUNK = 5_000
 """Entities per PostgreSQL read and Redis pipeline of a repair."""
+CLOCK_SKEW = 5.0
+"""Seconds the clocks of two machines (coordinators) may differ."""
 
 
-def fix_cache(t: Tiers, kind: str, ids: list[str]) -> int:
+def commits_may_be_lost(t: Tiers) -> bool:
+    """Whether PostgreSQL may have lost commits that Redis holds: a coordinator of this
+    namespace committed with ``synchronous_commit = off`` (a server crash loses its last
+    acknowledged commits) and PostgreSQL crashed since the last rebuild (its UNLOGGED
+    crash sentinel lost the token that rebuild wrote, or none was ever written). Redis
+    then holds versions PostgreSQL never kept and will issue again for other changes, so
+    only a fill where PostgreSQL wins puts it right."""
+    if not watermark.async_commits_noted(t.redis, t.ns):
+        return False
+    with t.db.autocommit("read the crash sentinel") as conn:
+        kept = records.sentinel(conn, t.ns)
+    return sentinel_lost(t, kept)
+
+
+def sentinel_lost(t: Tiers, kept: str | None) -> bool:
+    """Whether PostgreSQL's crash sentinel token ``kept`` is not the one Redis holds."""
+    token = watermark.crash_token(t.redis, t.ns)
+    return token is None or kept != token
+
+
+def _stale(kind: str, value: Any, e: models.Entity, pg_wins: bool) -> str:
+    """How the cached ``value`` of ``e`` is wrong: ``"wrong"`` (overwrite it), ``"older"``
+    (a versioned fill) or ``""`` (right). ``pg_wins``: also an entry of the same version
+    with other content (PostgreSQL, after losing commits, issued that version again)."""
+    rv = cache.version_of(value)
+    version = models.entity_version(e)
+    if value is not None and (rv is None or rv > version or cache.decode(kind, value) is None
+                              or (pg_wins and rv == version and cache.decode(kind, value) != e)):
+        return "wrong"
+    return "older" if rv is None or rv < version else ""
+
+
+def fix_cache(t: Tiers, kind: str, ids: list[str], *, pg_wins: bool = False) -> int:
     """Make the cache and memory entries of ``ids`` agree with PostgreSQL; return how many changed.
 
     Gone from PostgreSQL: removed. Missing or older in Redis: a versioned fill
     (a write that lands meanwhile keeps its newer entry). Corrupt, or claiming a
-    version PostgreSQL never had: overwritten, PostgreSQL wins.
+    version PostgreSQL never had: overwritten, PostgreSQL wins. ``pg_wins`` (PostgreSQL
+    may have lost commits, see :func:`commits_may_be_lost`): an entry of PostgreSQL's
+    version with other content is overwritten too.
     """
     db, client, ns, memory = t.db, t.redis, t.ns, t.memory
     changed = 0
@@ -37,12 +74,9 @@ def fix_cache(t: Tiers, kind: str, ids: list[str]) -> int:
             if row is None:
                 continue
             e = models.from_dict(kind, row)
-            rv = cache.version_of(value)
-            if value is not None and (rv is None or rv > models.entity_version(e)
-                                      or cache.decode(kind, value) is None):
-                wrong.append(e)
-            elif rv is None or rv < models.entity_version(e):
-                older.append(e)
+            how = _stale(kind, value, e, pg_wins)
+            if how:
+                (wrong if how == "wrong" else older).append(e)
             memory.put(kind, e)
 
         def go(older: list[models.Entity] = older, wrong: list[models.Entity] = wrong,

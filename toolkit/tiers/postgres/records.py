@@ -219,9 +219,25 @@ def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) ->
 
 # -- what changed since a time (a fast start) ------------------------------------------------
 
-def server_started_at(conn: sa.Connection) -> datetime:
-    """When the PostgreSQL server started (its last restart, a crash's included)."""
-    return cast(datetime, conn.execute(sa.select(sa.func.pg_postmaster_start_time())).scalar_one())
+def renew_sentinel(conn: sa.Connection, namespace: str, token: str) -> str | None:
+    """Write ``namespace``'s crash sentinel (0010: a crash recovery empties the table);
+    return the token it replaced (None: none), read in the same transaction, locked."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    c = t.crash_sentinel
+    old = conn.execute(sa.select(c.c.token).where(c.c.namespace == namespace).with_for_update()
+                       ).scalar_one_or_none()
+    stmt = pg_insert(c).values(namespace=namespace, token=token)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.namespace],
+                                            set_={"token": stmt.excluded.token}))
+    return cast(str | None, old)
+
+
+def sentinel(conn: sa.Connection, namespace: str) -> str | None:
+    """``namespace``'s crash sentinel token, or None (never written, or a crash emptied it)."""
+    c = t.crash_sentinel
+    return cast(str | None, conn.execute(sa.select(c.c.token).where(c.c.namespace == namespace)
+                                         ).scalar_one_or_none())
 
 
 def changed_since(conn: sa.Connection, since: datetime) -> dict[str, list[str]]:

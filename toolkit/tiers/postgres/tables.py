@@ -189,6 +189,14 @@ paused_queues = Table(
 )
 """Queues an operator paused: no job is handed out of them until resumed (0006)."""
 
+crash_sentinel = Table(
+    "crash_sentinel", metadata,
+    Column("namespace", Text, primary_key=True),
+    Column("token", Text, nullable=False),
+    prefixes=["UNLOGGED"],
+)
+"""Each namespace's token of its last rebuild; UNLOGGED, so a crash recovery empties it (0010)."""
+
 operator_actions = Table(
     "operator_actions", metadata,
     Column("id", Text, primary_key=True),

@@ -96,6 +96,11 @@ def async_commits(ns: str) -> str:
     return f"{prefix(ns)}async_commits"
 
 
+def crash_token(ns: str) -> str:
+    """Return the key holding the token of the last rebuild's crash sentinel (PostgreSQL's)."""
+    return f"{prefix(ns)}crash_token"
+
+
 def deleting(ns: str) -> str:
     """Return the set of entities whose delete may not have reached Redis yet."""
     return f"{prefix(ns)}deleting"

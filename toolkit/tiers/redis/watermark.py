@@ -16,8 +16,10 @@ Deletes leave no row to find, so they are noted in ``{ns}:deleting`` before
 their commit and the note is removed with the cache entries after it.
 
 A coordinator that commits with ``synchronous_commit = off`` notes it in
-``{ns}:async_commits`` before its first write: a PostgreSQL server that crashed may have
-lost commits Redis holds, so a fast start after the server restarted is refused.
+``{ns}:async_commits`` before its first write (and again with each watermark): a
+PostgreSQL server that crashed may have lost commits Redis holds. A rebuild writes a token
+to PostgreSQL's UNLOGGED crash sentinel, which a crash recovery empties, and the same
+token to ``{ns}:crash_token``: a token PostgreSQL lost says it crashed since.
 """
 
 from __future__ import annotations
@@ -84,13 +86,15 @@ def was_rebuilt(client: Client, ns: str) -> bool:
     return bool(client.call("read rebuilt mark", lambda: client.redis.exists(keys.rebuilt(ns))))
 
 
-def rebuilt_at(client: Client, ns: str) -> float | None:
-    """When the last rebuild made Redis whole (None: no mark, or an unreadable one)."""
-    raw = client.call("read rebuilt mark", lambda: client.redis.get(keys.rebuilt(ns)))
-    try:
-        return None if raw is None else float(raw)
-    except ValueError:
-        return None
+def set_crash_token(client: Client, ns: str, token: str) -> None:
+    """Record the token a rebuild wrote to PostgreSQL's crash sentinel before it began."""
+    client.call("record crash token", lambda: client.redis.set(keys.crash_token(ns), token))
+
+
+def crash_token(client: Client, ns: str) -> str | None:
+    """The token of the last rebuild's crash sentinel (None: none recorded)."""
+    raw = client.call("read crash token", lambda: client.redis.get(keys.crash_token(ns)))
+    return None if raw is None else str(raw)
 
 
 def note_async_commits(client: Client, ns: str, now: float) -> None:
