@@ -225,19 +225,18 @@ def renew_sentinel(conn: sa.Connection, namespace: str, token: str) -> str | Non
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
     c = t.crash_sentinel
-    old = sentinel(conn, namespace, lock=True)
+    old = conn.execute(sa.select(c.c.token).where(c.c.namespace == namespace).with_for_update()
+                       ).scalar_one_or_none()
     stmt = pg_insert(c).values(namespace=namespace, token=token)
     conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.namespace],
                                             set_={"token": stmt.excluded.token}))
-    return old
+    return cast(str | None, old)
 
 
-def sentinel(conn: sa.Connection, namespace: str, *, lock: bool = False) -> str | None:
-    """``namespace``'s crash sentinel token, or None (never written, or a crash emptied it);
-    ``lock``: its row locked for the transaction."""
+def sentinel(conn: sa.Connection, namespace: str) -> str | None:
+    """``namespace``'s crash sentinel token, or None (never written, or a crash emptied it)."""
     c = t.crash_sentinel
-    query = sa.select(c.c.token).where(c.c.namespace == namespace)
-    return cast(str | None, conn.execute(query.with_for_update() if lock else query
+    return cast(str | None, conn.execute(sa.select(c.c.token).where(c.c.namespace == namespace)
                                          ).scalar_one_or_none())
 
 
