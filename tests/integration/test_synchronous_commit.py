@@ -80,7 +80,7 @@ def test_the_one_commit_loop_runs_and_its_commits_are_seen_at_once(
     assert fast.get_workflow(wf.id).status.value == "completed"
 
 
-def test_an_async_coordinator_is_noted_in_redis_before_its_first_write(
+def test_an_async_coordinator_is_noted_in_redis_and_the_first_ones_start_is_kept(
         sm: toolkit.StateManager, make_sm: Any, raw_redis: Any) -> None:
     assert raw_redis.exists(keys.async_commits(sm.ns)) == 0  # the default notes nothing
     make_sm(synchronous_commit="off")

@@ -29,7 +29,7 @@ from toolkit.recovery import queues, repairing
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.redis import heartbeats, metrics, watermark
 
-MARGIN = repairing.CLOCK_SKEW
+MARGIN = 5.0
 """Seconds subtracted from the smallest watermark (clocks of coordinators may differ this much)."""
 MAX_LAG = 24 * 3600.0
 """A watermark older than this sends the start to the full rebuild (the event scan would be long)."""

@@ -15,8 +15,6 @@ from toolkit.tiers.redis.client import chunks
 
 PIPELINE_CHUNK = 5_000
 """Entities per PostgreSQL read and Redis pipeline of a repair."""
-CLOCK_SKEW = 5.0
-"""Seconds the clocks of two machines (coordinators) may differ."""
 
 
 def commits_may_be_lost(t: Tiers) -> bool:
@@ -45,9 +43,11 @@ def _stale(kind: str, value: Any, e: models.Entity, pg_wins: bool) -> str:
     with other content (PostgreSQL, after losing commits, issued that version again)."""
     rv = cache.version_of(value)
     version = models.entity_version(e)
-    if value is not None and (rv is None or rv > version or cache.decode(kind, value) is None
-                              or (pg_wins and rv == version and cache.decode(kind, value) != e)):
-        return "wrong"
+    if value is not None:
+        decoded = cache.decode(kind, value)
+        if rv is None or rv > version or decoded is None or (pg_wins and rv == version
+                                                             and decoded != e):
+            return "wrong"
     return "older" if rv is None or rv < version else ""
 
 

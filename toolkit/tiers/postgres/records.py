@@ -225,18 +225,19 @@ def renew_sentinel(conn: sa.Connection, namespace: str, token: str) -> str | Non
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
     c = t.crash_sentinel
-    old = conn.execute(sa.select(c.c.token).where(c.c.namespace == namespace).with_for_update()
-                       ).scalar_one_or_none()
+    old = sentinel(conn, namespace, lock=True)
     stmt = pg_insert(c).values(namespace=namespace, token=token)
     conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.namespace],
                                             set_={"token": stmt.excluded.token}))
-    return cast(str | None, old)
+    return old
 
 
-def sentinel(conn: sa.Connection, namespace: str) -> str | None:
-    """``namespace``'s crash sentinel token, or None (never written, or a crash emptied it)."""
+def sentinel(conn: sa.Connection, namespace: str, *, lock: bool = False) -> str | None:
+    """``namespace``'s crash sentinel token, or None (never written, or a crash emptied it);
+    ``lock``: its row locked for the transaction."""
     c = t.crash_sentinel
-    return cast(str | None, conn.execute(sa.select(c.c.token).where(c.c.namespace == namespace)
+    query = sa.select(c.c.token).where(c.c.namespace == namespace)
+    return cast(str | None, conn.execute(query.with_for_update() if lock else query
                                          ).scalar_one_or_none())
 
 
