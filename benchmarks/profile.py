@@ -1,6 +1,7 @@
 """Profile one toolkit operation with pyinstrument (to find why a ratio misses).
 
-    python -m benchmarks.profile {bulk,write,start,read_pg,drain,heartbeat,incr,rebuild,jobs} [-n N]
+    python -m benchmarks.profile CASE [-n N]   (CASE: bulk, write, start, read_pg, drain,
+                                                fused, batch, heartbeat, incr, rebuild, jobs)
 
 Needs ``pip install pyinstrument``. Runs on DATABASE_URL/REDIS_URL or the
 embedded stack, in a fresh schema and namespace removed afterwards, and prints
@@ -13,7 +14,7 @@ import argparse
 from collections.abc import Callable
 
 import toolkit
-from benchmarks import harness, queues
+from benchmarks import flow, harness, queues
 
 Prepared = Callable[[], object]
 
@@ -57,6 +58,18 @@ def _drain(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
     return lambda: queues.drain(sm, w, n)
 
 
+def _fused(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
+    w = sm.register_worker("p").id
+    queues.queued_jobs(sm, n)
+    return lambda: flow.drain_fused(sm, w, n)
+
+
+def _batch(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
+    w = sm.register_worker("p").id
+    queues.queued_jobs(sm, n)
+    return lambda: flow.drain_batched(sm, w, n)
+
+
 def _heartbeat(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
     ids = [sm.register_worker(f"p{i}").id for i in range(n)]
     return lambda: [sm.heartbeat(w) for w in ids]
@@ -83,6 +96,7 @@ def _jobs(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
 
 CASES: dict[str, Callable[[toolkit.StateManager, harness.Bench, int], Prepared]] = {
     "bulk": _bulk, "write": _write, "start": _start, "read_pg": _read_pg, "drain": _drain,
+    "fused": _fused, "batch": _batch,
     "heartbeat": _heartbeat, "incr": _incr, "rebuild": _rebuild, "jobs": _jobs,
 }
 

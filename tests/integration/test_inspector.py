@@ -127,10 +127,13 @@ def table_digest(conn: psycopg.Connection, schema: str) -> dict[str, str]:
     return out
 
 
-def test_writes_through_the_inspector_connections_are_refused(sm, ins, clean) -> None:
+@pytest.mark.parametrize("way", ["begin", "autocommit"])
+def test_writes_through_the_inspector_connections_are_refused(sm, ins, clean, way) -> None:
+    busy(sm)
     with pytest.raises(toolkit.StorageUnavailable, match="read-only"), \
-            ins._db.begin("attempt a write") as conn:
+            getattr(ins._db, way)("attempt a write") as conn:
         conn.exec_driver_sql(f'DELETE FROM "{clean.schema}".workflows')
+    assert [w.id for w in sm.list_workflows()] == ["wf"]
     assert ins._redis.scripts == {}  # no Lua scripts: nothing that could write
 
 

@@ -243,15 +243,22 @@ class Database:
         # option on the shared engine switched the isolation level at every checkout and
         # back at every return (29 us of CPU a checkout, 10 us this way). Each pool holds up
         # to pool_size + 10 connections, opened when first needed.
-        self._autocommit = _engine(url, options, pool_size, connect_timeout, read_only, losses,
-                                   synchronous_commit, isolation_level="AUTOCOMMIT")
+        # A read-only Database has no autocommit pool: READ ONLY is a property of a
+        # transaction, and in autocommit there is none, so the server would take a write.
+        # Its single statements run in the READ ONLY transactions of the one pool.
+        self._autocommit = self.engine if read_only else _engine(
+            url, options, pool_size, connect_timeout, read_only, losses, synchronous_commit,
+            isolation_level="AUTOCOMMIT")
 
     def __repr__(self) -> str:
         return f"Database({config.mask_url(self.url)!r}, schema={self.schema!r})"
 
     @property
-    def engines(self) -> tuple[sa.Engine, sa.Engine]:
-        """Both pools: transactions (:attr:`engine`) and single statements (:meth:`autocommit`)."""
+    def engines(self) -> tuple[sa.Engine, ...]:
+        """The pools: transactions (:attr:`engine`) and single statements (:meth:`autocommit`);
+        a read-only Database has only the first."""
+        if self._autocommit is self.engine:
+            return (self.engine,)
         return self.engine, self._autocommit
 
     def dispose(self) -> None:
@@ -311,7 +318,8 @@ class Database:
         """A connection where each statement commits by itself.
 
         For a change that is ONE statement: it is as atomic as in :meth:`begin`,
-        and saves the ``BEGIN`` and ``COMMIT`` round trips (two of three).
+        and saves the ``BEGIN`` and ``COMMIT`` round trips (two of three). On a
+        read-only Database, a ``READ ONLY`` transaction rolled back at the end.
         """
         with self.translate(action), self._autocommit.connect() as conn:
             yield conn
