@@ -381,3 +381,32 @@ def test_a_claim_finds_its_jobs_by_id_before_the_table_has_statistics(
             assert sm.dequeue(w, start=True) is not None
         read = status_index_reads() - before
         assert read < 100, f"20 claims read {read} index entries by status"
+
+
+@pytest.mark.parametrize("mode", ["begin", "opens"])
+def test_a_transaction_whose_failed_statement_was_swallowed_is_not_taken_as_committed(
+        sm: toolkit.StateManager, mode: str) -> None:
+    """PostgreSQL answers the COMMIT of a transaction one of whose statements failed with a
+    ROLLBACK, and no error: a caller that caught the statement's error would take its
+    writes as committed (and on an explicit transaction, SQLAlchemy's own ROLLBACK after the
+    error left the later statements to commit one by one). The toolkit refuses the later
+    statements and the COMMIT (nothing is written) and raises; the connections go back to
+    the pool idle."""
+    sm.create_workflow("wf", jobs=[{"name": "j"}])
+    (job,) = sm.list_jobs()
+    rename = sa.update(t.jobs).where(t.jobs.c.id == job.id).values(name="lost")
+
+    def swallowed(conn: sa.Connection, _ch: Any) -> None:
+        direct.rows(conn, rename)
+        with contextlib.suppress(sa.exc.DBAPIError, psycopg.Error):
+            direct.rows(conn, sa.select(sa.literal(1) / sa.literal(0)))
+        with contextlib.suppress(sa.exc.DBAPIError, psycopg.Error):  # must not commit alone
+            direct.rows(conn, rename.values(name="committed alone"))
+
+    with pytest.raises(toolkit.StorageUnavailable, match="rolled back, nothing written"):
+        sm._pipe.write("test", swallowed, opens=mode == "opens")
+    assert _name(sm, job.id) == "j"
+    for engine in sm.db.engines:  # every pooled connection idle, none left in the failed one
+        with engine.connect() as conn:
+            status = conn.connection.driver_connection.pgconn.transaction_status  # type: ignore[union-attr]
+            assert psycopg.pq.TransactionStatus(status).name == "IDLE"

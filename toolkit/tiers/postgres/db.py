@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import psycopg
@@ -34,6 +34,7 @@ ROLLED_BACK = {
     "40P01": "a deadlock with a concurrent transaction",
     "57014": "statement_timeout or a cancel",
     "55P03": "lock_timeout",
+    "25P02": "a statement of the transaction failed before its COMMIT",
 }
 """SQLSTATEs after which PostgreSQL has rolled the transaction back: nothing was written."""
 RETRYABLE = frozenset({"40001", "40P01"})
@@ -48,6 +49,15 @@ def sqlstate(exc: BaseException | None) -> str | None:
             return code
         exc = exc.__cause__
     return None
+
+
+def refuse_failed_commit(raw: psycopg.Connection[Any]) -> None:
+    """Raise instead of committing a transaction one of whose statements failed.
+
+    PostgreSQL answers such a ``COMMIT`` with a ``ROLLBACK`` and no error: a caller that
+    caught the statement's error would take the transaction's writes as committed."""
+    if raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        raise psycopg.errors.InFailedSqlTransaction("COMMIT refused: the server rolled back")
 
 
 def retryable(exc: BaseException) -> bool:
@@ -312,6 +322,7 @@ class Database:
         """Open a transaction; commit on success, roll back on any error."""
         with self.translate(action), self.engine.begin() as conn:
             yield conn
+            refuse_failed_commit(cast(psycopg.Connection[Any], conn.connection.driver_connection))
 
     @contextlib.contextmanager
     def autocommit(self, action: str) -> Iterator[sa.Connection]:

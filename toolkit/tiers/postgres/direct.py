@@ -28,7 +28,7 @@ import contextlib
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, NoReturn, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -115,7 +115,7 @@ def _driver(conn: sa.Connection) -> psycopg.Connection[Any]:
 def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
           params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """As :func:`rows`, typed as the dicts they are (for a caller that pops keys)."""
-    if conn in _pending_begin:
+    if conn in _pending_begin or conn in _broken:
         return pipelined(conn, [(stmt, params or {})])[0]
     c = _compile(conn, stmt)
     args = _args(c, params)
@@ -124,7 +124,7 @@ def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
         cur.execute(c.text, args)
         return _fetched(c, cur)
     except psycopg.Error as exc:
-        conn._handle_dbapi_exception(exc, c.text.decode(), args, cast(Any, cur), None)
+        _raise(conn, exc, c.text.decode(), args, cur)
     finally:
         cur.close()
 
@@ -143,6 +143,8 @@ def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str,
     would. Where the connection may not pipeline (:func:`db.may_pipeline`: not a direct
     connection to the server), they run one by one, with the same results.
     """
+    if conn in _broken:
+        raise _broken_error()
     raw = _driver(conn)
     begin = conn in _pending_begin
     _pending_begin.discard(conn)
@@ -168,8 +170,7 @@ def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str,
         failed = _failed(cursors, compiled, begin)  # the statement the server refused
         if failed is not None:
             text, args = failed[0].text, _args(*failed)
-        conn._handle_dbapi_exception(exc, text.decode(), args,
-                                     cast(Any, cursors[-1] if cursors else None), None)
+        _raise(conn, exc, text.decode(), args, cursors[-1] if cursors else None)
     finally:
         for cur in cursors:
             cur.close()
@@ -191,6 +192,25 @@ _BEGIN = b"BEGIN"
 _pending_begin: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
 """The connections (SQLAlchemy's, not the pooled ones: nothing outlives the block) whose
 :func:`explicit` transaction waits for its first statement, which sends the ``BEGIN``."""
+_explicit: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
+"""The connections inside an :func:`explicit` block."""
+_broken: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
+"""The connections of :func:`explicit` blocks a statement of which failed. SQLAlchemy rolls
+back there (it sees no transaction): what ran before is gone, and each later statement
+would commit by itself. They are refused instead, and so is the block's ``COMMIT``."""
+
+
+def _broken_error() -> psycopg.Error:
+    return psycopg.errors.InFailedSqlTransaction(
+        "a statement of this transaction failed; the server rolled it back")
+
+
+def _raise(conn: sa.Connection, exc: psycopg.Error, text: str, args: Sequence[Any],
+           cur: psycopg.RawCursor[Any] | None) -> NoReturn:
+    if conn in _explicit:
+        _broken.add(conn)
+    conn._handle_dbapi_exception(exc, text, args, cast(Any, cur), None)
+    raise AssertionError("unreachable")  # SQLAlchemy raised
 
 
 def _command(conn: sa.Connection, text: bytes) -> None:
@@ -198,7 +218,7 @@ def _command(conn: sa.Connection, text: bytes) -> None:
     try:
         cur.execute(text, prepare=False)
     except psycopg.Error as exc:
-        conn._handle_dbapi_exception(exc, text.decode(), [], cast(Any, cur), None)
+        _raise(conn, exc, text.decode(), [], cur)
     finally:
         cur.close()
 
@@ -218,17 +238,24 @@ def explicit(conn: sa.Connection) -> Iterator[sa.Connection]:
     if not raw.autocommit or raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise RuntimeError("an explicit transaction needs an idle autocommit connection")
     _pending_begin.add(conn)
+    _explicit.add(conn)
     try:
         yield conn
         if conn in _pending_begin:
             raise RuntimeError("an explicit transaction ran no statement through direct first")
+        if conn in _broken:
+            raise _broken_error()
+        db.refuse_failed_commit(raw)
     except BaseException:
         _pending_begin.discard(conn)
+        _explicit.discard(conn)
+        _broken.discard(conn)
         if not conn.invalidated and not raw.closed \
                 and raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):
                 raw.rollback()  # psycopg sends ROLLBACK whatever its autocommit setting
         raise
+    _explicit.discard(conn)
     try:
         raw.commit()  # psycopg's own COMMIT: 35-40 us of CPU against a cursor's 50-55
     except psycopg.Error as exc:
