@@ -20,7 +20,7 @@ from toolkit.models import EntityKind as Kind
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, eviction, queue, schedule
+from toolkit.tiers.redis import cache, eviction, queue, schedule, watermark
 from toolkit.tiers.redis.client import Client
 
 if TYPE_CHECKING:
@@ -56,6 +56,13 @@ class ConsistencyReport:
     def ok(self) -> bool:
         """True when every tier agrees with PostgreSQL (``warnings`` aside)."""
         return not self.rows and not self.paused
+
+    @property
+    def postgres_crashed(self) -> bool:
+        """True when ``warnings`` hold :data:`CRASH_WARNING`: PostgreSQL crashed since the
+        last rebuild while commits did not wait for the disk; the caches may hold lost
+        commits that no comparison sees (``repair()`` then runs the full rebuild)."""
+        return CRASH_WARNING in self.warnings
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -255,6 +262,34 @@ def compare_all(t: Tiers, *, with_memory: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
+def commits_may_be_lost(t: Tiers) -> bool:
+    """Whether PostgreSQL may have lost commits that Redis holds: a coordinator of this
+    namespace committed with ``synchronous_commit = off`` (a server crash loses its last
+    acknowledged commits) and PostgreSQL crashed since the last rebuild (its UNLOGGED
+    crash sentinel lost the token that rebuild wrote, or none was ever written). Redis
+    then holds versions PostgreSQL never kept and will issue again for other changes, so
+    only a fill where PostgreSQL wins puts it right."""
+    if not watermark.async_commits_noted(t.redis, t.ns):
+        return False
+    with t.db.autocommit("read the crash sentinel") as conn:
+        kept = records.sentinel(conn, t.ns)
+    return sentinel_lost(t, kept)
+
+
+def sentinel_lost(t: Tiers, kept: str | None) -> bool:
+    """Whether PostgreSQL's crash sentinel token ``kept`` is not the one Redis holds."""
+    token = watermark.crash_token(t.redis, t.ns)
+    return token is None or kept != token
+
+
+CRASH_WARNING = (
+    "PostgreSQL crashed after the last rebuild, and a coordinator of this namespace commits "
+    "with synchronous_commit=off: Redis and the coordinators' memory may hold commits "
+    "PostgreSQL lost, some at versions it issues again for other changes, which no version "
+    "comparison sees. Run rebuild() on one coordinator, or restart them (the others' memory "
+    "follows within memory_max_age).")
+
+
 def check(t: Tiers) -> ConsistencyReport:
     """Compare memory and Redis with PostgreSQL. Reads only.
 
@@ -276,6 +311,7 @@ def check(t: Tiers) -> ConsistencyReport:
     if paused:  # read again: a pause or resume may have landed between the two reads
         paused = [p for p in paused_problems(t) if p in paused]
     risk = eviction.read(t.redis)
-    warnings = () if risk.finding is None else (risk.finding,)
+    warnings = (*(() if risk.finding is None else (risk.finding,)),
+                *((CRASH_WARNING,) if commits_may_be_lost(t) else ()))
     return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start, warnings,
                              tuple(paused))

@@ -281,9 +281,15 @@ class StateManager:
         return compare.check(self._pipe.tiers)
 
     def repair(self) -> compare.ConsistencyReport:
-        """Make memory and Redis agree with PostgreSQL; return what was found and fixed."""
+        """Make memory and Redis agree with PostgreSQL; return what was found and fixed.
+
+        When the report warns that PostgreSQL crashed under ``synchronous_commit="off"``
+        (:data:`toolkit.compare.CRASH_WARNING`: lost commits that no version comparison
+        sees may be cached), the full :meth:`rebuild` runs too, PostgreSQL winning."""
         started = time.time()
         report = recovery.repair(self._pipe.tiers)
+        if report.postgres_crashed:
+            self.rebuild(progress=False)
         self._pipe.watermark.repaired(started)
         return report
 

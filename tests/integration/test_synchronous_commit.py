@@ -20,7 +20,7 @@ from psycopg import sql
 
 import toolkit
 from tests.conftest import Servers, unique
-from toolkit import errors
+from toolkit import compare, errors
 from toolkit.tiers.redis import keys
 
 _SETTING = sa.text("SELECT setting, source FROM pg_settings WHERE name = 'synchronous_commit'")
@@ -100,11 +100,22 @@ def test_after_a_crash_recovery_a_fast_start_rebuilds_in_full_when_commits_were_
     assert raw_pg.execute(sentinel).fetchall() == [(ns, token)]  # the rebuild wrote both
     # No crash since the last rebuild: the fast start is safe.
     assert make_sm(rebuild="fast").last_fast_start is not None
+    assert fast.check_consistency().warnings == ()
     # What a crash recovery does to the UNLOGGED sentinel (a real crash:
     # tests/reliability/test_async_commit_crash.py): emptied.
     raw_pg.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(clean.schema, "crash_sentinel")))
+    # The coordinator that ran on through it is told what its caches may hold, and so is an
+    # operator's read-only Inspector.
+    assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)
+    ins = toolkit.Inspector(clean.database_url, clean.redis_url, namespace=ns,
+                            schema=clean.schema)
+    try:
+        assert ins.check_consistency().warnings == (compare.CRASH_WARNING,)
+    finally:
+        ins.close()
     after = make_sm(rebuild="fast")
     assert after.last_fast_start is None  # the full rebuild ran, and wrote a new token
+    assert fast.check_consistency().warnings == ()
     renewed = raw_redis.get(keys.crash_token(ns))
     assert renewed != token and raw_pg.execute(sentinel).fetchall() == [(ns, renewed)]
     # The same crash with no coordinator ever committing asynchronously: fast start.
@@ -146,3 +157,23 @@ def test_a_rebuild_after_a_crash_puts_back_what_postgres_kept_even_at_a_reissued
         assert json.loads(cached.split("|", 1)[1])["status"] == status, (wf.name, cached)
         assert after.get_workflow(wf.id).status.value == status
     assert after.check_consistency().ok
+
+
+def test_after_a_crash_under_async_commits_check_exits_1_and_repair_runs_the_rebuild(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.integration.test_cli import base
+    from toolkit import cli
+
+    fast = make_sm(synchronous_commit="off")
+    fast.create_workflow("async", jobs=[{"name": "a"}])
+    assert cli.main(["check", *base(clean)]) == 0
+    token = raw_redis.get(keys.crash_token(fast.ns))
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(clean.schema, "crash_sentinel")))
+    assert cli.main(["check", *base(clean)]) == 1  # every entity agrees, yet lost commits may hide
+    assert "PostgreSQL crashed after the last rebuild" in capsys.readouterr().out
+    report = fast.repair()
+    assert report.postgres_crashed and report.ok  # found by the warning alone ...
+    assert raw_redis.get(keys.crash_token(fast.ns)) not in (None, token)  # ... the rebuild ran
+    assert not fast.check_consistency().postgres_crashed
+    assert cli.main(["check", *base(clean)]) == 0

@@ -18,7 +18,8 @@ import time
 import psycopg
 import pytest
 
-from tests.reliability.conftest import Private, assert_invariants, pg_job_statuses
+from tests.reliability.conftest import Private, assert_invariants, pg_job_statuses, retry_storage
+from toolkit import compare
 from toolkit.tiers.redis import keys
 
 
@@ -72,9 +73,12 @@ def test_a_postgres_crash_under_async_commits_is_followed_by_the_full_rebuild(
         # Redis holds every acknowledged completion, the lost ones too (ahead of PostgreSQL).
         assert all(_cached_status(raw, private.namespace, j) == "completed" for j in acked)
 
+        # The old coordinator ran on through the crash: its check says what it may hold.
+        assert retry_storage(sm.check_consistency).warnings == (compare.CRASH_WARNING,)
         after = private.manager(rebuild="fast")  # the old coordinator's watermark is fresh
         try:
             assert after.last_fast_start is None, after.last_fast_start  # the full rebuild ran
+            assert after.check_consistency().warnings == ()
             assert_invariants(after, raw, private.libpq_url)
             for j in lost:  # nothing PostgreSQL lost is served any more, from any tier
                 assert after.get_job(j).status.value == kept[j], (j, kept[j])

@@ -43,7 +43,9 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     check = sub.add_parser("check", help="consistency report, reads only; exit 1 on any disagreement",
                            description="Compare Redis with PostgreSQL (reads only). A Redis that "
                            "may evict keys (maxmemory-policy other than noeviction) is named in "
-                           "a warning line; it is a finding, not a disagreement (exit 0).")
+                           "a warning line; it is a finding, not a disagreement (exit 0). A "
+                           "PostgreSQL crash under synchronous_commit=off since the last rebuild "
+                           "is a warning that exits 1: --repair runs the full rebuild.")
     common(check)
     check.add_argument("--repair", action="store_true",
                        help="also make memory and Redis agree (writes; the schema must exist)")
@@ -150,7 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         emit(report.to_frame().set_index(["entity", "id"]), args.format)
     if args.format == "table":
         say(str(report) + (" (repaired)" if args.repair and not report.ok else ""))
-    return 0 if report.ok or args.repair else 1
+    return 0 if (report.ok and not report.postgres_crashed) or args.repair else 1
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

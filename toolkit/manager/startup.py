@@ -77,7 +77,8 @@ def init_state_manager(database_url: str | None = None, redis_url: str | None = 
         (seen by its ``UNLOGGED`` crash sentinel) the next rebuild lets PostgreSQL win
         over every cached entry (``rebuild="fast"`` runs the full rebuild instead).
         Coordinators that ran on through the server's crash serve those entries until
-        then: restart them, or call ``rebuild()`` on one. A crash of the coordinator
+        then: restart them, or call ``rebuild()`` on one (``check_consistency()`` warns
+        meanwhile, and ``repair()`` runs the rebuild). A crash of the coordinator
         itself loses nothing, the data stays consistent, and other sessions see each
         commit at once, as with ``"on"``. Through a transaction pooler (PgBouncer), a
         session's ``SET`` is not kept to this manager's sessions: see the README.

@@ -23,6 +23,7 @@ import dataclasses
 import time
 from datetime import UTC, datetime
 
+from toolkit import compare
 from toolkit.handles import Tiers
 from toolkit.models import EntityKind as Kind
 from toolkit.recovery import queues, repairing
@@ -60,7 +61,7 @@ def horizon(t: Tiers, now: float) -> float | None:
     """The time from which to check, or None when only a full rebuild will do."""
     if not watermark.was_rebuilt(t.redis, t.ns):
         return None  # Redis lost its data since the last rebuild
-    if repairing.commits_may_be_lost(t):
+    if compare.commits_may_be_lost(t):
         return None
     marks = watermark.read(t.redis, t.ns)
     if not marks:

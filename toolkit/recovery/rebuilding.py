@@ -361,12 +361,12 @@ def _fill_cache(t: Tiers, read: _Snapshot, cached: Mapping[str, set[str]], lost:
 def _renew_sentinel(t: Tiers) -> tuple[str, bool]:
     """Write a new token to PostgreSQL's crash sentinel (UNLOGGED: a crash recovery empties
     it), Redis gets it when the rebuild is done; and whether PostgreSQL may have lost commits
-    Redis holds (:func:`repairing.commits_may_be_lost`, from the token it replaced)."""
+    Redis holds (:func:`compare.commits_may_be_lost`, from the token it replaced)."""
     token = uuid.uuid4().hex
     noted = watermark.async_commits_noted(t.redis, t.ns)
     with t.db.begin("rebuild: crash sentinel") as conn:
         old = records.renew_sentinel(conn, t.ns, token)
-    return token, noted and repairing.sentinel_lost(t, old)
+    return token, noted and compare.sentinel_lost(t, old)
 
 
 def _mark_rebuilding(t: Tiers) -> str:

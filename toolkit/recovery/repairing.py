@@ -10,31 +10,11 @@ from toolkit import compare, models
 from toolkit.handles import Tiers
 from toolkit.recovery import queues
 from toolkit.tiers.postgres import records, store
-from toolkit.tiers.redis import cache, heartbeats, metrics, watermark
+from toolkit.tiers.redis import cache, heartbeats, metrics
 from toolkit.tiers.redis.client import chunks
 
 PIPELINE_CHUNK = 5_000
 """Entities per PostgreSQL read and Redis pipeline of a repair."""
-
-
-def commits_may_be_lost(t: Tiers) -> bool:
-    """Whether PostgreSQL may have lost commits that Redis holds: a coordinator of this
-    namespace committed with ``synchronous_commit = off`` (a server crash loses its last
-    acknowledged commits) and PostgreSQL crashed since the last rebuild (its UNLOGGED
-    crash sentinel lost the token that rebuild wrote, or none was ever written). Redis
-    then holds versions PostgreSQL never kept and will issue again for other changes, so
-    only a fill where PostgreSQL wins puts it right."""
-    if not watermark.async_commits_noted(t.redis, t.ns):
-        return False
-    with t.db.autocommit("read the crash sentinel") as conn:
-        kept = records.sentinel(conn, t.ns)
-    return sentinel_lost(t, kept)
-
-
-def sentinel_lost(t: Tiers, kept: str | None) -> bool:
-    """Whether PostgreSQL's crash sentinel token ``kept`` is not the one Redis holds."""
-    token = watermark.crash_token(t.redis, t.ns)
-    return token is None or kept != token
 
 
 def _stale(kind: str, value: Any, e: models.Entity, pg_wins: bool) -> str:
@@ -57,7 +37,7 @@ def fix_cache(t: Tiers, kind: str, ids: list[str], *, pg_wins: bool = False) -> 
     Gone from PostgreSQL: removed. Missing or older in Redis: a versioned fill
     (a write that lands meanwhile keeps its newer entry). Corrupt, or claiming a
     version PostgreSQL never had: overwritten, PostgreSQL wins. ``pg_wins`` (PostgreSQL
-    may have lost commits, see :func:`commits_may_be_lost`): an entry of PostgreSQL's
+    may have lost commits, see :func:`toolkit.compare.commits_may_be_lost`): an entry of PostgreSQL's
     version with other content is overwritten too.
     """
     db, client, ns, memory = t.db, t.redis, t.ns, t.memory
