@@ -20,7 +20,7 @@ from toolkit.models import EntityKind as Kind
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, eviction, queue, schedule, watermark
+from toolkit.tiers.redis import cache, eviction, keys, queue, schedule, watermark
 from toolkit.tiers.redis.client import Client
 
 if TYPE_CHECKING:
@@ -282,6 +282,24 @@ def sentinel_lost(t: Tiers, kept: str | None) -> bool:
     return token is None or kept != token
 
 
+def crashed_since_rebuild(t: Tiers) -> bool:
+    """What :data:`CRASH_WARNING` says, for :func:`check`: as :func:`commits_may_be_lost`,
+    but not while a rebuild runs (it renewed PostgreSQL's token and gives Redis the new
+    one when it ends), nor when Redis holds no token (Redis lost its data: its missing
+    entries are the check's rows), nor on a schema from before the sentinel."""
+    if not watermark.async_commits_noted(t.redis, t.ns):
+        return False
+    rebuilding = t.redis.call("read rebuild mark",
+                              lambda: t.redis.redis.exists(keys.rebuilding(t.ns)))
+    token = watermark.crash_token(t.redis, t.ns)
+    if rebuilding or token is None:
+        return False
+    with t.db.autocommit("read the crash sentinel") as conn:
+        if not store.has_table(conn, t.db.schema, "crash_sentinel"):
+            return False
+        return records.sentinel(conn, t.ns) != token
+
+
 CRASH_WARNING = (
     "PostgreSQL crashed after the last rebuild, and a coordinator of this namespace commits "
     "with synchronous_commit=off: Redis and the coordinators' memory may hold commits "
@@ -312,6 +330,6 @@ def check(t: Tiers) -> ConsistencyReport:
         paused = [p for p in paused_problems(t) if p in paused]
     risk = eviction.read(t.redis)
     warnings = (*(() if risk.finding is None else (risk.finding,)),
-                *((CRASH_WARNING,) if commits_may_be_lost(t) else ()))
+                *((CRASH_WARNING,) if crashed_since_rebuild(t) else ()))
     return ConsistencyReport(tuple(problems), checked, time.perf_counter() - start, warnings,
                              tuple(paused))

@@ -402,6 +402,8 @@ def test_a_transaction_whose_failed_statement_was_swallowed_is_not_taken_as_comm
             direct.rows(conn, sa.select(sa.literal(1) / sa.literal(0)))
         with contextlib.suppress(sa.exc.DBAPIError, psycopg.Error):  # must not commit alone
             direct.rows(conn, rename.values(name="committed alone"))
+        with contextlib.suppress(sa.exc.DBAPIError, psycopg.Error):  # nor through SQLAlchemy
+            conn.execute(rename.values(name="committed alone by SQLAlchemy"))
 
     with pytest.raises(toolkit.StorageUnavailable, match="rolled back, nothing written"):
         sm._pipe.write("test", swallowed, opens=mode == "opens")

@@ -101,7 +101,9 @@ def test_a_snapshot_answers_the_same_backlog_and_timeline(sm: toolkit.StateManag
     sm.register_worker("w")
     a = sm.dequeue("w", queues=["default"])
     assert a is not None and a.name in ("now", "a")
-    sm.fail_job(a.id, "flaky")
+    # Whichever it is waits 30 s ("now" has the default backoff, due again within a second:
+    # due between the snapshot and the live read, it was counted once and not the other time).
+    sm.fail_job(a.id, "flaky", retry_in=30.0)
     snap = toolkit.Inspector.from_snapshot(ins.snapshot(tmp_path / "snap"))
     live, stored = ins.backlog(), snap.backlog()
     assert stored["scheduled"].to_dict() == live["scheduled"].to_dict()

@@ -177,3 +177,34 @@ def test_after_a_crash_under_async_commits_check_exits_1_and_repair_runs_the_reb
     assert raw_redis.get(keys.crash_token(fast.ns)) not in (None, token)  # ... the rebuild ran
     assert not fast.check_consistency().postgres_crashed
     assert cli.main(["check", *base(clean)]) == 0
+
+
+def test_a_rebuild_going_on_is_no_crash_and_two_rebuilds_leave_no_crossed_tokens(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit.recovery import rebuilding
+
+    fast = make_sm(synchronous_commit="off")
+    ns = fast.ns
+    later = sql.SQL("UPDATE {} SET token = 'later' WHERE namespace = %s").format(
+        sql.Identifier(clean.schema, "crash_sentinel"))
+    # What a rebuild does when it begins: its mark in Redis, a new token in PostgreSQL
+    # (Redis gets it when the rebuild ends). No crash meanwhile: no warning.
+    raw_redis.set(keys.rebuilding(ns), "another coordinator's")
+    raw_pg.execute(later, (ns,))
+    assert fast.check_consistency().warnings == ()
+    raw_redis.delete(keys.rebuilding(ns))  # (the same tokens without the mark: the warning)
+    assert fast.check_consistency().postgres_crashed
+
+    # A rebuild that ends after another began gives Redis the later one's token.
+    renew = rebuilding._renew_sentinel
+
+    def overtaken(t: Any) -> bool:
+        lost = renew(t)
+        raw_pg.execute(later, (ns,))  # another coordinator's rebuild began just after
+        return lost
+
+    monkeypatch.setattr(rebuilding, "_renew_sentinel", overtaken)
+    fast.rebuild(progress=False)
+    assert raw_redis.get(keys.crash_token(ns)) == "later"
+    assert fast.check_consistency().warnings == ()

@@ -314,7 +314,7 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     token = _mark_rebuilding(t)
     # Before the snapshot, in one transaction: the crash sentinel's last token (lost: then
     # PostgreSQL wins over every cached entry) and a new one (a crash from here on is seen).
-    sentinel, lost = _renew_sentinel(t)
+    lost = _renew_sentinel(t)
     cached, empty = _scan_cache(t.redis, t.ns)
     read = _snapshot(t, progress, cached, empty)
     for kind in KINDS:
@@ -333,7 +333,7 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     metrics.raise_to(t.redis, t.ns, read.checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
     watermark.mark_rebuilt(t.redis, t.ns, time.time())
-    watermark.set_crash_token(t.redis, t.ns, sentinel)
+    _publish_sentinel(t)
     t.redis.call("rebuild done", lambda: t.redis.redis.delete(keys.rebuilding(t.ns)))
     return RebuildReport(
         workflows=len(read.entities[Kind.WORKFLOW]), jobs=len(read.entities[Kind.JOB]),
@@ -358,15 +358,27 @@ def _fill_cache(t: Tiers, read: _Snapshot, cached: Mapping[str, set[str]], lost:
                 repairing.fix_cache(t, kind, others, pg_wins=lost)
 
 
-def _renew_sentinel(t: Tiers) -> tuple[str, bool]:
+def _renew_sentinel(t: Tiers) -> bool:
     """Write a new token to PostgreSQL's crash sentinel (UNLOGGED: a crash recovery empties
-    it), Redis gets it when the rebuild is done; and whether PostgreSQL may have lost commits
-    Redis holds (:func:`compare.commits_may_be_lost`, from the token it replaced)."""
+    it), Redis gets it when the rebuild is done (:func:`_publish_sentinel`); return whether
+    PostgreSQL may have lost commits Redis holds (:func:`compare.commits_may_be_lost`, from
+    the token it replaced)."""
     token = uuid.uuid4().hex
     noted = watermark.async_commits_noted(t.redis, t.ns)
     with t.db.begin("rebuild: crash sentinel") as conn:
         old = records.renew_sentinel(conn, t.ns, token)
-    return token, noted and compare.sentinel_lost(t, old)
+    return noted and compare.sentinel_lost(t, old)
+
+
+def _publish_sentinel(t: Tiers) -> None:
+    """Give Redis the token PostgreSQL's crash sentinel holds now: this rebuild's, or that of
+    a rebuild that began later (two rebuilds never leave the two tokens crossed). None: a
+    crash emptied it since this rebuild began, and Redis keeps its old token, so the
+    next rebuild and the check see the crash."""
+    with t.db.autocommit("rebuild: read the crash sentinel") as conn:
+        current = records.sentinel(conn, t.ns)
+    if current is not None:
+        watermark.set_crash_token(t.redis, t.ns, current)
 
 
 def _mark_rebuilding(t: Tiers) -> str:

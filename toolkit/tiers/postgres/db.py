@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -49,6 +50,23 @@ def sqlstate(exc: BaseException | None) -> str | None:
             return code
         exc = exc.__cause__
     return None
+
+
+broken: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
+"""The connections of ``direct.explicit`` blocks a statement of which failed: every later
+statement on them is refused (see ``direct``)."""
+
+
+def broken_error() -> psycopg.Error:
+    return psycopg.errors.InFailedSqlTransaction(
+        "a statement of this transaction failed; the server rolled it back")
+
+
+def refuse_if_broken(conn: sa.Connection, *_: Any) -> None:
+    """Refuse a statement on a connection of :data:`broken` (also SQLAlchemy's
+    ``before_cursor_execute`` hook of the autocommit pool)."""
+    if broken and conn in broken:
+        raise broken_error()
 
 
 def refuse_failed_commit(raw: psycopg.Connection[Any]) -> None:
@@ -144,7 +162,7 @@ def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
 
 
 class _Losses:
-    """When a connection of either of a Database's two pools was last found lost.
+    """When a connection of any of a Database's pools (two, one when read-only) was last found lost.
 
     SQLAlchemy empties only the pool that met the loss; a connection of the other pool
     that sat idle since before it is pinged at its next checkout, so one outage fails one
@@ -259,6 +277,8 @@ class Database:
         self._autocommit = self.engine if read_only else _engine(
             url, options, pool_size, connect_timeout, read_only, losses, synchronous_commit,
             isolation_level="AUTOCOMMIT")
+        if not read_only:
+            sa.event.listen(self._autocommit, "before_cursor_execute", refuse_if_broken)
 
     def __repr__(self) -> str:
         return f"Database({config.mask_url(self.url)!r}, schema={self.schema!r})"

@@ -115,7 +115,7 @@ def _driver(conn: sa.Connection) -> psycopg.Connection[Any]:
 def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
           params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """As :func:`rows`, typed as the dicts they are (for a caller that pops keys)."""
-    if conn in _pending_begin or conn in _broken:
+    if conn in _pending_begin or (_broken and conn in _broken):
         return pipelined(conn, [(stmt, params or {})])[0]
     c = _compile(conn, stmt)
     args = _args(c, params)
@@ -143,7 +143,7 @@ def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str,
     would. Where the connection may not pipeline (:func:`db.may_pipeline`: not a direct
     connection to the server), they run one by one, with the same results.
     """
-    if conn in _broken:
+    if _broken and conn in _broken:
         raise _broken_error()
     raw = _driver(conn)
     begin = conn in _pending_begin
@@ -194,15 +194,12 @@ _pending_begin: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
 :func:`explicit` transaction waits for its first statement, which sends the ``BEGIN``."""
 _explicit: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
 """The connections inside an :func:`explicit` block."""
-_broken: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
+_broken = db.broken
 """The connections of :func:`explicit` blocks a statement of which failed. SQLAlchemy rolls
 back there (it sees no transaction): what ran before is gone, and each later statement
-would commit by itself. They are refused instead, and so is the block's ``COMMIT``."""
-
-
-def _broken_error() -> psycopg.Error:
-    return psycopg.errors.InFailedSqlTransaction(
-        "a statement of this transaction failed; the server rolled it back")
+would commit by itself. They are refused instead (this module's statements here, the
+others by ``db.refuse_if_broken``), and so is the block's ``COMMIT``."""
+_broken_error = db.broken_error
 
 
 def _raise(conn: sa.Connection, exc: psycopg.Error, text: str, args: Sequence[Any],

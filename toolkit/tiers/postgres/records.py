@@ -17,6 +17,7 @@ from psycopg import sql as pgsql
 from toolkit import models
 from toolkit.tiers.postgres import store
 from toolkit.tiers.postgres import tables as t
+from toolkit.tiers.postgres.db import refuse_if_broken
 
 # -- the job event log ----------------------------------------------------------------------
 
@@ -33,6 +34,7 @@ def insert_events(conn: sa.Connection, schema: str, events: Sequence[store.Row])
     if len(events) <= 20:
         conn.execute(sa.insert(t.job_events), list(events))
         return
+    refuse_if_broken(conn)  # the COPY below is not SQLAlchemy's: its hook does not see it
     raw = conn.connection.driver_connection
     assert raw is not None
     stmt = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
