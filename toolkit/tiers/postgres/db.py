@@ -58,6 +58,7 @@ statement on them is refused (see ``direct``)."""
 
 
 def broken_error() -> psycopg.Error:
+    """The error of a statement or ``COMMIT`` refused in a transaction that failed."""
     return psycopg.errors.InFailedSqlTransaction(
         "a statement of this transaction failed; the server rolled it back")
 
@@ -75,7 +76,7 @@ def refuse_failed_commit(raw: psycopg.Connection[Any]) -> None:
     PostgreSQL answers such a ``COMMIT`` with a ``ROLLBACK`` and no error: a caller that
     caught the statement's error would take the transaction's writes as committed."""
     if raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-        raise psycopg.errors.InFailedSqlTransaction("COMMIT refused: the server rolled back")
+        raise broken_error()
 
 
 def retryable(exc: BaseException) -> bool:

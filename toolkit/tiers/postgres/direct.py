@@ -115,7 +115,7 @@ def _driver(conn: sa.Connection) -> psycopg.Connection[Any]:
 def dicts(conn: sa.Connection, stmt: sa.ClauseElement,
           params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """As :func:`rows`, typed as the dicts they are (for a caller that pops keys)."""
-    if conn in _pending_begin or (_broken and conn in _broken):
+    if conn in _pending_begin or (db.broken and conn in db.broken):
         return pipelined(conn, [(stmt, params or {})])[0]
     c = _compile(conn, stmt)
     args = _args(c, params)
@@ -143,8 +143,7 @@ def pipelined(conn: sa.Connection, calls: Sequence[Call]) -> list[list[dict[str,
     would. Where the connection may not pipeline (:func:`db.may_pipeline`: not a direct
     connection to the server), they run one by one, with the same results.
     """
-    if _broken and conn in _broken:
-        raise _broken_error()
+    db.refuse_if_broken(conn)
     raw = _driver(conn)
     begin = conn in _pending_begin
     _pending_begin.discard(conn)
@@ -194,18 +193,15 @@ _pending_begin: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
 :func:`explicit` transaction waits for its first statement, which sends the ``BEGIN``."""
 _explicit: weakref.WeakSet[sa.Connection] = weakref.WeakSet()
 """The connections inside an :func:`explicit` block."""
-_broken = db.broken
-"""The connections of :func:`explicit` blocks a statement of which failed. SQLAlchemy rolls
-back there (it sees no transaction): what ran before is gone, and each later statement
-would commit by itself. They are refused instead (this module's statements here, the
-others by ``db.refuse_if_broken``), and so is the block's ``COMMIT``."""
-_broken_error = db.broken_error
 
 
 def _raise(conn: sa.Connection, exc: psycopg.Error, text: str, args: Sequence[Any],
            cur: psycopg.RawCursor[Any] | None) -> NoReturn:
     if conn in _explicit:
-        _broken.add(conn)
+        # SQLAlchemy rolls back here (it sees no transaction): what ran before is gone, and
+        # each later statement would commit by itself. They are refused instead (here, and
+        # SQLAlchemy's by db.refuse_if_broken), and so is the block's COMMIT.
+        db.broken.add(conn)
     conn._handle_dbapi_exception(exc, text, args, cast(Any, cur), None)
     raise AssertionError("unreachable")  # SQLAlchemy raised
 
@@ -240,13 +236,12 @@ def explicit(conn: sa.Connection) -> Iterator[sa.Connection]:
         yield conn
         if conn in _pending_begin:
             raise RuntimeError("an explicit transaction ran no statement through direct first")
-        if conn in _broken:
-            raise _broken_error()
+        db.refuse_if_broken(conn)
         db.refuse_failed_commit(raw)
     except BaseException:
         _pending_begin.discard(conn)
         _explicit.discard(conn)
-        _broken.discard(conn)
+        db.broken.discard(conn)
         if not conn.invalidated and not raw.closed \
                 and raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):
