@@ -282,22 +282,30 @@ def sentinel_lost(t: Tiers, kept: str | None) -> bool:
     return token is None or kept != token
 
 
+AFTER_A_CRASH = ":after-a-crash"
+"""Appended to a rebuild's mark in Redis when the rebuild found commits PostgreSQL may have
+lost: until it ends, the crash stays visible (a rebuild that dies on the way repaired nothing)."""
+
+
 def crashed_since_rebuild(t: Tiers) -> bool:
     """What :data:`CRASH_WARNING` says, for :func:`check`: as :func:`commits_may_be_lost`,
-    but not while a rebuild runs (it renewed PostgreSQL's token and gives Redis the new
-    one when it ends), nor when Redis holds no token (Redis lost its data: its missing
-    entries are the check's rows), nor on a schema from before the sentinel."""
+    but not while a rebuild that found no crash runs (it renewed PostgreSQL's token and
+    gives Redis the new one when it ends), nor when Redis holds no token (Redis lost its
+    data: its missing entries are the check's rows), nor on a schema from before the
+    sentinel. An emptied sentinel is a crash whatever runs: crash recovery empties it."""
     if not watermark.async_commits_noted(t.redis, t.ns):
         return False
-    rebuilding = t.redis.call("read rebuild mark",
-                              lambda: t.redis.redis.exists(keys.rebuilding(t.ns)))
+    mark = t.redis.call("read rebuild mark", lambda: t.redis.redis.get(keys.rebuilding(t.ns)))
     token = watermark.crash_token(t.redis, t.ns)
-    if rebuilding or token is None:
+    if token is None:
         return False
     with t.db.autocommit("read the crash sentinel") as conn:
         if not store.has_table(conn, t.db.schema, "crash_sentinel"):
             return False
-        return records.sentinel(conn, t.ns) != token
+        kept = records.sentinel(conn, t.ns)
+    if kept is None:
+        return True
+    return kept != token and (mark is None or str(mark).endswith(AFTER_A_CRASH))
 
 
 CRASH_WARNING = (

@@ -208,3 +208,30 @@ def test_a_rebuild_going_on_is_no_crash_and_two_rebuilds_leave_no_crossed_tokens
     fast.rebuild(progress=False)
     assert raw_redis.get(keys.crash_token(ns)) == "later"
     assert fast.check_consistency().warnings == ()
+
+
+def test_a_rebuild_that_dies_repairing_a_crash_leaves_the_crash_visible(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit.recovery import rebuilding
+
+    fast = make_sm(synchronous_commit="off")
+    ns = fast.ns
+    sentinel = sql.Identifier(clean.schema, "crash_sentinel")
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sentinel))  # a crash recovery
+    # A coordinator's rebuild renews the token, finds the crash, and dies before the end:
+    # its mark stays in Redis for up to an hour, and it repaired nothing.
+    monkeypatch.setattr(rebuilding, "_scan_cache", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("killed mid-rebuild")))
+    with pytest.raises(RuntimeError, match="killed mid-rebuild"):
+        fast.rebuild(progress=False)
+    assert raw_redis.get(keys.rebuilding(ns)).endswith(compare.AFTER_A_CRASH)
+    assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)
+    monkeypatch.undo()
+
+    # A crash while a rebuild that found none runs (the sentinel emptied again): still said.
+    fast.rebuild(progress=False)
+    assert fast.check_consistency().warnings == ()
+    raw_redis.set(keys.rebuilding(ns), "a rebuild that found no crash")
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sentinel))
+    assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)

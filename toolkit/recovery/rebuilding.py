@@ -315,6 +315,8 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     # Before the snapshot, in one transaction: the crash sentinel's last token (lost: then
     # PostgreSQL wins over every cached entry) and a new one (a crash from here on is seen).
     lost = _renew_sentinel(t)
+    if lost:  # the crash this rebuild repairs stays visible if it dies before the end
+        _mark_rebuilding(t, token + compare.AFTER_A_CRASH)
     cached, empty = _scan_cache(t.redis, t.ns)
     read = _snapshot(t, progress, cached, empty)
     for kind in KINDS:
@@ -381,9 +383,10 @@ def _publish_sentinel(t: Tiers) -> None:
         watermark.set_crash_token(t.redis, t.ns, current)
 
 
-def _mark_rebuilding(t: Tiers) -> str:
-    """Write a token of this rebuild into Redis (kept an hour at most); return it."""
-    token = uuid.uuid4().hex
+def _mark_rebuilding(t: Tiers, mark: str | None = None) -> str:
+    """Write a token of this rebuild into Redis (kept an hour at most); return it. ``mark``:
+    the token with :data:`compare.AFTER_A_CRASH` (the rebuild found a crash to repair)."""
+    token = mark or uuid.uuid4().hex
     t.redis.call("rebuild mark", lambda: t.redis.redis.set(keys.rebuilding(t.ns), token,
                                                            px=REBUILDING_TTL_MS))
     return token
@@ -392,8 +395,8 @@ def _mark_rebuilding(t: Tiers) -> str:
 def _still_rebuilding(t: Tiers, token: str) -> bool:
     """Whether Redis still holds this rebuild's token (it lost nothing since the mark; another
     coordinator's rebuild replacing the token reads as a loss: a full reconcile, no harm)."""
-    return bool(t.redis.call("rebuild check", lambda: t.redis.redis.get(keys.rebuilding(t.ns)))
-                == token)
+    mark = t.redis.call("rebuild check", lambda: t.redis.redis.get(keys.rebuilding(t.ns)))
+    return mark in (token, token + compare.AFTER_A_CRASH)
 
 
 def _scan_cache(client: Client, ns: str) -> tuple[dict[str, set[str]], bool]:
