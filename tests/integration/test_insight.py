@@ -206,37 +206,38 @@ def test_wait_times_by_priority_and_queue(sm, ins) -> None:
 def test_snapshot_round_trip_keeps_every_frame_and_dtype(sm, tmp_path, clean) -> None:
     reclaimed_job(sm)
     sm.lock("maintenance", ttl=30).acquire()
-    ins = toolkit.Inspector(clean.database_url, clean.redis_url, namespace=clean.namespace,
-                            schema=clean.schema, heartbeat_ttl=60.0)  # liveness stays put
-    path = ins.snapshot(tmp_path / "snap")
-    live = {name: getattr(ins, name)() for name in FRAME_NAMES}
-    off = toolkit.Inspector.from_snapshot(path)
-    for name in FRAME_NAMES:
-        got, want = getattr(off, name)(), live[name]
-        assert_schema(name, got)
-        if name == "workers":  # ages are as of the snapshot, a moment before
-            got, want = got.drop(columns="heartbeat_age_s"), want.drop(columns="heartbeat_age_s")
-        if name == "locks":
-            got, want = got.drop(columns="ttl_s"), want.drop(columns="ttl_s")
-        if name == "summary":  # an age too: as of the snapshot, it may be a second younger
-            age = "oldest_queued_age_s"
-            assert got.loc[age, "value"] <= want.loc[age, "value"] <= got.loc[age, "value"] + 2
-            got, want = got.drop(index=age), want.drop(index=age)
-        pdt.assert_frame_equal(got, want, check_exact=False, rtol=1e-9, obj=name)
-    pdt.assert_frame_equal(off.metric_series(), ins.metric_series())
-    pdt.assert_frame_equal(off.metric_series(freq="5min"), ins.metric_series(freq="5min"))
-    pdt.assert_frame_equal(off.timeline("a").drop(columns="state_s"),
-                           ins.timeline("a").drop(columns="state_s"))
-    pdt.assert_frame_equal(off.heartbeat_gaps(), ins.heartbeat_gaps())
-    pdt.assert_frame_equal(off.wait_times("queue"), ins.wait_times("queue"))
-    pdt.assert_frame_equal(off.jobs(status="completed"), ins.jobs(status="completed"))
-    pdt.assert_frame_equal(off.events(job_id="a"), ins.events(job_id="a"))
-    assert off.explain("a").verdict == ins.explain("a").verdict
-    manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["namespace"] == clean.namespace and manifest["rows"]["jobs"] == 3
-    text = (path / "manifest.json").read_text()
-    assert "redis://" not in text and "postgresql" not in text
-    ins.close()
+    # A with block: a failed assertion still closes it (its pools left to the garbage
+    # collector warn, as an error, in whichever later test the collection runs).
+    with toolkit.Inspector(clean.database_url, clean.redis_url, namespace=clean.namespace,
+                           schema=clean.schema, heartbeat_ttl=60.0) as ins:  # liveness stays put
+        path = ins.snapshot(tmp_path / "snap")
+        live = {name: getattr(ins, name)() for name in FRAME_NAMES}
+        off = toolkit.Inspector.from_snapshot(path)
+        for name in FRAME_NAMES:
+            got, want = getattr(off, name)(), live[name]
+            assert_schema(name, got)
+            if name == "workers":  # ages are as of the snapshot, a moment before
+                got, want = got.drop(columns="heartbeat_age_s"), want.drop(columns="heartbeat_age_s")
+            if name == "locks":
+                got, want = got.drop(columns="ttl_s"), want.drop(columns="ttl_s")
+            if name == "summary":  # an age too: as of the snapshot, it may be a second younger
+                age = "oldest_queued_age_s"
+                assert got.loc[age, "value"] <= want.loc[age, "value"] <= got.loc[age, "value"] + 2
+                got, want = got.drop(index=age), want.drop(index=age)
+            pdt.assert_frame_equal(got, want, check_exact=False, rtol=1e-9, obj=name)
+        pdt.assert_frame_equal(off.metric_series(), ins.metric_series())
+        pdt.assert_frame_equal(off.metric_series(freq="5min"), ins.metric_series(freq="5min"))
+        pdt.assert_frame_equal(off.timeline("a").drop(columns="state_s"),
+                               ins.timeline("a").drop(columns="state_s"))
+        pdt.assert_frame_equal(off.heartbeat_gaps(), ins.heartbeat_gaps())
+        pdt.assert_frame_equal(off.wait_times("queue"), ins.wait_times("queue"))
+        pdt.assert_frame_equal(off.jobs(status="completed"), ins.jobs(status="completed"))
+        pdt.assert_frame_equal(off.events(job_id="a"), ins.events(job_id="a"))
+        assert off.explain("a").verdict == ins.explain("a").verdict
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["namespace"] == clean.namespace and manifest["rows"]["jobs"] == 3
+        text = (path / "manifest.json").read_text()
+        assert "redis://" not in text and "postgresql" not in text
 
 
 def test_snapshot_reopens_with_no_server_and_refuses_live_calls(sm, ins, tmp_path) -> None:
