@@ -20,7 +20,7 @@ from toolkit.models import EntityKind as Kind
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import records, store
 from toolkit.tiers.postgres.db import Database
-from toolkit.tiers.redis import cache, eviction, keys, queue, schedule, watermark
+from toolkit.tiers.redis import cache, eviction, queue, schedule, watermark
 from toolkit.tiers.redis.client import Client
 
 if TYPE_CHECKING:
@@ -282,30 +282,21 @@ def sentinel_lost(t: Tiers, kept: str | None) -> bool:
     return token is None or kept != token
 
 
-AFTER_A_CRASH = ":after-a-crash"
-"""Appended to a rebuild's mark in Redis when the rebuild found commits PostgreSQL may have
-lost: until it ends, the crash stays visible (a rebuild that dies on the way repaired nothing)."""
-
-
 def crashed_since_rebuild(t: Tiers) -> bool:
     """What :data:`CRASH_WARNING` says, for :func:`check`: as :func:`commits_may_be_lost`,
-    but not while a rebuild that found no crash runs (it renewed PostgreSQL's token and
-    gives Redis the new one when it ends), nor when Redis holds no token (Redis lost its
-    data: its missing entries are the check's rows), nor on a schema from before the
-    sentinel. An emptied sentinel is a crash whatever runs: crash recovery empties it."""
+    but not when Redis holds no token (Redis lost its data: its missing entries are the
+    check's rows), nor on a schema from before the sentinel. A rebuild renews PostgreSQL's
+    token only when it differs from Redis's (``rebuilding._renew_sentinel``), so the two
+    differ only after a crash, while a rebuild that saw it runs, and after one that died."""
     if not watermark.async_commits_noted(t.redis, t.ns):
         return False
-    mark = t.redis.call("read rebuild mark", lambda: t.redis.redis.get(keys.rebuilding(t.ns)))
     token = watermark.crash_token(t.redis, t.ns)
     if token is None:
         return False
     with t.db.autocommit("read the crash sentinel") as conn:
         if not store.has_table(conn, t.db.schema, "crash_sentinel"):
             return False
-        kept = records.sentinel(conn, t.ns)
-    if kept is None:
-        return True
-    return kept != token and (mark is None or str(mark).endswith(AFTER_A_CRASH))
+        return records.sentinel(conn, t.ns) != token
 
 
 CRASH_WARNING = (

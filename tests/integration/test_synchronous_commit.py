@@ -179,59 +179,90 @@ def test_after_a_crash_under_async_commits_check_exits_1_and_repair_runs_the_reb
     assert cli.main(["check", *base(clean)]) == 0
 
 
-def test_a_rebuild_going_on_is_no_crash_and_two_rebuilds_leave_no_crossed_tokens(
-        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _during_rebuild(monkeypatch: pytest.MonkeyPatch, *steps: Any) -> None:
+    """Run ``steps[i]()`` inside the i-th rebuild from now, after its crash sentinel step."""
     from toolkit.recovery import rebuilding
 
+    scan, left = rebuilding._scan_cache, list(steps)
+
+    def scan_then_step(*args: Any) -> Any:
+        if left:
+            left.pop(0)()
+        return scan(*args)
+
+    monkeypatch.setattr(rebuilding, "_scan_cache", scan_then_step)
+
+
+def test_rebuilds_with_no_crash_keep_the_token_and_overlap_without_a_warning(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     fast = make_sm(synchronous_commit="off")
     ns = fast.ns
-    later = sql.SQL("UPDATE {} SET token = 'later' WHERE namespace = %s").format(
+    token = raw_redis.get(keys.crash_token(ns))
+    sentinel = sql.SQL("SELECT token FROM {} WHERE namespace = %s").format(
         sql.Identifier(clean.schema, "crash_sentinel"))
-    # What a rebuild does when it begins: its mark in Redis, a new token in PostgreSQL
-    # (Redis gets it when the rebuild ends). No crash meanwhile: no warning.
-    raw_redis.set(keys.rebuilding(ns), "another coordinator's")
-    raw_pg.execute(later, (ns,))
-    assert fast.check_consistency().warnings == ()
-    raw_redis.delete(keys.rebuilding(ns))  # (the same tokens without the mark: the warning)
-    assert fast.check_consistency().postgres_crashed
-
-    # A rebuild that ends after another began gives Redis the later one's token.
-    renew = rebuilding._renew_sentinel
-
-    def overtaken(t: Any) -> bool:
-        lost = renew(t)
-        raw_pg.execute(later, (ns,))  # another coordinator's rebuild began just after
-        return lost
-
-    monkeypatch.setattr(rebuilding, "_renew_sentinel", overtaken)
+    seen: list[tuple[str, ...]] = []
+    # A second coordinator starts (its rebuild) while this one rebuilds, and is checked
+    # while its own rebuild runs: no crash happened, so no warning at any point.
+    _during_rebuild(monkeypatch, lambda: make_sm(synchronous_commit="off"),
+                    lambda: seen.append(fast.check_consistency().warnings))
     fast.rebuild(progress=False)
-    assert raw_redis.get(keys.crash_token(ns)) == "later"
+    assert seen == [()]
+    assert fast.check_consistency().warnings == ()
+    assert raw_redis.get(keys.crash_token(ns)) == token  # neither rebuild renewed it
+    assert raw_pg.execute(sentinel, (ns,)).fetchall() == [(token,)]
+
+
+def test_a_rebuild_does_not_publish_a_token_a_later_rebuild_wrote_after_a_crash(
+        make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = make_sm(synchronous_commit="off")
+    ns = fast.ns
+    token = raw_redis.get(keys.crash_token(ns))
+    table = sql.Identifier(clean.schema, "crash_sentinel")
+
+    def crash_then_a_later_rebuild_begins() -> None:
+        raw_pg.execute(sql.SQL("TRUNCATE {}").format(table))  # crash recovery
+        raw_pg.execute(sql.SQL("INSERT INTO {} VALUES (%s, 'later')").format(table), (ns,))
+
+    # This rebuild saw no crash; one happened while it ran, and a rebuild that began later
+    # saw it. Ending first, this one must not hand Redis the later one's token: the crash
+    # stays visible until that rebuild (or another) has repaired it.
+    _during_rebuild(monkeypatch, crash_then_a_later_rebuild_begins)
+    fast.rebuild(progress=False)
+    assert raw_redis.get(keys.crash_token(ns)) == token
+    assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)
+    monkeypatch.undo()
+    fast.rebuild(progress=False)  # the next rebuild repairs it and renews both
+    assert raw_redis.get(keys.crash_token(ns)) not in (token, "later")
     assert fast.check_consistency().warnings == ()
 
 
 def test_a_rebuild_that_dies_repairing_a_crash_leaves_the_crash_visible(
         make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from toolkit.recovery import rebuilding
-
     fast = make_sm(synchronous_commit="off")
     ns = fast.ns
-    sentinel = sql.Identifier(clean.schema, "crash_sentinel")
-    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sentinel))  # a crash recovery
-    # A coordinator's rebuild renews the token, finds the crash, and dies before the end:
-    # its mark stays in Redis for up to an hour, and it repaired nothing.
-    monkeypatch.setattr(rebuilding, "_scan_cache", lambda *a: (_ for _ in ()).throw(
-        RuntimeError("killed mid-rebuild")))
+    token = raw_redis.get(keys.crash_token(ns))
+    table = sql.Identifier(clean.schema, "crash_sentinel")
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(table))  # a crash recovery
+    # A coordinator's rebuild renews the token, having seen the crash, and dies before the
+    # end: its mark stays in Redis for up to an hour, and it repaired nothing.
+
+    def killed() -> None:
+        raise RuntimeError("killed mid-rebuild")
+
+    _during_rebuild(monkeypatch, killed)
     with pytest.raises(RuntimeError, match="killed mid-rebuild"):
         fast.rebuild(progress=False)
-    assert raw_redis.get(keys.rebuilding(ns)).endswith(compare.AFTER_A_CRASH)
+    assert raw_redis.exists(keys.rebuilding(ns)) == 1
+    renewed = raw_pg.execute(sql.SQL("SELECT token FROM {}").format(table)).fetchall()
+    assert renewed != [] and renewed != [(token,)]
     assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)
-    monkeypatch.undo()
 
-    # A crash while a rebuild that found none runs (the sentinel emptied again): still said.
+    # A crash while a rebuild that saw none runs (its mark in Redis): said as well.
     fast.rebuild(progress=False)
     assert fast.check_consistency().warnings == ()
-    raw_redis.set(keys.rebuilding(ns), "a rebuild that found no crash")
-    raw_pg.execute(sql.SQL("TRUNCATE {}").format(sentinel))
+    raw_redis.set(keys.rebuilding(ns), "a rebuild that saw no crash")
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(table))
     assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)

@@ -312,11 +312,9 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     # The paused mirror first: a queue filled early is never served while its pause is missing.
     queues.restore_paused(t)
     token = _mark_rebuilding(t)
-    # Before the snapshot, in one transaction: the crash sentinel's last token (lost: then
-    # PostgreSQL wins over every cached entry) and a new one (a crash from here on is seen).
-    lost = _renew_sentinel(t)
-    if lost:  # the crash this rebuild repairs stays visible if it dies before the end
-        _mark_rebuilding(t, token + compare.AFTER_A_CRASH)
+    # Before the snapshot, in one transaction: the crash sentinel's token, and a new one
+    # unless it is the one Redis holds (lost: then PostgreSQL wins over every cached entry).
+    lost, sentinel = _renew_sentinel(t)
     cached, empty = _scan_cache(t.redis, t.ns)
     read = _snapshot(t, progress, cached, empty)
     for kind in KINDS:
@@ -335,7 +333,7 @@ def _rebuild(t: Tiers, progress: bool | None) -> RebuildReport:
     metrics.raise_to(t.redis, t.ns, read.checkpoints)
     heartbeats.boot_time(t.redis, t.ns, time.time())
     watermark.mark_rebuilt(t.redis, t.ns, time.time())
-    _publish_sentinel(t)
+    _publish_sentinel(t, sentinel)
     t.redis.call("rebuild done", lambda: t.redis.redis.delete(keys.rebuilding(t.ns)))
     return RebuildReport(
         workflows=len(read.entities[Kind.WORKFLOW]), jobs=len(read.entities[Kind.JOB]),
@@ -360,33 +358,39 @@ def _fill_cache(t: Tiers, read: _Snapshot, cached: Mapping[str, set[str]], lost:
                 repairing.fix_cache(t, kind, others, pg_wins=lost)
 
 
-def _renew_sentinel(t: Tiers) -> bool:
-    """Write a new token to PostgreSQL's crash sentinel (UNLOGGED: a crash recovery empties
-    it), Redis gets it when the rebuild is done (:func:`_publish_sentinel`); return whether
-    PostgreSQL may have lost commits Redis holds (:func:`compare.commits_may_be_lost`, from
-    the token it replaced)."""
-    token = uuid.uuid4().hex
+def _renew_sentinel(t: Tiers) -> tuple[bool, str]:
+    """Return whether PostgreSQL may have lost commits Redis holds, and this rebuild's crash
+    sentinel token (PostgreSQL's ``crash_sentinel``, UNLOGGED: a crash recovery empties it).
+
+    The token stays when it is the one Redis holds: no crash since the last rebuild ended,
+    and rebuilds that overlap change nothing, so the two tokens differ only after a crash
+    (or with Redis's token lost) until a rebuild that saw it ends. Otherwise a new token,
+    written in the transaction that read the old one; Redis gets it when this rebuild ends
+    (:func:`_publish_sentinel`); with commits asynchronous, PostgreSQL then wins."""
     noted = watermark.async_commits_noted(t.redis, t.ns)
+    held = watermark.crash_token(t.redis, t.ns)
+    token = uuid.uuid4().hex
     with t.db.begin("rebuild: crash sentinel") as conn:
-        old = records.renew_sentinel(conn, t.ns, token)
-    return noted and compare.sentinel_lost(t, old)
+        old = records.renew_sentinel(conn, t.ns, token, keep=held)
+    if old is not None and old == held:
+        return False, old
+    return noted, token
 
 
-def _publish_sentinel(t: Tiers) -> None:
-    """Give Redis the token PostgreSQL's crash sentinel holds now: this rebuild's, or that of
-    a rebuild that began later (two rebuilds never leave the two tokens crossed). None: a
-    crash emptied it since this rebuild began, and Redis keeps its old token, so the
-    next rebuild and the check see the crash."""
+def _publish_sentinel(t: Tiers, token: str) -> None:
+    """Give Redis this rebuild's sentinel ``token`` if PostgreSQL still holds it. If not, a
+    crash emptied it since this rebuild began, or a rebuild that began later (and saw a crash,
+    or Redis without a token) renewed it: Redis keeps its token, and the check and the next
+    fast start see the difference until that rebuild, or another, ends."""
     with t.db.autocommit("rebuild: read the crash sentinel") as conn:
         current = records.sentinel(conn, t.ns)
-    if current is not None:
-        watermark.set_crash_token(t.redis, t.ns, current)
+    if current == token:
+        watermark.set_crash_token(t.redis, t.ns, token)
 
 
-def _mark_rebuilding(t: Tiers, mark: str | None = None) -> str:
-    """Write a token of this rebuild into Redis (kept an hour at most); return it. ``mark``:
-    the token with :data:`compare.AFTER_A_CRASH` (the rebuild found a crash to repair)."""
-    token = mark or uuid.uuid4().hex
+def _mark_rebuilding(t: Tiers) -> str:
+    """Write a token of this rebuild into Redis (kept an hour at most); return it."""
+    token = uuid.uuid4().hex
     t.redis.call("rebuild mark", lambda: t.redis.redis.set(keys.rebuilding(t.ns), token,
                                                            px=REBUILDING_TTL_MS))
     return token
@@ -395,8 +399,8 @@ def _mark_rebuilding(t: Tiers, mark: str | None = None) -> str:
 def _still_rebuilding(t: Tiers, token: str) -> bool:
     """Whether Redis still holds this rebuild's token (it lost nothing since the mark; another
     coordinator's rebuild replacing the token reads as a loss: a full reconcile, no harm)."""
-    mark = t.redis.call("rebuild check", lambda: t.redis.redis.get(keys.rebuilding(t.ns)))
-    return mark in (token, token + compare.AFTER_A_CRASH)
+    return bool(t.redis.call("rebuild check", lambda: t.redis.redis.get(keys.rebuilding(t.ns)))
+                == token)
 
 
 def _scan_cache(client: Client, ns: str) -> tuple[dict[str, set[str]], bool]:

@@ -221,13 +221,17 @@ def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) ->
 
 # -- what changed since a time (a fast start) ------------------------------------------------
 
-def renew_sentinel(conn: sa.Connection, namespace: str, token: str) -> str | None:
-    """Write ``namespace``'s crash sentinel (0010: a crash recovery empties the table);
-    return the token it replaced (None: none), read in the same transaction, locked."""
+def renew_sentinel(conn: sa.Connection, namespace: str, token: str, *,
+                   keep: str | None = None) -> str | None:
+    """Write ``namespace``'s crash sentinel (0010: a crash recovery empties the table),
+    unless it holds ``keep`` (not None); return the token it held (None: none), read in the
+    same transaction, locked."""
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
     c = t.crash_sentinel
     old = sentinel(conn, namespace, lock=True)
+    if old is not None and old == keep:
+        return old
     stmt = pg_insert(c).values(namespace=namespace, token=token)
     conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.namespace],
                                             set_={"token": stmt.excluded.token}))
