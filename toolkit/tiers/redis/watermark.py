@@ -17,9 +17,10 @@ their commit and the note is removed with the cache entries after it.
 
 A coordinator that commits with ``synchronous_commit = off`` notes it in
 ``{ns}:async_commits`` before its first write (and again with each watermark): a
-PostgreSQL server that crashed may have lost commits Redis holds. A rebuild writes a token
-to PostgreSQL's UNLOGGED crash sentinel, which a crash recovery empties, and the same
-token to ``{ns}:crash_token``: a token PostgreSQL lost says it crashed since.
+PostgreSQL server that crashed may have lost commits Redis holds. A rebuild keeps the token
+of PostgreSQL's UNLOGGED crash sentinel (which a crash recovery empties) when it is the one
+in ``{ns}:crash_token``, writes a new one when they differ, and gives it to Redis at its end:
+a token PostgreSQL lost says it crashed since.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def was_rebuilt(client: Client, ns: str) -> bool:
 
 
 def set_crash_token(client: Client, ns: str, token: str) -> None:
-    """Record the token a rebuild wrote to PostgreSQL's crash sentinel before it began."""
+    """Record the token a rebuild kept or wrote in PostgreSQL's crash sentinel."""
     client.call("record crash token", lambda: client.redis.set(keys.crash_token(ns), token))
 
 
