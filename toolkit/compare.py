@@ -273,11 +273,6 @@ def commits_may_be_lost(t: Tiers) -> bool:
         return False
     with t.db.autocommit("read the crash sentinel") as conn:
         kept = records.sentinel(conn, t.ns)
-    return sentinel_lost(t, kept)
-
-
-def sentinel_lost(t: Tiers, kept: str | None) -> bool:
-    """Whether PostgreSQL's crash sentinel token ``kept`` is not the one Redis holds."""
     token = watermark.crash_token(t.redis, t.ns)
     return token is None or kept != token
 

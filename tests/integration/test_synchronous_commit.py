@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import pytest
@@ -193,14 +193,33 @@ def _during_rebuild(monkeypatch: pytest.MonkeyPatch, *steps: Any) -> None:
     monkeypatch.setattr(rebuilding, "_scan_cache", scan_then_step)
 
 
+class _Sentinel(NamedTuple):
+    """An async coordinator, its crash sentinel table and the token its rebuild left."""
+
+    sm: toolkit.StateManager
+    table: sql.Identifier
+    token: str
+
+
+def _sentinel(make_sm: Any, raw_redis: Any, clean: Servers) -> _Sentinel:
+    fast = make_sm(synchronous_commit="off")
+    return _Sentinel(fast, sql.Identifier(clean.schema, "crash_sentinel"),
+                     raw_redis.get(keys.crash_token(fast.ns)))
+
+
+def _crash(raw_pg: psycopg.Connection, table: sql.Identifier) -> None:
+    """What a crash recovery does to the UNLOGGED sentinel: empties it."""
+    raw_pg.execute(sql.SQL("TRUNCATE {}").format(table))
+
+
+def _held(raw_pg: psycopg.Connection, table: sql.Identifier) -> list[tuple[str]]:
+    return raw_pg.execute(sql.SQL("SELECT token FROM {}").format(table)).fetchall()
+
+
 def test_rebuilds_with_no_crash_keep_the_token_and_overlap_without_a_warning(
         make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = make_sm(synchronous_commit="off")
-    ns = fast.ns
-    token = raw_redis.get(keys.crash_token(ns))
-    sentinel = sql.SQL("SELECT token FROM {} WHERE namespace = %s").format(
-        sql.Identifier(clean.schema, "crash_sentinel"))
+    fast, table, token = _sentinel(make_sm, raw_redis, clean)
     seen: list[tuple[str, ...]] = []
     # A second coordinator starts (its rebuild) while this one rebuilds, and is checked
     # while its own rebuild runs: no crash happened, so no warning at any point.
@@ -209,43 +228,37 @@ def test_rebuilds_with_no_crash_keep_the_token_and_overlap_without_a_warning(
     fast.rebuild(progress=False)
     assert seen == [()]
     assert fast.check_consistency().warnings == ()
-    assert raw_redis.get(keys.crash_token(ns)) == token  # neither rebuild renewed it
-    assert raw_pg.execute(sentinel, (ns,)).fetchall() == [(token,)]
+    assert raw_redis.get(keys.crash_token(fast.ns)) == token  # neither rebuild renewed it
+    assert _held(raw_pg, table) == [(token,)]
 
 
 def test_a_rebuild_does_not_publish_a_token_a_later_rebuild_wrote_after_a_crash(
         make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = make_sm(synchronous_commit="off")
-    ns = fast.ns
-    token = raw_redis.get(keys.crash_token(ns))
-    table = sql.Identifier(clean.schema, "crash_sentinel")
+    fast, table, token = _sentinel(make_sm, raw_redis, clean)
 
     def crash_then_a_later_rebuild_begins() -> None:
-        raw_pg.execute(sql.SQL("TRUNCATE {}").format(table))  # crash recovery
-        raw_pg.execute(sql.SQL("INSERT INTO {} VALUES (%s, 'later')").format(table), (ns,))
+        _crash(raw_pg, table)
+        raw_pg.execute(sql.SQL("INSERT INTO {} VALUES (%s, 'later')").format(table), (fast.ns,))
 
     # This rebuild saw no crash; one happened while it ran, and a rebuild that began later
     # saw it. Ending first, this one must not hand Redis the later one's token: the crash
     # stays visible until that rebuild (or another) has repaired it.
     _during_rebuild(monkeypatch, crash_then_a_later_rebuild_begins)
     fast.rebuild(progress=False)
-    assert raw_redis.get(keys.crash_token(ns)) == token
+    assert raw_redis.get(keys.crash_token(fast.ns)) == token
     assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)
     monkeypatch.undo()
     fast.rebuild(progress=False)  # the next rebuild repairs it and renews both
-    assert raw_redis.get(keys.crash_token(ns)) not in (token, "later")
+    assert raw_redis.get(keys.crash_token(fast.ns)) not in (token, "later")
     assert fast.check_consistency().warnings == ()
 
 
 def test_a_rebuild_that_dies_repairing_a_crash_leaves_the_crash_visible(
         make_sm: Any, raw_redis: Any, raw_pg: psycopg.Connection, clean: Servers,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = make_sm(synchronous_commit="off")
-    ns = fast.ns
-    token = raw_redis.get(keys.crash_token(ns))
-    table = sql.Identifier(clean.schema, "crash_sentinel")
-    raw_pg.execute(sql.SQL("TRUNCATE {}").format(table))  # a crash recovery
+    fast, table, token = _sentinel(make_sm, raw_redis, clean)
+    _crash(raw_pg, table)
     # A coordinator's rebuild renews the token, having seen the crash, and dies before the
     # end: its mark stays in Redis for up to an hour, and it repaired nothing.
 
@@ -255,14 +268,14 @@ def test_a_rebuild_that_dies_repairing_a_crash_leaves_the_crash_visible(
     _during_rebuild(monkeypatch, killed)
     with pytest.raises(RuntimeError, match="killed mid-rebuild"):
         fast.rebuild(progress=False)
-    assert raw_redis.exists(keys.rebuilding(ns)) == 1
-    renewed = raw_pg.execute(sql.SQL("SELECT token FROM {}").format(table)).fetchall()
+    assert raw_redis.exists(keys.rebuilding(fast.ns)) == 1
+    renewed = _held(raw_pg, table)
     assert renewed != [] and renewed != [(token,)]
     assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)
 
     # A crash while a rebuild that saw none runs (its mark in Redis): said as well.
     fast.rebuild(progress=False)
     assert fast.check_consistency().warnings == ()
-    raw_redis.set(keys.rebuilding(ns), "a rebuild that saw no crash")
-    raw_pg.execute(sql.SQL("TRUNCATE {}").format(table))
+    raw_redis.set(keys.rebuilding(fast.ns), "a rebuild that saw no crash")
+    _crash(raw_pg, table)
     assert fast.check_consistency().warnings == (compare.CRASH_WARNING,)

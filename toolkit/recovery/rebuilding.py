@@ -369,12 +369,9 @@ def _renew_sentinel(t: Tiers) -> tuple[bool, str]:
     (:func:`_publish_sentinel`); with commits asynchronous, PostgreSQL then wins."""
     noted = watermark.async_commits_noted(t.redis, t.ns)
     held = watermark.crash_token(t.redis, t.ns)
-    token = uuid.uuid4().hex
     with t.db.begin("rebuild: crash sentinel") as conn:
-        old = records.renew_sentinel(conn, t.ns, token, keep=held)
-    if old is not None and old == held:
-        return False, old
-    return noted, token
+        token = records.renew_sentinel(conn, t.ns, uuid.uuid4().hex, keep=held)
+    return noted and token != held, token
 
 
 def _publish_sentinel(t: Tiers, token: str) -> None:

@@ -222,10 +222,10 @@ def reserve_fences(conn: sa.Connection, name: str, at_least: int, block: int) ->
 # -- what changed since a time (a fast start) ------------------------------------------------
 
 def renew_sentinel(conn: sa.Connection, namespace: str, token: str, *,
-                   keep: str | None = None) -> str | None:
-    """Write ``namespace``'s crash sentinel (0010: a crash recovery empties the table),
-    unless it holds ``keep`` (not None); return the token it held (None: none), read in the
-    same transaction, locked."""
+                   keep: str | None = None) -> str:
+    """Write ``token`` to ``namespace``'s crash sentinel (0010: a crash recovery empties the
+    table) unless it holds ``keep`` (not None), read in the same transaction, locked; return
+    the token it holds now (``keep`` or ``token``)."""
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
     c = t.crash_sentinel
@@ -235,7 +235,7 @@ def renew_sentinel(conn: sa.Connection, namespace: str, token: str, *,
     stmt = pg_insert(c).values(namespace=namespace, token=token)
     conn.execute(stmt.on_conflict_do_update(index_elements=[c.c.namespace],
                                             set_={"token": stmt.excluded.token}))
-    return old
+    return token
 
 
 def sentinel(conn: sa.Connection, namespace: str, *, lock: bool = False) -> str | None:
