@@ -232,6 +232,7 @@ class StateManager:
     complete_jobs = _Verb("_batches", batches.Batches.complete_jobs)
     fail_jobs = _Verb("_batches", batches.Batches.fail_jobs)
     complete_and_dequeue = _Verb("_batches", batches.Batches.complete_and_dequeue)
+    complete_and_dequeue_many = _Verb("_batches", batches.Batches.complete_and_dequeue_many)
     list_assignments = _Verb("_workers", workers.Workers.assignments)
     pause_queue = _Verb("_queues", queues.Queues.pause)
     resume_queue = _Verb("_queues", queues.Queues.resume)

@@ -170,3 +170,17 @@ def test_single_completions_and_requeued_failures(sm: toolkit.StateManager) -> N
     # BEGIN, lock and read the job's budget, fail (+ assignment, events, lock), COMMIT: the
     # workflow stays running, no roll-up.
     assert seen["round trips"] == 3 * 4, seen
+
+
+def test_a_fused_batch_of_100_costs_two_round_trips(sm: toolkit.StateManager) -> None:
+    w = _running_workflow(sm, 300)
+    got = sm.dequeue_many(w, 100, start=True)
+    with _traced(sm) as seen:
+        for _ in range(2):
+            out, got = sm.complete_and_dequeue_many([(j.id, None) for j in got], 100,
+                                                    worker_id=w, start=True)
+            assert all(isinstance(o, toolkit.Job) for o in out) and len(got) == 100
+    # Per batch: BEGIN, claim (+ assignments, events), complete (+ assignments, events, locks)
+    # and release in one round trip, then COMMIT; no roll-up (the workflow has jobs in hand).
+    assert seen["round trips"] == 2 * 2, seen
+    assert (seen["BEGIN"], seen["COMMIT"], seen["COPY"]) == (2, 2, 0), seen

@@ -49,21 +49,25 @@ def test_a_raising_handler_fails_the_job_with_the_exception_text(sm: toolkit.Sta
     assert [j.error for j in failed] == ["ValueError: the dependency is down"]
 
 
-def test_max_jobs_and_batches_stop_after_that_many_and_return_the_rest(sm: toolkit.StateManager) -> None:
+@pytest.mark.parametrize("max_jobs", [6, 3])
+def test_max_jobs_and_batches_stop_after_that_many_and_claim_no_more(
+        sm: toolkit.StateManager, max_jobs: int) -> None:
     wf = _workflow(sm, 10)
     sm.register_worker("w1")
-    report = sm.run_worker("w1", lambda job: None, batch=4, max_jobs=6)
-    assert report.completed == 6
+    report = sm.run_worker("w1", lambda job: None, batch=4, max_jobs=max_jobs)
+    assert report.completed == max_jobs
     assert report.stopped_by == "max_jobs"
-    assert report.returned == 2  # the second batch of 4 had two left when the limit came
+    # No claim goes past the limit: 6 is a batch of 4, then 2 claimed with its completion;
+    # 3 is one claim of 3. Nothing is claimed only to be given back.
+    assert report.returned == 0
     by_status: dict[str, int] = {}
     for j in sm.list_jobs(workflow_id=wf.id):
         by_status[j.status] = by_status.get(j.status, 0) + 1
-    assert by_status == {"completed": 6, "queued": 4}
+    assert by_status == {"completed": max_jobs, "queued": 10 - max_jobs}
     assert sm.list_assignments(worker_id="w1", status="active") == []
-    # The returned jobs are handed out again, and their unstarted attempt was given back.
+    # The jobs left are handed out later, each on its first attempt.
     again = sm.run_worker("w1", lambda job: None, idle_timeout=0)
-    assert again.completed == 4
+    assert again.completed == 10 - max_jobs
     assert all(j.attempts == 1 for j in sm.list_jobs(workflow_id=wf.id))
 
 

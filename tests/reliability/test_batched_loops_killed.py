@@ -41,6 +41,13 @@ elif mode == "fused":
         done, job = sm.complete_and_dequeue(job.id, {"by": worker}, worker_id=worker,
                                             attempt=job.attempts, start=True)
         print(json.dumps({"acked": [done.id]}), flush=True)
+elif mode == "fused_batch":
+    jobs = sm.dequeue_many(worker, 10, start=True)
+    while jobs:
+        out, jobs = sm.complete_and_dequeue_many(
+            [{"job_id": j.id, "result": {"by": worker}, "attempt": j.attempts} for j in jobs], 10,
+            worker_id=worker, start=True)
+        print(json.dumps({"acked": [o.id for o in out if isinstance(o, toolkit.Job)]}), flush=True)
 else:
     while True:
         jobs = sm.dequeue_many(worker, 10, start=True)
@@ -50,6 +57,10 @@ else:
                                 for j in jobs], worker_id=worker)
         print(json.dumps({"acked": [o.id for o in out if isinstance(o, toolkit.Job)]}), flush=True)
 """
+
+
+WORKFLOWS = 4
+"""Of 500 jobs each: enough that the fast loops killed early leave work to the later rounds."""
 
 
 def _run_and_kill(clean: Servers, mode: str, worker: str, after: float, sync: str) -> list[str]:
@@ -86,19 +97,19 @@ def test_batched_fused_and_worker_loops_killed_at_random_lose_no_acked_completio
         clean: Servers, make_sm, raw_redis, sync: str) -> None:
     rng = random.Random(18)
     setup = make_sm(heartbeat_ttl=1.0)
-    for k in range(2):  # the second half of each workflow waits for the first (releases)
+    for k in range(WORKFLOWS):  # the second half of each workflow waits for the first (releases)
         setup.create_workflow(f"wf{k}", jobs=[
             {"name": f"j{i}", "max_attempts": 20, "depends_on": [f"j{i - 250}"] if i >= 250 else []}
             for i in range(500)])
     setup.close()
     acked: dict[str, str] = {}
-    for round_ in range(12):
-        mode = ("batch", "fused", "worker1", "worker10")[round_ % 4]
+    for round_ in range(15):
+        mode = ("batch", "fused", "worker1", "worker10", "fused_batch")[round_ % 5]
         worker = f"{mode}-{round_}"
         for job_id in _run_and_kill(clean, mode, worker, rng.uniform(0.0, 0.4), sync):
             assert job_id not in acked, f"{job_id} acked twice"
             acked[job_id] = worker
-    assert len(set(acked.values())) >= 4, "most loops acknowledged nothing before they were killed"
+    assert len(set(acked.values())) >= 5, "most loops acknowledged nothing before they were killed"
 
     time.sleep(1.3)  # the killed workers' heartbeats and claim leases expire
     sm = make_sm(heartbeat_ttl=1.0)  # a new coordinator: rebuild from PostgreSQL
@@ -113,9 +124,9 @@ def test_batched_fused_and_worker_loops_killed_at_random_lose_no_acked_completio
             "SELECT job_id FROM {}.job_events WHERE event = 'completed'").format(schema)))
         finished = Counter(r[0] for r in conn.execute(sql.SQL(
             "SELECT job_id FROM {}.job_assignments WHERE status = 'completed'").format(schema)))
-    assert len(results) == 1000
+    assert len(results) == WORKFLOWS * 500
     for job_id, worker in acked.items():  # every acknowledged completion stands, as acked
         assert results[job_id] == worker, (job_id, worker, results[job_id])
-    assert set(completions.values()) == {1} and len(completions) == 1000
-    assert set(finished.values()) == {1} and len(finished) == 1000
+    assert set(completions.values()) == {1} and len(completions) == WORKFLOWS * 500
+    assert set(finished.values()) == {1} and len(finished) == WORKFLOWS * 500
     assert_invariants(sm, raw_redis, clean.libpq_url)

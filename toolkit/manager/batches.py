@@ -8,7 +8,9 @@ transaction, each with its own result or error and fence; an item whose status
 or fence does not match is refused alone (its error in its slot of the
 returned list), the others go through. Dependents are released and each
 workflow rolled up once per batch. ``complete_and_dequeue`` completes one job
-and claims the next in one transaction.
+and claims the next in one transaction; ``complete_and_dequeue_many`` does the
+same for a batch (the batched worker's step: one commit per batch). Items are
+parsed by ``items``.
 
 Uses ``dispatch`` (the janitor) and ``workers`` (is the worker active?); the
 tiers through the pipeline, ``tiers/postgres/batches.py`` and ``tiers/redis/queue.py``.
@@ -16,7 +18,6 @@ tiers through the pipeline, ``tiers/postgres/batches.py`` and ``tiers/redis/queu
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -27,6 +28,7 @@ import sqlalchemy as sa
 from toolkit import errors, failpoints, models, validate
 from toolkit.manager import scheduling
 from toolkit.manager.dispatch import Dispatch
+from toolkit.manager.items import MAX_BATCH, Outcome, item_guard, parse_items
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
 from toolkit.models import EntityKind as Kind
@@ -35,76 +37,7 @@ from toolkit.tiers.postgres import batches as pgb
 from toolkit.tiers.postgres import lifecycle
 from toolkit.tiers.redis import queue
 
-MAX_BATCH = 1000
-"""Most items (or jobs claimed) in one batch call."""
-
-Outcome = models.Job | errors.ToolkitError
-"""One item's outcome in a batch: the moved job, or why it was refused."""
-
-_FENCES = ("worker_id", "attempt")
 _COMPLETABLE = models.values(models.job_sources(JS.COMPLETED))
-
-
-# -- items ----------------------------------------------------------------------------------
-
-def _item_fields(k: int, raw: Any, value_field: str | None) -> dict[str, Any]:
-    """One item as a dict: a job id, a ``(job_id, value)`` tuple, or a mapping."""
-    allowed = {"job_id", *_FENCES, *([value_field] if value_field else [])}
-    if isinstance(raw, str) and value_field is None:
-        return {"job_id": raw}
-    if isinstance(raw, tuple | list) and 1 <= len(raw) <= (2 if value_field else 1):
-        return dict(zip(("job_id", str(value_field)), raw, strict=False))
-    if isinstance(raw, Mapping) and "job_id" in raw and set(raw) <= allowed:
-        return dict(raw)
-    shape = f"(job_id, {value_field}) or a mapping" if value_field else "a job id or a mapping"
-    raise errors.ValidationError(f"items[{k}]", raw, f"must be {shape} with keys among "
-                                 f"{sorted(allowed)}")
-
-
-def _value(value_field: str | None, value: Any) -> str | None:
-    if value_field == "result":
-        value = validate.json_value("result", value)
-        return None if value is None else json.dumps(value)
-    if value_field == "error":
-        return validate.text("error", value)
-    return None
-
-
-def parse_items(items: Any, value_field: str | None, worker_id: str | None) -> list[pgb.Item]:
-    """Validate a batch: 1 to :data:`MAX_BATCH` items, each job once, every field checked.
-
-    ``worker_id`` fences every item that names no worker of its own.
-    """
-    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence):
-        raise errors.ValidationError("items", items, "must be a list of items")
-    if not 1 <= len(items) <= MAX_BATCH:
-        raise errors.ValidationError("items", f"{len(items)} items",
-                                     f"a batch holds 1 to {MAX_BATCH} items")
-    default_worker = None if worker_id is None else validate.identifier("worker_id", worker_id)
-    out: list[pgb.Item] = []
-    for k, raw in enumerate(items):
-        f = _item_fields(k, raw, value_field)
-        worker = f.get("worker_id", default_worker)
-        attempt = f.get("attempt")
-        out.append(pgb.Item(
-            validate.identifier("job_id", f["job_id"]),
-            None if worker is None else validate.identifier("worker_id", worker),
-            None if attempt is None else validate.integer("attempt", attempt, low=1, high=10_000),
-            _value(value_field, f.get(value_field)) if value_field else None))
-    ids = [i.job_id for i in out]
-    if len(set(ids)) != len(ids):
-        raise errors.ValidationError("items", sorted({i for i in ids if ids.count(i) > 1}),
-                                     "a job may appear once in a batch")
-    return out
-
-
-def _guard(item: pgb.Item) -> dict[str, Any] | None:
-    guard: dict[str, Any] = {}
-    if item.worker_id is not None:
-        guard["worker_id"] = item.worker_id
-    if item.attempt is not None:
-        guard["attempts"] = item.attempt
-    return guard or None
 
 
 # -- the steps inside a transaction ----------------------------------------------------------
@@ -141,7 +74,7 @@ def _refuse(pipe: Pipeline, conn: sa.Connection, b: _Batch, items: Sequence[pgb.
     done = {r["id"] for r in moved}
     for item in items:
         if item.job_id not in done:
-            b.refused[item.job_id] = pipe.refusal(conn, Kind.JOB, item.job_id, target, _guard(item))
+            b.refused[item.job_id] = pipe.refusal(conn, Kind.JOB, item.job_id, target, item_guard(item))
 
 
 def _completed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -395,30 +328,61 @@ class Batches:
         """
         item = parse_items([{"job_id": job_id, "result": result, "attempt": attempt}],
                            "result", worker_id)
+        _, claimed, jobs = self._fused("complete and dequeue", item, 1, worker_id, queues,
+                                       start, strict=True)
+        nxt = claimed[0] if claimed else None
+        if claimed and nxt is None:  # the claimed job was no longer queued: try once more
+            nxt = self.dequeue(worker_id, queues=queues, start=start)
+        return jobs[job_id], nxt
+
+    def complete_and_dequeue_many(self, items: Sequence[Any], n: int, *, worker_id: str,
+                                  queues: Sequence[str] | None = None, start: bool = False
+                                  ) -> tuple[list[Outcome], list[models.Job]]:
+        """Complete many running jobs and claim up to ``n`` next, in one transaction.
+
+        The batched worker's step: one commit per batch instead of two. Returns
+        ``(one outcome per item, the jobs claimed, best first)``. Items are those
+        of :meth:`complete_jobs`, each refused alone (its error in its slot); the
+        claim goes through either way, and when nothing is queued the completions
+        still commit. ``start``: claim straight into running. Bad input raises
+        ``ValidationError`` and nothing is written or claimed.
+        """
+        parsed = parse_items(items, "result", worker_id)
+        n = validate.integer("n", n, low=1, high=MAX_BATCH)
+        b, claimed, jobs = self._fused("complete and dequeue many", parsed, n, worker_id,
+                                       queues, start, strict=False)
+        return b.outcomes(parsed, jobs.values()), [j for j in claimed if j is not None]
+
+    def _fused(self, action: str, items: list[pgb.Item], n: int, worker_id: str,
+               queues: Sequence[str] | None, start: bool, *, strict: bool
+               ) -> tuple[_Batch, list[models.Job | None], dict[str, models.Job]]:
+        """Claim up to ``n``, complete ``items`` and release their dependents in one round
+        trip, roll up, commit (``strict``: a refused item raises, nothing is written).
+        Returns the batch, each claim's job (None: no longer queued), the jobs written."""
         names = self._queues(worker_id, queues)
         self.dispatch.janitor()
-        claims = self._pop(names, 1)
+        claims = self._pop(names, n)
+        mine = {i.job_id for i in items}  # a job completed here is not claimed again with it
+        self._settle([c for c in claims if c.job_id in mine], requeue=True)
+        claims = [c for c in claims if c.job_id not in mine]
         b = _Batch()
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
             now = self.pipe.now()
             b.reset()
             claim = _claim(claims, worker_id, bool(start)) if claims else None
-            # The claim, the completion and the release in one round trip (with the BEGIN).
-            fused = pgb.claim_complete_release(conn, claim, item, _COMPLETABLE, now)
+            # The claim, the completions and the release in one round trip (with the BEGIN).
+            fused = pgb.claim_complete_release(conn, claim, items, _COMPLETABLE, now)
             if claim is not None:
                 _claimed(ch, b, claim, fused.claimed, fused.woken, now)
-            self._complete(conn, ch, b, item, fused.ended)
-            if b.refused:
-                raise b.refused[job_id]
+            self._complete(conn, ch, b, items, fused.ended)
+            if strict and b.refused:
+                raise next(iter(b.refused.values()))
             _finish(conn, ch, b, now, fused.released)
 
-        written = self._write_with_claims("complete and dequeue", claims, tx, opens=True)
+        written = self._write_with_claims(action, claims, tx, opens=True)
         jobs = {e.id: e for e in written if isinstance(e, models.Job)}
-        nxt = next((jobs[c.job_id] for c in claims if c.job_id in jobs), None)
-        if claims and nxt is None:  # the claimed job was no longer queued: try once more
-            nxt = self.dequeue(worker_id, queues=names, start=start)
-        return jobs[job_id], nxt
+        return b, [jobs.get(c.job_id) for c in claims], jobs
 
 
 def _failed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],

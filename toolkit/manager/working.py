@@ -126,7 +126,7 @@ class Working:
             if stop:
                 self._give_back(plan, carried, report)
                 return stop
-            claimed, carried = carried or self._claim(plan), []
+            claimed, carried = carried or self._claim(plan, _room(plan, report, 0)), []
             if not claimed:
                 if plan.idle_timeout is not None and time.monotonic() - idle_since >= plan.idle_timeout:
                     return "idle"
@@ -134,13 +134,14 @@ class Working:
             idle_since = time.monotonic()
             carried = self._run(plan, claimed, handler, halt, report)
 
-    def _claim(self, plan: _Plan) -> list[models.Job]:
-        """Claim straight into running: one job, or a batch in one Redis script and one commit."""
+    def _claim(self, plan: _Plan, n: int) -> list[models.Job]:
+        """Claim ``n`` straight into running: one job, or a batch in one Redis script and one
+        commit."""
         wait = 0.0 if plan.idle_timeout == 0 else plan.poll
-        if plan.batch == 1:
+        if n == 1:
             one = self.batches.dequeue(plan.worker_id, queues=plan.queues, timeout=wait, start=True)
             return [] if one is None else [one]
-        return self.batches.dequeue_many(plan.worker_id, plan.batch, queues=plan.queues,
+        return self.batches.dequeue_many(plan.worker_id, n, queues=plan.queues,
                                          timeout=wait, start=True)
 
     def _run(self, plan: _Plan, claimed: list[models.Job], handler: Callable[[models.Job], Any],
@@ -160,28 +161,21 @@ class Working:
                     failed.append((job, f"{type(exc).__name__}: {exc}"[:10_000]))
         finally:
             self._give_back(plan, claimed[ran:], report)
-        fuse = (plan.batch == 1 and len(done) == 1 and not halt.is_set()
-                and not _full(plan, report, 1))
-        if fuse:
-            return self._complete_and_claim(plan, done[0], report)
-        self._settle(plan, done, "result", report)
         self._settle(plan, failed, "error", report)
+        more = _room(plan, report, len(done))
+        if done and more and not halt.is_set():
+            return self._complete_and_claim(plan, done, more, report)
+        self._settle(plan, done, "result", report)
         return []
 
-    def _complete_and_claim(self, plan: _Plan, done: tuple[models.Job, Any],
+    def _complete_and_claim(self, plan: _Plan, done: list[tuple[models.Job, Any]], more: int,
                             report: WorkerReport) -> list[models.Job]:
-        """One commit: complete this job and claim the next one straight into running."""
-        job, result = done
-        try:
-            _, nxt = self.batches.complete_and_dequeue(
-                job.id, result, worker_id=plan.worker_id, attempt=job.attempts,
-                queues=plan.queues, start=True)
-        except (errors.StaleAttempt, errors.InvalidTransition) as exc:
-            log.warning("job result not recorded: %s", exc, extra={"action": "run_worker"})
-            report.lost += 1
-            return []
-        report.completed += 1
-        return [] if nxt is None else [nxt]
+        """One commit: complete the jobs that ran and claim up to ``more`` straight into running."""
+        items = [{"job_id": j.id, "result": value, "attempt": j.attempts} for j, value in done]
+        outcomes, nxt = self.batches.complete_and_dequeue_many(
+            items, more, worker_id=plan.worker_id, queues=plan.queues, start=True)
+        _count(outcomes, "result", report)
+        return nxt
 
     def _settle(self, plan: _Plan, outcomes: list[tuple[models.Job, Any]], field: str,
                 report: WorkerReport) -> None:
@@ -190,20 +184,33 @@ class Working:
             return
         items = [{"job_id": j.id, field: value, "attempt": j.attempts} for j, value in outcomes]
         verb = self.batches.complete_jobs if field == "result" else self.batches.fail_jobs
-        for out in verb(items, worker_id=plan.worker_id):
-            if isinstance(out, models.Job):
-                if field == "result":
-                    report.completed += 1
-                else:
-                    report.failed += 1
-            else:
-                log.warning("job result not recorded: %s", out, extra={"action": "run_worker"})
-                report.lost += 1
+        _count(verb(items, worker_id=plan.worker_id), field, report)
 
     def _give_back(self, plan: _Plan, jobs: list[models.Job], report: WorkerReport) -> None:
         if jobs:
             back = self.dispatch.return_unstarted(plan.worker_id, [j.id for j in jobs])
             report.returned += len(back)
+
+
+def _count(outcomes: Sequence[Any], field: str, report: WorkerReport) -> None:
+    """Count each outcome of a completion (``result``) or failure (``error``) batch."""
+    for out in outcomes:
+        if not isinstance(out, models.Job):
+            log.warning("job result not recorded: %s", out, extra={"action": "run_worker"})
+            report.lost += 1
+        elif field == "result":
+            report.completed += 1
+        else:
+            report.failed += 1
+
+
+def _room(plan: _Plan, report: WorkerReport, running: int) -> int:
+    """How many jobs the next claim may take: a batch, fewer near ``max_jobs`` (a loop never
+    claims a job it will not run, unless it is stopped)."""
+    if plan.max_jobs is None:
+        return plan.batch
+    left = plan.max_jobs - (report.completed + report.failed + report.lost + running)
+    return max(0, min(plan.batch, left))
 
 
 def _full(plan: _Plan, report: WorkerReport, running: int) -> bool:

@@ -1,0 +1,112 @@
+"""complete_and_dequeue_many: the batched worker's step, a batch completed and the next claimed
+in one transaction. Real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import toolkit
+from toolkit.tiers.redis import keys
+
+
+def _column(raw_pg: psycopg.Connection, schema: str, column: str, ids: list[str]) -> list[Any]:
+    q = sql.SQL("SELECT {} FROM {} WHERE id = ANY(%s) ORDER BY array_position(%s, id)").format(
+        sql.SQL(column), sql.Identifier(schema, "jobs"))
+    return [r[0] for r in raw_pg.execute(q, (ids, ids))]
+
+
+def _ranked(sm: toolkit.StateManager, n: int) -> toolkit.Workflow:
+    """``n`` jobs, the higher the index the higher the priority."""
+    return sm.create_workflow("wf", jobs=[{"name": f"j{i}", "priority": i} for i in range(n)])
+
+
+def test_a_batch_completes_and_the_next_is_claimed_in_one_transaction(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, clean: Any) -> None:
+    _ranked(sm, 7)
+    w = sm.register_worker("w1").id
+    first = sm.dequeue_many(w, 3, start=True)
+    assert [j.name for j in first] == ["j6", "j5", "j4"]
+    out, nxt = sm.complete_and_dequeue_many(
+        [{"job_id": j.id, "result": {"n": k}, "attempt": j.attempts} for k, j in enumerate(first)],
+        3, worker_id=w, start=True)
+    assert [(o.status, o.result) for o in out] == [  # type: ignore[union-attr]
+        (toolkit.JobStatus.COMPLETED, {"n": 0}), (toolkit.JobStatus.COMPLETED, {"n": 1}),
+        (toolkit.JobStatus.COMPLETED, {"n": 2})]
+    assert [j.name for j in nxt] == ["j3", "j2", "j1"]  # best first
+    assert all(j.status is toolkit.JobStatus.RUNNING and j.worker_id == w for j in nxt)
+    ids = [j.id for j in (*first, *nxt)]
+    assert _column(raw_pg, clean.schema, "status", ids) == ["completed"] * 3 + ["running"] * 3
+    # One transaction wrote all six rows: they carry the same transaction id.
+    assert len(set(_column(raw_pg, clean.schema, "xmin::text", ids))) == 1
+    assert sm.get_job(nxt[0].id).status is toolkit.JobStatus.RUNNING  # type: ignore[union-attr]
+    assert sm.check_consistency().ok
+
+
+def test_a_refused_item_is_reported_alone_and_the_claim_goes_through(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, clean: Any) -> None:
+    _ranked(sm, 5)
+    w = sm.register_worker("w1").id
+    a, b = sm.dequeue_many(w, 2, start=True)
+    out, nxt = sm.complete_and_dequeue_many(
+        [{"job_id": a.id, "attempt": a.attempts}, {"job_id": b.id, "attempt": b.attempts + 1}],
+        2, worker_id=w, start=True)
+    assert isinstance(out[0], toolkit.Job) and out[0].status is toolkit.JobStatus.COMPLETED
+    assert isinstance(out[1], toolkit.StaleAttempt)
+    assert len(nxt) == 2
+    assert _column(raw_pg, clean.schema, "status", [a.id, b.id, *(j.id for j in nxt)]) == [
+        "completed", "running", "running", "running"]
+    assert sm.check_consistency().ok
+
+
+def test_with_nothing_to_claim_the_completions_still_commit(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, clean: Any) -> None:
+    wf = _ranked(sm, 2)
+    w = sm.register_worker("w1").id
+    got = sm.dequeue_many(w, 2, start=True)
+    out, nxt = sm.complete_and_dequeue_many([(j.id, None) for j in got], 10, worker_id=w)
+    assert nxt == [] and all(isinstance(o, toolkit.Job) for o in out)
+    assert _column(raw_pg, clean.schema, "status", [j.id for j in got]) == ["completed"] * 2
+    assert sm.get_workflow(wf.id).status is toolkit.WorkflowStatus.COMPLETED  # type: ignore[union-attr]
+
+
+def test_a_released_dependent_is_claimable_after_the_step(sm: toolkit.StateManager) -> None:
+    sm.create_workflow("chain", jobs=[{"name": "a"}, {"name": "b", "depends_on": ["a"]}])
+    w = sm.register_worker("w1").id
+    (a,) = sm.dequeue_many(w, 5, start=True)
+    out, nxt = sm.complete_and_dequeue_many([(a.id, None)], 5, worker_id=w, start=True)
+    # b was pending when the claim ran; its release commits with a's completion.
+    assert isinstance(out[0], toolkit.Job) and nxt == []
+    (b,) = sm.dequeue_many(w, 5, start=True)
+    assert b.name == "b"
+
+
+def test_a_job_completed_in_the_step_is_not_claimed_by_it(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, raw_redis: Any, clean: Any) -> None:
+    _ranked(sm, 1)
+    w = sm.register_worker("w1").id
+    (job,) = sm.dequeue_many(w, 1, start=True)
+    sm.fail_job(job.id, "boom", retry_in=0)  # queued again, and back in its Redis queue
+    out, nxt = sm.complete_and_dequeue_many([(job.id, None)], 1, worker_id=w, start=True)
+    # Unfenced, the completion would have completed the attempt the claim had just made.
+    assert isinstance(out[0], toolkit.InvalidTransition) and nxt == []
+    assert _column(raw_pg, clean.schema, "status", [job.id]) == ["queued"]
+    assert raw_redis.zscore(keys.queue(sm.ns, "default"), job.id) is not None
+    assert raw_redis.zscore(keys.inflight(sm.ns), job.id) is None
+
+
+@pytest.mark.parametrize(("items", "n"), [([], 1), ("x", 1), (None, 1), ("ok", 0),
+                                          ("ok", 1001), ("ok", True)])
+def test_bad_input_writes_and_claims_nothing(sm: toolkit.StateManager, raw_pg: psycopg.Connection,
+                                             raw_redis: Any, clean: Any, items: Any, n: Any) -> None:
+    _ranked(sm, 3)
+    w = sm.register_worker("w1").id
+    (job,) = sm.dequeue_many(w, 1, start=True)
+    items = [(job.id, None)] if items == "ok" else [(job.id, float("nan"))] if items is None else items
+    with pytest.raises(toolkit.ValidationError):
+        sm.complete_and_dequeue_many(items, n, worker_id=w, start=True)
+    assert _column(raw_pg, clean.schema, "status", [job.id]) == ["running"]
+    assert raw_redis.zcard(keys.queue(sm.ns, "default")) == 2  # nothing popped
