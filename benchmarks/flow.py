@@ -55,6 +55,24 @@ def drain_batched(sm: toolkit.StateManager, worker: str, n: int, batch: int = BA
     return done
 
 
+def drain_fused_batched(sm: toolkit.StateManager, worker: str, n: int, batch: int = BATCH) -> int:
+    """Claim a batch straight into running, then complete each batch and claim the next in one
+    call (``complete_and_dequeue_many``: one commit per batch) until ``n`` are done."""
+    jobs = sm.dequeue_many(worker, min(batch, n), start=True)
+    done = 0
+    while jobs:
+        done += len(jobs)
+        items = [(j.id, None) for j in jobs]
+        if done >= n:
+            out = sm.complete_jobs(items, worker_id=worker)
+            jobs = []
+        else:
+            out, jobs = sm.complete_and_dequeue_many(items, min(batch, n - done), worker_id=worker,
+                                                     start=True)
+        assert all(isinstance(o, toolkit.Job) for o in out), out
+    return done
+
+
 def _timed(loop: Callable[[toolkit.StateManager, str, int], int], sm: toolkit.StateManager,
            worker: str, n: int) -> float:
     started = time.perf_counter()

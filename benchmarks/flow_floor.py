@@ -176,6 +176,16 @@ def drain_batched(floor: Floor, n: int, batch: int = 100) -> int:
     return done
 
 
+def drain_fused_batched(floor: Floor, n: int, batch: int = 100) -> int:
+    """One commit per batch: complete the batch in hand and claim the next in one transaction."""
+    running = floor.step([], min(batch, n))
+    done = 0
+    while running:
+        done += len(running)
+        running = floor.step(running, min(batch, n - done))
+    return done
+
+
 @contextlib.contextmanager
 def floor_worker(bench: harness.Bench, *, synchronous_commit: str = "on") -> Iterator[Floor]:
     """A hand-written worker on its own toolkit schema (created by a StateManager), removed after.

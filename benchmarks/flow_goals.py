@@ -9,24 +9,29 @@ peers, whose worker processes take seconds to start), medians and min-max.
 Toolkit loops: ``fused`` (``dequeue(start=True)``, then
 ``complete_and_dequeue(..., start=True)``: one commit per job), ``worker``
 (``run_worker(batch=1, idle_timeout=0)``), ``batch100`` (``dequeue_many(100,
-start=True)`` + ``complete_jobs``), ``worker_batch100`` (``run_worker(batch=100)``).
+start=True)`` + ``complete_jobs``: two commits per batch), ``fused_batch100``
+(``complete_and_dequeue_many(batch, 100, start=True)``: one commit per batch),
+``worker_batch100`` (``run_worker(batch=100)``, which steps as ``fused_batch100``).
 
 Cases
 -----
 flow.fused.vs_floor / flow.worker.vs_floor
     Against :func:`benchmarks.flow_floor.drain_one`, the same state changes by
     hand (raw psycopg, prepared statements, redis-py), one commit per job. Goal >= 0.7x.
-flow.batch100.vs_floor / flow.worker_batch100.vs_floor
+flow.batch100.vs_floor
     Against :func:`benchmarks.flow_floor.drain_batched` (batches of 100, one
     commit per batch of claims and one per batch of completions). Goal >= 0.5x.
+flow.fused_batch100.vs_floor / flow.worker_batch100.vs_floor
+    Against :func:`benchmarks.flow_floor.drain_fused_batched` (batches of 100, one
+    commit per batch: the completions and the next claims). Goal >= 0.5x.
 flow.fused.vs_rq / .vs_celery / .vs_pgqueuer
     The fused loop against RQ ``SimpleWorker`` (goal >= 2x), Celery ``--pool=solo``
     and pgqueuer ``batch_size=1`` (reported beside it, no goal).
-flow.batch100.vs_celery / .vs_pgqueuer_batch100 / .vs_procrastinate
-    The batched loop against Celery solo (goal >= 3x), pgqueuer ``batch_size=100``
+flow.batch100.vs_celery / .vs_pgqueuer_batch100 / .vs_procrastinate, and the same of fused_batch100
+    The batched loops against Celery solo (goal >= 3x), pgqueuer ``batch_size=100``
     (goal >= 3x) and procrastinate ``concurrency=1`` (goal >= 10x).
-flow.floor_batch100.vs_celery / .vs_pgqueuer_batch100
-    Not the toolkit: the batched floor itself against Celery solo and pgqueuer
+flow.floor_batch100.vs_celery / .vs_pgqueuer_batch100, and the same of floor_fused_batch100
+    Not the toolkit: the batched floors themselves against Celery solo and pgqueuer
     ``batch_size=100``, reported (no goal): what bounds the batched goals. The
     toolkit's batched loop makes the floor's state changes and more, so
     ``flow.batch100.vs_celery >= 3`` needs this row ``>= 3`` (``>= 3 /
@@ -58,16 +63,23 @@ CASES = (
     ("flow.fused.vs_floor", "fused", "floor_one", 0.7),
     ("flow.worker.vs_floor", "worker", "floor_one", 0.7),
     ("flow.batch100.vs_floor", "batch100", "floor_batch100", 0.5),
-    ("flow.worker_batch100.vs_floor", "worker_batch100", "floor_batch100", 0.5),
+    ("flow.fused_batch100.vs_floor", "fused_batch100", "floor_fused_batch100", 0.5),
+    ("flow.worker_batch100.vs_floor", "worker_batch100", "floor_fused_batch100", 0.5),
     ("flow.fused.vs_rq", "fused", "rq", 2.0),
     ("flow.fused.vs_celery", "fused", "celery", 0.0),
     ("flow.fused.vs_pgqueuer", "fused", "pgqueuer", 0.0),
     ("flow.batch100.vs_celery", "batch100", "celery", 3.0),
     ("flow.batch100.vs_pgqueuer_batch100", "batch100", "pgqueuer_batch100", 3.0),
     ("flow.batch100.vs_procrastinate", "batch100", "procrastinate", 10.0),
+    ("flow.fused_batch100.vs_celery", "fused_batch100", "celery", 3.0),
+    ("flow.fused_batch100.vs_pgqueuer_batch100", "fused_batch100", "pgqueuer_batch100", 3.0),
+    ("flow.fused_batch100.vs_procrastinate", "fused_batch100", "procrastinate", 10.0),
     # What bounds the batched goals: the hand-written floor itself against the same peers.
     ("flow.floor_batch100.vs_celery", "floor_batch100", "celery", 0.0),
     ("flow.floor_batch100.vs_pgqueuer_batch100", "floor_batch100", "pgqueuer_batch100", 0.0),
+    ("flow.floor_fused_batch100.vs_celery", "floor_fused_batch100", "celery", 0.0),
+    ("flow.floor_fused_batch100.vs_pgqueuer_batch100", "floor_fused_batch100", "pgqueuer_batch100",
+     0.0),
     # The opt-in synchronous_commit="off", its own rows (no goal: the goals are the default's).
     ("flow.fused_async.vs_floor_async", "fused_async", "floor_one_async", 0.0),
     ("flow.fused_async.vs_rq", "fused_async", "rq", 0.0),
@@ -80,6 +92,7 @@ _SETTING = {True: "on", False: "off"}
 NAMES = {
     "floor_one": "hand-written floor, one commit per job",
     "floor_batch100": "hand-written floor, batches of 100 (two commits per batch)",
+    "floor_fused_batch100": "hand-written floor, batches of 100 (one commit per batch)",
     "floor_one_async": "hand-written floor, one commit per job, synchronous_commit off",
     "rq": "RQ SimpleWorker", "celery": "Celery --pool=solo",
     "pgqueuer": "pgqueuer batch_size=1", "pgqueuer_batch100": "pgqueuer batch_size=100",
@@ -105,10 +118,12 @@ TOOLKIT: dict[str, Callable[[toolkit.StateManager, str, int], int]] = {
     "fused": flow.drain_fused,
     "worker": lambda sm, w, n: drain_worker(sm, w, n, 1),
     "batch100": flow.drain_batched,
+    "fused_batch100": flow.drain_fused_batched,
     "worker_batch100": lambda sm, w, n: drain_worker(sm, w, n, flow.BATCH),
 }
 FLOORS: dict[str, Callable[[flow_floor.Floor, int], int]] = {
     "floor_one": flow_floor.drain_one, "floor_batch100": flow_floor.drain_batched,
+    "floor_fused_batch100": flow_floor.drain_fused_batched,
 }
 
 
