@@ -10,6 +10,8 @@ import pytest
 from psycopg import sql
 
 import toolkit
+from toolkit.manager import batches
+from toolkit.tiers.postgres import batches as pgb
 from toolkit.tiers.redis import keys
 
 
@@ -110,3 +112,43 @@ def test_bad_input_writes_and_claims_nothing(sm: toolkit.StateManager, raw_pg: p
         sm.complete_and_dequeue_many(items, n, worker_id=w, start=True)
     assert _column(raw_pg, clean.schema, "status", [job.id]) == ["running"]
     assert raw_redis.zcard(keys.queue(sm.ns, "default")) == 2  # nothing popped
+
+
+def test_a_failed_transaction_leaves_no_claim_in_flight(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, raw_redis: Any, clean: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _ranked(sm, 4)
+    w = sm.register_worker("w1").id
+    got = sm.dequeue_many(w, 2, start=True)
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise toolkit.StorageUnavailable("PostgreSQL went away")
+
+    monkeypatch.setattr(pgb, "claim_complete_release", down)
+    with pytest.raises(toolkit.StorageUnavailable):
+        sm.complete_and_dequeue_many([(j.id, None) for j in got], 2, worker_id=w, start=True)
+    # The two claims it popped are back in their queue, none left in flight.
+    assert raw_redis.zcard(keys.queue(sm.ns, "default")) == 2
+    assert raw_redis.zcard(keys.inflight(sm.ns)) == 0
+    assert _column(raw_pg, clean.schema, "status", [j.id for j in got]) == ["running"] * 2
+
+
+def test_run_worker_records_a_batch_when_its_next_claim_cannot_be_made(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, clean: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _ranked(sm, 4)
+    sm.register_worker("w1")
+    ran: list[str] = []
+    pop = batches.Batches._pop
+
+    def pop_once(self: batches.Batches, names: list[str], n: int) -> Any:
+        if ran:  # the claim made with the first batch's completions, and every one after
+            raise toolkit.StorageUnavailable("Redis went away")
+        return pop(self, names, n)
+
+    monkeypatch.setattr(batches.Batches, "_pop", pop_once)
+    with pytest.raises(toolkit.StorageUnavailable):
+        sm.run_worker("w1", lambda job: ran.append(job.id), batch=2, idle_timeout=0)
+    # The results of the batch that ran are committed all the same (PostgreSQL alone).
+    assert len(ran) == 2
+    assert _column(raw_pg, clean.schema, "status", ran) == ["completed"] * 2

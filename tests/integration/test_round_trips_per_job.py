@@ -184,3 +184,16 @@ def test_a_fused_batch_of_100_costs_two_round_trips(sm: toolkit.StateManager) ->
     # and release in one round trip, then COMMIT; no roll-up (the workflow has jobs in hand).
     assert seen["round trips"] == 2 * 2, seen
     assert (seen["BEGIN"], seen["COMMIT"], seen["COPY"]) == (2, 2, 0), seen
+
+
+def test_run_worker_commits_once_per_batch(sm: toolkit.StateManager) -> None:
+    w = _running_workflow(sm, 300)
+    with _traced(sm) as seen:
+        report = sm.run_worker(w, lambda job: None, batch=100, idle_timeout=0)
+    assert report.completed == 300
+    # The first claim is one statement; then each batch's completions and the next claim go
+    # in one round trip with the BEGIN, then the COMMIT; the last batch, which claims
+    # nothing, rolls the workflow up: 1 + 3 * 2 + 1. Completing and claiming apart took 12
+    # (each completion 3 with its roll-up, each later claim 1).
+    assert seen["round trips"] == 8, seen
+    assert (seen["BEGIN"], seen["COMMIT"]) == (3, 3), seen

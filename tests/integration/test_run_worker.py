@@ -105,7 +105,7 @@ def test_a_stop_event_ends_the_loop_from_another_thread(sm: toolkit.StateManager
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"batch": 0}, "batch"), ({"batch": 10_001}, "batch"), ({"max_jobs": 0}, "max_jobs"),
+    ({"batch": 0}, "batch"), ({"batch": 1001}, "batch"), ({"max_jobs": 0}, "max_jobs"),
     ({"idle_timeout": -1.0}, "idle_timeout"), ({"poll": float("nan")}, "poll"),
     ({"queues": "reports"}, "queues"), ({"queues": ["a", "a"]}, "queues"),
 ])

@@ -361,10 +361,14 @@ class Batches:
         Returns the batch, each claim's job (None: no longer queued), the jobs written."""
         names = self._queues(worker_id, queues)
         self.dispatch.janitor()
-        claims = self._pop(names, n)
+        popped = self._pop(names, n)
         mine = {i.job_id for i in items}  # a job completed here is not claimed again with it
-        self._settle([c for c in claims if c.job_id in mine], requeue=True)
-        claims = [c for c in claims if c.job_id not in mine]
+        claims = [c for c in popped if c.job_id not in mine]
+        try:
+            self._settle([c for c in popped if c.job_id in mine], requeue=True)
+        except BaseException:
+            self._settle(claims, requeue=True)
+            raise
         b = _Batch()
 
         def tx(conn: sa.Connection, ch: Changes) -> None:
@@ -382,7 +386,9 @@ class Batches:
 
         written = self._write_with_claims(action, claims, tx, opens=True)
         jobs = {e.id: e for e in written if isinstance(e, models.Job)}
-        return b, [jobs.get(c.job_id) for c in claims], jobs
+        # A claim's job is one this worker now holds (not a dependent the completions released).
+        won = [jobs.get(c.job_id) for c in claims]
+        return b, [j if j is not None and j.status is not JS.QUEUED else None for j in won], jobs
 
 
 def _failed(ch: Changes, b: _Batch, rows: Sequence[Mapping[str, Any]],

@@ -24,13 +24,14 @@ from typing import Any
 from toolkit import errors, models, validate
 from toolkit.manager.batches import Batches
 from toolkit.manager.dispatch import Dispatch
+from toolkit.manager.items import MAX_BATCH
 from toolkit.manager.jobs import Jobs
 from toolkit.manager.workers import Workers
 
 log = logging.getLogger(__name__)
 
-BATCH_LIMIT = 10_000
-"""Most jobs one claim of the loop takes."""
+BATCH_LIMIT = MAX_BATCH
+"""Most jobs one claim of the loop takes (what ``dequeue_many`` takes)."""
 
 
 @dataclasses.dataclass
@@ -73,8 +74,10 @@ class Working:
         ``handler(job)`` returns the job's result (JSON) or raises: the job is then
         failed with ``"ExceptionType: message"`` (retried by its attempts rule,
         after the wait of its retry policy).
-        ``batch`` jobs are claimed at a time (one Redis script and one
-        transaction, :meth:`dequeue_many`); ``max_jobs`` ends the loop after
+        ``batch`` jobs (1 to 1,000) are claimed at a time, never past ``max_jobs``:
+        the first claim is a :meth:`dequeue_many`, then the completions of each
+        batch claim the next in the same commit (:meth:`complete_and_dequeue_many`;
+        the batch's failures commit before, on their own). ``max_jobs`` ends the loop after
         that many finished jobs; ``idle_timeout`` ends it after that many
         seconds without a job (``0``: as soon as the queues are empty);
         ``poll`` is how long one claim waits. ``stop`` (an event) ends it from
@@ -120,7 +123,7 @@ class Working:
     def _loop(self, plan: _Plan, handler: Callable[[models.Job], Any], halt: threading.Event,
               report: WorkerReport) -> str:
         idle_since = time.monotonic()
-        carried: list[models.Job] = []  # claimed by the fused completion of the previous job
+        carried: list[models.Job] = []  # claimed with the completions of the previous batch
         while True:
             stop = "stop" if halt.is_set() else "max_jobs" if _full(plan, report, 0) else ""
             if stop:
@@ -172,8 +175,17 @@ class Working:
                             report: WorkerReport) -> list[models.Job]:
         """One commit: complete the jobs that ran and claim up to ``more`` straight into running."""
         items = [{"job_id": j.id, "result": value, "attempt": j.attempts} for j, value in done]
-        outcomes, nxt = self.batches.complete_and_dequeue_many(
-            items, more, worker_id=plan.worker_id, queues=plan.queues, start=True)
+        try:
+            outcomes, nxt = self.batches.complete_and_dequeue_many(
+                items, more, worker_id=plan.worker_id, queues=plan.queues, start=True)
+        except (errors.StorageUnavailable, errors.NotFound, errors.ValidationError) as exc:
+            # The claim needs Redis and an active worker, the completions only PostgreSQL:
+            # record them alone (each fenced by its attempt, so one the failed call did
+            # commit is refused, not done twice); the loop's next claim meets the cause.
+            log.warning("completing without the next claim: %s", exc,
+                        extra={"action": "run_worker"})
+            self._settle(plan, done, "result", report)
+            return []
         _count(outcomes, "result", report)
         return nxt
 
