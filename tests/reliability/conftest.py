@@ -32,7 +32,7 @@ import pytest
 import redis
 
 import toolkit
-from tests.conftest import unique
+from tests.conftest import Servers, unique
 from toolkit import config, models
 from toolkit.scenarios.common import retry as scenarios_retry
 from toolkit.tiers.memory import KINDS
@@ -274,3 +274,25 @@ def everything(sm: toolkit.StateManager, servers: Any) -> tuple[Any, ...]:
 retry_storage = scenarios_retry
 """Call ``fn`` again after a StorageUnavailable (pooled connections to a restarted server fail
 once): the scenarios' own helper, under the name these tests use."""
+
+
+def run_children(clean: Servers, script: str, argvs: list[list[str]], timeout: float) -> list[str]:
+    """Run ``python -c script namespace schema *argv`` once per argv, all at once, on the test's
+    servers; return their outputs (each must exit 0). Any left running are killed."""
+    env = {**os.environ, config.DATABASE_URL_VAR: clean.database_url,
+           config.REDIS_URL_VAR: clean.redis_url}
+    procs = [subprocess.Popen([sys.executable, "-c", script, clean.namespace, clean.schema, *a],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for a in argvs]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return outs

@@ -7,9 +7,6 @@ workflows from one transaction; a deadlock PostgreSQL breaks is run again, never
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import psycopg
@@ -17,8 +14,7 @@ from psycopg import sql
 
 import toolkit
 from tests.conftest import Servers
-from tests.reliability.conftest import assert_invariants
-from toolkit import config
+from tests.reliability.conftest import assert_invariants, run_children
 
 WORKER = r"""
 import json, sys, toolkit
@@ -32,33 +28,13 @@ sm.close()
 """
 
 
-def _workers(clean: Servers, n: int) -> list[dict[str, object]]:
-    env = {**os.environ, config.DATABASE_URL_VAR: clean.database_url,
-           config.REDIS_URL_VAR: clean.redis_url}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, clean.namespace, clean.schema, f"p{i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(n)]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=180)
-            assert p.returncode == 0, err[-3000:]
-            outs.append(json.loads(out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return outs
-
-
 def test_four_processes_in_fused_batches_run_each_job_once(
         sm: toolkit.StateManager, clean: Servers, raw_redis) -> None:
     for k in range(3):  # the second half of each workflow waits for the first (releases)
         sm.create_workflow(f"wf{k}", jobs=[
             {"name": f"j{i}", "priority": i % 3, "depends_on": [f"j{i - 150}"] if i >= 150 else []}
             for i in range(300)])
-    outs = _workers(clean, 4)
+    outs = [json.loads(o) for o in run_children(clean, WORKER, [[f"p{i}"] for i in range(4)], 180)]
     ran = Counter(j for out in outs for j in out["ran"])  # type: ignore[attr-defined]
     assert len(ran) == 900 and set(ran.values()) == {1}, ran.most_common(3)
     assert sum(out["completed"] for out in outs) == 900  # type: ignore[misc]

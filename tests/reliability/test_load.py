@@ -9,9 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,8 +20,7 @@ import redis
 
 import toolkit
 from tests.conftest import Servers
-from tests.reliability.conftest import assert_invariants
-from toolkit import config
+from tests.reliability.conftest import assert_invariants, run_children
 from toolkit.tiers.redis import keys, metrics
 
 pytestmark = pytest.mark.slow
@@ -58,26 +54,6 @@ sm.close()
 """
 
 
-def _children(clean: Servers, script: str, argvs: list[list[str]], timeout: float) -> list[str]:
-    env = {**os.environ, config.DATABASE_URL_VAR: clean.database_url,
-           config.REDIS_URL_VAR: clean.redis_url}
-    procs = [subprocess.Popen([sys.executable, "-c", script, clean.namespace, clean.schema, *a],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for a in argvs]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            assert p.returncode == 0, err[-3000:]
-            outs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return outs
-
-
 def test_eight_processes_drain_2000_jobs_during_rebuilds_each_job_assigned_once(
         sm: toolkit.StateManager, clean: Servers, raw_redis) -> None:
     for w in range(4):
@@ -94,7 +70,7 @@ def test_eight_processes_drain_2000_jobs_during_rebuilds_each_job_assigned_once(
 
     rebuilder = threading.Thread(target=rebuild_twice, daemon=True)
     rebuilder.start()
-    outs = _children(clean, DRAIN, [[f"proc-{i}"] for i in range(8)], timeout=240)
+    outs = run_children(clean, DRAIN, [[f"proc-{i}"] for i in range(8)], timeout=240)
     rebuilder.join(60)
     assert len(rebuilds) == 2
     done = Counter(j for out in outs for j in json.loads(out))
@@ -224,7 +200,7 @@ def test_thousand_workers_heartbeating_never_listed_inactive_and_pg_writes_throt
 def test_eight_processes_incr_metric_count_exactly_and_buckets_sum_to_total(
         sm: toolkit.StateManager, clean: Servers, raw_redis) -> None:
     per = 10_000
-    _children(clean, COUNT, [[str(per)] for _ in range(8)], timeout=300)
+    run_children(clean, COUNT, [[str(per)] for _ in range(8)], timeout=300)
     assert sm.get_metric("hits") == 8 * per
     buckets = raw_redis.hgetall(keys.metric_buckets(sm.ns, "hits"))
     assert sum(int(v) for v in buckets.values()) == 8 * per
