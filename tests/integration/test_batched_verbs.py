@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 
 import toolkit
+from tests.integration.conftest import stale_queue_entry
 from toolkit.manager import batches
 
 
@@ -262,15 +263,12 @@ def test_claimed_jobs_postgresql_refuses_are_forgotten_and_the_rest_assigned(
 
     _flat(sm, 3)
     w = sm.register_worker("w1").id
-    gone = sm.dequeue(w)
-    assert gone is not None
-    sm.cancel_job(gone.id)
-    raw_redis.zadd(keys.queue(sm.ns, "default"), {gone.id: -1e12})  # a stale entry, popped first
+    gone = stale_queue_entry(sm, raw_redis, w)
     got = sm.dequeue_many(w, 3)
-    assert len(got) == 2 and gone.id not in {j.id for j in got}
-    assert _pg_status(raw_pg, clean.schema, gone.id) == "cancelled"
-    assert raw_redis.zscore(keys.queue(sm.ns, "default"), gone.id) is None
-    assert raw_redis.zscore(keys.inflight(sm.ns), gone.id) is None
+    assert len(got) == 2 and gone not in {j.id for j in got}
+    assert _pg_status(raw_pg, clean.schema, gone) == "cancelled"
+    assert raw_redis.zscore(keys.queue(sm.ns, "default"), gone) is None
+    assert raw_redis.zscore(keys.inflight(sm.ns), gone) is None
     assert sm.check_consistency().ok
 
 

@@ -10,9 +10,10 @@ import pytest
 from psycopg import sql
 
 import toolkit
+from tests.integration.conftest import stale_queue_entry
 from toolkit.manager import batches
 from toolkit.tiers.postgres import batches as pgb
-from toolkit.tiers.redis import keys
+from toolkit.tiers.redis import keys, queue
 
 
 def _column(raw_pg: psycopg.Connection, schema: str, column: str, ids: list[str]) -> list[Any]:
@@ -152,3 +153,42 @@ def test_run_worker_records_a_batch_when_its_next_claim_cannot_be_made(
     # The results of the batch that ran are committed all the same (PostgreSQL alone).
     assert len(ran) == 2
     assert _column(raw_pg, clean.schema, "status", ran) == ["completed"] * 2
+
+
+def test_when_putting_back_a_claim_it_completes_fails_the_other_claims_go_back_too(
+        sm: toolkit.StateManager, raw_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ranked(sm, 2)
+    w = sm.register_worker("w1").id
+    first, second = sm.dequeue_many(w, 2, start=True)
+    sm.fail_job(first.id, "boom", retry_in=0)  # queued again: popped by the step completing it
+    sm.fail_job(second.id, "boom", retry_in=0)
+    settle = queue.settle
+
+    def settle_but_first(client: Any, ns: str, claim: Any, *, requeue: bool) -> bool:
+        if claim.job_id == first.id:
+            raise toolkit.StorageUnavailable("Redis went away")
+        return settle(client, ns, claim, requeue=requeue)
+
+    monkeypatch.setattr(queue, "settle", settle_but_first)
+    with pytest.raises(toolkit.StorageUnavailable):
+        sm.complete_and_dequeue_many([(first.id, None)], 2, worker_id=w, start=True)
+    # The other claim is back in its queue, not left in flight until its lease ends.
+    assert raw_redis.zscore(keys.queue(sm.ns, "default"), second.id) is not None
+    assert raw_redis.zscore(keys.inflight(sm.ns), second.id) is None
+
+
+def test_a_committed_claim_is_not_reported_failed_when_forgetting_a_lost_claim_fails(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, raw_redis: Any, clean: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _ranked(sm, 3)
+    w = sm.register_worker("w1").id
+    gone = stale_queue_entry(sm, raw_redis, w)
+
+    def down(*args: Any, **kwargs: Any) -> bool:
+        raise toolkit.StorageUnavailable("Redis went away")
+
+    monkeypatch.setattr(queue, "settle", down)
+    got = sm.dequeue_many(w, 3, start=True)  # committed: its answer is the jobs it holds
+    assert len(got) == 2 and gone not in {j.id for j in got}
+    assert _column(raw_pg, clean.schema, "status", [j.id for j in got]) == ["running"] * 2
+    assert raw_redis.zscore(keys.inflight(sm.ns), gone) is not None  # until its lease ends

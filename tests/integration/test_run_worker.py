@@ -169,3 +169,15 @@ def test_sigterm_finishes_the_job_in_hand_and_returns_the_other_claims(
     assert sm.list_assignments(worker_id="child", status="active") == []
     report = sm.check_consistency()
     assert report.ok, str(report)
+
+
+def test_a_result_that_is_not_json_fails_its_job_alone(sm: toolkit.StateManager) -> None:
+    wf = _workflow(sm, 4, max_attempts=1)
+    sm.register_worker("w1")
+    bad = sm.list_jobs(workflow_id=wf.id)[1].id
+    report = sm.run_worker("w1", lambda job: {1, 2} if job.id == bad else {"ok": True}, batch=4,
+                           idle_timeout=0)
+    assert (report.completed, report.failed, report.lost) == (3, 1, 0)
+    failed = sm.get_job(bad)
+    assert failed is not None and failed.status is toolkit.JobStatus.FAILED
+    assert failed.error is not None and failed.error.startswith("ValidationError: invalid result=")

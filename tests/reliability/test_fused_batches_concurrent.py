@@ -17,9 +17,13 @@ from tests.conftest import Servers
 from tests.reliability.conftest import assert_invariants, run_children
 
 WORKER = r"""
-import json, sys, toolkit
-ns, schema, wid = sys.argv[1:4]
+import json, os, sys, time, redis, toolkit
+ns, schema, wid, n = sys.argv[1:5]
 sm = toolkit.init_state_manager(namespace=ns, schema=schema, rebuild=False)
+raw = redis.Redis.from_url(os.environ["REDIS_URL"])
+raw.incr(f"{{{ns}}}:test:ready")  # start together: one process alone would take every job
+while int(raw.get(f"{{{ns}}}:test:ready")) < int(n):
+    time.sleep(0.01)
 ran = []
 report = sm.run_worker(wid, lambda job: ran.append(job.id) or {"by": wid}, batch=10,
                        idle_timeout=1.0, poll=0.1)
@@ -34,7 +38,7 @@ def test_four_processes_in_fused_batches_run_each_job_once(
         sm.create_workflow(f"wf{k}", jobs=[
             {"name": f"j{i}", "priority": i % 3, "depends_on": [f"j{i - 150}"] if i >= 150 else []}
             for i in range(300)])
-    outs = [json.loads(o) for o in run_children(clean, WORKER, [[f"p{i}"] for i in range(4)], 180)]
+    outs = [json.loads(o) for o in run_children(clean, WORKER, [[f"p{i}", "4"] for i in range(4)], 180)]
     ran = Counter(j for out in outs for j in out["ran"])  # type: ignore[attr-defined]
     assert len(ran) == 900 and set(ran.values()) == {1}, ran.most_common(3)
     assert sum(out["completed"] for out in outs) == 900  # type: ignore[misc]

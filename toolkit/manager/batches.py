@@ -18,6 +18,7 @@ tiers through the pipeline, ``tiers/postgres/batches.py`` and ``tiers/redis/queu
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -36,6 +37,8 @@ from toolkit.models import JobStatus as JS
 from toolkit.tiers.postgres import batches as pgb
 from toolkit.tiers.postgres import lifecycle
 from toolkit.tiers.redis import queue
+
+log = logging.getLogger(__name__)
 
 _COMPLETABLE = models.values(models.job_sources(JS.COMPLETED))
 
@@ -181,7 +184,11 @@ class Batches:
             self._settle(claims, requeue=True)
             raise
         won = {e.id for e in written if isinstance(e, models.Job) and e.status is not JS.QUEUED}
-        self._settle([c for c in claims if c.job_id not in won], requeue=False)
+        try:
+            self._settle([c for c in claims if c.job_id not in won], requeue=False)
+        except errors.StorageUnavailable as exc:  # committed: the janitor ends them with their lease
+            log.warning("%s committed; claims it did not win stay in flight until their lease "
+                        "ends: %s", action, exc, extra={"action": "settle_claims"})
         return written
 
     def dequeue_many(self, worker_id: str, n: int, *, queues: Sequence[str] | None = None,

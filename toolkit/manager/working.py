@@ -158,8 +158,8 @@ class Working:
                 if halt.is_set() or _full(plan, report, ran):
                     break
                 ran += 1
-                try:
-                    done.append((job, handler(job)))
+                try:  # a result that is not JSON fails its job alone
+                    done.append((job, validate.json_value("result", handler(job))))
                 except Exception as exc:  # noqa: BLE001 - the handler's failure is the job's
                     failed.append((job, f"{type(exc).__name__}: {exc}"[:10_000]))
         finally:
@@ -179,9 +179,10 @@ class Working:
             outcomes, nxt = self.batches.complete_and_dequeue_many(
                 items, more, worker_id=plan.worker_id, queues=plan.queues, start=True)
         except (errors.StorageUnavailable, errors.NotFound, errors.ValidationError) as exc:
-            # The claim needs Redis and an active worker, the completions only PostgreSQL:
-            # record them alone (each fenced by its attempt, so one the failed call did
-            # commit is refused, not done twice); the loop's next claim meets the cause.
+            # The claim needs Redis and an active worker (the results were checked in _run),
+            # the completions only PostgreSQL: record them alone (each fenced by its
+            # attempt, so one the failed call did commit is refused, not done twice; a
+            # reaped worker's are refused too); the loop's next claim meets the cause.
             log.warning("completing without the next claim: %s", exc,
                         extra={"action": "run_worker"})
             self._settle(plan, done, "result", report)
