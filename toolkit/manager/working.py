@@ -125,11 +125,12 @@ class Working:
         idle_since = time.monotonic()
         carried: list[models.Job] = []  # claimed with the completions of the previous batch
         while True:
-            stop = "stop" if halt.is_set() else "max_jobs" if _full(plan, report, 0) else ""
+            room = _room(plan, report, 0)
+            stop = "stop" if halt.is_set() else "" if room else "max_jobs"
             if stop:
                 self._give_back(plan, carried, report)
                 return stop
-            claimed, carried = carried or self._claim(plan, _room(plan, report, 0)), []
+            claimed, carried = carried or self._claim(plan, room), []
             if not claimed:
                 if plan.idle_timeout is not None and time.monotonic() - idle_since >= plan.idle_timeout:
                     return "idle"
@@ -155,7 +156,7 @@ class Working:
         ran = 0
         try:
             for job in claimed:
-                if halt.is_set() or _full(plan, report, ran):
+                if halt.is_set() or not _room(plan, report, ran):
                     break
                 ran += 1
                 try:  # a result that is not JSON fails its job alone
@@ -174,10 +175,9 @@ class Working:
     def _complete_and_claim(self, plan: _Plan, done: list[tuple[models.Job, Any]], more: int,
                             report: WorkerReport) -> list[models.Job]:
         """One commit: complete the jobs that ran and claim up to ``more`` straight into running."""
-        items = [{"job_id": j.id, "result": value, "attempt": j.attempts} for j, value in done]
         try:
             outcomes, nxt = self.batches.complete_and_dequeue_many(
-                items, more, worker_id=plan.worker_id, queues=plan.queues, start=True)
+                _items(done, "result"), more, worker_id=plan.worker_id, queues=plan.queues, start=True)
         except (errors.StorageUnavailable, errors.NotFound, errors.ValidationError) as exc:
             # The claim needs Redis and an active worker (the results were checked in _run),
             # the completions only PostgreSQL: record them alone (each fenced by its
@@ -195,14 +195,19 @@ class Working:
         """Complete (``result``) or fail (``error``) the jobs that ran, in one commit."""
         if not outcomes:
             return
-        items = [{"job_id": j.id, field: value, "attempt": j.attempts} for j, value in outcomes]
         verb = self.batches.complete_jobs if field == "result" else self.batches.fail_jobs
-        _count(verb(items, worker_id=plan.worker_id), field, report)
+        _count(verb(_items(outcomes, field), worker_id=plan.worker_id), field, report)
 
     def _give_back(self, plan: _Plan, jobs: list[models.Job], report: WorkerReport) -> None:
         if jobs:
             back = self.dispatch.return_unstarted(plan.worker_id, [j.id for j in jobs])
             report.returned += len(back)
+
+
+def _items(ran: list[tuple[models.Job, Any]], field: str) -> list[dict[str, Any]]:
+    """The batch items of jobs that ran, each with its ``result`` or ``error`` and fenced by
+    its attempt."""
+    return [{"job_id": j.id, field: value, "attempt": j.attempts} for j, value in ran]
 
 
 def _count(outcomes: Sequence[Any], field: str, report: WorkerReport) -> None:
@@ -218,18 +223,13 @@ def _count(outcomes: Sequence[Any], field: str, report: WorkerReport) -> None:
 
 
 def _room(plan: _Plan, report: WorkerReport, running: int) -> int:
-    """How many jobs the next claim may take: a batch, fewer near ``max_jobs`` (a loop never
-    claims a job it will not run, unless it is stopped)."""
+    """How many jobs the next claim may take, counting ``running`` jobs not reported yet: a
+    batch, fewer near ``max_jobs``, 0 when it is reached (a loop never claims a job it will
+    not run, unless it is stopped)."""
     if plan.max_jobs is None:
         return plan.batch
     left = plan.max_jobs - (report.completed + report.failed + report.lost + running)
     return max(0, min(plan.batch, left))
-
-
-def _full(plan: _Plan, report: WorkerReport, running: int) -> bool:
-    """Whether ``max_jobs`` is reached, counting ``running`` jobs not reported yet."""
-    return (plan.max_jobs is not None
-            and report.completed + report.failed + report.lost + running >= plan.max_jobs)
 
 
 @contextmanager
