@@ -1,7 +1,7 @@
 """Profile one toolkit operation with pyinstrument (to find why a ratio misses).
 
-    python -m benchmarks.profile CASE [-n N]   (CASE: bulk, write, start, read_pg, drain,
-                                                fused, batch, heartbeat, incr, rebuild, jobs)
+    python -m benchmarks.profile CASE [-n N] [--flat]   (CASE: bulk, write, start, read_pg, drain,
+                                                fused, batch, fused_batch, heartbeat, incr, rebuild, jobs)
 
 Needs ``pip install pyinstrument``. Runs on DATABASE_URL/REDIS_URL or the
 embedded stack, in a fresh schema and namespace removed afterwards, and prints
@@ -70,6 +70,12 @@ def _batch(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
     return lambda: flow.drain_batched(sm, w, n)
 
 
+def _fused_batch(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
+    w = sm.register_worker("p").id
+    queues.queued_jobs(sm, n)
+    return lambda: flow.drain_fused_batched(sm, w, n)
+
+
 def _heartbeat(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
     ids = [sm.register_worker(f"p{i}").id for i in range(n)]
     return lambda: [sm.heartbeat(w) for w in ids]
@@ -96,7 +102,7 @@ def _jobs(sm: toolkit.StateManager, b: harness.Bench, n: int) -> Prepared:
 
 CASES: dict[str, Callable[[toolkit.StateManager, harness.Bench, int], Prepared]] = {
     "bulk": _bulk, "write": _write, "start": _start, "read_pg": _read_pg, "drain": _drain,
-    "fused": _fused, "batch": _batch,
+    "fused": _fused, "batch": _batch, "fused_batch": _fused_batch,
     "heartbeat": _heartbeat, "incr": _incr, "rebuild": _rebuild, "jobs": _jobs,
 }
 
@@ -107,17 +113,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("case", choices=sorted(CASES))
     p.add_argument("-n", type=int, default=2000)
+    p.add_argument("--flat", action="store_true",
+                   help="cProfile's functions by their own time instead of pyinstrument's tree")
     args = p.parse_args()
     label = harness._targets("auto")[0]
     with harness.open_target(label) as t:
         bench = harness.Bench(t, label, True, "profile", harness.machine_facts())
         with bench.state_manager("profile") as sm:
             op = CASES[args.case](sm, bench, args.n)
+            if args.flat:
+                _flat(op)
+                return
             profiler = Profiler(interval=0.0005)
             profiler.start()
             op()
             profiler.stop()
             print(profiler.output_text(unicode=False, color=False))
+
+
+def _flat(op: Prepared) -> None:
+    import cProfile
+    import pstats
+
+    with cProfile.Profile() as prof:
+        op()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(40)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from psycopg import sql
 
 import toolkit
 from tests.integration.conftest import stale_queue_entry
+from toolkit import failpoints
 from toolkit.manager import batches
 from toolkit.tiers.postgres import batches as pgb
 from toolkit.tiers.redis import keys, queue
@@ -192,3 +193,32 @@ def test_a_committed_claim_is_not_reported_failed_when_forgetting_a_lost_claim_f
     assert len(got) == 2 and gone not in {j.id for j in got}
     assert _column(raw_pg, clean.schema, "status", [j.id for j in got]) == ["running"] * 2
     assert raw_redis.zscore(keys.inflight(sm.ns), gone) is not None  # until its lease ends
+
+
+def test_run_worker_recovers_from_a_fused_commit_whose_reply_was_lost(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, clean: Any) -> None:
+    # PostgreSQL commits the step (two completions, two claims) but the worker hears
+    # StorageUnavailable, as when the connection drops during COMMIT.
+    wf = _ranked(sm, 6)
+    sm.register_worker("w1")
+    dropped: list[str] = []
+
+    def lose_the_reply(action: str) -> None:
+        if action == "complete and dequeue many" and not dropped:
+            dropped.append(action)
+            raise toolkit.StorageUnavailable("the connection dropped during COMMIT")
+
+    ran: list[str] = []
+    failpoints.arm("after_commit", lose_the_reply)
+    try:
+        report = sm.run_worker("w1", lambda job: ran.append(job.id), batch=2, idle_timeout=0)
+    finally:
+        failpoints.disarm("after_commit")
+    assert dropped
+    ids = [j.id for j in sm.list_jobs(workflow_id=wf.id)]
+    # The claims that commit made were given back and run later, each once, attempt 1;
+    # the completions it committed are counted as completed, not lost.
+    assert sorted(ran) == sorted(ids)
+    assert _column(raw_pg, clean.schema, "status", ids) == ["completed"] * 6
+    assert _column(raw_pg, clean.schema, "attempts", ids) == [1] * 6
+    assert (report.completed, report.lost) == (6, 0)

@@ -27,6 +27,7 @@ from toolkit.manager.dispatch import Dispatch
 from toolkit.manager.items import MAX_BATCH
 from toolkit.manager.jobs import Jobs
 from toolkit.manager.workers import Workers
+from toolkit.models import EntityKind as Kind
 
 log = logging.getLogger(__name__)
 
@@ -180,15 +181,37 @@ class Working:
                 _items(done, "result"), more, worker_id=plan.worker_id, queues=plan.queues, start=True)
         except (errors.StorageUnavailable, errors.NotFound, errors.ValidationError) as exc:
             # The claim needs Redis and an active worker (the results were checked in _run),
-            # the completions only PostgreSQL: record them alone (each fenced by its
-            # attempt, so one the failed call did commit is refused, not done twice; a
-            # reaped worker's are refused too); the loop's next claim meets the cause.
+            # the completions only PostgreSQL: record them alone; the loop's next claim
+            # meets the cause.
             log.warning("completing without the next claim: %s", exc,
                         extra={"action": "run_worker"})
-            self._settle(plan, done, "result", report)
+            self._recover(plan, done, report)
             return []
         _count(outcomes, "result", report)
         return nxt
+
+    def _recover(self, plan: _Plan, done: list[tuple[models.Job, Any]], report: WorkerReport) -> None:
+        """After a fused call failed: complete ``done`` alone, then give back any claim the call
+        committed without saying so (its COMMIT's reply was lost): the worker holds none now.
+
+        Each completion is fenced by its attempt, so one that call did commit is refused,
+        not done twice (a reaped worker's are refused too): it counts as completed when
+        PostgreSQL holds it completed with that attempt.
+        """
+        outcomes = self.batches.complete_jobs(_items(done, "result"), worker_id=plan.worker_id)
+        _count([job if not isinstance(out, models.Job) and self._completed_here(job, plan.worker_id)
+                else out for (job, _), out in zip(done, outcomes, strict=True)], "result", report)
+        held = [a.job_id for a in self.workers.assignments(worker_id=plan.worker_id, status="active")]
+        if held:
+            log.warning("giving back %d claims a failed call committed", len(held),
+                        extra={"action": "run_worker"})
+            report.returned += len(self.dispatch.return_unstarted(plan.worker_id, held))
+
+    def _completed_here(self, job: models.Job, worker_id: str) -> bool:
+        """Whether PostgreSQL holds ``job`` completed by ``worker_id`` in the attempt it ran."""
+        now = self.jobs.pipe.select(Kind.JOB, id=job.id)
+        return bool(now) and (now[0].status, now[0].attempts, now[0].worker_id) == (
+            models.JobStatus.COMPLETED, job.attempts, worker_id)
 
     def _settle(self, plan: _Plan, outcomes: list[tuple[models.Job, Any]], field: str,
                 report: WorkerReport) -> None:
