@@ -120,6 +120,12 @@ class LockNotOwned(ToolkitError):
 class StorageUnavailable(ToolkitError):
     """A storage tier (PostgreSQL or Redis) is unavailable."""
 
+    claimed: tuple[str, ...] = ()
+    """The jobs a failed claim (``dequeue``, ``dequeue_many``, the fused verbs) had taken from
+    Redis, now back in their queue. When the failure came after PostgreSQL committed (a
+    ``COMMIT`` whose reply was lost), PostgreSQL holds them claimed by the caller's worker:
+    ``return_unstarted(worker_id, claimed)`` gives back those it does, and only those."""
+
 
 class SetupError(ConfigurationError, StorageUnavailable):
     """The servers answered, but the setup is wrong (schema, database, role or privileges)."""

@@ -180,7 +180,9 @@ class Batches:
         """Run ``tx``; the claims PostgreSQL did not assign go back (or are forgotten)."""
         try:
             written = self.pipe.write(action, tx, one_statement=one_statement, opens=opens)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, errors.StorageUnavailable):  # the COMMIT may have landed
+                exc.claimed = tuple(c.job_id for c in claims)
             self._settle(claims, requeue=True)
             raise
         won = {e.id for e in written if isinstance(e, models.Job) and e.status is not JS.QUEUED}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from toolkit import failpoints, models, validate
+from toolkit import errors, failpoints, models, validate
 from toolkit.manager import jobs, scheduling
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
@@ -104,7 +104,10 @@ class Dispatch:
                 try:
                     with p.db.autocommit("dequeue") as conn:  # one statement: no BEGIN/COMMIT
                         won = assign(conn, ch, claim.job_id, worker_id, p)
-                except BaseException:
+                except BaseException as exc:
+                    if isinstance(exc, errors.StorageUnavailable):  # it may have committed
+                        exc.claimed = (claim.job_id,)
+                        p.watermark.failed()
                     queue.settle(p.redis, p.ns, claim, requeue=True)
                     raise
                 if won:

@@ -36,7 +36,7 @@ from toolkit.models import JobStatus as JS
 from toolkit.recovery import invalidation
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import db as pg_db
-from toolkit.tiers.postgres import direct, records, store
+from toolkit.tiers.postgres import direct, lifecycle, records, store
 from toolkit.tiers.postgres.db import Database
 from toolkit.tiers.redis import cache, metrics, queue, schedule, watermark
 from toolkit.tiers.redis.client import Client
@@ -184,7 +184,14 @@ class Pipeline:
         """
         mode = "one statement" if one_statement else "opens" if opens else "begin"
         with self.watermark.pending():
-            return self.apply(self._commit(action, fn, mode))
+            try:
+                changes = self._commit(action, fn, mode)
+            except errors.StorageUnavailable:
+                # PostgreSQL may have committed (a COMMIT whose reply was lost) with Redis
+                # never told: keep the watermark before this write until a repair.
+                self.watermark.failed()
+                raise
+            return self.apply(changes)
 
     def commit(self, action: str, fn: Transaction) -> Changes:
         """Run ``fn`` in one transaction and return its changes, not yet applied: the caller
@@ -291,6 +298,16 @@ class Pipeline:
                 log.warning("queued jobs not restored to Redis (repair() will): %s", exc,
                             extra={"action": "restore_queued"})
         return entities
+
+    def resync_jobs(self, job_ids: Sequence[str]) -> None:
+        """Bring Redis and memory up to PostgreSQL for jobs a call may have moved without
+        saying so (its ``COMMIT``'s reply was lost), and for what that move touched: their
+        assignments, their workflows, the dependents it released (put in their queue when
+        no queue holds them). Versioned: a newer entry stays."""
+        with self.db.begin("resync jobs") as conn:
+            rows = lifecycle.touched(conn, job_ids)
+        for e in self.restore(rows):
+            self.memory.put(cache.kind_of(e), e)
 
     def note_deleting(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Note in Redis, before the commit, the ``(kind, id)`` a transaction is deleting.

@@ -27,7 +27,6 @@ from toolkit.manager.dispatch import Dispatch
 from toolkit.manager.items import MAX_BATCH
 from toolkit.manager.jobs import Jobs
 from toolkit.manager.workers import Workers
-from toolkit.models import EntityKind as Kind
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,8 @@ class WorkerReport:
     completed: int = 0
     failed: int = 0
     returned: int = 0
-    """Claims given back unstarted when the loop stopped."""
+    """Claims given back unstarted: when the loop stopped, or after a claim whose ``COMMIT``
+    reply was lost."""
     lost: int = 0
     """Jobs whose attempt was taken away meanwhile (reclaimed): neither completed nor failed here."""
     stopped_by: str = ""
@@ -84,7 +84,7 @@ class Working:
         ``poll`` is how long one claim waits. ``stop`` (an event) ends it from
         another thread; SIGTERM and SIGINT end it when it runs in the main
         thread (a second signal acts as usual). An unknown worker is registered
-        with ``queues`` (default ``["default"]``).
+        with ``queues`` (default ``["default"]``). Run one loop per worker id.
 
         Raises
         ------
@@ -185,33 +185,38 @@ class Working:
             # meets the cause.
             log.warning("completing without the next claim: %s", exc,
                         extra={"action": "run_worker"})
-            self._recover(plan, done, report)
+            self._recover(plan, done, exc, report)
             return []
         _count(outcomes, "result", report)
         return nxt
 
-    def _recover(self, plan: _Plan, done: list[tuple[models.Job, Any]], report: WorkerReport) -> None:
-        """After a fused call failed: complete ``done`` alone, then give back any claim the call
-        committed without saying so (its COMMIT's reply was lost): the worker holds none now.
+    def _recover(self, plan: _Plan, done: list[tuple[models.Job, Any]], exc: errors.ToolkitError,
+                 report: WorkerReport) -> None:
+        """After a fused call failed: complete ``done`` alone, then undo what that call may have
+        committed without saying so (its ``COMMIT``'s reply was lost).
 
-        Each completion is fenced by its attempt, so one that call did commit is refused,
-        not done twice (a reaped worker's are refused too): it counts as completed when
-        PostgreSQL holds it completed with that attempt.
+        Each completion is fenced by its attempt, so one the call did commit is refused, not
+        done twice (a reaped worker's are refused too); refused as completed already, its
+        fences matched, and it counts as completed. The jobs the call had claimed
+        (``exc.claimed``) go back to their queue if PostgreSQL holds them claimed by this
+        worker, and Redis and memory are brought up to what the call committed.
         """
         outcomes = self.batches.complete_jobs(_items(done, "result"), worker_id=plan.worker_id)
-        _count([job if not isinstance(out, models.Job) and self._completed_here(job, plan.worker_id)
-                else out for (job, _), out in zip(done, outcomes, strict=True)], "result", report)
-        held = [a.job_id for a in self.workers.assignments(worker_id=plan.worker_id, status="active")]
-        if held:
-            log.warning("giving back %d claims a failed call committed", len(held),
+        landed = [job for (job, _), out in zip(done, outcomes, strict=True) if _completed_already(out)]
+        _count([*(o for o in outcomes if not _completed_already(o)), *landed], "result", report)
+        claimed = list(exc.claimed) if isinstance(exc, errors.StorageUnavailable) else []
+        try:
+            if claimed:
+                back = self.dispatch.return_unstarted(plan.worker_id, claimed)
+                report.returned += len(back)
+                if back:
+                    log.warning("gave back %d claims a failed call had committed", len(back),
+                                extra={"action": "run_worker"})
+            if landed or claimed:
+                self.batches.pipe.resync_jobs([j.id for j in landed] + claimed)
+        except errors.StorageUnavailable as again:  # the reaper and repair() will
+            log.warning("claims of a failed call not checked: %s", again,
                         extra={"action": "run_worker"})
-            report.returned += len(self.dispatch.return_unstarted(plan.worker_id, held))
-
-    def _completed_here(self, job: models.Job, worker_id: str) -> bool:
-        """Whether PostgreSQL holds ``job`` completed by ``worker_id`` in the attempt it ran."""
-        now = self.jobs.pipe.select(Kind.JOB, id=job.id)
-        return bool(now) and (now[0].status, now[0].attempts, now[0].worker_id) == (
-            models.JobStatus.COMPLETED, job.attempts, worker_id)
 
     def _settle(self, plan: _Plan, outcomes: list[tuple[models.Job, Any]], field: str,
                 report: WorkerReport) -> None:
@@ -231,6 +236,14 @@ def _items(ran: list[tuple[models.Job, Any]], field: str) -> list[dict[str, Any]
     """The batch items of jobs that ran, each with its ``result`` or ``error`` and fenced by
     its attempt."""
     return [{"job_id": j.id, field: value, "attempt": j.attempts} for j, value in ran]
+
+
+def _completed_already(outcome: Any) -> bool:
+    """Whether a completion was refused because its job is completed already in the attempt
+    and by the worker it was fenced to (the fences are checked first, see
+    ``Pipeline.refusal``)."""
+    return (type(outcome) is errors.InvalidTransition
+            and outcome.current == models.JobStatus.COMPLETED.value)
 
 
 def _count(outcomes: Sequence[Any], field: str, report: WorkerReport) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -290,3 +291,20 @@ def record_heartbeats(conn: sa.Connection, beats: Mapping[str, datetime]) -> lis
     return store.all_rows(conn.execute(stmt))
 
 
+
+
+def touched(conn: sa.Connection, job_ids: Sequence[str]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The rows a move of ``job_ids`` may have changed, as ``(kind, row)``: the jobs, their
+    assignments, their workflows, and the queued jobs that wait on them (a completion
+    releases those)."""
+    j, a = t.jobs, t.job_assignments
+    jobs = store.get_many(conn, models.EntityKind.JOB, job_ids)
+    released = store.all_rows(conn.execute(sa.select(j).where(
+        j.c.status == "queued", j.c.depends_on.overlap(sa.bindparam(None, list(job_ids),
+                                                                    type_=ARRAY(sa.Text))))))
+    ended = store.all_rows(conn.execute(sa.select(a).where(store.any_of(a.c.job_id, job_ids))))
+    workflows = store.get_many(conn, models.EntityKind.WORKFLOW,
+                               sorted({r["workflow_id"] for r in jobs}))
+    out: list[tuple[str, Mapping[str, Any]]] = [(models.EntityKind.JOB, r) for r in (*jobs, *released)]
+    out += [(models.EntityKind.ASSIGNMENT, r) for r in ended]
+    return out + [(models.EntityKind.WORKFLOW, r) for r in workflows]
