@@ -122,8 +122,9 @@ class StorageUnavailable(ToolkitError):
 
     claimed: tuple[str, ...] = ()
     """The jobs a failed claim (``dequeue``, ``dequeue_many``, the fused verbs) had taken from
-    Redis, now back in their queue. When the failure came after PostgreSQL committed (a
-    ``COMMIT`` whose reply was lost), PostgreSQL holds them claimed by the caller's worker:
+    Redis, put back in their queue (or left in flight until their lease ends when Redis
+    refused). When the failure came after PostgreSQL committed (a ``COMMIT`` whose reply
+    was lost), PostgreSQL holds them claimed by the caller's worker:
     ``return_unstarted(worker_id, claimed)`` gives back those it does, and only those."""
 
 

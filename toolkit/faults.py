@@ -90,6 +90,12 @@ class TcpProxy:
         with self._lock:
             self._lose = message
 
+    @property
+    def losing(self) -> bool:
+        """Whether :meth:`lose_next_reply` is armed and has not lost a reply yet."""
+        with self._lock:
+            return self._lose is not None
+
     def _losing(self, chunk: bytes) -> bool:
         """Whether ``chunk`` (client to server) is the armed message; disarms when it is."""
         with self._lock:

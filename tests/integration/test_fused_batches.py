@@ -222,3 +222,77 @@ def test_run_worker_recovers_from_a_fused_commit_whose_reply_was_lost(
     assert _column(raw_pg, clean.schema, "status", ids) == ["completed"] * 6
     assert _column(raw_pg, clean.schema, "attempts", ids) == [1] * 6
     assert (report.completed, report.lost) == (6, 0)
+
+
+def _lose_reply_of(action: str) -> list[str]:
+    """Arm ``after_commit`` to raise StorageUnavailable once for ``action``: PostgreSQL has
+    committed, the caller hears a failure (a ``COMMIT`` whose reply was lost)."""
+    dropped: list[str] = []
+
+    def lose(detail: str) -> None:
+        if detail == action and not dropped:
+            dropped.append(detail)
+            raise toolkit.StorageUnavailable("the connection dropped during COMMIT")
+
+    failpoints.arm("after_commit", lose)
+    return dropped
+
+
+def test_a_claim_whose_reply_was_lost_names_its_jobs_even_when_redis_refuses_them_back(
+        sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ranked(sm, 3)
+    w = sm.register_worker("w1").id
+
+    def down(*args: Any, **kwargs: Any) -> bool:
+        raise toolkit.StorageUnavailable("Redis went away")
+
+    monkeypatch.setattr(queue, "settle", down)
+    dropped = _lose_reply_of("dequeue")
+    try:
+        with pytest.raises(toolkit.StorageUnavailable, match="during COMMIT") as failed:
+            sm.dequeue_many(w, 2, start=True)
+    finally:
+        failpoints.disarm("after_commit")
+    assert dropped
+    assert len(failed.value.claimed) == 2  # the call's own error, naming what it claimed
+    assert {j.status for j in sm.list_jobs(worker_id=w)} == {toolkit.JobStatus.RUNNING}
+
+
+def test_run_worker_gives_back_a_first_claim_whose_reply_was_lost_before_raising(
+        sm: toolkit.StateManager, raw_pg: psycopg.Connection, clean: Any) -> None:
+    wf = _ranked(sm, 4)
+    sm.register_worker("w1")
+    dropped = _lose_reply_of("dequeue")
+    try:
+        with pytest.raises(toolkit.StorageUnavailable):
+            sm.run_worker("w1", lambda job: None, batch=2, idle_timeout=0)
+    finally:
+        failpoints.disarm("after_commit")
+    assert dropped
+    ids = [j.id for j in sm.list_jobs(workflow_id=wf.id)]
+    # Nothing is left claimed by the worker: the two jobs are queued again, attempt given back.
+    assert _column(raw_pg, clean.schema, "status", ids) == ["queued"] * 4
+    assert _column(raw_pg, clean.schema, "attempts", ids) == [0] * 4
+    assert sm.check_consistency().ok
+    report = sm.run_worker("w1", lambda job: None, batch=2, idle_timeout=0)
+    assert report.completed == 4
+
+
+def test_run_worker_stops_when_it_cannot_give_back_a_lost_commits_claims(
+        sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PostgreSQL fails again while the loop gives back what the lost commit claimed: the
+    # loop raises (its heartbeat stops, so the reaper returns them), never runs on beating.
+    _ranked(sm, 6)
+    sm.register_worker("w1")
+
+    def still_down(*args: Any, **kwargs: Any) -> Any:
+        raise toolkit.StorageUnavailable("PostgreSQL went away again")
+
+    monkeypatch.setattr(sm._dispatch, "return_unstarted", still_down)
+    dropped = _lose_reply_of("complete and dequeue many")
+    try:
+        with pytest.raises(toolkit.StorageUnavailable, match="again"):
+            sm.run_worker("w1", lambda job: None, batch=2, idle_timeout=0)
+    finally:
+        failpoints.disarm("after_commit")
+    assert dropped

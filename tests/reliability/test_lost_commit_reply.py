@@ -47,7 +47,7 @@ def test_run_worker_gives_back_the_claims_and_resyncs_what_a_lost_commit_reply_h
                 proxy.lose_next_reply()
 
         report = sm.run_worker("w1", handler, batch=2, idle_timeout=0)
-        assert proxy._lose is None, "no COMMIT reply was lost"
+        assert not proxy.losing, "no COMMIT reply was lost"
         # Each job ran once, in its first attempt (the lost commit's claims were given back
         # with their attempt); the released dependent ran; nothing is left running.
         assert sorted(ran) == ["a", "b", "c", "d", "e", "f"]
@@ -66,7 +66,7 @@ _LOSE_THEN_DIE = textwrap.dedent("""
     db, rd, ns, schema, job_id, worker = sys.argv[1:7]
     proxy = TcpProxy.to_url(db).start()
     sm = toolkit.init_state_manager(proxy.url_for(db), rd, namespace=ns, schema=schema)
-    sm.list_jobs()  # the pool holds a connection: no new one opens below
+    sm.list_jobs()
     proxy.lose_next_reply()
     try:
         sm.complete_job(job_id, worker_id=worker)

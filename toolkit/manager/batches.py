@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from toolkit import errors, failpoints, models, validate
 from toolkit.manager import scheduling
-from toolkit.manager.dispatch import Dispatch
+from toolkit.manager.dispatch import Dispatch, settle_back
 from toolkit.manager.items import MAX_BATCH, Outcome, item_guard, parse_items
 from toolkit.manager.pipeline import Changes, Pipeline
 from toolkit.manager.workers import Workers
@@ -183,7 +183,7 @@ class Batches:
         except BaseException as exc:
             if isinstance(exc, errors.StorageUnavailable):  # the COMMIT may have landed
                 exc.claimed = tuple(c.job_id for c in claims)
-            self._settle(claims, requeue=True)
+            settle_back(self.pipe, claims)
             raise
         won = {e.id for e in written if isinstance(e, models.Job) and e.status is not JS.QUEUED}
         try:

@@ -38,7 +38,7 @@ class WriteBehind:
         try:
             changes = self.pipe.commit(action, fn)
         except BaseException:
-            mark.end(token)  # not committed (or not known to be, as in Pipeline.write)
+            mark.end(token)  # not committed (or not known to be: commit() pinned the mark)
             raise
         try:
             self.wait()  # after this COMMIT, never inside the transaction

@@ -13,6 +13,7 @@ and the queue only through ``tiers/redis/queue.py``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -28,8 +29,23 @@ from toolkit.tiers.postgres import batches as pgb
 from toolkit.tiers.postgres import lifecycle
 from toolkit.tiers.redis import queue
 
+log = logging.getLogger(__name__)
+
 CLAIM_LEASE = 30.0
 """Seconds a popped job may stay in flight before a janitor returns it to its queue."""
+
+
+def settle_back(pipe: Pipeline, claims: Sequence[queue.Claim]) -> None:
+    """Put the claims of a failed claiming call back in their queue. When Redis refuses,
+    they stay in flight until their lease ends and the janitor returns them: the caller
+    sees the call's own error, not Redis's."""
+    for k, claim in enumerate(claims):
+        try:
+            queue.settle(pipe.redis, pipe.ns, claim, requeue=True)
+        except errors.StorageUnavailable as exc:  # the next would wait on Redis as long
+            log.warning("%d claims of a failed call left in flight until their lease ends: %s",
+                        len(claims) - k, exc, extra={"action": "settle_claims"})
+            return
 
 
 def assign(conn: sa.Connection, ch: Changes, job_id: str, worker_id: str, pipe: Pipeline) -> bool:
@@ -101,14 +117,16 @@ class Dispatch:
             failpoints.reach("after_claim", claim.job_id)
             ch = Changes(action="dequeue")
             with p.watermark.pending():
+                sent = False
                 try:
                     with p.db.autocommit("dequeue") as conn:  # one statement: no BEGIN/COMMIT
+                        sent = True
                         won = assign(conn, ch, claim.job_id, worker_id, p)
                 except BaseException as exc:
                     if isinstance(exc, errors.StorageUnavailable):  # it may have committed
                         exc.claimed = (claim.job_id,)
-                        p.watermark.failed()
-                    queue.settle(p.redis, p.ns, claim, requeue=True)
+                        p.note_unknown_outcome(exc, sent=sent)
+                    settle_back(p, [claim])
                     raise
                 if won:
                     return p.apply(ch)[0]  # type: ignore[return-value]

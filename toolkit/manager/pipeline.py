@@ -184,19 +184,21 @@ class Pipeline:
         """
         mode = "one statement" if one_statement else "opens" if opens else "begin"
         with self.watermark.pending():
-            try:
-                changes = self._commit(action, fn, mode)
-            except errors.StorageUnavailable:
-                # PostgreSQL may have committed (a COMMIT whose reply was lost) with Redis
-                # never told: keep the watermark before this write until a repair.
-                self.watermark.failed()
-                raise
-            return self.apply(changes)
+            return self.apply(self._commit(action, fn, mode))
 
     def commit(self, action: str, fn: Transaction) -> Changes:
         """Run ``fn`` in one transaction and return its changes, not yet applied: the caller
         is inside the watermark and applies them (see :mod:`toolkit.manager.behind`)."""
         return self._commit(action, fn, "begin")
+
+    def note_unknown_outcome(self, exc: errors.StorageUnavailable, *, sent: bool) -> None:
+        """After a write failed: when the connection failed inside the transaction (no
+        answer from the server, the ``COMMIT`` perhaps sent), PostgreSQL may have committed
+        with Redis never told. Keep the watermark before this write until a repair, so a
+        fast start replays it. An error the server answered, or one before anything was
+        sent, changed nothing."""
+        if sent and pg_db.sqlstate(exc) is None:
+            self.watermark.failed()
 
     @contextlib.contextmanager
     def _transaction(self, action: str, mode: str) -> Iterator[sa.Connection]:
@@ -216,14 +218,17 @@ class Pipeline:
         or a deadlock, which PostgreSQL rolled back whole. Other errors raise at once."""
         for attempt in range(1, self.tx_attempts + 1):
             changes = Changes(action=action)
+            sent = False
             try:
                 with self._transaction(action, mode) as conn:
+                    sent = True
                     fn(conn, changes)
                     if mode == "one statement":
                         assert not changes.events, "events need a transaction"
                     records.insert_events(conn, self.db.schema, changes.events)
                 return changes
             except errors.StorageUnavailable as exc:
+                self.note_unknown_outcome(exc, sent=sent)
                 if attempt == self.tx_attempts or not pg_db.retryable(exc):
                     raise
                 log.info("%s: %s; running it again (attempt %d)", action, exc, attempt + 1,

@@ -131,7 +131,7 @@ class Working:
             if stop:
                 self._give_back(plan, carried, report)
                 return stop
-            claimed, carried = carried or self._claim(plan, room), []
+            claimed, carried = carried or self._claim(plan, room, report), []
             if not claimed:
                 if plan.idle_timeout is not None and time.monotonic() - idle_since >= plan.idle_timeout:
                     return "idle"
@@ -139,15 +139,20 @@ class Working:
             idle_since = time.monotonic()
             carried = self._run(plan, claimed, handler, halt, report)
 
-    def _claim(self, plan: _Plan, n: int) -> list[models.Job]:
+    def _claim(self, plan: _Plan, n: int, report: WorkerReport) -> list[models.Job]:
         """Claim ``n`` straight into running: one job, or a batch in one Redis script and one
-        commit."""
+        commit. A failure raises, after giving back what it may have claimed unheard."""
         wait = 0.0 if plan.idle_timeout == 0 else plan.poll
-        if n == 1:
-            one = self.batches.dequeue(plan.worker_id, queues=plan.queues, timeout=wait, start=True)
-            return [] if one is None else [one]
-        return self.batches.dequeue_many(plan.worker_id, n, queues=plan.queues,
-                                         timeout=wait, start=True)
+        try:
+            if n == 1:
+                one = self.batches.dequeue(plan.worker_id, queues=plan.queues, timeout=wait,
+                                           start=True)
+                return [] if one is None else [one]
+            return self.batches.dequeue_many(plan.worker_id, n, queues=plan.queues,
+                                             timeout=wait, start=True)
+        except errors.StorageUnavailable as exc:
+            self._take_back(plan, exc, [], report)
+            raise
 
     def _run(self, plan: _Plan, claimed: list[models.Job], handler: Callable[[models.Job], Any],
              halt: threading.Event, report: WorkerReport) -> list[models.Job]:
@@ -193,30 +198,37 @@ class Working:
     def _recover(self, plan: _Plan, done: list[tuple[models.Job, Any]], exc: errors.ToolkitError,
                  report: WorkerReport) -> None:
         """After a fused call failed: complete ``done`` alone, then undo what that call may have
-        committed without saying so (its ``COMMIT``'s reply was lost).
+        committed unheard (:meth:`_take_back`).
 
         Each completion is fenced by its attempt, so one the call did commit is refused, not
         done twice (a reaped worker's are refused too); refused as completed already, its
-        fences matched, and it counts as completed. The jobs the call had claimed
-        (``exc.claimed``) go back to their queue if PostgreSQL holds them claimed by this
-        worker, and Redis and memory are brought up to what the call committed.
+        fences matched, and it counts as completed.
         """
         outcomes = self.batches.complete_jobs(_items(done, "result"), worker_id=plan.worker_id)
         landed = [job for (job, _), out in zip(done, outcomes, strict=True) if _completed_already(out)]
         _count([*(o for o in outcomes if not _completed_already(o)), *landed], "result", report)
+        self._take_back(plan, exc, [j.id for j in landed], report)
+
+    def _take_back(self, plan: _Plan, exc: errors.ToolkitError, landed: list[str],
+                   report: WorkerReport) -> None:
+        """Undo what a failed claiming call may have committed unheard (its ``COMMIT``'s reply
+        was lost): give back the jobs it claimed (``exc.claimed``) that PostgreSQL holds for
+        this worker, then bring Redis and memory up to what it wrote (``landed``: the jobs
+        it completed). When PostgreSQL cannot take the give-back, that error raises: the
+        loop stops beating, and the reaper returns the jobs once the heartbeat expires."""
         claimed = list(exc.claimed) if isinstance(exc, errors.StorageUnavailable) else []
-        try:
-            if claimed:
-                back = self.dispatch.return_unstarted(plan.worker_id, claimed)
-                report.returned += len(back)
-                if back:
-                    log.warning("gave back %d claims a failed call had committed", len(back),
-                                extra={"action": "run_worker"})
-            if landed or claimed:
-                self.batches.pipe.resync_jobs([j.id for j in landed] + claimed)
-        except errors.StorageUnavailable as again:  # the reaper and repair() will
-            log.warning("claims of a failed call not checked: %s", again,
-                        extra={"action": "run_worker"})
+        if claimed:
+            back = self.dispatch.return_unstarted(plan.worker_id, claimed)
+            report.returned += len(back)
+            if back:
+                log.warning("gave back %d claims a failed call had committed", len(back),
+                            extra={"action": "run_worker"})
+        if landed or claimed:
+            try:
+                self.batches.pipe.resync_jobs(landed + claimed)
+            except errors.StorageUnavailable as again:  # the watermark stays pinned for it
+                log.warning("Redis not brought up to a failed call's commit (repair() will): %s",
+                            again, extra={"action": "run_worker"})
 
     def _settle(self, plan: _Plan, outcomes: list[tuple[models.Job, Any]], field: str,
                 report: WorkerReport) -> None:

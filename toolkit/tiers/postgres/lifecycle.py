@@ -299,12 +299,12 @@ def touched(conn: sa.Connection, job_ids: Sequence[str]) -> list[tuple[str, Mapp
     releases those)."""
     j, a = t.jobs, t.job_assignments
     jobs = store.get_many(conn, models.EntityKind.JOB, job_ids)
-    released = store.all_rows(conn.execute(sa.select(j).where(
-        j.c.status == "queued", j.c.depends_on.overlap(sa.bindparam(None, list(job_ids),
-                                                                    type_=ARRAY(sa.Text))))))
+    wf_ids = sorted({r["workflow_id"] for r in jobs})
+    released = store.all_rows(conn.execute(sa.select(j).where(  # (status, workflow_id) index
+        j.c.status == "queued", store.any_of(j.c.workflow_id, wf_ids),
+        j.c.depends_on.overlap(sa.bindparam(None, list(job_ids), type_=ARRAY(sa.Text))))))
     ended = store.all_rows(conn.execute(sa.select(a).where(store.any_of(a.c.job_id, job_ids))))
-    workflows = store.get_many(conn, models.EntityKind.WORKFLOW,
-                               sorted({r["workflow_id"] for r in jobs}))
+    workflows = store.get_many(conn, models.EntityKind.WORKFLOW, wf_ids)
     out: list[tuple[str, Mapping[str, Any]]] = [(models.EntityKind.JOB, r) for r in (*jobs, *released)]
     out += [(models.EntityKind.ASSIGNMENT, r) for r in ended]
     return out + [(models.EntityKind.WORKFLOW, r) for r in workflows]
