@@ -1,9 +1,8 @@
 """StateManager: a thin facade over the rooms in ``toolkit/manager/``, one line per verb.
 
-The write and read paths are in ``manager/pipeline.py``; each verb is the
-method of the room that owns it (:class:`_Verb`), with that method's signature
-and docstring, so ``help(sm.create_workflow)`` shows them and a new verb is one
-line here. ARCHITECTURE.md follows one call through.
+The write and read paths are in ``manager/pipeline.py``; each verb is the method of the room
+that owns it (:class:`_Verb`), with its signature and docstring (``help(sm.create_workflow)``
+shows them); a new verb is one line here. ARCHITECTURE.md follows one call through.
 """
 
 from __future__ import annotations
@@ -246,6 +245,7 @@ class StateManager:
     inactive_workers = _Verb("_workers", workers.Workers.inactive)
     deregister_worker = _Verb("_workers", workers.Workers.deregister)
     reap_dead_workers = _Verb("_dispatch", dispatch.Dispatch.reap_dead_workers)
+    return_unstarted = _Verb("_dispatch", dispatch.Dispatch.return_unstarted)
     run_worker = _Verb("_working", working.Working.run_worker)
 
     lock = _Verb("_counters", counters.Counters.lock)

@@ -256,6 +256,11 @@ def test_a_claim_whose_reply_was_lost_names_its_jobs_even_when_redis_refuses_the
     assert dropped
     assert len(failed.value.claimed) == 2  # the call's own error, naming what it claimed
     assert {j.status for j in sm.list_jobs(worker_id=w)} == {toolkit.JobStatus.RUNNING}
+    monkeypatch.undo()
+    back = sm.return_unstarted(w, failed.value.claimed)  # what the README tells a caller
+    assert sorted(j.id for j in back) == sorted(failed.value.claimed)
+    assert all(j.status is toolkit.JobStatus.QUEUED and j.attempts == 0 for j in back)
+    assert sm.list_jobs(worker_id=w) == []
 
 
 def test_run_worker_gives_back_a_first_claim_whose_reply_was_lost_before_raising(
