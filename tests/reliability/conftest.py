@@ -34,6 +34,7 @@ import redis
 import toolkit
 from tests.conftest import Servers, unique
 from toolkit import config, models
+from toolkit.faults import TcpProxy
 from toolkit.scenarios.common import retry as scenarios_retry
 from toolkit.tiers.memory import KINDS
 from toolkit.tiers.redis import keys
@@ -183,6 +184,20 @@ class Coordinator:
 
 
 # -- invariants ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def behind_pg_proxy(clean: Servers) -> Iterator[tuple[toolkit.StateManager, TcpProxy]]:
+    """A StateManager on this run's schema and namespace whose PostgreSQL connections go
+    through a TCP proxy (``proxy.lose_next_reply()`` drops one COMMIT's answer)."""
+    proxy = TcpProxy.to_url(clean.database_url).start()
+    sm = toolkit.init_state_manager(proxy.url_for(clean.database_url), clean.redis_url,
+                                    namespace=clean.namespace, schema=clean.schema)
+    try:
+        yield sm, proxy
+    finally:
+        sm.close()
+        proxy.cut()
+
 
 def queue_census(raw: redis.Redis, namespace: str) -> Counter[str]:
     """How many times each job id appears across every queue zset of the namespace."""

@@ -22,8 +22,7 @@ from psycopg import sql
 
 import toolkit
 from tests.conftest import Servers
-from tests.reliability.conftest import assert_invariants, everything
-from toolkit.faults import TcpProxy
+from tests.reliability.conftest import assert_invariants, behind_pg_proxy, everything
 
 JOBS: list[dict[str, Any]] = [
     {"name": "extract", "payload": {"url": "s3://in/1"}},
@@ -200,10 +199,7 @@ def test_concurrent_job_creates_under_one_key_make_one_job(
 
 def test_a_create_whose_commit_reply_is_lost_is_retried_once_under_its_key(
         clean: Servers, raw_redis: redis.Redis) -> None:
-    proxy = TcpProxy.to_url(clean.database_url).start()
-    sm = toolkit.init_state_manager(proxy.url_for(clean.database_url), clean.redis_url,
-                                    namespace=clean.namespace, schema=clean.schema)
-    try:
+    with behind_pg_proxy(clean) as (sm, proxy):
         sm.create_workflow("warm-up")  # the pool holds a connection: no new one opens below
         proxy.lose_next_reply()  # the next COMMIT reaches PostgreSQL; its answer never returns
         with pytest.raises(toolkit.StorageUnavailable):
@@ -217,17 +213,11 @@ def test_a_create_whose_commit_reply_is_lost_is_retried_once_under_its_key(
         job = sm.dequeue("w1")  # the first call never reached Redis: the retry queued its job
         assert job is not None and job.workflow_id == wf.id and job.name == "extract"
         assert_invariants(sm, raw_redis, clean.libpq_url)
-    finally:
-        sm.close()
-        proxy.cut()
 
 
 def test_a_job_create_whose_commit_reply_is_lost_is_retried_once_under_its_key(
         clean: Servers, raw_redis: redis.Redis) -> None:
-    proxy = TcpProxy.to_url(clean.database_url).start()
-    sm = toolkit.init_state_manager(proxy.url_for(clean.database_url), clean.redis_url,
-                                    namespace=clean.namespace, schema=clean.schema)
-    try:
+    with behind_pg_proxy(clean) as (sm, proxy):
         sm.create_workflow("w", workflow_id="wf")
         proxy.lose_next_reply()
         with pytest.raises(toolkit.StorageUnavailable):
@@ -240,9 +230,6 @@ def test_a_job_create_whose_commit_reply_is_lost_is_retried_once_under_its_key(
         got = sm.dequeue("w1")
         assert got is not None and got.id == job.id
         assert_invariants(sm, raw_redis, clean.libpq_url)
-    finally:
-        sm.close()
-        proxy.cut()
 
 
 def test_the_inspector_shows_the_keys(sm: toolkit.StateManager) -> None:

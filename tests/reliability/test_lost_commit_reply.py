@@ -15,8 +15,7 @@ from psycopg import sql
 
 import toolkit
 from tests.conftest import Servers
-from tests.reliability.conftest import assert_invariants
-from toolkit.faults import TcpProxy
+from tests.reliability.conftest import assert_invariants, behind_pg_proxy
 from toolkit.tiers.redis import keys
 
 
@@ -29,10 +28,7 @@ def _jobs(clean: Servers) -> dict[str, tuple[str, int]]:
 
 def test_run_worker_gives_back_the_claims_and_resyncs_what_a_lost_commit_reply_hid(
         clean: Servers, raw_redis: redis.Redis) -> None:
-    proxy = TcpProxy.to_url(clean.database_url).start()
-    sm = toolkit.init_state_manager(proxy.url_for(clean.database_url), clean.redis_url,
-                                    namespace=clean.namespace, schema=clean.schema)
-    try:
+    with behind_pg_proxy(clean) as (sm, proxy):
         # a and b run first; c waits for both (the lost commit releases it); d, e, f after.
         sm.create_workflow("wf", jobs=[
             {"name": "a", "priority": 9}, {"name": "b", "priority": 8},
@@ -55,9 +51,6 @@ def test_run_worker_gives_back_the_claims_and_resyncs_what_a_lost_commit_reply_h
         assert (report.completed, report.failed, report.lost) == (6, 0, 0)
         assert sm.get_workflow(sm.list_workflows()[0].id).status is toolkit.WorkflowStatus.COMPLETED  # type: ignore[union-attr]
         assert_invariants(sm, raw_redis, clean.libpq_url)
-    finally:
-        sm.close()
-        proxy.cut()
 
 
 _LOSE_THEN_DIE = textwrap.dedent("""
