@@ -212,11 +212,10 @@ def run(bench: harness.Bench) -> None:
 
 def _order(sides: list[str], i: int) -> list[str]:
     """Round ``i``'s order: the default's sides shuffled (seeded by ``i``: every run the same),
-    then the ``synchronous_commit=off`` sides, last as before. A batched drain leaves WAL and
-    vacuum work in the toolkit's schema that slows the toolkit side run next; in a fixed
-    order ``run_worker(batch=1)`` always came right after ``fused_batch100`` (0.64x the floor
-    at full N, against 0.83x for the fused loop, which came after a floor side), where,
-    alternating with the fused loop alone, it drained as fast as it."""
+    then the ``synchronous_commit=off`` sides, last as before. In one fixed order each side
+    always ran after the same one: there the fused loop (after a floor side) measured 0.83x
+    the floor at full N and ``run_worker(batch=1)`` (after ``fused_batch100``) 0.64x, where
+    alternating with each other they drained at the same rate."""
     default = [s for s in sides if s not in ASYNC_SIDES]
     random.Random(i).shuffle(default)
     return default + [s for s in sides if s in ASYNC_SIDES]
