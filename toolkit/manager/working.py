@@ -205,9 +205,11 @@ class Working:
         fences matched, and it counts as completed.
         """
         outcomes = self.batches.complete_jobs(_items(done, "result"), worker_id=plan.worker_id)
-        landed = [job for (job, _), out in zip(done, outcomes, strict=True) if _completed_already(out)]
-        _count([*(o for o in outcomes if not _completed_already(o)), *landed], "result", report)
-        self._take_back(plan, exc, [j.id for j in landed], report)
+        counted = [job if _completed_already(out) else out
+                   for (job, _), out in zip(done, outcomes, strict=True)]
+        _count(counted, "result", report)
+        landed = [job.id for (job, _), out in zip(done, counted, strict=True) if out is job]
+        self._take_back(plan, exc, landed, report)
 
     def _take_back(self, plan: _Plan, exc: errors.ToolkitError, landed: list[str],
                    report: WorkerReport) -> None:
