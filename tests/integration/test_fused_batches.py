@@ -3,6 +3,7 @@ in one transaction. Real PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -222,6 +223,34 @@ def test_run_worker_recovers_from_a_fused_commit_whose_reply_was_lost(
     assert _column(raw_pg, clean.schema, "status", ids) == ["completed"] * 6
     assert _column(raw_pg, clean.schema, "attempts", ids) == [1] * 6
     assert (report.completed, report.lost) == (6, 0)
+
+
+def test_another_coordinators_memory_hears_what_a_lost_commit_wrote(
+        sm: toolkit.StateManager, make_sm: Any) -> None:
+    # Another process read the jobs while they ran. The step that completed them lost its
+    # reply, so it published nothing; the worker's recovery announces what it restores.
+    wf = _ranked(sm, 2)
+    other = make_sm()
+    other.memory_max_age = 60.0  # only an invalidation can make its memory drop an entry
+    sm.register_worker("w1")
+    seen: list[str] = []
+
+    def handler(job: toolkit.Job) -> None:
+        assert other.get_job(job.id).status is toolkit.JobStatus.RUNNING  # now in its memory
+        seen.append(job.id)
+
+    dropped = _lose_reply_of("complete and dequeue many")
+    try:
+        report = sm.run_worker("w1", handler, batch=2, idle_timeout=0)
+    finally:
+        failpoints.disarm("after_commit")
+    assert dropped and report.completed == 2 and len(seen) == 2
+    assert {j.status for j in sm.list_jobs(workflow_id=wf.id)} == {toolkit.JobStatus.COMPLETED}
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(
+            other.get_job(j).status is not toolkit.JobStatus.COMPLETED for j in seen):
+        time.sleep(0.05)
+    assert [other.get_job(j).status for j in seen] == [toolkit.JobStatus.COMPLETED] * 2
 
 
 def _lose_reply_of(action: str) -> list[str]:

@@ -283,13 +283,15 @@ class Pipeline:
     def restore(self, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[models.Entity]:
         """Bring Redis up to rows read from PostgreSQL without writing them (a replayed create).
 
-        Fills the cache (versioned: never over a newer entry) and puts each job that the
-        rows call queued back in its queue when no queue holds it and it is not in flight
-        (``ZADD NX``): what the lost first call's Redis update would have done. Best
+        Fills the cache (versioned: never over a newer entry), announces the entities on
+        the invalidation channel (another process may hold an older one in memory), and
+        puts each job that the rows call queued back in its queue when no queue holds it
+        and it is not in flight (``ZADD NX``): what the lost first call's Redis update
+        would have done. Best
         effort, like every Redis step after a commit; returns the entities.
         """
         entities = build_entities(rows)
-        self.fill_redis(entities)
+        self.fill_redis(entities, announce=True)
         pushes, _ = queue_moves(rows)
         pushes, later = split_scheduled(rows, pushes, time.time())
         if pushes or later:
@@ -391,10 +393,16 @@ class Pipeline:
             raise errors.NotFound(kind, entity_id)
         return found
 
-    def fill_redis(self, entities: list[models.Entity]) -> None:
+    def fill_redis(self, entities: list[models.Entity], *, announce: bool = False) -> None:
+        """Put ``entities`` in the cache (versioned: never over a newer entry); ``announce``:
+        also publish them on the invalidation channel, for entities a commit changed without
+        saying so (its reply was lost), which other processes may hold older in memory."""
         try:
             pipe = self.redis.pipeline()
             cache.put(self.redis, self.ns, entities, pipe=pipe)
+            if announce:
+                cache.publish_many(self.ns, [(cache.kind_of(e), models.entity_version(e), e.id)
+                                             for e in entities], pipe=pipe)
             self.redis.call("cache fill", pipe.execute)
         except errors.StorageUnavailable as exc:
             log.debug("cache fill skipped: %s", exc, extra={"action": "cache_fill"})
