@@ -139,3 +139,34 @@ def test_a_bad_rebuild_argument_is_refused_before_connecting(bad: object) -> Non
     with pytest.raises(toolkit.ConfigurationError, match="rebuild"):
         toolkit.init_state_manager("postgresql://nobody@127.0.0.1:1/x", "redis://127.0.0.1:1/0",
                                    rebuild=bad)  # type: ignore[arg-type]
+
+
+def test_a_pinned_watermark_heals_itself_and_backs_off_while_it_cannot(clean: Servers) -> None:
+    client = toolkit.init_state_manager(clean.database_url, clean.redis_url, namespace=clean.namespace,
+                                        schema=clean.schema, rebuild=False)
+    try:
+        mark = Watermark(client.redis, clean.namespace)
+        calls: list[float] = []
+
+        def heal(since: float) -> str:
+            calls.append(since)
+            if len(calls) == 1:
+                raise toolkit.StorageUnavailable("Redis went away again")
+            return "caught up"
+
+        mark.heal = heal
+        assert not mark.heal_if_pinned() and calls == []  # nothing pinned: nothing to catch up
+        with mark.pending():
+            pending_since = time.time()
+            mark.failed()
+        failed_at = time.time()
+        assert not mark.heal_if_pinned()  # the first try fails: still pinned
+        assert not mark.heal_if_pinned()  # and the next waits (backing off)
+        assert len(calls) == 1 and calls[0] <= pending_since and mark.safe() < failed_at
+        mark._heal_after = 0.0  # the wait is over
+        assert mark.heal_if_pinned()
+        assert len(calls) == 2 and mark.safe() > failed_at  # caught up: no longer pinned
+        mark.failed(everything=True)  # a lost delete note: only a full repair will do
+        assert not mark.heal_if_pinned() and len(calls) == 2 and mark.safe() == 0.0
+    finally:
+        client.close()

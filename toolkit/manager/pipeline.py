@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -34,6 +35,7 @@ from toolkit.manager.watermark import Watermark
 from toolkit.models import EntityKind as Kind
 from toolkit.models import JobStatus as JS
 from toolkit.recovery import invalidation
+from toolkit.recovery.fast_start import heal_redis
 from toolkit.tiers.memory import KINDS, Memory
 from toolkit.tiers.postgres import db as pg_db
 from toolkit.tiers.postgres import direct, lifecycle, records, store
@@ -160,6 +162,7 @@ class Pipeline:
         self.listener = invalidation.InvalidationListener(self.redis, self.ns, self.memory, KINDS)
         self.watermark = Watermark(self.redis, self.ns)
         self.watermark.async_commits = settings.synchronous_commit == "off"
+        self.watermark.heal = functools.partial(heal_redis, self.tiers)
         self.memory_max_age = MEMORY_MAX_AGE
         self.tx_attempts = TX_ATTEMPTS
         self.retry_policy: retry_policy.RetryPolicy | retry_policy.Backoff = retry_policy.RetryPolicy()
@@ -246,8 +249,8 @@ class Pipeline:
         try:
             self._push_redis(changes, entities)
         except Exception as exc:  # noqa: BLE001 - the write is committed: never report it failed
-            log.warning("committed to PostgreSQL but Redis was not updated (repair() will): %s",
-                        exc, extra={"action": "write_redis"})
+            log.warning("committed to PostgreSQL but Redis was not updated (caught up once "
+                        "Redis answers again): %s", exc, extra={"action": "write_redis"})
             self.watermark.failed()
             self._drop_cached(entities, changes)
         for e in entities:

@@ -132,7 +132,7 @@ def _recover(sm: state.StateManager, fast: bool) -> None:
         quick = recovery.fast_start(sm._pipe.tiers)
         if quick is not None:
             sm.last_fast_start = quick
-            log.info("%s", quick, extra={"action": "rebuild"})
+            log.info("fast start: %s", quick, extra={"action": "rebuild"})
             return
         log.info("fast start not possible (no usable watermark in Redis): full rebuild",
                  extra={"action": "rebuild"})

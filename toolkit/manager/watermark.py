@@ -4,8 +4,10 @@ Every path that commits to PostgreSQL and then updates Redis runs inside
 :meth:`Watermark.pending`. A background thread publishes, once a second, the
 start of the oldest write still pending (or now when none is): every commit of
 this process before that time has reached Redis. A write whose Redis update
-failed pins the watermark until a repair or rebuild covers it; a delete whose
-note could not be written sets it to 0 (only a full rebuild will do). See
+failed pins the watermark until a repair or rebuild covers it, or until the
+publisher, once Redis answers again, has caught Redis up itself (:attr:`Watermark.heal`:
+what changed since the pin, as a fast start checks it); a delete whose note could not
+be written sets it to 0 (only a full rebuild or a repair will do). See
 :mod:`toolkit.tiers.redis.watermark` and :mod:`toolkit.recovery.fast_start`.
 """
 
@@ -19,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from toolkit import errors
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY = 1.0
 """Seconds between two publications of the watermark."""
+HEAL_BACKOFF_MAX = 60.0
+"""Seconds at most between two tries at catching Redis up when a try fails."""
 
 
 class Watermark:
@@ -45,6 +49,12 @@ class Watermark:
         self._run_id = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heal: Callable[[float], object] | None = None
+        """Makes Redis agree with PostgreSQL for what changed from the given UNIX time on;
+        called on the publisher's thread, after a publication, while the watermark is pinned
+        (not at 0). Its return value is logged."""
+        self._heal_after = 0.0
+        self._heal_wait = PUBLISH_EVERY
         self.async_commits = False
         """This coordinator commits with ``synchronous_commit = off``: each publication notes
         it again (``{ns}:async_commits``; a Redis that lost its data lost the note too)."""
@@ -125,6 +135,30 @@ class Watermark:
                 self.publish()
             except errors.StorageUnavailable as exc:
                 log.debug("watermark not published: %s", exc, extra={"action": "watermark"})
+                continue
+            self.heal_if_pinned()
+
+    def heal_if_pinned(self) -> bool:
+        """Catch Redis up with :attr:`heal` when a failed write pinned the watermark; return
+        whether it ran and unpinned. A failed try is tried again later, backing off."""
+        with self._lock:
+            pinned = self._pinned
+        if pinned is None or pinned[0] <= 0 or self.heal is None or time.time() < self._heal_after:
+            return False
+        started = time.time()
+        try:
+            report = self.heal(pinned[0])
+        except Exception as exc:  # noqa: BLE001 - the publisher must survive; tried again later
+            self._heal_after = time.time() + self._heal_wait
+            self._heal_wait = min(self._heal_wait * 2, HEAL_BACKOFF_MAX)
+            log.warning("Redis not caught up yet with the writes it missed: %s", exc,
+                        extra={"action": "heal"})
+            return False
+        self._heal_wait = PUBLISH_EVERY
+        self.repaired(started)
+        log.warning("Redis was caught up with the writes it missed (%s)", report,
+                    extra={"action": "heal"})
+        return True
 
     def stop(self) -> None:
         """Stop publishing; remove this coordinator's watermark when nothing is pending."""

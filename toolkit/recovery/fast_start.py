@@ -23,7 +23,7 @@ import dataclasses
 import time
 from datetime import UTC, datetime
 
-from toolkit import compare
+from toolkit import compare, errors
 from toolkit.handles import Tiers
 from toolkit.models import EntityKind as Kind
 from toolkit.recovery import queues, repairing
@@ -52,7 +52,7 @@ class FastStartReport:
     seconds: float
 
     def __str__(self) -> str:
-        return (f"fast start: {self.checked} entities changed since {self.since:%H:%M:%S} checked, "
+        return (f"{self.checked} entities changed since {self.since:%H:%M:%S} checked, "
                 f"{self.fixed} cache entries fixed, queues +{self.queue_added}/-{self.queue_removed}, "
                 f"{self.deletes} noted deletes, {self.seconds:.3f}s")
 
@@ -79,22 +79,49 @@ def fast_start(t: Tiers) -> FastStartReport | None:
     since = horizon(t, started)
     if since is None:
         return None
+    return catch_up(t, since, started=started, fresh=True)
+
+
+def catch_up(t: Tiers, since: float, *, started: float | None = None,
+             fresh: bool = False) -> FastStartReport:
+    """Make Redis agree with PostgreSQL for what changed from ``since`` on (a UNIX time, the
+    margin for clocks already taken off): the cache entries, the queues, the deletes noted,
+    counters raised to their checkpoints.
+
+    A running coordinator calls it once Redis answers again after its writes could not
+    reach it (see :class:`toolkit.manager.watermark.Watermark`); ``fresh`` (a new
+    coordinator's fast start) also returns every claim in flight and resets the
+    heartbeats' boot time, which only a coordinator that has served nothing yet may do."""
+    started = time.time() if started is None else started
     at = datetime.fromtimestamp(since, UTC)
-    with t.db.begin("fast start: read what changed") as conn:
+    with t.db.begin("catch up: read what changed") as conn:
         changed = records.changed_since(conn, at)
         checkpoints = records.metric_checkpoints(conn)
     noted = watermark.deleting(t.redis, t.ns)
     for kind, entity_id in noted:
         changed.setdefault(kind, []).append(entity_id)
     fixed = sum(repairing.fix_cache(t, kind, sorted(set(ids))) for kind, ids in changed.items() if ids)
-    queues.return_claims(t, before=float("inf"))
+    if fresh:
+        queues.return_claims(t, before=float("inf"))
     added, removed = queues.settle_jobs(t, changed.get(Kind.JOB, []))
     metrics.raise_to(t.redis, t.ns, checkpoints)
-    heartbeats.boot_time(t.redis, t.ns, started)
+    if fresh:
+        heartbeats.boot_time(t.redis, t.ns, started)
     _forget(t, noted, started)
     return FastStartReport(since=at, checked=sum(len(v) for v in changed.values()), fixed=fixed,
                            queue_added=added, queue_removed=removed, deletes=len(noted),
                            seconds=time.time() - started)
+
+
+def heal_redis(t: Tiers, since: float) -> FastStartReport:
+    """A running coordinator's catch-up (:func:`catch_up`) after a failed Redis update at
+    ``since`` (its pinned watermark), the clock margin taken off; refused (``StorageUnavailable``)
+    when only a repair will do: Redis lost its data, or PostgreSQL may have lost commits."""
+    if not watermark.was_rebuilt(t.redis, t.ns) or compare.commits_may_be_lost(t):
+        raise errors.StorageUnavailable("Redis lost its data, or PostgreSQL may have lost "
+                                        "commits, since the last rebuild: run repair() "
+                                        "(toolkit check --repair)")
+    return catch_up(t, since - MARGIN)
 
 
 def _forget(t: Tiers, noted: list[tuple[str, str]], now: float) -> None:
@@ -104,7 +131,7 @@ def _forget(t: Tiers, noted: list[tuple[str, str]], now: float) -> None:
     for kind, entity_id in noted:
         by_kind.setdefault(kind, []).append(entity_id)
     done: list[tuple[str, str]] = []
-    with t.db.begin("fast start: deletes committed") as conn:
+    with t.db.begin("catch up: deletes committed") as conn:
         for kind, ids in by_kind.items():
             present = {r["id"] for r in store.get_many(conn, kind, ids)}
             done.extend((kind, i) for i in ids if i not in present)
