@@ -55,6 +55,7 @@ class Watermark:
         (not at 0). Its return value is logged."""
         self._heal_after = 0.0
         self._heal_wait = PUBLISH_EVERY
+        self._told_repair = False
         self.async_commits = False
         """This coordinator commits with ``synchronous_commit = off``: each publication notes
         it again (``{ns}:async_commits``; a Redis that lost its data lost the note too)."""
@@ -92,6 +93,7 @@ class Watermark:
         with self._lock:
             if self._pinned is not None and self._pinned[1] < started:
                 self._pinned = None
+                self._told_repair = False
 
     def safe(self) -> float:
         """Every commit of this process before this time has reached Redis."""
@@ -143,6 +145,10 @@ class Watermark:
         whether it ran and unpinned. A failed try is tried again later, backing off."""
         with self._lock:
             pinned = self._pinned
+        if pinned is not None and pinned[0] <= 0 and not self._told_repair:
+            self._told_repair = True
+            log.warning("a delete could not be noted in Redis: Redis cannot be caught up by "
+                        "itself; run repair() (toolkit check --repair)", extra={"action": "heal"})
         if pinned is None or pinned[0] <= 0 or self.heal is None or time.time() < self._heal_after:
             return False
         started = time.time()
