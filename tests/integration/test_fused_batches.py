@@ -234,9 +234,16 @@ def test_another_coordinators_memory_hears_what_a_lost_commit_wrote(
     other.memory_max_age = 60.0  # only an invalidation can make its memory drop an entry
     sm.register_worker("w1")
     seen: list[str] = []
+    read: list[toolkit.JobStatus] = []
 
     def handler(job: toolkit.Job) -> None:
-        assert other.get_job(job.id).status is toolkit.JobStatus.RUNNING  # now in its memory
+        # Its memory holds the job as its start loaded it, queued, until the claim's
+        # invalidation arrives; then it reads the running job, and keeps that in memory.
+        deadline = time.monotonic() + 5.0
+        while (other.get_job(job.id).status is not toolkit.JobStatus.RUNNING
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        read.append(other.get_job(job.id).status)
         seen.append(job.id)
 
     dropped = _lose_reply_of("complete and dequeue many")
@@ -244,6 +251,7 @@ def test_another_coordinators_memory_hears_what_a_lost_commit_wrote(
         report = sm.run_worker("w1", handler, batch=2, idle_timeout=0)
     finally:
         failpoints.disarm("after_commit")
+    assert read == [toolkit.JobStatus.RUNNING] * 2
     assert dropped and report.completed == 2 and len(seen) == 2
     assert {j.status for j in sm.list_jobs(workflow_id=wf.id)} == {toolkit.JobStatus.COMPLETED}
     deadline = time.monotonic() + 3.0

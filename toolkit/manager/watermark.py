@@ -84,9 +84,11 @@ class Watermark:
     def failed(self, *, everything: bool = False) -> None:
         """A committed write did not reach Redis: keep the watermark before it (``everything``: 0)."""
         with self._lock:
-            safe = 0.0 if everything else min([*self._pending.values(), time.time()])
-            if self._pinned is None or safe < self._pinned[0]:
-                self._pinned = (safe, time.time())
+            now = time.time()
+            safe = 0.0 if everything else min([*self._pending.values(), now])
+            # The earliest safe time stays; the failure's time is the latest, so a repair or
+            # catch-up that began before this failure does not unpin it.
+            self._pinned = (safe if self._pinned is None else min(safe, self._pinned[0]), now)
 
     def repaired(self, started: float) -> None:
         """A repair or rebuild that began at ``started`` fixed every failure before it."""
@@ -94,6 +96,7 @@ class Watermark:
             if self._pinned is not None and self._pinned[1] < started:
                 self._pinned = None
                 self._told_repair = False
+                self._heal_after, self._heal_wait = 0.0, PUBLISH_EVERY
 
     def safe(self) -> float:
         """Every commit of this process before this time has reached Redis."""
@@ -153,6 +156,10 @@ class Watermark:
             return False
         started = time.time()
         try:
+            if self._run_id and watermark.run_id(self.client) != self._run_id:
+                raise errors.StorageUnavailable(
+                    "Redis restarted since this coordinator began (it may have lost writes from "
+                    "before the failure): run repair() (toolkit check --repair)")
             report = self.heal(pinned[0])
         except Exception as exc:  # noqa: BLE001 - the publisher must survive; tried again later
             self._heal_after = time.time() + self._heal_wait
@@ -160,7 +167,6 @@ class Watermark:
             log.warning("Redis not caught up yet with the writes it missed: %s", exc,
                         extra={"action": "heal"})
             return False
-        self._heal_wait = PUBLISH_EVERY
         self.repaired(started)
         log.warning("Redis was caught up with the writes it missed (%s)", report,
                     extra={"action": "heal"})

@@ -100,14 +100,17 @@ def catch_up(t: Tiers, since: float, *, started: float | None = None,
     noted = watermark.deleting(t.redis, t.ns)
     for kind, entity_id in noted:
         changed.setdefault(kind, []).append(entity_id)
-    fixed = sum(repairing.fix_cache(t, kind, sorted(set(ids))) for kind, ids in changed.items() if ids)
+    # Writers may be at work (other coordinators; this one, in a catch-up): a cache entry
+    # newer than the row read is theirs. PostgreSQL lost nothing (else no catch-up runs).
+    fixed = sum(repairing.fix_cache(t, kind, sorted(set(ids)), live=True)
+                for kind, ids in changed.items() if ids)
     if fresh:
         queues.return_claims(t, before=float("inf"))
     added, removed = queues.settle_jobs(t, changed.get(Kind.JOB, []))
     metrics.raise_to(t.redis, t.ns, checkpoints)
     if fresh:
         heartbeats.boot_time(t.redis, t.ns, started)
-    _forget(t, noted, started)
+    _forget(t, noted, started, dead=fresh)
     return FastStartReport(since=at, checked=sum(len(v) for v in changed.values()), fixed=fixed,
                            queue_added=added, queue_removed=removed, deletes=len(noted),
                            seconds=time.time() - started)
@@ -124,9 +127,10 @@ def heal_redis(t: Tiers, since: float) -> FastStartReport:
     return catch_up(t, since - MARGIN)
 
 
-def _forget(t: Tiers, noted: list[tuple[str, str]], now: float) -> None:
-    """Drop the notes of deletes that committed (a pending one keeps its note) and the
-    watermarks of coordinators that stopped."""
+def _forget(t: Tiers, noted: list[tuple[str, str]], now: float, *, dead: bool) -> None:
+    """Drop the notes of deletes that committed (a pending one keeps its note) and, ``dead``
+    (a fast start: it checked from the smallest watermark on), the watermarks of coordinators
+    that stopped. A catch-up checked from its own pin only: it leaves theirs."""
     by_kind: dict[str, list[str]] = {}
     for kind, entity_id in noted:
         by_kind.setdefault(kind, []).append(entity_id)
@@ -143,5 +147,7 @@ def _forget(t: Tiers, noted: list[tuple[str, str]], now: float) -> None:
 
     if done:
         t.redis.call("forget delete notes", go)
-    dead = [m.coordinator for m in watermark.read(t.redis, t.ns) if now - m.refreshed > DEAD_AFTER]
-    watermark.forget(t.redis, t.ns, dead)
+    if dead:
+        stopped = [m.coordinator for m in watermark.read(t.redis, t.ns)
+                   if now - m.refreshed > DEAD_AFTER]
+        watermark.forget(t.redis, t.ns, stopped)

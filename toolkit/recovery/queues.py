@@ -183,42 +183,68 @@ def _still_queued(conn: sa.Connection, name: str, ids: list[str], expected: int)
 def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
     """Make the queues agree with PostgreSQL for these jobs only; return (added, removed).
 
-    A queued job no queue holds (and not in flight) is put back at its place; a
-    job PostgreSQL no longer calls queued leaves its queue (checked again just
-    before, as :func:`reconcile` does). Jobs in flight are left to the janitor.
+    Safe beside live writers (a fast start beside other coordinators, a running
+    coordinator's catch-up). A queued job that no queue holds and that is not in flight
+    is put back at its place (``ZADD NX``); the in-flight set is read after PostgreSQL,
+    so a claim made in between is seen. A job found in a queue that is not its own now
+    (moved, or no longer queued) is taken out only while it still has the score it was
+    seen with (``queue.drop_unchanged``: a job queued again since has a new one). Jobs in
+    flight are left to the janitor.
     """
     client, ns = t.redis, t.ns
-    inflight = queue.inflight_ids(client, ns)
     added = removed = 0
-    for chunk in chunks(sorted(job_ids), CHECK_CHUNK):
+    for chunk in chunks(sorted(set(job_ids)), CHECK_CHUNK):
         with t.db.begin("settle queues") as conn:
             rows = store.get_many(conn, Kind.JOB, chunk)
+        inflight = queue.inflight_ids(client, ns)
         now = datetime.now(UTC)
-        back = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"]) for r in rows
-                if r["status"] == "queued" and r["id"] not in inflight
-                and not (r["run_at"] and r["run_at"] > now)]
+        queued = [r for r in rows if r["status"] == "queued" and r["id"] not in inflight]
+        back = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"]) for r in queued
+                if not (r["run_at"] and r["run_at"] > now)]
         later = [(r["id"], r["queue"], r["priority"], r["enqueue_seq"], r["run_at"].timestamp())
-                 for r in rows if r["status"] == "queued" and r["run_at"] and r["run_at"] > now]
-        out = [r for r in rows if r["status"] != "queued" and r["id"] not in inflight]
-        if out:
-            with t.db.begin("settle queues") as conn:
-                again = {r["id"] for r in store.get_many(conn, Kind.JOB, [r["id"] for r in out])
-                         if r["status"] == "queued"}
-            out = [r for r in out if r["id"] not in again]
-
-        pairs = [(r["id"], r["queue"]) for r in out]
+                 for r in queued if r["run_at"] and r["run_at"] > now]
 
         def go(back: list[tuple[str, str, int, int]] = back,
-               pairs: list[tuple[str, str]] = pairs,
                later: list[tuple[str, str, int, int, float]] = later) -> None:
             pipe = client.pipeline()
             queue.push_missing(ns, back, pipe=pipe)
             schedule.add_many(ns, later, pipe=pipe)  # scheduled: its due-time set, not its queue
-            queue.remove_many(ns, pairs, pipe=pipe)
             pipe.execute()
 
-        if back or out or later:
+        if back or later:
             client.call("settle queues", go)
+            # A job claimed between the read and the push is in its queue again: take it out.
+            pushed: dict[str, list[tuple[str, float]]] = {}
+            for job_id, name, priority, seq in back:
+                pushed.setdefault(name, []).append((job_id, queue.score(priority, seq)))
+            removed += _drop_unless_queued(t, pushed)
         added += len(back)
-        removed += len(out)
+        removed += _drop_strays(t, [r for r in rows if r["id"] not in inflight])
     return added, removed
+
+
+def _drop_strays(t: Tiers, rows: Sequence[Mapping[str, object]]) -> int:
+    """Take each job of ``rows`` out of every queue that is not its own (a queued job's own
+    queue is its ``queue``; any other job has none) where it still has the score seen."""
+    names = sorted(queue.queue_names(t.redis, t.ns))
+    pairs = [(str(r["id"]), name) for r in rows for name in names
+             if not (r["status"] == "queued" and r["queue"] == name)]
+    found: dict[str, list[tuple[str, float]]] = {}
+    for (job_id, name), score in zip(pairs, queue.scores_in(t.redis, t.ns, pairs), strict=True):
+        if score is not None:
+            found.setdefault(name, []).append((job_id, score))
+    return _drop_unless_queued(t, found)
+
+
+def _drop_unless_queued(t: Tiers, seen: Mapping[str, Sequence[tuple[str, float]]]) -> int:
+    """Take each ``(job id, score)`` seen in a queue out of it unless PostgreSQL calls it
+    queued there now (read after the score was seen), and only while it still has that
+    score (``queue.drop_unchanged``)."""
+    removed = 0
+    for name, jobs in seen.items():
+        with t.db.begin("settle queues: check again") as conn:
+            keep = store.still_queued(conn, name, [j for j, _ in jobs])
+        gone = [(j, score, False) for j, score in jobs if j not in keep]
+        if gone:
+            removed += queue.drop_unchanged(t.redis, t.ns, name, gone)
+    return removed

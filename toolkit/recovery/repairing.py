@@ -17,28 +17,33 @@ PIPELINE_CHUNK = 5_000
 """Entities per PostgreSQL read and Redis pipeline of a repair."""
 
 
-def _stale(kind: str, value: Any, e: models.Entity, pg_wins: bool) -> str:
+def _stale(kind: str, value: Any, e: models.Entity, pg_wins: bool, live: bool = False) -> str:
     """How the cached ``value`` of ``e`` is wrong: ``"wrong"`` (overwrite it), ``"older"``
     (a versioned fill) or ``""`` (right). ``pg_wins``: also an entry of the same version
-    with other content (PostgreSQL, after losing commits, issued that version again)."""
+    with other content (PostgreSQL, after losing commits, issued that version again).
+    ``live``: an entry newer than ``e`` is right (a write that landed since ``e`` was read)."""
     rv = cache.version_of(value)
     version = models.entity_version(e)
     if value is not None:
         decoded = cache.decode(kind, value)
+        if live and rv is not None and rv > version and decoded is not None:
+            return ""
         if rv is None or rv > version or decoded is None or (pg_wins and rv == version
                                                              and decoded != e):
             return "wrong"
     return "older" if rv is None or rv < version else ""
 
 
-def fix_cache(t: Tiers, kind: str, ids: list[str], *, pg_wins: bool = False) -> int:
+def fix_cache(t: Tiers, kind: str, ids: list[str], *, pg_wins: bool = False,
+              live: bool = False) -> int:
     """Make the cache and memory entries of ``ids`` agree with PostgreSQL; return how many changed.
 
     Gone from PostgreSQL: removed. Missing or older in Redis: a versioned fill
     (a write that lands meanwhile keeps its newer entry). Corrupt, or claiming a
     version PostgreSQL never had: overwritten, PostgreSQL wins. ``pg_wins`` (PostgreSQL
     may have lost commits, see :func:`toolkit.compare.commits_may_be_lost`): an entry of PostgreSQL's
-    version with other content is overwritten too.
+    version with other content is overwritten too. ``live`` (writers may be at work, and
+    PostgreSQL lost nothing): an entry newer than the row read is left as it is.
     """
     db, client, ns, memory = t.db, t.redis, t.ns, t.memory
     changed = 0
@@ -54,7 +59,7 @@ def fix_cache(t: Tiers, kind: str, ids: list[str], *, pg_wins: bool = False) -> 
             if row is None:
                 continue
             e = models.from_dict(kind, row)
-            how = _stale(kind, value, e, pg_wins)
+            how = _stale(kind, value, e, pg_wins, live)
             if how:
                 (wrong if how == "wrong" else older).append(e)
             memory.put(kind, e)

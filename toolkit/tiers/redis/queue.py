@@ -217,6 +217,20 @@ def queue_names(client: Client, ns: str) -> set[str]:
     return set(client.call("read queue names", lambda: client.redis.smembers(keys.queues(ns))))
 
 
+def scores_in(client: Client, ns: str, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+    """The score of each ``(job id, queue name)`` (None: not in that queue), in one pipeline."""
+    if not pairs:
+        return []
+
+    def go() -> list[float | None]:
+        pipe = client.redis.pipeline(transaction=False)
+        for job_id, queue_name in pairs:
+            pipe.zscore(keys.queue(ns, queue_name), job_id)
+        return list(pipe.execute())
+
+    return client.call("read queue scores", go)
+
+
 def members(client: Client, ns: str, queue_name: str) -> list[tuple[str, float]]:
     """Return ``(job id, score)`` of every job in a queue, in pop order."""
     return list(client.call(
