@@ -1,0 +1,116 @@
+"""The catch-up of a running coordinator (``heal_redis``) beside live writers.
+
+A write's Redis update is made to fail once (as in a Redis blip: PostgreSQL committed, Redis
+never heard), then the catch-up runs while another write lands at the moment that used to
+go wrong, cued by a hook on the catch-up's own reads. Real PostgreSQL and Redis. The
+background catch-up is switched off so that the test runs it at the chosen moment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+import toolkit
+from toolkit.recovery import repairing
+from toolkit.recovery.fast_start import FastStartReport, heal_redis
+from toolkit.tiers.postgres import store
+from toolkit.tiers.redis import cache, keys
+
+
+def _lose_next_redis_update(sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sm._pipe._push_redis
+    left = [1]
+
+    def push(*args: Any) -> None:
+        if left[0]:
+            left[0] -= 1
+            raise toolkit.StorageUnavailable("Redis went away during the update")
+        real(*args)
+
+    monkeypatch.setattr(sm._pipe, "_push_redis", push)
+
+
+def _once(real: Callable[..., Any], before: Callable[[], object]) -> Callable[..., Any]:
+    """``real``, which runs ``before`` first the first time it is called."""
+    fired: list[bool] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(True)
+            before()
+        return real(*args, **kwargs)
+
+    return call
+
+
+def _catch_up(sm: toolkit.StateManager) -> FastStartReport:
+    return heal_redis(sm._pipe.tiers, time.time() - 2.0)
+
+
+@pytest.fixture
+def quiet_sm(sm: toolkit.StateManager) -> toolkit.StateManager:
+    sm._pipe.watermark.heal = None  # the test runs the catch-up itself
+    return sm
+
+
+def test_a_job_moved_to_another_queue_leaves_the_old_one(
+        quiet_sm: toolkit.StateManager, raw_redis: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sm = quiet_sm
+    wf = sm.create_workflow("m", jobs=[{"name": "a", "queue": "A"}])
+    job = sm.list_jobs(workflow_id=wf.id)[0]
+    _lose_next_redis_update(sm, monkeypatch)
+    sm.edit_job(job.id, queue="B")
+    assert raw_redis.zscore(keys.queue(sm.ns, "A"), job.id) is not None  # Redis never heard
+    _catch_up(sm)
+    assert raw_redis.zscore(keys.queue(sm.ns, "A"), job.id) is None
+    assert raw_redis.zscore(keys.queue(sm.ns, "B"), job.id) is not None
+    assert sm.dequeue(sm.register_worker("wa", queues=["A"]).id) is None
+    assert sm.check_consistency().ok
+
+
+def test_a_job_claimed_while_the_catch_up_reads_is_not_put_back(
+        quiet_sm: toolkit.StateManager, raw_redis: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sm = quiet_sm
+    w = sm.register_worker("w").id
+    wf = sm.create_workflow("s", jobs=[{"name": "a"}])
+    job = sm.list_jobs(workflow_id=wf.id)[0]
+    _lose_next_redis_update(sm, monkeypatch)
+    sm.edit_job(job.id, priority=1)  # still queued; Redis keeps the old entry
+    got: list[toolkit.Job | None] = []
+    # The worker claims the job right after the catch-up read it as queued.
+    real_get_many = store.get_many
+
+    def read_then_claim(*args: Any, **kwargs: Any) -> Any:
+        rows = real_get_many(*args, **kwargs)
+        if not got and any(r["id"] == job.id for r in rows):
+            got.append(sm.dequeue(w))
+        return rows
+
+    monkeypatch.setattr(store, "get_many", read_then_claim)
+    _catch_up(sm)
+    assert got and got[0] is not None and got[0].id == job.id
+    assert raw_redis.zscore(keys.queue(sm.ns, "default"), job.id) is None  # not handed out again
+    assert sm.check_consistency().ok
+
+
+def test_a_write_that_lands_during_the_catch_up_keeps_its_cache_entry(
+        quiet_sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    sm = quiet_sm
+    wf = sm.create_workflow("f", jobs=[{"name": "a"}])
+    job = sm.list_jobs(workflow_id=wf.id)[0]
+    _lose_next_redis_update(sm, monkeypatch)
+    sm.edit_job(job.id, priority=1)
+    # Between the catch-up's read of PostgreSQL and its read of Redis, another write lands.
+    monkeypatch.setattr(repairing.cache, "get_raw_many", _once(
+        repairing.cache.get_raw_many, lambda: sm.edit_job(job.id, priority=2)))
+    _catch_up(sm)
+    cached = cache.get(sm._pipe.redis, sm.ns, "job", job.id)
+    assert cached is not None and (cached.priority, cached.version) == (2, 3)
+    assert sm.check_consistency().ok
