@@ -229,8 +229,8 @@ class Working:
             try:
                 self.batches.pipe.resync_jobs(landed + claimed)
             except errors.StorageUnavailable as again:  # the watermark stays pinned for it
-                log.warning("Redis not brought up to a failed call's commit (repair() will): %s",
-                            again, extra={"action": "run_worker"})
+                log.warning("Redis not brought up to a failed call's commit (caught up once "
+                            "Redis answers again): %s", again, extra={"action": "run_worker"})
 
     def _settle(self, plan: _Plan, outcomes: list[tuple[models.Job, Any]], field: str,
                 report: WorkerReport) -> None:
