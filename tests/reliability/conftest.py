@@ -186,12 +186,18 @@ class Coordinator:
 # -- invariants ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def behind_pg_proxy(clean: Servers) -> Iterator[tuple[toolkit.StateManager, TcpProxy]]:
+def behind_pg_proxy(clean: Servers, *, redis_instead: bool = False
+                    ) -> Iterator[tuple[toolkit.StateManager, TcpProxy]]:
     """A StateManager on this run's schema and namespace whose PostgreSQL connections go
-    through a TCP proxy (``proxy.lose_next_reply()`` drops one COMMIT's answer)."""
-    proxy = TcpProxy.to_url(clean.database_url).start()
-    sm = toolkit.init_state_manager(proxy.url_for(clean.database_url), clean.redis_url,
-                                    namespace=clean.namespace, schema=clean.schema)
+    through a TCP proxy (``proxy.lose_next_reply()`` drops one COMMIT's answer);
+    ``redis_instead``: its Redis connections do, and PostgreSQL is reached directly."""
+    proxy = TcpProxy.to_url(clean.redis_url if redis_instead else clean.database_url).start()
+    db, rd = clean.database_url, clean.redis_url
+    if redis_instead:
+        rd = proxy.url_for(rd)
+    else:
+        db = proxy.url_for(db)
+    sm = toolkit.init_state_manager(db, rd, namespace=clean.namespace, schema=clean.schema)
     try:
         yield sm, proxy
     finally:

@@ -18,7 +18,7 @@ import redis
 
 import toolkit
 from tests.conftest import Servers, wipe_namespace
-from tests.reliability.conftest import assert_invariants
+from tests.reliability.conftest import assert_invariants, behind_pg_proxy
 from toolkit.faults import TcpProxy
 from toolkit.tiers.redis import keys
 
@@ -29,14 +29,8 @@ catch-up itself, with margin for a loaded machine."""
 
 @pytest.fixture
 def behind_redis_proxy(clean: Servers) -> Iterator[tuple[toolkit.StateManager, TcpProxy]]:
-    proxy = TcpProxy.to_url(clean.redis_url).start()
-    sm = toolkit.init_state_manager(clean.database_url, proxy.url_for(clean.redis_url),
-                                    namespace=clean.namespace, schema=clean.schema)
-    try:
-        yield sm, proxy
-    finally:
-        sm.close()
-        proxy.cut()
+    with behind_pg_proxy(clean, redis_instead=True) as pair:
+        yield pair
 
 
 def test_writes_committed_while_redis_was_away_reach_it_when_it_is_back(
