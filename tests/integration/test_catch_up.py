@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import toolkit
-from toolkit.recovery import repairing
+from toolkit.recovery import queues, repairing
 from toolkit.recovery.fast_start import FastStartReport, heal_redis
 from toolkit.tiers.postgres import store
 from toolkit.tiers.redis import cache, keys
@@ -74,7 +74,28 @@ def test_a_job_moved_to_another_queue_leaves_the_old_one(
     assert sm.check_consistency().ok
 
 
-def test_a_job_claimed_while_the_catch_up_reads_is_not_put_back(
+class _Reads:
+    """``store`` as the queue settling sees it, running ``steps`` (in turn) after its reads."""
+
+    def __init__(self, *steps: Callable[[], object]) -> None:
+        self.steps = list(steps)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(store, name)
+
+    def get_many(self, *args: Any, **kwargs: Any) -> Any:
+        rows = store.get_many(*args, **kwargs)
+        if self.steps:
+            self.steps.pop(0)()
+        return rows
+
+
+def _queued_once(raw_redis: redis.Redis, sm: toolkit.StateManager, job_id: str) -> bool:
+    return [raw_redis.zscore(keys.queue(sm.ns, n), job_id) is not None
+            for n in raw_redis.smembers(keys.queues(sm.ns))].count(True) == 1
+
+
+def test_a_job_claimed_while_the_queues_are_settled_is_not_put_back(
         quiet_sm: toolkit.StateManager, raw_redis: redis.Redis,
         monkeypatch: pytest.MonkeyPatch) -> None:
     sm = quiet_sm
@@ -84,20 +105,32 @@ def test_a_job_claimed_while_the_catch_up_reads_is_not_put_back(
     _lose_next_redis_update(sm, monkeypatch)
     sm.edit_job(job.id, priority=1)  # still queued; Redis keeps the old entry
     got: list[toolkit.Job | None] = []
-    # The worker claims the job right after the catch-up read it as queued.
-    real_get_many = store.get_many
-
-    def read_then_claim(*args: Any, **kwargs: Any) -> Any:
-        rows = real_get_many(*args, **kwargs)
-        if not got and any(r["id"] == job.id for r in rows):
-            got.append(sm.dequeue(w))
-        return rows
-
-    monkeypatch.setattr(store, "get_many", read_then_claim)
+    # The settling reads the job as queued; a worker claims it right after that read.
+    monkeypatch.setattr(queues, "store", _Reads(lambda: got.append(sm.dequeue(w))))
     _catch_up(sm)
     assert got and got[0] is not None and got[0].id == job.id
     assert raw_redis.zscore(keys.queue(sm.ns, "default"), job.id) is None  # not handed out again
     assert sm.check_consistency().ok
+
+
+def test_a_job_given_back_while_the_queues_are_settled_stays_in_its_queue(
+        quiet_sm: toolkit.StateManager, raw_redis: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The job is claimed after the first read, then given back (same place, same score)
+    # after the settling read it again: it must end in its queue, once.
+    sm = quiet_sm
+    w = sm.register_worker("w").id
+    wf = sm.create_workflow("s", jobs=[{"name": "a"}])
+    job = sm.list_jobs(workflow_id=wf.id)[0]
+    _lose_next_redis_update(sm, monkeypatch)
+    sm.edit_job(job.id, priority=1)
+    monkeypatch.setattr(queues, "store", _Reads(
+        lambda: sm.dequeue(w), lambda: sm.return_unstarted(w, [job.id])))
+    _catch_up(sm)
+    assert sm.get_job(job.id).status is toolkit.JobStatus.QUEUED
+    assert _queued_once(raw_redis, sm, job.id)
+    assert sm.check_consistency().ok
+    assert sm.dequeue(sm.register_worker("w2").id).id == job.id  # type: ignore[union-attr]
 
 
 def test_a_write_that_lands_during_the_catch_up_keeps_its_cache_entry(
@@ -113,4 +146,16 @@ def test_a_write_that_lands_during_the_catch_up_keeps_its_cache_entry(
     _catch_up(sm)
     cached = cache.get(sm._pipe.redis, sm.ns, "job", job.id)
     assert cached is not None and (cached.priority, cached.version) == (2, 3)
+    assert sm.check_consistency().ok
+
+
+def test_a_priority_change_redis_missed_puts_the_job_in_its_place(
+        quiet_sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    sm = quiet_sm
+    wf = sm.create_workflow("p", jobs=[{"name": "first"}, {"name": "urgent"}])
+    urgent = next(j for j in sm.list_jobs(workflow_id=wf.id) if j.name == "urgent")
+    _lose_next_redis_update(sm, monkeypatch)
+    sm.edit_job(urgent.id, priority=5)
+    _catch_up(sm)
+    assert sm.dequeue(sm.register_worker("w").id).name == "urgent"  # type: ignore[union-attr]
     assert sm.check_consistency().ok

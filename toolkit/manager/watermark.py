@@ -97,6 +97,7 @@ class Watermark:
                 self._pinned = None
                 self._told_repair = False
                 self._heal_after, self._heal_wait = 0.0, PUBLISH_EVERY
+                self._run_id = ""  # Redis agrees now, whichever run of the server it is
 
     def safe(self) -> float:
         """Every commit of this process before this time has reached Redis."""
@@ -147,12 +148,13 @@ class Watermark:
         """Catch Redis up with :attr:`heal` when a failed write pinned the watermark; return
         whether it ran and unpinned. A failed try is tried again later, backing off."""
         with self._lock:
-            pinned = self._pinned
-        if pinned is not None and pinned[0] <= 0 and not self._told_repair:
-            self._told_repair = True
+            pinned, after = self._pinned, self._heal_after
+            tell = pinned is not None and pinned[0] <= 0 and not self._told_repair
+            self._told_repair = self._told_repair or tell
+        if tell:
             log.warning("a delete could not be noted in Redis: Redis cannot be caught up by "
                         "itself; run repair() (toolkit check --repair)", extra={"action": "heal"})
-        if pinned is None or pinned[0] <= 0 or self.heal is None or time.time() < self._heal_after:
+        if pinned is None or pinned[0] <= 0 or self.heal is None or time.time() < after:
             return False
         started = time.time()
         try:
@@ -162,8 +164,9 @@ class Watermark:
                     "before the failure): run repair() (toolkit check --repair)")
             report = self.heal(pinned[0])
         except Exception as exc:  # noqa: BLE001 - the publisher must survive; tried again later
-            self._heal_after = time.time() + self._heal_wait
-            self._heal_wait = min(self._heal_wait * 2, HEAL_BACKOFF_MAX)
+            with self._lock:
+                self._heal_after = time.time() + self._heal_wait
+                self._heal_wait = min(self._heal_wait * 2, HEAL_BACKOFF_MAX)
             log.warning("Redis not caught up yet with the writes it missed: %s", exc,
                         extra={"action": "heal"})
             return False

@@ -100,9 +100,10 @@ def catch_up(t: Tiers, since: float, *, started: float | None = None,
     noted = watermark.deleting(t.redis, t.ns)
     for kind, entity_id in noted:
         changed.setdefault(kind, []).append(entity_id)
-    # Writers may be at work (other coordinators; this one, in a catch-up): a cache entry
-    # newer than the row read is theirs. PostgreSQL lost nothing (else no catch-up runs).
-    fixed = sum(repairing.fix_cache(t, kind, sorted(set(ids)), live=True)
+    # A running coordinator's catch-up: its own writers are at work, so a cache entry newer
+    # than the row read is theirs. A fast start overwrites it, as before (a version
+    # PostgreSQL never had, whatever the cause, goes).
+    fixed = sum(repairing.fix_cache(t, kind, sorted(set(ids)), live=not fresh)
                 for kind, ids in changed.items() if ids)
     if fresh:
         queues.return_claims(t, before=float("inf"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -184,12 +185,15 @@ def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
     """Make the queues agree with PostgreSQL for these jobs only; return (added, removed).
 
     Safe beside live writers (a fast start beside other coordinators, a running
-    coordinator's catch-up). A queued job that no queue holds and that is not in flight
-    is put back at its place (``ZADD NX``); the in-flight set is read after PostgreSQL,
-    so a claim made in between is seen. A job found in a queue that is not its own now
-    (moved, or no longer queued) is taken out only while it still has the score it was
-    seen with (``queue.drop_unchanged``: a job queued again since has a new one). Jobs in
-    flight are left to the janitor.
+    coordinator's catch-up): PostgreSQL is read again after every Redis step that could
+    race with one of them. A queued job that no queue holds and that is not in flight
+    is put in its queue (``ZADD NX``) or its due-time set. Any entry that may be wrong
+    (the job's queue, due time or status changed, or it changed since the first read)
+    goes through :func:`_recheck`: taken out (only while it has the score seen), PostgreSQL
+    read again, and put back when the job is still queued and due there and not in
+    flight. A claim racing with this leaves at worst an entry of a job that is not queued,
+    which a dequeue drops (its claim is refused by PostgreSQL). Jobs in flight are left
+    to the janitor.
     """
     client, ns = t.redis, t.ns
     added = removed = 0
@@ -213,38 +217,66 @@ def settle_jobs(t: Tiers, job_ids: Sequence[str]) -> tuple[int, int]:
 
         if back or later:
             client.call("settle queues", go)
-            # A job claimed between the read and the push is in its queue again: take it out.
-            pushed: dict[str, list[tuple[str, float]]] = {}
-            for job_id, name, priority, seq in back:
-                pushed.setdefault(name, []).append((job_id, queue.score(priority, seq)))
-            removed += _drop_unless_queued(t, pushed)
         added += len(back)
-        removed += _drop_strays(t, [r for r in rows if r["id"] not in inflight])
+        # What was pushed (it may have been claimed or scheduled since), what scheduling took
+        # out of its queue (it may be due now), and every entry outside a job's own queue.
+        seen = _strays(t, [r for r in rows if r["id"] not in inflight])
+        for job_id, name, priority, seq in back:
+            seen.setdefault(name, []).append((job_id, queue.score(priority, seq)))
+        removed += _recheck(t, seen)
+        scheduled: dict[str, list[tuple[str, float]]] = {}
+        for job_id, name, priority, seq, _ in later:
+            scheduled.setdefault(name, []).append((job_id, queue.score(priority, seq)))
+        removed += _recheck(t, scheduled, take=False)
     return added, removed
 
 
-def _drop_strays(t: Tiers, rows: Sequence[Mapping[str, object]]) -> int:
-    """Take each job of ``rows`` out of every queue that is not its own (a queued job's own
-    queue is its ``queue``; any other job has none) where it still has the score seen."""
+def _strays(t: Tiers, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[str, float]]]:
+    """Each job of ``rows`` found in a queue that is not its own (a queued, due job's own
+    queue is its ``queue``; any other job has none), or in its own at another place than
+    PostgreSQL's (a priority change Redis missed), with the score it has there."""
     names = sorted(queue.queue_names(t.redis, t.ns))
-    pairs = [(str(r["id"]), name) for r in rows for name in names
-             if not (r["status"] == "queued" and r["queue"] == name)]
+    now = datetime.now(UTC)
+    own = {r["id"]: (r["queue"], queue.score(r["priority"], r["enqueue_seq"])) for r in rows
+           if r["status"] == "queued" and not (r["run_at"] and r["run_at"] > now)}
+    pairs = [(str(r["id"]), name) for r in rows for name in names]
     found: dict[str, list[tuple[str, float]]] = {}
     for (job_id, name), score in zip(pairs, queue.scores_in(t.redis, t.ns, pairs), strict=True):
-        if score is not None:
+        if score is not None and own.get(job_id) != (name, score):
             found.setdefault(name, []).append((job_id, score))
-    return _drop_unless_queued(t, found)
+    return found
 
 
-def _drop_unless_queued(t: Tiers, seen: Mapping[str, Sequence[tuple[str, float]]]) -> int:
-    """Take each ``(job id, score)`` seen in a queue out of it unless PostgreSQL calls it
-    queued there now (read after the score was seen), and only while it still has that
-    score (``queue.drop_unchanged``)."""
+def _recheck(t: Tiers, seen: Mapping[str, Sequence[tuple[str, float]]], *,
+             take: bool = True) -> int:
+    """Take each ``(job id, score)`` seen in a queue out of it (only while it still has that
+    score), read PostgreSQL, and put back those it calls queued and due on that queue that
+    are not in flight; return how many stayed out. A writer that queues one of them again
+    after the removal pushes it after it, so nothing queued is left out of its queue.
+    ``take=False``: jobs just taken out by scheduling them (one made due since goes back)."""
     removed = 0
     for name, jobs in seen.items():
+        if take:
+            taken = queue.take_unchanged(t.redis, t.ns, name, list(jobs))
+        else:
+            taken = [job_id for job_id, _ in jobs]
+        if not taken:
+            continue
         with t.db.begin("settle queues: check again") as conn:
-            keep = store.still_queued(conn, name, [j for j, _ in jobs])
-        gone = [(j, score, False) for j, score in jobs if j not in keep]
-        if gone:
-            removed += queue.drop_unchanged(t.redis, t.ns, name, gone)
+            rows = [r for r in store.get_many(conn, Kind.JOB, taken)
+                    if r["status"] == "queued" and r["queue"] == name]
+        inflight = queue.inflight_ids(t.redis, t.ns)
+        now = datetime.now(UTC)
+        due = [(r["id"], name, r["priority"], r["enqueue_seq"]) for r in rows
+               if r["id"] not in inflight and not (r["run_at"] and r["run_at"] > now)]
+        if due:
+            t.redis.call("settle queues: put back", functools.partial(_push_missing, t, due))
+        if take:
+            removed += len(taken) - len(due)
     return removed
+
+
+def _push_missing(t: Tiers, jobs: list[tuple[str, str, int, int]]) -> None:
+    pipe = t.redis.pipeline()
+    queue.push_missing(t.ns, jobs, pipe=pipe)
+    pipe.execute()

@@ -49,6 +49,7 @@ SCRIPT_NAMES = (
     "beat_workers",
     "promote_due",
     "drop_unchanged",
+    "take_unchanged",
 )
 
 

@@ -147,6 +147,20 @@ def drop_unchanged(client: Client, ns: str, queue_name: str,
     return removed
 
 
+def take_unchanged(client: Client, ns: str, queue_name: str,
+                   jobs: Sequence[tuple[str, float]]) -> list[str]:
+    """Take ``(job id, score)`` out of a queue where each still has that score
+    (``take_unchanged.lua``); return the ids taken out."""
+    taken: list[str] = []
+    for chunk in chunks(list(jobs), PUSH_CHUNK):
+        args: list[Any] = []
+        for job_id, score in chunk:
+            args += (job_id, score)
+        taken += client.call("take jobs out to check them", functools.partial(
+            run_script, client, "take_unchanged", [keys.queue(ns, queue_name)], args))
+    return taken
+
+
 def remove(ns: str, job_id: str, queue_name: str, *, pipe: Any) -> None:
     """Queue removing a job from its queue and from the in-flight set on ``pipe``."""
     remove_many(ns, [(job_id, queue_name)], pipe=pipe)
