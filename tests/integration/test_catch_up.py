@@ -95,15 +95,22 @@ def _queued_once(raw_redis: redis.Redis, sm: toolkit.StateManager, job_id: str) 
             for n in raw_redis.smembers(keys.queues(sm.ns))].count(True) == 1
 
 
-def test_a_job_claimed_while_the_queues_are_settled_is_not_put_back(
-        quiet_sm: toolkit.StateManager, raw_redis: redis.Redis,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    sm = quiet_sm
+def _edited_unheard(sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch
+                    ) -> tuple[str, toolkit.Job]:
+    """A worker id, and a queued job whose priority change Redis never heard."""
     w = sm.register_worker("w").id
     wf = sm.create_workflow("s", jobs=[{"name": "a"}])
     job = sm.list_jobs(workflow_id=wf.id)[0]
     _lose_next_redis_update(sm, monkeypatch)
     sm.edit_job(job.id, priority=1)  # still queued; Redis keeps the old entry
+    return w, job
+
+
+def test_a_job_claimed_while_the_queues_are_settled_is_not_put_back(
+        quiet_sm: toolkit.StateManager, raw_redis: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sm = quiet_sm
+    w, job = _edited_unheard(sm, monkeypatch)
     got: list[toolkit.Job | None] = []
     # The settling reads the job as queued; a worker claims it right after that read.
     monkeypatch.setattr(queues, "store", _Reads(lambda: got.append(sm.dequeue(w))))
@@ -119,11 +126,7 @@ def test_a_job_given_back_while_the_queues_are_settled_stays_in_its_queue(
     # The job is claimed after the first read, then given back (same place, same score)
     # after the settling read it again: it must end in its queue, once.
     sm = quiet_sm
-    w = sm.register_worker("w").id
-    wf = sm.create_workflow("s", jobs=[{"name": "a"}])
-    job = sm.list_jobs(workflow_id=wf.id)[0]
-    _lose_next_redis_update(sm, monkeypatch)
-    sm.edit_job(job.id, priority=1)
+    w, job = _edited_unheard(sm, monkeypatch)
     monkeypatch.setattr(queues, "store", _Reads(
         lambda: sm.dequeue(w), lambda: sm.return_unstarted(w, [job.id])))
     _catch_up(sm)
