@@ -38,8 +38,8 @@ def _state(raw_pg: psycopg.Connection, raw_redis: redis.Redis, clean: Any) -> tu
         rows[table] = sorted(map(repr, raw_pg.execute(q).fetchall()))
     keys = {}
     ticking = {tk_keys.applied(clean.namespace)}  # each coordinator's watermark, once a second
-    # A heartbeat's key ends with its TTL (2 s here), which a slow machine reached between
-    # two reads: not a write.
+    # A heartbeat's key ends with its TTL (2 s here), which the two reads can outlast: not a
+    # write.
     beats = tk_keys.heartbeat(clean.namespace, "")
     for key in sorted(raw_redis.scan_iter(f"{{{clean.namespace}}}:*")):
         if key.endswith(":metrics") or ":metric" in key or key in ticking or key.startswith(beats):
