@@ -221,6 +221,17 @@ def _order(sides: list[str], i: int) -> list[str]:
     return default + [s for s in sides if s in ASYNC_SIDES]
 
 
+def _paired(ours: list[float], other: list[float]) -> dict[str, float] | None:
+    """Each round's rate ratio (the two sides ran in the same round, minutes apart at most):
+    its median and min-max, which a machine whose speed drifts between rounds moves less than
+    the ratio of the two medians. Reported beside that ratio, which the goal judges."""
+    if len(ours) != len(other) or not ours or min(ours) <= 0:
+        return None
+    ratios = [b / a for a, b in zip(ours, other, strict=True)]  # seconds: other/ours = rate ratio
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "runs": len(ratios)}
+
+
 def _record(bench: harness.Bench, case: tuple[str, str, str, float], n: int,
             took: dict[str, list[float]], versions: str) -> None:
     name, tk_side, other, goal = case
@@ -240,6 +251,11 @@ def _record(bench: harness.Bench, case: tuple[str, str, str, float], n: int,
                                      "max": max(c), "runs": len(c)}
         note = (f"PostgreSQL one-row commits/s in this run: {statistics.median(c):,.0f} "
                 f"({min(c):,.0f}-{max(c):,.0f})")
+    paired = _paired(took[tk_side], took[other]) if other not in PEER_SIDES else None
+    if paired is not None:
+        extra["per_round_ratio"] = paired
+        note = (f"per-round ratio {paired['median']:.2f} ({paired['min']:.2f}-{paired['max']:.2f}); "
+                + note)
     bench.record("flow", name, n, harness.rate(n, took[tk_side], "jobs/s"),
                  harness.rate(n, [s for s in took[other] if s > 0], "jobs/s"),
                  harness.at_least(goal), floor_name=NAMES[other], note=note, extra=extra)

@@ -415,4 +415,6 @@ def main(area: Area, doc: str | None) -> None:
     run_id = run_areas([(name, area)], args)
     from benchmarks import report
 
+    if args.only and not (report.RESULTS / f"{run_id}.jsonl").is_file():
+        sys.exit(f"no case of {name} starts with {' or '.join(args.only)} (case names: see --help)")
     print(report.render(report.load(run_id)))
