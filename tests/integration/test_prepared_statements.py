@@ -189,11 +189,13 @@ def test_the_hot_statements_are_planned_once_on_a_direct_connection(
     assert (generic, custom) == (12, 0)
 
 
+@pytest.mark.parametrize("mode", ["auto", "on"])
 def test_nothing_is_planned_generic_through_something_in_between(
-        clean: Servers, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+        clean: Servers, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """A session SET through a pooler would stay on a server connection other clients
-    share: through anything in between, nothing is set (here with statements prepared)."""
-    monkeypatch.setenv(config.PG_PREPARE_VAR, "on")
+    share: through anything in between nothing is set, whether statements are prepared
+    there (``on``) or not (``auto`` finds the connection is not direct)."""
+    monkeypatch.setenv(config.PG_PREPARE_VAR, mode)
     db = pg_db.Database(proxy.url_for(clean.database_url), clean.schema, pool_size=1)
     try:
         assert [_plan_cache_mode(e) for e in db.engines] == ["auto", "auto"]

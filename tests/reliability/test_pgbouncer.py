@@ -127,6 +127,11 @@ def test_state_layer_works_through_pgbouncer_transaction_mode(
             frame()
         assert ins.snapshot(tmp_path / "snap").exists()
         assert sm.get_metric("through_bouncer") == 24
+        # Nothing session-wide is set through the pooler (a SET would stay on a server
+        # connection other clients share): the server's own choice of plans, in both pools.
+        for engine in sm._pipe.db.engines:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
     # A second coordinator through the pooler rebuilds the same state.
     with _manager(private, url) as again:
         rebuilt = again.list_jobs(status="queued")

@@ -117,14 +117,19 @@ def _on_connect(mode: str, synchronous_commit: str, generic_plans: bool = False
     """The hook each new connection runs: session time zone UTC, ``synchronous_commit`` off
     when asked, prepared statements or not.
 
-    ``generic_plans`` (the single-statement pool, whose statements all find their rows by
-    id): where statements are prepared on a direct connection, the server plans each once,
-    instead of again at every run. PostgreSQL otherwise re-plans a prepared statement whose
-    generic plan looks dearer than a custom one, which a statement over ``unnest`` of an
-    array parameter always does (the generic plan expects ten elements): a completion's
-    statement was planned again at each of 65 runs of 65 at 5,000 jobs, and a one-at-a-time
-    drain spent 0.55-0.75 ms of server CPU per job more than with one plan. Never through a
-    pooler: a session ``SET`` would stay on a server connection other clients share."""
+    ``generic_plans`` (the single-statement pool: claims, completions, guarded updates and
+    reads by id, and the roll-ups and releases of those transactions, keyed by a workflow):
+    where ``auto`` found a direct connection, the server plans each prepared statement once
+    (until an ANALYZE changes its tables), instead of again at every run. PostgreSQL
+    otherwise re-plans a prepared statement whose generic plan looks dearer than a custom
+    one, which a statement over ``unnest`` of an array parameter always does (the generic
+    plan expects ten elements): a completion's statement was planned again at each of 65
+    runs of 65 at 5,000 jobs, and a one-at-a-time drain spent 0.5-1.3 ms of server CPU per
+    job more than with one plan. The roll-up's plan does depend on its workflow (one that
+    holds most jobs makes the generic plan scan the table), but PostgreSQL chose that
+    generic plan after five runs already. Never through a pooler, even with
+    ``TOOLKIT_PG_PREPARE=on``: a session ``SET`` would stay on a server connection other
+    clients share."""
 
     def setup(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.execute("SET TIME ZONE 'UTC'")
