@@ -231,8 +231,11 @@ def setup_problem(orig: BaseException, first: str) -> str | None:
 
 
 def _engine(url: str, options: dict[str, Any], pool_size: int, connect_timeout: float,
-            read_only: bool, losses: _Losses, synchronous_commit: str, **kwargs: Any
-            ) -> sa.Engine:
+            read_only: bool, losses: _Losses, synchronous_commit: str, *,
+            single_statements: bool = False) -> sa.Engine:
+    """One pool; ``single_statements``: the autocommit pool of single statements and explicit
+    transactions (generic plans, see :func:`_on_connect`)."""
+    kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if single_statements else {}
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
@@ -253,9 +256,8 @@ def _engine(url: str, options: dict[str, Any], pool_size: int, connect_timeout: 
     )
     # Times come back in UTC; a SET (not a startup option, which PgBouncer
     # refuses) that the pooler tracks and re-applies.
-    generic = kwargs.get("isolation_level") == "AUTOCOMMIT"  # the single-statement pool
     sa.event.listen(engine, "connect",
-                    _on_connect(config.pg_prepare_mode(), synchronous_commit, generic))
+                    _on_connect(config.pg_prepare_mode(), synchronous_commit, single_statements))
     sa.event.listen(engine, "checkout", losses.ping_if_idle)
     sa.event.listen(engine, "checkin", _mark_idle)
     sa.event.listen(engine, "handle_error", losses.note)
@@ -302,7 +304,7 @@ class Database:
         # Its single statements run in the READ ONLY transactions of the one pool.
         self._autocommit = self.engine if read_only else _engine(
             url, options, pool_size, connect_timeout, read_only, losses, synchronous_commit,
-            isolation_level="AUTOCOMMIT")
+            single_statements=True)
         if not read_only:
             sa.event.listen(self._autocommit, "before_cursor_execute", refuse_if_broken)
 
