@@ -1,21 +1,29 @@
-"""A batch's completion and failure read no CTE again per job (issue 18).
+"""A batch's claim, completion and failure read no CTE again per job (issue 18).
 
-Each statement joins what it moved to the assignments it ended and the workflows it locked.
-As a join of two CTEs, PostgreSQL planned it from the data-modifying CTE's estimate (one row)
-and chose a nested loop: every job read every ended assignment, n x n at a batch of n (a
-completion of 1,000 jobs spent 200 of its 375 ms there). Now each is looked up in one object
-built once, so every CTE is read once, whatever the batch's size.
+Each statement joined what it moved to what it did beside: the assignments it ended, the
+workflows it locked or woke. As a join of two CTEs, PostgreSQL planned it from the
+data-modifying CTE's estimate (one row) and chose a nested loop: every job read every row
+of the other CTE, n x n at a batch of n (a completion of 1,000 jobs spent 200 of its 375 ms
+there). Now the completion and the failure look each job up in one object built once, and
+the claim returns its woken workflows as rows of their own: every CTE is read once, on the
+plan made with the values and on the generic one the single-statement pool keeps.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
+import sqlalchemy as sa
+from psycopg import sql
 
 import toolkit
 from toolkit.tiers.postgres import batches, direct
+
+N = 200
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -24,21 +32,56 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _nodes(child)
 
 
-@pytest.mark.parametrize("statement", ["complete", "fail"])
-def test_a_batch_reads_each_cte_once(sm: toolkit.StateManager, statement: str) -> None:
-    n = 200
-    sm.create_workflow("plans", jobs=[{"name": f"j{k}"} for k in range(n)])
+def _explain(conn: sa.Connection, stmt: Any, params: dict[str, Any], generic: bool
+             ) -> dict[str, Any]:
+    """``EXPLAIN ANALYZE`` of ``stmt`` as the direct path sends it (its ``$n`` text): the plan
+    made with the values, or (``generic``) the one made without them, as a prepared
+    statement on the single-statement pool runs. It runs the statement: roll back after."""
+    compiled = direct._compile(conn, stmt)
+    args = direct._args(compiled, params)
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    if not generic:
+        with psycopg.RawCursor(raw) as cur:
+            cur.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + compiled.text, args)
+            row = cur.fetchone()
+    else:  # EXECUTE takes values, not parameters: each quoted by psycopg
+        raw.execute("SET LOCAL plan_cache_mode TO force_generic_plan")
+        raw.execute(b"PREPARE explained AS " + compiled.text)
+        values = sql.SQL(", ").join(sql.Literal(a) for a in args)
+        row = raw.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE explained({})")
+                          .format(values)).fetchone()
+    assert row is not None
+    return row[0][0]["Plan"]  # type: ignore[no-any-return]
+
+
+def _call(sm: toolkit.StateManager, statement: str) -> tuple[Any, dict[str, Any]]:
+    """The statement and its values for N jobs, each of its own workflow."""
+    for k in range(N):
+        sm.create_workflow(f"plans-{k}", jobs=[{"name": "j"}])
     worker = sm.register_worker("w").id
-    jobs = sm.dequeue_many(worker, n, start=True)
-    assert len(jobs) == n
+    now = toolkit.models.utcnow()
+    if statement == "claim":
+        ids = [j.id for j in sm.list_jobs(status="queued")]
+        claim = batches.Claim(ids, [str(uuid.uuid4()) for _ in ids], worker, True)
+        return batches._claim_call(claim, now)
+    jobs = sm.dequeue_many(worker, N, start=True)
     items = [batches.Item(j.id, worker, j.attempts, '"v"') for j in jobs]
-    params = {**batches._params(items, ["running"], toolkit.models.utcnow()), "_retry": True}
     stmt = batches._COMPLETE if statement == "complete" else batches._FAIL
+    return stmt, {**batches._params(items, ["running"], now), "_retry": True}
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+@pytest.mark.parametrize("statement", ["claim", "complete", "fail"])
+def test_a_batch_reads_each_cte_once(sm: toolkit.StateManager, statement: str,
+                                     generic: bool) -> None:
+    stmt, params = _call(sm, statement)
     with sm.db.begin("explain") as conn:
-        plan = direct.explain(conn, stmt, params)
+        plan = _explain(conn, stmt, params, generic)
         conn.rollback()
-    rescans = {(node.get("CTE Name"), node.get("Alias")): node["Actual Loops"]
-               for node in _nodes(plan) if node["Node Type"] == "CTE Scan"
-               and node["Actual Loops"] > 1}
-    assert plan["Actual Rows"] == n
-    assert rescans == {}
+    ctes = [n for n in _nodes(plan) if n["Node Type"] == "CTE Scan"]
+    rescans = {(n["CTE Name"], n["Alias"]): n["Actual Loops"] for n in ctes
+               if n["Actual Loops"] > 1}
+    assert ctes and rescans == {}
+    woken = N if statement == "claim" else 0
+    assert plan["Actual Rows"] == N + woken

@@ -259,19 +259,3 @@ def first(conn: sa.Connection, stmt: sa.ClauseElement,
     """The first row of :func:`rows`, or None."""
     found = dicts(conn, stmt, params)
     return found[0] if found else None
-
-
-def explain(conn: sa.Connection, stmt: sa.ClauseElement,
-            params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``EXPLAIN (ANALYZE, FORMAT JSON)`` of ``stmt`` as :func:`rows` sends it (its ``$n``
-    text, its values bound): the plan's top node, for a check or a profile of a hot
-    statement. It RUNS the statement: call it in a transaction that is rolled back."""
-    c = _compile(conn, stmt)
-    cur = psycopg.RawCursor(_driver(conn))
-    try:
-        cur.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + c.text, _args(c, params))
-        row = cur.fetchone()
-    finally:
-        cur.close()
-    assert row is not None
-    return cast(dict[str, Any], row[0][0]["Plan"])
