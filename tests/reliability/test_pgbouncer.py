@@ -109,6 +109,17 @@ def test_state_layer_works_through_pgbouncer_transaction_mode(
         for wf in (fused, batched):
             assert sm.get_workflow(wf.id).status == "completed"  # type: ignore[union-attr]
             assert {j.status for j in sm.list_jobs(workflow_id=wf.id)} == {"completed"}
+        # Failures open their transaction the same way: retried, then failed for good.
+        failing = sm.create_workflow("failing", jobs=[{"name": f"x{i}", "max_attempts": 2}
+                                                      for i in range(3)])
+        got = sm.dequeue_many("w2", 3, start=True)
+        assert [o.status for o in sm.fail_jobs(  # type: ignore[union-attr]
+            [(j.id, "boom") for j in got], worker_id="w2", retry_in=0)] == ["queued"] * 3
+        for _ in range(3):
+            job = sm.dequeue("w1", start=True)
+            assert job is not None and job.workflow_id == failing.id
+            assert sm.fail_job(job.id, "again", worker_id="w1").status == "failed"
+        assert sm.get_workflow(failing.id).status == "failed"  # type: ignore[union-attr]
         extra = sm.create_workflow("left", jobs=[{"name": f"q{i}"} for i in range(30)])
         sm.checkpoint_metrics()
         with sm.lock("bounced", ttl=10) as lock:

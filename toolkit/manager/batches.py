@@ -320,7 +320,7 @@ class Batches:
             _failed(ch, b, rows, statuses)
             _finish(conn, ch, b, now)
 
-        return b.outcomes(parsed, self.pipe.write("fail jobs", tx))
+        return b.outcomes(parsed, self.pipe.write("fail jobs", tx, opens=True))
 
     # -- fused ----------------------------------------------------------------------------
 

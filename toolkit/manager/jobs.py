@@ -344,7 +344,7 @@ class Jobs:
             if requeued:
                 ch.counters["jobs_retried"] += 1
 
-        return self.pipe.write("fail job", tx)[0]  # type: ignore[return-value]
+        return self.pipe.write("fail job", tx, opens=True)[0]  # type: ignore[return-value]
 
 
 def _lock_and_resolve(conn: sa.Connection, workflow_id: str, deps: Sequence[str]
