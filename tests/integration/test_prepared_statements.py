@@ -207,6 +207,25 @@ def test_a_failure_is_planned_once_too(sm: toolkit.StateManager,
     assert (generic, custom) == (12, 0)
 
 
+def test_a_roll_up_is_planned_with_its_workflow(sm: toolkit.StateManager,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The roll-up's EXISTS probes, planned for any workflow, read the jobs table in order
+    (90-130 ms at 300,000 jobs in a few workflows): it is planned with its workflow's id at
+    every run, even on the pool that plans everything else once."""
+    monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
+    w = sm.register_worker("w").id
+    for i in range(pg_db.PREPARE_THRESHOLD + 12):
+        wf = sm.create_workflow(f"one-{i}", jobs=[{"name": "j"}])
+        job = sm.dequeue(w, start=True)
+        assert job is not None
+        sm.complete_job(job.id, worker_id=w)
+        assert sm.get_workflow(wf.id).status == "completed"  # type: ignore[union-attr]
+    rollup = [r for r in _plans(sm) if "AS progressing" in r[0]]
+    assert len(rollup) == 1, _plans(sm)
+    _, generic, custom = rollup[0]
+    assert (generic, custom) == (0, 12)
+
+
 @pytest.mark.parametrize("mode", ["auto", "on"])
 def test_nothing_is_planned_generic_through_something_in_between(
         clean: Servers, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:

@@ -27,6 +27,7 @@ LITERAL_SQL_ALLOWED = {
     "tiers/postgres/store.py": ("COPY ", ",", "SET LOCAL enable_seqscan",  # binary COPY of jobs
                                 "SET TRANSACTION ISOLATION LEVEL"),
     "tiers/postgres/migrate.py": ("CREATE SCHEMA IF NOT EXISTS", "SET LOCAL search_path"),
+    "tiers/postgres/lifecycle.py": ("SET LOCAL plan_cache_mode",),  # the roll-up's own plans
     # partial-index predicates and an index order, as the migrations write them
     "tiers/postgres/tables.py": ("status NOT IN", "status = ", "priority DESC"),
     "local_stack.py": ("select 1",),

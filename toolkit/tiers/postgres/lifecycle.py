@@ -154,7 +154,18 @@ def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> sto
     snapshot sees every job move committed before it. Cancelled and completed
     workflows never change.
     """
-    return direct.first(conn, _ROLLUP, {"_wf": workflow_id, "_now": now})
+    rows = direct.pipelined(conn, [(_CUSTOM_PLANS, {}),
+                                   (_ROLLUP, {"_wf": workflow_id, "_now": now})])[1]
+    return rows[0] if rows else None
+
+
+_CUSTOM_PLANS = sa.text("SET LOCAL plan_cache_mode TO force_custom_plan")
+"""Sent with the roll-up (same round trip where statements are pipelined): its plan is made
+with the workflow's id. Each probe is an EXISTS, and the plan made for any workflow (the
+generic plan, which the single-statement pool forces and PostgreSQL itself picks after five
+runs) guesses many matching jobs and reads the jobs table in order, hoping for one soon: a
+probe for a status the workflow lacks read every row, 90-130 ms a roll-up at 300,000 jobs
+in a few workflows, against 1.2-1.5 ms planned with the id. Until the transaction ends."""
 
 
 def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> list[store.Row]:
