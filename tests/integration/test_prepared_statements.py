@@ -167,6 +167,14 @@ def _plans(sm: toolkit.StateManager) -> list[Any]:
             "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")))
 
 
+def _planned(sm: toolkit.StateManager, marker: str) -> tuple[int, int]:
+    """(generic plans, custom plans) of the one statement held prepared whose text has
+    ``marker``, on the single-statement pool's connection."""
+    held = [r for r in _plans(sm) if marker in r[0]]
+    assert len(held) == 1, _plans(sm)
+    return held[0][1], held[0][2]
+
+
 def test_the_hot_statements_are_planned_once_on_a_direct_connection(
         sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL re-plans a prepared statement at every run while its generic plan looks
@@ -183,10 +191,7 @@ def test_the_hot_statements_are_planned_once_on_a_direct_connection(
         _, job = sm.complete_and_dequeue(job.id, {"n": 1}, worker_id=w, start=True)
     assert _plan_cache_mode(sm._pipe.db.engines[1]) == "force_generic_plan"
     assert _plan_cache_mode(sm._pipe.db.engine) == "auto"
-    completion = [r for r in _plans(sm) if "result=CAST(u.val AS JSONB" in r[0]]
-    assert len(completion) == 1, _plans(sm)
-    _, generic, custom = completion[0]
-    assert (generic, custom) == (12, 0)
+    assert _planned(sm, "result=CAST(u.val AS JSONB") == (12, 0)
 
 
 def test_a_failure_is_planned_once_too(sm: toolkit.StateManager,
@@ -201,10 +206,7 @@ def test_a_failure_is_planned_once_too(sm: toolkit.StateManager,
         job = sm.dequeue(w, start=True)
         assert job is not None
         assert sm.fail_job(job.id, "boom", worker_id=w, retry_in=0).status == "queued"
-    failure = [r for r in _plans(sm) if "error=u.val" in r[0]]
-    assert len(failure) == 1, _plans(sm)
-    _, generic, custom = failure[0]
-    assert (generic, custom) == (12, 0)
+    assert _planned(sm, "error=u.val") == (12, 0)
 
 
 def test_a_roll_up_is_planned_with_its_workflow(sm: toolkit.StateManager,
@@ -220,10 +222,7 @@ def test_a_roll_up_is_planned_with_its_workflow(sm: toolkit.StateManager,
         assert job is not None
         sm.complete_job(job.id, worker_id=w)
         assert sm.get_workflow(wf.id).status == "completed"  # type: ignore[union-attr]
-    rollup = [r for r in _plans(sm) if "AS progressing" in r[0]]
-    assert len(rollup) == 1, _plans(sm)
-    _, generic, custom = rollup[0]
-    assert (generic, custom) == (0, 12)
+    assert _planned(sm, "AS progressing") == (0, 12)
 
 
 @pytest.mark.parametrize("mode", ["auto", "on"])
