@@ -12,8 +12,8 @@ plan made with the values and on the generic one the single-statement pool keeps
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -32,7 +32,7 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _nodes(child)
 
 
-def _explain(conn: sa.Connection, stmt: Any, params: dict[str, Any], generic: bool
+def _explain(conn: sa.Connection, stmt: Any, params: Mapping[str, Any], generic: bool
              ) -> dict[str, Any]:
     """``EXPLAIN ANALYZE`` of ``stmt`` as the direct path sends it (its ``$n`` text): the plan
     made with the values, or (``generic``) the one made without them, as a prepared
@@ -47,15 +47,18 @@ def _explain(conn: sa.Connection, stmt: Any, params: dict[str, Any], generic: bo
             row = cur.fetchone()
     else:  # EXECUTE takes values, not parameters: each quoted by psycopg
         raw.execute("SET LOCAL plan_cache_mode TO force_generic_plan")
-        raw.execute(b"PREPARE explained AS " + compiled.text)
-        values = sql.SQL(", ").join(sql.Literal(a) for a in args)
-        row = raw.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE explained({})")
-                          .format(values)).fetchone()
+        raw.execute(b"PREPARE explained AS " + compiled.text)  # for the session: deallocated
+        try:
+            values = sql.SQL(", ").join(sql.Literal(a) for a in args)
+            row = raw.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE explained({})")
+                              .format(values)).fetchone()
+        finally:
+            raw.execute("DEALLOCATE explained")
     assert row is not None
-    return row[0][0]["Plan"]  # type: ignore[no-any-return]
+    return cast(dict[str, Any], row[0][0]["Plan"])
 
 
-def _call(sm: toolkit.StateManager, statement: str) -> tuple[Any, dict[str, Any]]:
+def _call(sm: toolkit.StateManager, statement: str) -> tuple[Any, Mapping[str, Any]]:
     """The statement and its values for N jobs, each of its own workflow."""
     for k in range(N):
         sm.create_workflow(f"plans-{k}", jobs=[{"name": "j"}])

@@ -159,6 +159,15 @@ def _plan_cache_mode(engine: sa.Engine) -> str:
         return str(conn.execute(sa.text("SHOW plan_cache_mode")).scalar_one())
 
 
+@pytest.fixture
+def sm(make_sm: Any, monkeypatch: pytest.MonkeyPatch) -> toolkit.StateManager:
+    """A StateManager made with ``TOOLKIT_PG_PREPARE`` unset (``auto``): the pools read it
+    when they are made, so the conftest's ``sm``, made before a test's ``delenv``, would keep
+    a value from the environment."""
+    monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
+    return make_sm()  # type: ignore[no-any-return]
+
+
 def _plans(sm: toolkit.StateManager) -> list[Any]:
     """(statement, generic plans, custom plans) of what the single-statement pool's
     connection holds prepared (one thread: one connection)."""
@@ -175,13 +184,11 @@ def _planned(sm: toolkit.StateManager, marker: str) -> tuple[int, int]:
     return held[0][1], held[0][2]
 
 
-def test_the_hot_statements_are_planned_once_on_a_direct_connection(
-        sm: toolkit.StateManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_hot_statements_are_planned_once_on_a_direct_connection(sm: toolkit.StateManager) -> None:
     """PostgreSQL re-plans a prepared statement at every run while its generic plan looks
     dearer than a custom one, as a completion's over ``unnest`` of its items always did at
     5,000 jobs (0 generic plans, 65 custom): the single-statement pool plans each once. The
     transaction pool, whose reads filter by any value, keeps the server's choice."""
-    monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
     w = sm.register_worker("w").id
     wf = sm.create_workflow("plans").id
     for i in range(pg_db.PREPARE_THRESHOLD + 12):
@@ -194,12 +201,10 @@ def test_the_hot_statements_are_planned_once_on_a_direct_connection(
     assert _planned(sm, "result=CAST(u.val AS JSONB") == (12, 0)
 
 
-def test_a_failure_is_planned_once_too(sm: toolkit.StateManager,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failure_is_planned_once_too(sm: toolkit.StateManager) -> None:
     """A failure's statement, over ``unnest`` as a completion's, was planned again at every
     run on the transaction pool (0 generic, 15 custom at 5,000 jobs): it opens its
     transaction on the single-statement pool now, as a completion does."""
-    monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
     w = sm.register_worker("w").id
     sm.create_workflow("fails", jobs=[{"name": "j", "max_attempts": 100}])
     for _ in range(pg_db.PREPARE_THRESHOLD + 12):
@@ -209,12 +214,10 @@ def test_a_failure_is_planned_once_too(sm: toolkit.StateManager,
     assert _planned(sm, "error=u.val") == (12, 0)
 
 
-def test_a_roll_up_is_planned_with_its_workflow(sm: toolkit.StateManager,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_roll_up_is_planned_with_its_workflow(sm: toolkit.StateManager) -> None:
     """The roll-up's EXISTS probes, planned for any workflow, read the jobs table in order
     (90-130 ms at 300,000 jobs in a few workflows): it is planned with its workflow's id at
     every run, even on the pool that plans everything else once."""
-    monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
     w = sm.register_worker("w").id
     for i in range(pg_db.PREPARE_THRESHOLD + 12):
         wf = sm.create_workflow(f"one-{i}", jobs=[{"name": "j"}])
