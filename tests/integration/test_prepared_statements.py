@@ -228,6 +228,21 @@ def test_a_roll_up_is_planned_with_its_workflow(sm: toolkit.StateManager) -> Non
     assert _planned(sm, "AS progressing") == (0, 12)
 
 
+def test_the_roll_up_sets_its_plans_only_where_statements_may_run_on_one(
+        clean: Servers, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through something in between (statements unnamed, planned with their values) the
+    roll-up's ``SET LOCAL`` would only cost a round trip; directly it is needed."""
+    monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
+    for url, want in ((proxy.url_for(clean.database_url), False), (clean.database_url, True)):
+        db = pg_db.Database(url, clean.schema, pool_size=1)
+        try:
+            for engine in db.engines:
+                with engine.connect() as conn:
+                    assert pg_db.plans_once(conn.connection.driver_connection) is want
+        finally:
+            db.dispose()
+
+
 @pytest.mark.parametrize("mode", ["auto", "on"])
 def test_nothing_is_planned_generic_through_something_in_between(
         clean: Servers, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:

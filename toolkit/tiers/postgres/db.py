@@ -147,6 +147,15 @@ def _on_connect(mode: str, synchronous_commit: str, generic_plans: bool = False
     return setup
 
 
+def plans_once(dbapi_connection: Any) -> bool:
+    """Whether a statement here may run on a plan made once for any values: where psycopg
+    prepares statements (PostgreSQL then keeps a generic plan after five runs, or at once
+    under ``force_generic_plan``), on a server that has ``plan_cache_mode`` to say otherwise
+    (12 or later). Elsewhere a statement goes unnamed and is planned with its values."""
+    return (dbapi_connection.prepare_threshold is not None
+            and dbapi_connection.info.server_version >= 120000)
+
+
 def may_pipeline(dbapi_connection: Any) -> bool:
     """Whether statements may be pipelined on this connection (psycopg's pipeline mode):
     where it prepares statements (a direct connection, or ``TOOLKIT_PG_PREPARE=on``), since

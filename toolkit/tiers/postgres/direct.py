@@ -254,6 +254,11 @@ def explicit(conn: sa.Connection) -> Iterator[sa.Connection]:
         conn._handle_dbapi_exception(exc, "COMMIT", [], None, None)
 
 
+def plans_once(conn: sa.Connection) -> bool:
+    """:func:`db.plans_once` of ``conn``'s driver connection."""
+    return db.plans_once(_driver(conn))
+
+
 def first(conn: sa.Connection, stmt: sa.ClauseElement,
           params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The first row of :func:`rows`, or None."""

@@ -104,7 +104,7 @@ jobs = Table(
     Index("ix_jobs_payload", "payload", postgresql_using="gin",  # payload search (0007)
           postgresql_ops={"payload": "jsonb_path_ops"}),
     Index("ix_jobs_dependents", "depends_on", postgresql_using="gin",  # releases (0011)
-          postgresql_where=text("status = 'pending'")),
+          postgresql_with={"fastupdate": "off"}, postgresql_where=text("status = 'pending'")),
 )
 
 job_assignments = Table(
