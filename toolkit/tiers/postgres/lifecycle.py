@@ -8,6 +8,7 @@ takes an open connection, so the caller decides the transaction.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -155,10 +156,22 @@ def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> sto
     workflows never change.
     """
     calls: list[direct.Call] = [(_ROLLUP, {"_wf": workflow_id, "_now": now})]
-    if direct.plans_once(conn):
+    if not direct.plans_once(conn):
+        rows = direct.pipelined(conn, calls)[0]
+        return rows[0] if rows else None
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None, "")
+    when, estimate = _estimates.get(schema, (-ESTIMATE_MAX_AGE, 0.0))
+    if estimate >= CUSTOM_PLANS_FROM:
         calls.insert(0, (_CUSTOM_PLANS, {}))
-    rows = direct.pipelined(conn, calls)[-1]
-    return rows[0] if rows else None
+    stale = time.monotonic() - when >= ESTIMATE_MAX_AGE
+    if stale:  # read again in the same round trip, for the next roll-ups
+        table = f"{conn.dialect.identifier_preparer.quote(schema)}.jobs" if schema else "jobs"
+        calls.append((_ESTIMATE, {"_table": table}))
+    out = direct.pipelined(conn, calls)
+    if stale:
+        found = out.pop()
+        _estimates[schema] = (time.monotonic(), float(found[0]["n"]) if found else 0.0)
+    return out[-1][0] if out[-1] else None
 
 
 _CUSTOM_PLANS = sa.text("SET LOCAL plan_cache_mode TO force_custom_plan")
@@ -168,9 +181,23 @@ generic plan, which the single-statement pool forces and PostgreSQL itself picks
 runs) guesses many matching jobs and reads the jobs table in order, hoping for one soon: a
 probe for a status the workflow lacks read every row, 90-130 ms a roll-up at 300,000 jobs
 in a few workflows, against 1.2-1.5 ms planned with the id. Until the transaction ends. The
-price: about 1.1-1.3 ms of planning each roll-up (a generic plan: 0.05 ms). Only where
-statements may run on a plan made once (:func:`db.plans_once`): an unnamed statement is
-planned with its values anyway, and before PostgreSQL 12 there is no such setting."""
+price: about 1.1-1.3 ms of planning each roll-up (a generic plan: 0.05 ms), so only from
+:data:`CUSTOM_PLANS_FROM` jobs on, and only where statements may run on a plan made once
+(:func:`db.plans_once`): an unnamed statement is planned with its values anyway, and before
+PostgreSQL 12 there is no such setting."""
+
+CUSTOM_PLANS_FROM = 50_000
+"""Jobs in the table (PostgreSQL's estimate) from which a roll-up is planned with its
+workflow: a read of the whole table there costs ten times the planning or more."""
+ESTIMATE_MAX_AGE = 60.0
+"""Seconds a schema's estimate of its jobs is kept before it is read again."""
+
+_estimates: dict[str, tuple[float, float]] = {}
+"""Per schema: when its estimate of jobs was read (``time.monotonic``) and the estimate."""
+_pg_class = sa.table("pg_class", sa.column("oid"), sa.column("reltuples"), schema="pg_catalog")
+_ESTIMATE = sa.select(sa.func.greatest(_pg_class.c.reltuples, 0).label("n")).where(
+    _pg_class.c.oid == sa.func.to_regclass(sa.bindparam("_table", type_=sa.Text)))
+"""PostgreSQL's estimate of a table's rows (0 before its first ANALYZE: -1 there)."""
 
 
 def resolve_jobs(conn: sa.Connection, workflow_id: str, refs: Sequence[str]) -> list[store.Row]:
