@@ -252,10 +252,11 @@ def test_the_estimate_of_jobs_is_postgresqls(sm: toolkit.StateManager, raw_pg: A
         assert lifecycle._estimates[clean.schema][1] == expected
 
 
-def test_the_roll_up_sets_its_plans_only_where_statements_may_run_on_one(
+def test_only_a_direct_connection_runs_statements_on_a_plan_made_once(
         clean: Servers, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through something in between (statements unnamed, planned with their values) the
-    roll-up's ``SET LOCAL`` would only cost a round trip; directly it is needed."""
+    """``plans_once``, which gates the roll-up's ``SET LOCAL``: through something in between
+    (statements unnamed, planned with their values) the setting would only cost a round
+    trip; directly it is needed."""
     monkeypatch.delenv(config.PG_PREPARE_VAR, raising=False)
     for url, want in ((proxy.url_for(clean.database_url), False), (clean.database_url, True)):
         db = pg_db.Database(url, clean.schema, pool_size=1)

@@ -155,18 +155,17 @@ def rollup_workflow(conn: sa.Connection, workflow_id: str, now: datetime) -> sto
     snapshot sees every job move committed before it. Cancelled and completed
     workflows never change.
     """
-    calls: list[direct.Call] = [(_ROLLUP, {"_wf": workflow_id, "_now": now})]
+    params = {"_wf": workflow_id, "_now": now}
     if not direct.plans_once(conn):
-        rows = direct.pipelined(conn, calls)[0]
-        return rows[0] if rows else None
+        return direct.first(conn, _ROLLUP, params)
     schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None, "")
     when, estimate = _estimates.get(schema, (-ESTIMATE_MAX_AGE, 0.0))
-    if estimate >= CUSTOM_PLANS_FROM:
-        calls.insert(0, (_CUSTOM_PLANS, {}))
+    calls: list[direct.Call] = [(_CUSTOM_PLANS, {})] if estimate >= CUSTOM_PLANS_FROM else []
+    calls.append((_ROLLUP, params))
     stale = time.monotonic() - when >= ESTIMATE_MAX_AGE
     if stale:  # read again in the same round trip, for the next roll-ups
-        table = f"{conn.dialect.identifier_preparer.quote(schema)}.jobs" if schema else "jobs"
-        calls.append((_ESTIMATE, {"_table": table}))
+        calls.append((_ESTIMATE, {"_table": f"{conn.dialect.identifier_preparer.quote(schema)}.jobs"
+                                  if schema else "jobs"}))
     out = direct.pipelined(conn, calls)
     if stale:
         found = out.pop()
